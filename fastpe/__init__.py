@@ -1,0 +1,49 @@
+"""fastpe: positional encodings for sequential recommendation, with fused GPU kernels.
+
+``import fastpe`` imports only torch: Triton kernels and the CUDA extension load on first use.
+"""
+
+from fastpe.backends import BACKENDS, BackendUnavailableError, available_backends
+from fastpe.nn import (
+    ENCODINGS,
+    ConcatEncoding,
+    LearntEncoding,
+    MultiheadAttention,
+    NoEncoding,
+    PositionalEncoding,
+    RelativeMultiheadAttention,
+    RotaryMultiheadAttention,
+    RotatoryEncoding,
+    SinusoidalEncoding,
+    attention_layer,
+    encoding_kind,
+    input_encoding,
+    positional_encoding,
+)
+from fastpe.ops import concat_projection, relative_attention, rotary, rotatory
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "ENCODINGS",
+    "BackendUnavailableError",
+    "ConcatEncoding",
+    "LearntEncoding",
+    "MultiheadAttention",
+    "NoEncoding",
+    "PositionalEncoding",
+    "RelativeMultiheadAttention",
+    "RotaryMultiheadAttention",
+    "RotatoryEncoding",
+    "SinusoidalEncoding",
+    "attention_layer",
+    "available_backends",
+    "concat_projection",
+    "encoding_kind",
+    "input_encoding",
+    "positional_encoding",
+    "relative_attention",
+    "rotary",
+    "rotatory",
+]

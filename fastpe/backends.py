@@ -1,0 +1,123 @@
+"""Backend names, availability checks and resolution of ``backend="auto"``.
+
+Every fused op has one functional entry point with a ``backend=`` argument:
+
+* ``"reference"``: plain PyTorch, obviously correct, float64-capable; the tests' oracle.
+* ``"torch"``: an efficient composition of PyTorch ops; the CPU path.
+* ``"triton"``: fused Triton kernels (CUDA tensors, or the CPU under ``TRITON_INTERPRET=1``).
+* ``"cuda"``: the compiled CUDA extension in ``csrc/``.
+* ``"auto"``: the fastest backend available for the tensor's device.
+
+An explicitly requested backend that cannot run raises :class:`BackendUnavailableError`
+saying why; it never silently falls back to another one.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("reference", "torch", "triton", "cuda")
+OPS = ("relative_attention", "rotary", "rotatory_add", "concat_projection")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> str | None:
+    """None when triton imports, else the reason it does not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'fastpe[triton]')"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # a broken install says so instead of hiding behind 'auto'
+        return f"triton failed to import: {exc}"
+    return None
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on ``device``, else why not."""
+    reason = _triton_importable()
+    if reason is not None:
+        return reason
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreter_enabled():
+        return None
+    return (
+        f"the triton backend needs CUDA tensors (got device {device}); on the CPU it runs "
+        "only under TRITON_INTERPRET=1, which is meant for testing"
+    )
+
+
+def cuda_unavailable_reason(device: torch.device) -> str | None:
+    """None when the compiled CUDA extension can run on ``device``, else why not."""
+    if device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors (got device {device})"
+    from fastpe import _ext  # imported lazily: it may build the extension
+
+    return _ext.unavailable_reason()
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    if backend in ("reference", "torch"):
+        return None
+    if backend == "triton":
+        return triton_unavailable_reason(device)
+    if backend == "cuda":
+        return cuda_unavailable_reason(device)
+    raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on ``device`` in this process."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if unavailable_reason(b, device) is None]
+
+
+def _auto_order(op: str, device: torch.device) -> tuple[str, ...]:
+    # On the GPU the fused kernels win at every shape the study uses; the CPU has no fused path
+    # (the Triton interpreter is a test tool, never picked automatically).
+    if device.type == "cuda":
+        return ("cuda", "triton", "torch")
+    return ("torch",)
+
+
+def resolve_backend(backend: str, op: str, device: torch.device) -> str:
+    """Turn a requested backend into the one that runs, or raise saying why it cannot."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    if backend == "auto":
+        for candidate in _auto_order(op, device):
+            if unavailable_reason(candidate, device) is None and _implemented(op, candidate):
+                return candidate
+        return "torch"
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run: {reason}")
+    if not _implemented(op, backend):
+        raise BackendUnavailableError(f"{op}: backend {backend!r} has no implementation of this op")
+    return backend
+
+
+_FUSED_MODULES = {"triton": "fastpe.kernels.triton", "cuda": "fastpe._ext"}
+
+
+def _implemented(op: str, backend: str) -> bool:
+    if backend in ("reference", "torch"):
+        return True
+    return op in getattr(importlib.import_module(_FUSED_MODULES[backend]), "IMPLEMENTED_OPS", ())
+
+
+def fused_implementation(op: str, backend: str):
+    """The function implementing ``op`` in a fused backend (imported on first use)."""
+    return getattr(importlib.import_module(_FUSED_MODULES[backend]), op)

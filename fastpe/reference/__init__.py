@@ -1,0 +1,16 @@
+"""Plain PyTorch definitions of every op: the oracle the tests compare the fast paths against.
+
+Nothing here may import a fast path (ops, kernels, the extension)."""
+
+from fastpe.reference.concat_projection import concat_projection_reference
+from fastpe.reference.relative_attention import relative_attention_direct_port, relative_attention_reference
+from fastpe.reference.rotary import rotary_reference, rotatory_add_reference, rotatory_code
+
+__all__ = [
+    "concat_projection_reference",
+    "relative_attention_direct_port",
+    "relative_attention_reference",
+    "rotary_reference",
+    "rotatory_add_reference",
+    "rotatory_code",
+]
