@@ -1,0 +1,67 @@
+"""Encodings by name, backend resolution, and what `import fastpe` pulls in."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastpe
+from fastpe.backends import BackendUnavailableError, available_backends, resolve_backend
+
+
+@pytest.mark.parametrize("name", fastpe.ENCODINGS)
+def test_every_study_encoding_builds_and_runs(name):
+    module = fastpe.positional_encoding(name, 16, max_len=20, num_heads=2)
+    x = torch.randn(2, 9, 16)
+    out = module(x, x, x, need_weights=False)[0] if module.kind == "attention" else module(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert module.kind == fastpe.encoding_kind(name)
+    assert isinstance(fastpe.attention_layer(name, 16, 2), torch.nn.Module)
+
+
+def test_kinds_and_generic_rmha_distance():
+    assert fastpe.encoding_kind("rmha-4") == "attention" and fastpe.encoding_kind("rope") == "attention"
+    assert fastpe.encoding_kind("abs+con") == "input"
+    assert fastpe.attention_layer("rmha-2", 8, 2).relative_key.shape == (5, 4)
+    assert isinstance(fastpe.input_encoding("rmha-4", 8), fastpe.NoEncoding)
+    assert isinstance(fastpe.attention_layer("learnt", 8, 2), fastpe.MultiheadAttention)
+    enc = fastpe.positional_encoding("rotatory", 8, mode="rotate", reverse=True)
+    assert enc.mode == "rotate" and enc.reverse
+    rope = fastpe.positional_encoding("rope", 8, num_heads=2, learnable="angles", max_len=33)
+    assert rope.angle_weight.shape == (33, 2)
+
+
+@pytest.mark.parametrize("bad", ["sinusoid", "rmha", "rmha-x", "rope+con", ""])
+def test_unknown_names_list_the_valid_ones(bad):
+    with pytest.raises(ValueError, match="expected one of none, abs, learnt"):
+        fastpe.positional_encoding(bad, 8)
+
+
+def test_backend_resolution_on_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", "relative_attention", cpu) == "torch"
+    assert resolve_backend("reference", "rotary", cpu) == "reference"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert available_backends("cpu") == ["reference", "torch"]
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
+        resolve_backend("triton", "concat_projection", cpu)
+    with pytest.raises(BackendUnavailableError, match="cuda backend needs CUDA tensors"):
+        resolve_backend("cuda", "concat_projection", cpu)
+    with pytest.raises(ValueError, match="unknown op"):
+        resolve_backend("torch", "flash", cpu)
+
+
+def test_import_fastpe_imports_only_torch():
+    code = "import sys, fastpe; bad = [m for m in ('triton', 'fastpe._C', 'fastpe.kernels.triton') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_demo_runs_every_encoding(capsys):
+    from fastpe.cli import main
+
+    assert main(["demo", "--batch", "4", "--length", "9", "--d-model", "16"]) == 0
+    printed = capsys.readouterr().out
+    for name in fastpe.ENCODINGS:
+        assert f"| {name} " in printed
