@@ -1,0 +1,58 @@
+"""Shared pytest setup for tests/ and benchmarks/."""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Without a GPU, Triton kernels run on the CPU through the interpreter. It must be set before any
+# kernel is defined (fastpe defines them lazily, on first use of backend="triton").
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # Benchmarks run for real only when asked (--benchmark-only / --benchmark-enable); otherwise
+    # each benchmark body runs once as a smoke test. Set before pytest-benchmark reads it.
+    if not (config.getoption("benchmark_only") or config.getoption("benchmark_enable")):
+        config.option.benchmark_disable = True
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    # Every benchmark JSON records the software and card it was measured with.
+    info = {"torch": torch.__version__, "cuda runtime": torch.version.cuda or "none"}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    if HAS_CUDA:
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB"
+        try:
+            import subprocess
+
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+            ).stdout.strip()
+        except OSError:
+            pass
+    machine_info["fastpe"] = info
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
