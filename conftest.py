@@ -1,6 +1,7 @@
 """Shared pytest setup for tests/ and benchmarks/."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -19,6 +20,10 @@ def pytest_configure(config):
     # each benchmark body runs once as a smoke test. Set before pytest-benchmark reads it.
     if not (config.getoption("benchmark_only") or config.getoption("benchmark_enable")):
         config.option.benchmark_disable = True
+    if HAS_CUDA:
+        # GPU work is asynchronous: time loops with a clock that synchronizes the device first.
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "benchmarks"))
+        config.option.benchmark_timer = "timing.cuda_synchronized_perf_counter"
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -51,18 +51,61 @@ def markdown(data: dict, title: str) -> str:
             head.append(f"speedup vs {_impl(base)}")
         if memory_key:
             head.append(f"memory vs {_impl(base)}")
+        floor = next((b for b in rows if b["extra_info"].get("floor")), None)
+        if floor:
+            head.append(f"time / {_impl(floor)}")
         lines += [f"## {name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for b in sorted(rows, key=lambda b: b["stats"]["median"]):
             cells = [_impl(b), f"{1e3 * b['stats']['median']:.3f}", f"{1e3 * b['stats']['iqr']:.3f}"]
-            cells += [f"{b['extra_info'][k]:.1f}" if k in b["extra_info"] else "" for k, _ in metrics]
+            cells += [f"{b['extra_info'][k]:.4g}" if k in b["extra_info"] else "" for k, _ in metrics]
             if ratio:
                 cells.append(f"{ratio[_impl(b)]:.2f}x")
             if memory_key:
                 mine = b["extra_info"].get(memory_key)
                 cells.append(f"{base['extra_info'][memory_key] / mine:.1f}x less" if mine else "")
+            if floor:
+                cells.append(f"{b['stats']['median'] / floor['stats']['median']:.2f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+PYTORCH_BASELINES = ("torch", "torch_compiled")
+FUSED = ("triton", "cuda")
+
+
+def plot_speedups(data: dict, path: str) -> bool:
+    """Bar chart: each fused backend's speedup over the best PyTorch baseline, per benchmark group.
+    Returns False when the data holds no group with both (nothing to plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, bars = [], {name: [] for name in FUSED}
+    for group, rows in groups(data).items():
+        by_impl = {_impl(b): b["stats"]["median"] for b in rows}
+        best = min((by_impl[n] for n in PYTORCH_BASELINES if n in by_impl), default=None)
+        if best is None or not any(n in by_impl for n in FUSED):
+            continue
+        labels.append(group)
+        for name in FUSED:
+            bars[name].append(best / by_impl[name] if name in by_impl else 0.0)
+    if not labels:
+        return False
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) + 1.5))
+    height = 0.8 / len(FUSED)
+    for i, name in enumerate(FUSED):
+        ax.barh([y + i * height for y in range(len(labels))], bars[name], height=height, label=name)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks([y + height / 2 for y in range(len(labels))], labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup over the best PyTorch baseline (eager or torch.compile); 0 = not available")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
@@ -71,10 +114,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--title", default="Benchmark results")
     parser.add_argument("--note", default="", help="text appended under the tables (how it was run, caveats)")
+    parser.add_argument("--plot", help="also write the speedup bar chart (PNG) here")
     args = parser.parse_args(argv)
     data = json.loads(Path(args.json_file).read_text())
     text = markdown(data, args.title)
     Path(args.out).write_text(text + (f"\n{args.note.strip()}\n" if args.note else ""))
+    if args.plot and not plot_speedups(data, args.plot):
+        print(f"no group has both a fused backend and a PyTorch baseline: {args.plot} not written")
     print(Path(args.out).read_text())
     return 0
 

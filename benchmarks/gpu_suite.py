@@ -1,0 +1,172 @@
+"""Everything a GPU session needs, in one run of under 8 minutes:
+
+1. record the card, driver and versions;
+2. build the CUDA extension (just in time, as users get it);
+3. run the GPU tests (every test marked ``gpu``: bf16, large shapes, determinism, compile);
+4. run the kernel benchmarks (and the end-to-end training-step benchmark when present);
+5. write ``gpu.md`` (tables), ``gpu.json`` (raw pytest-benchmark data), ``gpu_speedup.png``
+   and ``gpu_tests.txt`` into the output folder, and print a summary table.
+
+    python3 benchmarks/gpu_suite.py                    # writes into benchmarks/results/
+    python3 benchmarks/gpu_suite.py --out "$OUT"       # on the lent device machine
+
+Each step has its own time limit, so a hang in one still leaves the others' results.
+Without a GPU it stops at once and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import report  # noqa: E402
+
+
+def step(title: str):
+    print(f"\n=== {title} ({time.strftime('%H:%M:%S')})", flush=True)
+
+
+def run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, str]:
+    """Run ``cmd`` from the repository root, echoing its output; (returncode, output)."""
+    print("+", " ".join(cmd), flush=True)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        print(out[-4000:], f"\n!! timed out after {timeout:.0f} s", flush=True)
+        return 124, out
+    out = proc.stdout + proc.stderr
+    print(out[-6000:], flush=True)
+    return proc.returncode, out
+
+
+def environment() -> dict:
+    import torch
+
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
+            "cuda runtime": torch.version.cuda}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    props = torch.cuda.get_device_properties(0)
+    info["gpu"] = f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)"
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm", "--format=csv,noheader"],
+                         capture_output=True, text=True)
+    info["driver, max SM clock"] = smi.stdout.strip() or smi.stderr.strip()
+    return info
+
+
+def build_extension(timeout: float) -> str:
+    code = ("import time, fastpe._ext as e; t = time.time(); r = e.unavailable_reason(); "
+            "print('extension:', 'ready' if r is None else r, f'({time.time() - t:.0f} s)')")
+    rc, out = run([sys.executable, "-c", code], timeout)
+    line = next((ln for ln in out.splitlines() if ln.startswith("extension:")), "")
+    return line.removeprefix("extension: ") or f"build step failed (exit {rc})"
+
+
+def summary_rows(data: dict) -> list[dict]:
+    """One row per benchmark group: the best fused backend against the baseline and the floor."""
+    rows = []
+    for group, benches in report.groups(data).items():
+        med = {report._impl(b): b["stats"]["median"] * 1e3 for b in benches}
+        fused = {n: med[n] for n in report.FUSED if n in med}
+        pytorch = {n: med[n] for n in report.PYTORCH_BASELINES if n in med}
+        floor = next((report._impl(b) for b in benches if b["extra_info"].get("floor")), None)
+        row = {"benchmark": group, "best PyTorch ms": min(pytorch.values()) if pytorch else None}
+        for name in report.FUSED:
+            row[f"{name} ms"] = fused.get(name)
+        if fused and pytorch:
+            row["speedup"] = min(pytorch.values()) / min(fused.values())
+        if fused and floor in med:
+            row["best fused / floor"] = min(fused.values()) / med[floor]
+        rows.append(row)
+    return rows
+
+
+def print_summary(rows: list[dict]) -> str:
+    headers = list(dict.fromkeys(k for r in rows for k in r))  # every column, in first-seen order
+    fmt = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(r.get(h)) for h in headers) + " |" for r in rows]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the results")
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--only", default="", help="pytest -k expression to restrict the benchmarks")
+    parser.add_argument("--max-time", default="0.05", help="pytest-benchmark --benchmark-max-time per benchmark")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_suite: no CUDA GPU visible to torch; nothing to do (the CPU benchmarks run with pytest).")
+        return 2
+    os.environ.pop("TRITON_INTERPRET", None)  # real kernels, not the interpreter
+
+    step("environment")
+    env = environment()
+    print(json.dumps(env, indent=2))
+
+    step("CUDA extension (just-in-time build)")
+    env["cuda extension"] = build_extension(timeout=240)
+
+    tests_line = "not run"
+    if not args.skip_tests:
+        step("GPU tests")
+        rc, text = run([sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+                        "-o", "addopts=-ra"], timeout=240)
+        (out / "gpu_tests.txt").write_text(text)
+        tests_line = next((ln.strip() for ln in reversed(text.splitlines()) if " in " in ln and ("passed" in ln or "failed" in ln or "error" in ln)), f"exit {rc}")
+    env["gpu tests"] = tests_line
+
+    step("benchmarks")
+    bench_json = out / "gpu.json"
+    cmd = [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", f"--benchmark-json={bench_json}",
+           f"--benchmark-max-time={args.max_time}", "--benchmark-min-rounds=20", "--benchmark-warmup=on",
+           "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra"]
+    if args.only:
+        cmd += ["-k", args.only]
+    remaining = 470 - (time.time() - started)
+    run(cmd, timeout=max(60.0, remaining))
+    if not bench_json.exists():
+        print("no benchmark results were written")
+        return 1
+
+    step("report")
+    data = json.loads(bench_json.read_text())
+    data["machine_info"].setdefault("fastpe", {}).update(env)
+    bench_json.write_text(json.dumps(data, indent=1))
+    rows = summary_rows(data)
+    table = print_summary(rows)
+    note = ("Reproduce: `python3 benchmarks/gpu_suite.py` on a GPU machine (builds the extension, runs "
+            "`pytest -m gpu`, then `pytest benchmarks --benchmark-only`). Times are medians over rotating input "
+            "sets with a device-synchronizing clock; `peak MiB` is CUDA memory allocated above the inputs during one "
+            "call; TFLOP/s use the nominal attention FLOPs (QK^T and PV) for every implementation.")
+    (out / "gpu.md").write_text(report.markdown(data, "GPU benchmark results") + "\n## Summary\n\n" + table + "\n\n" + note + "\n")
+    report.plot_speedups(data, str(out / "gpu_speedup.png"))
+    print(f"\nwrote {out}/gpu.md, gpu.json, gpu_speedup.png in {time.time() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

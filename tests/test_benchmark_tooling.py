@@ -1,0 +1,62 @@
+"""The benchmark suite's tooling works on the CPU: a real pytest-benchmark run turns into the
+markdown report, the summary table and the speedup plot the GPU script writes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_suite  # noqa: E402
+import report  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bench_json(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/test_bench_concat.py", "benchmarks/test_bench_rmha.py", "-q",
+         "--benchmark-enable", "--benchmark-max-time=0.01", "--benchmark-min-rounds=2", f"--benchmark-json={path}",
+         "-p", "no:cacheprovider"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(path.read_text())
+
+
+def test_report_has_a_table_per_group_with_baseline_and_floor(bench_json):
+    text = report.markdown(bench_json, "t")
+    assert "## rmha-4 fwd+bwd B=3 h=2 L=9 dh=8 fp32" in text
+    assert "speedup vs torch" in text and "time / sdpa_no_pos_masked" in text and "time / linear" in text
+    assert "- torch: " in text  # versions recorded by conftest's machine-info hook
+    rmha = report.groups(bench_json)["rmha-4 fwd B=3 h=2 L=9 dh=8 fp32"]
+    assert {report._impl(b) for b in rmha} >= {"torch", "direct_port", "sdpa_no_pos", "sdpa_no_pos_masked"}
+    assert report.speedups(rmha)["torch"] == pytest.approx(1.0)
+
+
+def test_summary_and_plot_with_a_fused_backend(bench_json, tmp_path):
+    data = json.loads(json.dumps(bench_json))
+    for bench in list(data["benchmarks"]):  # pretend a fused backend ran at half the torch time
+        if report._impl(bench) == "torch":
+            fused = json.loads(json.dumps(bench))
+            fused["extra_info"].update(impl="triton", baseline=False)
+            fused["stats"]["median"] /= 2
+            data["benchmarks"].append(fused)
+    rows = gpu_suite.summary_rows(data)
+    assert all(r["speedup"] == pytest.approx(2.0) for r in rows)
+    assert gpu_suite.print_summary(rows).startswith("| benchmark | best PyTorch ms | triton ms")
+    png = tmp_path / "speedup.png"
+    assert report.plot_speedups(data, str(png)) and png.stat().st_size > 1000
+
+
+def test_gpu_suite_says_so_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "no CUDA GPU" in result.stdout
