@@ -1,7 +1,9 @@
 """Encodings by name, backend resolution, and what `import fastpe` pulls in."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +67,11 @@ def test_demo_runs_every_encoding(capsys):
     printed = capsys.readouterr().out
     for name in fastpe.ENCODINGS:
         assert f"| {name} " in printed
+
+
+def test_quickstart_example_runs():
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, str(root / "examples" / "quickstart.py")], capture_output=True, text=True, cwd=root, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("finite=True") == len(fastpe.ENCODINGS)
