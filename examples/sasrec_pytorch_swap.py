@@ -109,7 +109,8 @@ def train(model: SASRec, seqs: torch.Tensor, items: int, steps: int, batch: int 
         pos_logits, neg_logits = model(log_seqs, pos, neg)
         valid = pos != 0
         bce = nn.functional.binary_cross_entropy_with_logits
-        loss = bce(pos_logits[valid], torch.ones_like(pos_logits[valid])) + bce(neg_logits[valid], torch.zeros_like(neg_logits[valid]))
+        pos_logits, neg_logits = pos_logits[valid], neg_logits[valid]
+        loss = bce(pos_logits, torch.ones_like(pos_logits)) + bce(neg_logits, torch.zeros_like(neg_logits))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

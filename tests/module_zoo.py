@@ -11,7 +11,8 @@ B, L, D, H, MAX_LEN = 3, 7, 8, 2, 16
 
 
 def input_encodings() -> dict[str, torch.nn.Module]:
-    mods = {name: fastpe.input_encoding(name, D, MAX_LEN) for name in ("none", "abs", "learnt", "abs+con", "learnt+con", "rotatory", "rotatory+con")}
+    names = ("none", "abs", "learnt", "abs+con", "learnt+con", "rotatory", "rotatory+con")
+    mods = {name: fastpe.input_encoding(name, D, MAX_LEN) for name in names}
     mods["rotatory-rotate-reverse"] = fastpe.RotatoryEncoding(D, MAX_LEN, mode="rotate", reverse=True)
     mods["abs-reverse"] = fastpe.SinusoidalEncoding(D, MAX_LEN, reverse=True, base=1000.0)
     return mods

@@ -116,7 +116,8 @@ def _log2feats_with_reference_rmha(model, patched, seqs):
             w_q, w_k, w_v = layer.in_proj_weight.chunk(3)
             b_q, b_k, b_v = layer.in_proj_bias.chunk(3)
             split = lambda t: t.view(length, batch, HEADS, E // HEADS).permute(1, 2, 0, 3)  # noqa: E731
-            q, k, v = (split(nn.functional.linear(t, w, b)) for t, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
+            q, k, v = (split(nn.functional.linear(t, w, b)) for t, w, b in
+                       ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
             bias = torch.zeros(length, length).masked_fill(attn_mask, float("-inf"))
             out = relative_attention_reference(q, k, v, layer.relative_key[None], layer.relative_value[None], attn_bias=bias)
             return layer.out_proj(out.permute(2, 0, 1, 3).reshape(length, batch, E)), None
@@ -138,7 +139,8 @@ def test_patch_rmha_computes_relative_attention_on_sasrec_layout():
             layer.relative_key.normal_()
             layer.relative_value.normal_()
     seqs = left_padded()
-    torch.testing.assert_close(patched.log2feats(seqs), _log2feats_with_reference_rmha(model, patched, seqs), rtol=1e-5, atol=1e-5)
+    expected = _log2feats_with_reference_rmha(model, patched, seqs)
+    torch.testing.assert_close(patched.log2feats(seqs), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_need_weights_false_takes_the_fast_path_with_the_same_result():

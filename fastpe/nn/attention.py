@@ -233,7 +233,10 @@ class RelativeMultiheadAttention(_MultiheadAttentionBase):
         return f"{super().extra_repr()}, max_distance={self.max_distance}, per_head_tables={self.per_head_tables}"
 
     def config(self) -> dict:
-        return {**super().config(), "max_distance": self.max_distance, "per_head_tables": self.per_head_tables, "backend": self.backend}
+        return {
+            **super().config(), "max_distance": self.max_distance, "per_head_tables": self.per_head_tables,
+            "backend": self.backend,
+        }
 
     def _attend(self, q, k, v, key_padding_mask, attn_mask, is_causal, dropout_p, need_weights):
         result = relative_attention(
