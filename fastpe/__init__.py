@@ -21,6 +21,7 @@ from fastpe.nn import (
     positional_encoding,
 )
 from fastpe.ops import concat_projection, relative_attention, rotary, rotatory
+from fastpe.serialization import load, save
 
 __version__ = "0.1.0"
 
@@ -42,8 +43,10 @@ __all__ = [
     "concat_projection",
     "encoding_kind",
     "input_encoding",
+    "load",
     "positional_encoding",
     "relative_attention",
     "rotary",
     "rotatory",
+    "save",
 ]

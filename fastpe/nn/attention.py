@@ -91,6 +91,18 @@ class _MultiheadAttentionBase(nn.Module):
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, batch_first={self.batch_first}"
 
+    def config(self) -> dict:
+        """The constructor arguments that rebuild this layer (``type(self)(**config)``), as plain
+        Python values; device and dtype are not part of it. Used by :func:`fastpe.save`."""
+        return {
+            "embed_dim": self.embed_dim, "num_heads": self.num_heads, "dropout": self.dropout,
+            "bias": self.in_proj_bias is not None, "kdim": self.kdim, "vdim": self.vdim, "batch_first": self.batch_first,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict):
+        return cls(**config)
+
     def _project(self, query, key, value):
         e = self.embed_dim
         b_q = b_k = b_v = None
@@ -220,6 +232,12 @@ class RelativeMultiheadAttention(_MultiheadAttentionBase):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, max_distance={self.max_distance}, per_head_tables={self.per_head_tables}"
 
+    def config(self) -> dict:
+        return {
+            **super().config(), "max_distance": self.max_distance, "per_head_tables": self.per_head_tables,
+            "backend": self.backend,
+        }
+
     def _attend(self, q, k, v, key_padding_mask, attn_mask, is_causal, dropout_p, need_weights):
         result = relative_attention(
             q, k, v, self.relative_key, self.relative_value, key_padding_mask=key_padding_mask,
@@ -275,6 +293,12 @@ class RotaryMultiheadAttention(_MultiheadAttentionBase):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, base={self.base}, interleaved={self.interleaved}, learnable={self.learnable!r}"
+
+    def config(self) -> dict:
+        return {
+            **super().config(), "base": self.base, "interleaved": self.interleaved, "learnable": self.learnable,
+            "max_len": self.max_len, "backend": self.backend,
+        }
 
     def angles(self, length: int, device: torch.device) -> torch.Tensor:
         """The ``[length, dh/2]`` rotation angles of positions ``0..length-1``."""

@@ -54,6 +54,15 @@ class PositionalEncoding(nn.Module):
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, max_len={self.max_len}, reverse={self.reverse}"
 
+    def config(self) -> dict:
+        """The constructor arguments that rebuild this encoding (``type(self)(**config)``), as
+        plain Python values. Used by :func:`fastpe.save`."""
+        return {"d_model": self.d_model, "max_len": self.max_len, "reverse": self.reverse}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        return cls(**config)
+
     def _check(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor | None:
         """Validate ``x`` and return explicit positions (None means 0..L-1)."""
         check_float(x, "x", 3, "[B, L, d_model]")
@@ -110,6 +119,9 @@ class SinusoidalEncoding(_AdditiveTableEncoding):
         # Not persistent: it is a function of the config, so checkpoints stay small and portable.
         self.register_buffer("codes", sinusoidal_table(max_len, d_model, base), persistent=False)
 
+    def config(self) -> dict:
+        return {**super().config(), "base": self.base}
+
     def table(self) -> torch.Tensor:
         return self.codes
 
@@ -125,6 +137,9 @@ class LearntEncoding(_AdditiveTableEncoding):
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.init_std)
+
+    def config(self) -> dict:
+        return {**super().config(), "init_std": self.init_std}
 
     def table(self) -> torch.Tensor:
         return self.weight
@@ -165,6 +180,9 @@ class RotatoryEncoding(PositionalEncoding):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mode={self.mode!r}, angle_scale={self.angle_scale}"
+
+    def config(self) -> dict:
+        return {**super().config(), "mode": self.mode, "angle_scale": self.angle_scale, "backend": self.backend}
 
     def angles(self) -> torch.Tensor:
         return self.angle_weight * self.angle_scale if self.angle_scale != 1.0 else self.angle_weight
@@ -207,6 +225,9 @@ class ConcatEncoding(PositionalEncoding):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, table={self.table_kind!r}"
+
+    def config(self) -> dict:
+        return {**super().config(), "table": self.table_kind, "bias": self.proj.bias is not None, "backend": self.backend}
 
     def forward(self, x, positions=None, padding_mask=None):
         positions = self._check(x, positions)

@@ -1,0 +1,12 @@
+"""Adapters that put fastpe's encodings into existing codebases (nothing else in fastpe imports them).
+
+* :mod:`fastpe.integrations.recbole`: a drop-in for RecBole's Transformer attention layer and
+  ``patch(model, encoding)`` for RecBole's SASRec / BERT4Rec (RecBole itself is optional: the
+  adapter never imports it).
+* :mod:`fastpe.integrations.sasrec`: ``patch(model, encoding)`` for SASRec.pytorch-style models
+  built on ``torch.nn.MultiheadAttention``.
+
+Both replace the model's absolute position embedding (an ``nn.Embedding`` called with position
+ids and added to the item embeddings) by a module of :mod:`fastpe.integrations.position` that
+fits the encoding.
+"""
