@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 
 from fastpe.kernels.triton import _launch
+from fastpe.kernels.triton import concat as _cat
 from fastpe.kernels.triton import rmha as _rmha
+from fastpe.kernels.triton import rotations as _rot
 
 NAMESPACE = "fastpe_triton"
 
@@ -130,3 +132,240 @@ def relative_attention(q, k, v, rel_k, rel_v, key_padding_mask=None, attn_bias=N
         return _RelativeAttention.apply(q, k, v, rel_k, rel_v, key_padding_mask, bias, seed, bool(is_causal), dropout_p, scale)
     out, _lse = _rmha_forward(q, k, v, rel_k, rel_v, key_padding_mask, bias, seed, bool(is_causal), dropout_p, scale)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# rotary / rotatory
+# ----------------------------------------------------------------------------------------------
+
+
+def _rotary_forward(x, angles, positions, interleaved):
+    y, launches = _rot.plan_rotary_forward(x, angles, positions, interleaved)
+    _launch.run(launches)
+    return y
+
+
+def _rotary_backward(dy, x, angles, positions, interleaved, need_dangles=True):
+    dx, dangles, launches = _rot.plan_rotary_backward(dy, x, angles, positions, interleaved, need_dangles)
+    _launch.run(launches)
+    return dx, dangles
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, angles, positions, interleaved):
+        ctx.save_for_backward(x, angles, positions)
+        ctx.interleaved = interleaved
+        return _rotary_forward(x, angles, positions, interleaved)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, angles, positions = ctx.saved_tensors
+        dx, dangles = _rotary_backward(dy, x, angles, positions, ctx.interleaved, ctx.needs_input_grad[1])
+        return dx, dangles, None, None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::rotary_fwd", mutates_args=())
+def _rotary_fwd_op(x: torch.Tensor, angles: torch.Tensor, positions: torch.Tensor | None, interleaved: bool) -> torch.Tensor:
+    return _rotary_forward(x, angles, positions, interleaved)
+
+
+@_rotary_fwd_op.register_fake
+def _(x, angles, positions, interleaved):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::rotary_bwd", mutates_args=())
+def _rotary_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, angles: torch.Tensor, positions: torch.Tensor | None, interleaved: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rotary_backward(dy, x, angles, positions, interleaved)
+
+
+@_rotary_bwd_op.register_fake
+def _(dy, x, angles, positions, interleaved):
+    return torch.empty_like(x), torch.empty_like(angles)
+
+
+def _rotary_setup_context(ctx, inputs, output):
+    x, angles, positions, interleaved = inputs
+    ctx.save_for_backward(x, angles, positions)
+    ctx.interleaved = interleaved
+
+
+def _rotary_op_backward(ctx, dy):
+    x, angles, positions = ctx.saved_tensors
+    dx, dangles = _rotary_bwd_op(dy, x, angles, positions, ctx.interleaved)
+    return dx, dangles, None, None
+
+
+_rotary_fwd_op.register_autograd(_rotary_op_backward, setup_context=_rotary_setup_context)
+
+
+def rotary(x, angles, positions=None, interleaved=True):
+    """The triton backend of :func:`fastpe.ops.rotary` (``x [B, L, H, D]``, any strides)."""
+    _rot._check(x, "x")
+    interleaved = bool(interleaved)
+    if torch.compiler.is_compiling():
+        return _rotary_fwd_op(x, angles, positions, interleaved)
+    if _needs_grad(x, angles):
+        return _Rotary.apply(x, angles, positions, interleaved)
+    return _rotary_forward(x, angles, positions, interleaved)
+
+
+def _rotatory_forward(x, angles, positions):
+    y, launches = _rot.plan_rotatory_forward(x, angles, positions)
+    _launch.run(launches)
+    return y
+
+
+def _rotatory_backward(dy, angles, positions):
+    dangles, launches = _rot.plan_rotatory_backward(dy, angles, positions)
+    _launch.run(launches)
+    return dangles
+
+
+class _RotatoryAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, angles, positions):
+        ctx.save_for_backward(angles, positions)
+        return _rotatory_forward(x, angles, positions)
+
+    @staticmethod
+    def backward(ctx, dy):
+        angles, positions = ctx.saved_tensors
+        dangles = _rotatory_backward(dy, angles, positions) if ctx.needs_input_grad[1] else None
+        return dy, dangles, None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::rotatory_add_fwd", mutates_args=())
+def _rotatory_fwd_op(x: torch.Tensor, angles: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    return _rotatory_forward(x, angles, positions)
+
+
+@_rotatory_fwd_op.register_fake
+def _(x, angles, positions):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::rotatory_add_bwd", mutates_args=())
+def _rotatory_bwd_op(dy: torch.Tensor, angles: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    return _rotatory_backward(dy, angles, positions)
+
+
+@_rotatory_bwd_op.register_fake
+def _(dy, angles, positions):
+    return torch.empty_like(angles)
+
+
+def _rotatory_setup_context(ctx, inputs, output):
+    x, angles, positions = inputs
+    ctx.save_for_backward(angles, positions)
+
+
+def _rotatory_op_backward(ctx, dy):
+    angles, positions = ctx.saved_tensors
+    dangles = _rotatory_bwd_op(dy, angles, positions) if ctx.needs_input_grad[1] else None
+    return dy, dangles, None
+
+
+_rotatory_fwd_op.register_autograd(_rotatory_op_backward, setup_context=_rotatory_setup_context)
+
+
+def rotatory_add(x, angles, positions=None):
+    """The triton backend of :func:`fastpe.ops.rotatory` with ``mode="add"`` (``x [B, L, d]``)."""
+    _rot._check(x, "x")
+    if torch.compiler.is_compiling():
+        return _rotatory_fwd_op(x, angles, positions)
+    if _needs_grad(x, angles):
+        return _RotatoryAdd.apply(x, angles, positions)
+    return _rotatory_forward(x, angles, positions)
+
+
+# ----------------------------------------------------------------------------------------------
+# concat-projection
+# ----------------------------------------------------------------------------------------------
+
+
+def _concat_forward(x, table, weight, bias, positions):
+    y, launches = _cat.plan_forward(x, table, weight, bias, positions)
+    _launch.run(launches)
+    return y
+
+
+def _concat_backward(dy, x, table, weight, positions, has_bias, need_dx=True, need_w=True, need_table=True):
+    dx, dtable, dweight, dbias, launches = _cat.plan_backward(
+        dy, x, table, weight, positions, has_bias, need_dx, need_w, need_table
+    )
+    _launch.run(launches)
+    return dx, dtable, dweight, dbias
+
+
+class _ConcatProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, table, weight, bias, positions):
+        ctx.save_for_backward(x, table, weight, positions)
+        ctx.has_bias = bias is not None
+        return _concat_forward(x, table, weight, bias, positions)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, table, weight, positions = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dtable, dweight, dbias = _concat_backward(
+            dy, x, table, weight, positions, ctx.has_bias and need[3], need[0], need[2], need[1]
+        )
+        return dx, dtable, dweight, dbias, None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::concat_projection_fwd", mutates_args=())
+def _concat_fwd_op(
+    x: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor | None
+) -> torch.Tensor:
+    return _concat_forward(x, table, weight, bias, positions)
+
+
+@_concat_fwd_op.register_fake
+def _(x, table, weight, bias, positions):
+    return x.new_empty((x.shape[0], x.shape[1], weight.shape[0]))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::concat_projection_bwd", mutates_args=())
+def _concat_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor | None,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dtable, dweight, dbias = _concat_backward(dy, x, table, weight, positions, has_bias)
+    # a custom op returns tensors only: an empty bias gradient stands for "no bias"
+    return dx, dtable, dweight, dbias if dbias is not None else weight.new_empty(0)
+
+
+@_concat_bwd_op.register_fake
+def _(dy, x, table, weight, positions, has_bias):
+    dbias = weight.new_empty((weight.shape[0],) if has_bias else (0,))
+    return torch.empty_like(x), torch.empty_like(table), torch.empty_like(weight), dbias
+
+
+def _concat_setup_context(ctx, inputs, output):
+    x, table, weight, bias, positions = inputs
+    ctx.save_for_backward(x, table, weight, positions)
+    ctx.has_bias = bias is not None
+
+
+def _concat_op_backward(ctx, dy):
+    x, table, weight, positions = ctx.saved_tensors
+    dx, dtable, dweight, dbias = _concat_bwd_op(dy, x, table, weight, positions, ctx.has_bias)
+    return dx, dtable, dweight, dbias if ctx.has_bias else None, None
+
+
+_concat_fwd_op.register_autograd(_concat_op_backward, setup_context=_concat_setup_context)
+
+
+def concat_projection(x, table, weight, bias=None, positions=None):
+    """The triton backend of :func:`fastpe.ops.concat_projection`."""
+    _cat._check(x, table, positions)
+    if torch.compiler.is_compiling():
+        return _concat_fwd_op(x, table, weight, bias, positions)
+    if _needs_grad(x, table, weight, bias):
+        return _ConcatProjection.apply(x, table, weight, bias, positions)
+    return _concat_forward(x, table, weight, bias, positions)

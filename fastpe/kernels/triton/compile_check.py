@@ -1,0 +1,195 @@
+"""Compile every shipped Triton kernel variant for a GPU target without a GPU.
+
+The Triton interpreter (used by the CPU tests) runs kernels as numpy code and misses errors
+that only the compiler sees (``tl.dot`` with a dimension under 16, layout or type errors).
+This module builds the launch records the ops would issue for a set of shapes, dtypes and
+mask/option combinations (the same planners the ops use, on small CPU tensors, without
+launching) and compiles each distinct variant with ``triton.compile`` for sm_90.
+
+Run it without ``TRITON_INTERPRET`` (kernels must be ``JITFunction`` objects)::
+
+    python -m fastpe.kernels.triton.compile_check [--jobs N] [--list]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import sys
+import time
+
+import torch
+
+TYPES = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+    torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.int8: "i8", torch.bool: "i1",
+}
+
+
+def signature_of(launch):
+    sig = {}
+    for name, value in launch.args.items():
+        if isinstance(value, torch.Tensor):
+            sig[name] = "*" + TYPES[value.dtype]
+        elif isinstance(value, bool):
+            sig[name] = "i1"
+        elif isinstance(value, int):
+            sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{launch.kernel.__name__}: cannot type argument {name}={value!r}")
+    for name in launch.constexprs:
+        sig[name] = "constexpr"
+    return sig
+
+
+def variant_key(launch):
+    sig = signature_of(launch)
+    consts = tuple(sorted((k, str(v)) for k, v in launch.constexprs.items()))
+    return (launch.kernel.__name__, tuple(sorted(sig.items())), consts, launch.num_warps, launch.num_stages)
+
+
+# ----------------------------------------------------------------------------------------------
+# the variants the ops ship
+# ----------------------------------------------------------------------------------------------
+
+
+def _rmha_launches(b, h, lq, lk, dh, dv, dtype, masks, kmax=4, per_head=False, tf32=False):
+    from fastpe.kernels.triton import rmha
+
+    q = torch.zeros(b, h, lq, dh, dtype=dtype)
+    k = torch.zeros(b, h, lk, dh, dtype=dtype)
+    v = torch.zeros(b, h, lk, dv, dtype=dtype)
+    ht = h if per_head else 1
+    rk = torch.zeros(ht, 2 * kmax + 1, dh, dtype=dtype)
+    rv = torch.zeros(ht, 2 * kmax + 1, dv, dtype=dtype)
+    kpm = torch.zeros(b, lk, dtype=torch.bool) if "padding" in masks else None
+    bias = torch.zeros(1, 1, lq, lk, dtype=dtype) if "bias" in masks else None
+    dropout = 0.1 if "dropout" in masks else 0.0
+    seed = torch.zeros(1, dtype=torch.int64) if dropout else None
+    causal = "causal" in masks
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        out, lse, fwd = rmha.plan_forward(q, k, v, rk, rv, kpm, bias, seed, causal, dropout, 0.1)
+        *_grads, bwd = rmha.plan_backward(out, q, k, v, rk, rv, kpm, bias, seed, out, lse, causal, dropout, 0.1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return fwd + bwd
+
+
+def rmha_variants():
+    """One variant per distinct code path (each is 2-4 s to compile, so not the full product)."""
+    from fastpe.kernels.triton import _launch
+
+    every = ("padding", "bias", "causal", "dropout")
+    launches = []
+    # every dtype with every mask feature: bf16 / fp32 (IEEE) fused backward, fp16 split backward
+    launches += _rmha_launches(256, 2, 50, 50, 90, 90, torch.bfloat16, every)  # two-chunk head size
+    launches += _rmha_launches(256, 2, 50, 50, 30, 30, torch.float32, every)
+    launches += _rmha_launches(8, 2, 200, 200, 90, 90, torch.float16, every)  # two key blocks, split
+    launches += _rmha_launches(512, 2, 50, 50, 32, 32, torch.float32, ("padding",), tf32=True)
+    # the benchmark shape classes (bf16, key padding)
+    for b, h, L, dh in [(512, 2, 50, 32), (256, 2, 200, 64), (128, 1, 75, 90), (8, 2, 512, 64), (64, 3, 1, 30)]:
+        launches += _rmha_launches(b, h, L, L, dh, dh, torch.bfloat16, ("padding",))
+    # clipping distances 0 (one bucket) and 20 (41 buckets), per-head tables, dv != dh, Lq != Lk, dh 256
+    launches += _rmha_launches(512, 2, 50, 50, 32, 32, torch.float16, ("padding",), kmax=0, per_head=True)
+    launches += _rmha_launches(64, 2, 37, 75, 130, 50, torch.bfloat16, ("causal",), kmax=20)
+    launches += _rmha_launches(64, 2, 37, 75, 256, 256, torch.bfloat16, ("padding",))
+    # the small-block configuration the CPU tests force
+    with _launch.override("rmha_fwd", block_m=16, block_n=16), _launch.override("rmha_bwd", mode="split", block_m=16, block_n=16):
+        launches += _rmha_launches(2, 2, 37, 37, 30, 30, torch.float16, every)
+    return launches
+
+
+def all_variants():
+    launches = rmha_variants()
+    for extra in _EXTRA_VARIANTS:
+        launches += extra()
+    return launches
+
+
+_EXTRA_VARIANTS = []  # other kernel families register their variant generators here
+
+
+def register(fn):
+    _EXTRA_VARIANTS.append(fn)
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------
+# compiling
+# ----------------------------------------------------------------------------------------------
+
+
+def _compile_one(index):
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    launch = _unique_variants()[index]
+    start = time.perf_counter()
+    src = triton.compiler.ASTSource(fn=launch.kernel, signature=signature_of(launch), constexprs=dict(launch.constexprs))
+    try:
+        triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+    except Exception as exc:  # report every failing variant, not just the first
+        return index, False, f"{type(exc).__name__}: {exc}", time.perf_counter() - start
+    return index, True, "", time.perf_counter() - start
+
+
+_CACHE = None
+
+
+def _unique_variants():
+    global _CACHE
+    if _CACHE is None:
+        seen = {}
+        for launch in all_variants():
+            seen.setdefault(variant_key(launch), launch)
+        _CACHE = list(seen.values())
+    return _CACHE
+
+
+def describe(launch):
+    consts = ", ".join(f"{k}={v}" for k, v in launch.constexprs.items())
+    dtypes = sorted({TYPES[v.dtype] for v in launch.args.values() if isinstance(v, torch.Tensor) and v.is_floating_point()})
+    return f"{launch.kernel.__name__}[{'/'.join(dtypes)}; {consts}; warps={launch.num_warps}, stages={launch.num_stages}]"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--list", action="store_true", help="list the variants without compiling")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("compile_check: unset TRITON_INTERPRET (kernels must be JIT functions)", file=sys.stderr)
+        return 2
+    variants = _unique_variants()
+    if args.list:
+        for launch in variants:
+            print(describe(launch))
+        print(f"{len(variants)} variants")
+        return 0
+    start = time.perf_counter()
+    failures = []
+    if args.jobs > 1:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            results = list(pool.map(_compile_one, range(len(variants))))
+    else:
+        results = [_compile_one(i) for i in range(len(variants))]
+    for index, ok, message, seconds in results:
+        if not ok:
+            failures.append(f"{describe(variants[index])}\n    {message.splitlines()[0] if message else ''}\n{message}")
+    print(f"compiled {len(variants) - len(failures)}/{len(variants)} variants for sm_90 in {time.perf_counter() - start:.1f} s")
+    for failure in failures:
+        print("FAILED", failure)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
