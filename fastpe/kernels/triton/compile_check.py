@@ -104,19 +104,70 @@ def rmha_variants():
     return launches
 
 
-def all_variants():
-    launches = rmha_variants()
-    for extra in _EXTRA_VARIANTS:
-        launches += extra()
+def _positions(kind, b, L, rows, dtype=torch.int64):
+    if kind == "none":
+        return None
+    if kind == "1d":
+        return torch.zeros(L, dtype=dtype)
+    return torch.zeros(b, L, dtype=dtype)
+
+
+def rotation_variants():
+    from fastpe.kernels.triton import rotations
+
+    launches = []
+    for dtype, interleaved, pos_kind, transposed in [
+        (torch.bfloat16, False, "none", True),
+        (torch.float16, True, "1d", False),
+        (torch.float32, False, "2d", False),
+        (torch.bfloat16, True, "2d", True),
+    ]:
+        b, L, h, d = 512, 50, 2, 32
+        x = torch.zeros(b, h, L, d, dtype=dtype).transpose(1, 2) if transposed else torch.zeros(b, L, h, d, dtype=dtype)
+        angles = torch.zeros(L + 5, d // 2, dtype=dtype)
+        pos = _positions(pos_kind, b, L, L + 5)
+        _y, fwd = rotations.plan_rotary_forward(x, angles, pos, interleaved)
+        _dx, _da, bwd = rotations.plan_rotary_backward(x, x, angles, pos, interleaved)
+        launches += fwd + bwd
+    for dtype, pos_kind in [(torch.bfloat16, "none"), (torch.float32, "2d"), (torch.float16, "1d")]:
+        b, L, d = 128, 75, 90
+        x = torch.zeros(b, L, d, dtype=dtype)
+        angles = torch.zeros(L, d // 2, dtype=dtype)
+        pos = _positions(pos_kind, b, L, L, dtype=torch.int32 if dtype == torch.float16 else torch.int64)
+        _y, fwd = rotations.plan_rotatory_forward(x, angles, pos)
+        _da, bwd = rotations.plan_rotatory_backward(x, angles, pos)
+        launches += fwd + bwd
     return launches
 
 
-_EXTRA_VARIANTS = []  # other kernel families register their variant generators here
+def concat_variants():
+    from fastpe.kernels.triton import concat
+
+    launches = []
+    for dtype, pos_kind, has_bias, tf32, (b, L, d_in, d_pos, d_out) in [
+        (torch.bfloat16, "none", True, False, (512, 50, 64, 64, 64)),
+        (torch.float16, "1d", False, False, (128, 75, 90, 90, 90)),
+        (torch.float32, "2d", True, False, (256, 200, 64, 32, 64)),
+        (torch.float32, "none", True, True, (256, 200, 64, 32, 64)),
+    ]:
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            x = torch.zeros(b, L, d_in, dtype=dtype)
+            table = torch.zeros(L + 3, d_pos, dtype=dtype)
+            weight = torch.zeros(d_out, d_in + d_pos, dtype=dtype)
+            bias = torch.zeros(d_out, dtype=dtype) if has_bias else None
+            pos = _positions(pos_kind, b, L, L + 3)
+            y, fwd = concat.plan_forward(x, table, weight, bias, pos)
+            *_grads, bwd = concat.plan_backward(y, x, table, weight, pos, has_bias)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+        launches += fwd + bwd
+    return launches
 
 
-def register(fn):
-    _EXTRA_VARIANTS.append(fn)
-    return fn
+def all_variants():
+    return rmha_variants() + rotation_variants() + concat_variants()
 
 
 # ----------------------------------------------------------------------------------------------
