@@ -92,15 +92,19 @@ def _auto_order(op: str, device: torch.device) -> tuple[str, ...]:
     return ("torch",)
 
 
-# torch.compile evaluates the resolution once while tracing and keeps the result: it depends only
-# on the environment, and tracing through it (imports, environment reads) would break the graph.
-@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, op: str, device: torch.device) -> str:
     """Turn a requested backend into the one that runs, or raise saying why it cannot."""
     name = _resolve(backend, op, device)
     if name in _FUSED_MODULES:
         fused_implementation(op, name)  # import the module now, outside the traced code
     return name
+
+
+# torch.compile evaluates the resolution once while tracing and keeps the result: it depends only
+# on the environment, and tracing through it (imports, environment reads) would break the graph.
+# This is what torch.compiler.assume_constant_result sets; calling that would import
+# torch._dynamo, and with it triton, on `import fastpe`.
+resolve_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _resolve(backend: str, op: str, device: torch.device) -> str:

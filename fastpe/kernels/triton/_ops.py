@@ -90,8 +90,8 @@ def _rmha_bwd_op(
 
 @_rmha_bwd_op.register_fake
 def _(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_causal, dropout_p, scale):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(rel_k), torch.empty_like(rel_v))
+    # the real op allocates contiguous gradients whatever the inputs' strides: so must the fake
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, rel_k, rel_v))
 
 
 def _rmha_setup_context(ctx, inputs, output):
@@ -184,7 +184,7 @@ def _rotary_bwd_op(
 
 @_rotary_bwd_op.register_fake
 def _(dy, x, angles, positions, interleaved):
-    return torch.empty_like(x), torch.empty_like(angles)
+    return torch.empty_like(x), angles.new_empty(angles.shape)  # dx keeps x's layout, like the real op
 
 
 def _rotary_setup_context(ctx, inputs, output):
@@ -255,7 +255,7 @@ def _rotatory_bwd_op(dy: torch.Tensor, angles: torch.Tensor, positions: torch.Te
 
 @_rotatory_bwd_op.register_fake
 def _(dy, angles, positions):
-    return torch.empty_like(angles)
+    return angles.new_empty(angles.shape)
 
 
 def _rotatory_setup_context(ctx, inputs, output):
@@ -343,7 +343,7 @@ def _concat_bwd_op(
 @_concat_bwd_op.register_fake
 def _(dy, x, table, weight, positions, has_bias):
     dbias = weight.new_empty((weight.shape[0],) if has_bias else (0,))
-    return torch.empty_like(x), torch.empty_like(table), torch.empty_like(weight), dbias
+    return x.new_empty(x.shape), table.new_empty(table.shape), weight.new_empty(weight.shape), dbias
 
 
 def _concat_setup_context(ctx, inputs, output):
