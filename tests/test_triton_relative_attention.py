@@ -16,6 +16,8 @@ from fastpe._masks import combined_bias, masked_softmax, relative_buckets  # noq
 from fastpe.ops.relative_attention import relative_attention  # noqa: E402
 from helpers import MASK_KINDS, TOLERANCES, assert_matches_reference, make_masks, randn  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the interpreter's numpy scalars
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ["q", "k", "v", "rel_k", "rel_v"]
 
@@ -76,24 +78,22 @@ def test_matches_reference_masks(kind):
 
 
 @pytest.mark.parametrize(
-    "fwd,bwd",
+    "fwd,bwd,kind",
     [
-        (dict(block_m=16, block_n=16), dict(mode="split", block_m=16, block_n=16)),
-        (dict(block_m=32, block_n=16), dict(mode="fused", block_m=16)),
-        (dict(block_m=16, block_n=16), dict(mode="split", block_m=32, block_n=16, b_per_prog=1)),
+        (dict(block_m=16, block_n=16), dict(mode="split", block_m=16, block_n=16), "padding+causal"),
+        (dict(block_m=32, block_n=16), dict(mode="fused", block_m=16), "float_bias"),
+        (dict(block_m=16, block_n=16), dict(mode="split", block_m=32, block_n=16, b_per_prog=1), "bool_3d"),
     ],
     ids=["split", "fused-multi-query-block", "split-unequal-blocks"],
 )
-@pytest.mark.parametrize("kind", ["padding+causal", "float_bias"])
 def test_multi_block_paths(fwd, bwd, kind):
     """Online softmax over several key blocks, query blocks split over programs, both backward modes."""
     cfg = launch_cfg()
     with cfg.override("rmha_fwd", **fwd), cfg.override("rmha_bwd", **bwd):
-        check(2, 2, 37, 37, 30, kind, kmax=3, per_head=True)
+        check(2, 2, 33, 33, 30, kind, kmax=2, per_head=True)
 
 
-@pytest.mark.parametrize("mode", ["split", "fused"])
-@pytest.mark.parametrize("lq,lk", [(5, 40), (40, 5)])
+@pytest.mark.parametrize("lq,lk,mode", [(5, 40, "fused"), (40, 5, "split"), (21, 40, "split")])
 def test_unequal_query_and_key_lengths(lq, lk, mode):
     cfg = launch_cfg()
     with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode=mode, block_m=16, block_n=16):
@@ -182,8 +182,8 @@ def _grads(inputs, **kw):
 
 @pytest.mark.parametrize("mode", ["split", "fused"])
 def test_table_gradients_are_bitwise_reproducible(mode):
-    inputs = [t.float() for t in rmha_inputs(4, 2, 21, 21, 16)]
-    masks = masks_on_device("padding", 4, 2, 21, 21)
+    inputs = [t.float() for t in rmha_inputs(3, 2, 18, 18, 16)]
+    masks = masks_on_device("padding", 3, 2, 18, 18)
     cfg = launch_cfg()
     with cfg.override("rmha_bwd", mode=mode, block_m=16, block_n=16, b_per_prog=2):
         _, g1 = _grads(inputs, **masks)

@@ -490,8 +490,10 @@ def plan_sum_row_groups(partial: torch.Tensor, out1: torch.Tensor, out2: torch.T
     c1 = out1[0].numel()
     c = partial.shape[1]
     rows = partial.shape[0] // groups
-    block_c = min(256, _launch.next_pow2(max(c, 16)))
-    block_r = max(1, min(32, _launch.next_pow2(rows), 4096 // block_c))
+    # Wide row tiles and many column programs: the loop is short, so the latency of its
+    # dependent loads (not bandwidth) stays small. A knob for GPU tuning.
+    block_c = min(32, _launch.next_pow2(max(c, 16)))
+    block_r = max(1, min(128, _launch.next_pow2(rows)))
     return Launch(
         _sum_row_groups_kernel, (groups, triton.cdiv(c, block_c)),
         dict(P=partial, OUT1=out1, OUT2=out2 if out2 is not None else out1, ROWS_PER_OUT=rows, C=c, C1=c1),
@@ -567,8 +569,9 @@ def bwd_config(b, h, lq, lk, dh, dv, device, dtype):
         raise ValueError(f"rmha_bwd mode must be 'fused' or 'split', got {cfg['mode']!r}")
     nblk = 1 if cfg["mode"] == "fused" else max(triton.cdiv(lq, cfg["block_m"]), triton.cdiv(lk, cfg["block_n"]))
     if not cfg["b_per_prog"]:
-        # Several sequences per program when there are many: fewer partial table rows to reduce.
-        cfg["b_per_prog"] = max(1, min(8, (b * h * nblk) // (4 * sms)))
+        # Several sequences per program when there are many (about two programs per SM): fewer
+        # partial table rows, so the reduction that follows is short.
+        cfg["b_per_prog"] = max(1, min(16, (b * h * nblk) // (2 * sms)))
     if not cfg["num_warps"]:
         cfg["num_warps"] = 4 if cfg["block_m"] * cfg["block_n"] <= 64 * 64 and widest <= 64 else 8
     cfg["nblk"] = nblk

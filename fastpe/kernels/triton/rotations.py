@@ -113,14 +113,15 @@ def _angle_grad_reduce_kernel(
 ):
     """``OUT[p, c] = sum over partial rows (chunk, l) whose position is p`` in a fixed order.
 
-    ``PART [NCHUNK, L, C]`` float32. Without positions, row ``(chunk, l)`` belongs to ``p = l``;
-    with them, to ``POS[chunk * spb + l * spl]`` and the rows are gathered by a one-hot product.
+    ``PART [NCHUNK, L, C]`` float32. Without positions, row ``(chunk, l)`` belongs to ``p = l``
+    (``BLOCK_R`` chunks are summed per step); with them, to ``POS[chunk * spb + l * spl]`` and
+    ``BLOCK_R`` rows at a time are gathered by a one-hot product.
     """
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
-    acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     if HAS_POS:
+        acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
         n_rows = NCHUNK * L
         for r0 in range(0, n_rows, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -129,12 +130,16 @@ def _angle_grad_reduce_kernel(
             onehot = (idx[None, :] == offs_p[:, None]).to(tl.float32)
             tile = tl.load(PART + offs_r[:, None] * C + offs_c[None, :], mask=r_mask[:, None] & c_mask[None, :], other=0.0)
             acc = tl.dot(onehot, tile, acc, input_precision="ieee")
+        total = acc
     else:
-        p_mask = offs_p < L
-        for chunk in range(0, NCHUNK):
-            acc += tl.load(PART + (chunk * L + offs_p[:, None]) * C + offs_c[None, :],
-                           mask=p_mask[:, None] & c_mask[None, :], other=0.0)
-    tl.store(OUT + offs_p[:, None] * sor + offs_c[None, :] * soc, acc.to(OUT.dtype.element_ty),
+        acc3 = tl.zeros([BLOCK_R, BLOCK_P, BLOCK_C], tl.float32)
+        pc_mask = (offs_p < L)[:, None] & c_mask[None, :]
+        for ch0 in range(0, NCHUNK, BLOCK_R):
+            offs_ch = ch0 + tl.arange(0, BLOCK_R)
+            ptrs = PART + (offs_ch[:, None, None] * L + offs_p[None, :, None]) * C + offs_c[None, None, :]
+            acc3 += tl.load(ptrs, mask=(offs_ch < NCHUNK)[:, None, None] & pc_mask[None, :, :], other=0.0)
+        total = tl.sum(acc3, axis=0)
+    tl.store(OUT + offs_p[:, None] * sor + offs_c[None, :] * soc, total.to(OUT.dtype.element_ty),
              mask=(offs_p < P)[:, None] & c_mask[None, :])
 
 
@@ -144,12 +149,15 @@ def _check(x: torch.Tensor, name: str) -> None:
 
 
 def _config(b, L, h, half, device, per_batch_partials):
+    """Tiles of (positions x heads x pairs); batch chunks of up to ~32 per grid column, positions
+    split over enough programs to fill the card. Few chunks keep the angle-gradient partials
+    (one row per chunk and position) small, so their reduction is one short pass."""
     sms = _launch.num_sms(device)
     block_h = _launch.next_pow2(h)
     block_p = _launch.next_pow2(half)
-    block_l = max(1, min(_launch.next_pow2(L), 2048 // (block_h * block_p)))
-    n_l = triton.cdiv(L, block_l)
-    chunks = b if per_batch_partials else min(b, max(1, (4 * sms) // n_l))
+    chunks = b if per_batch_partials else min(b, 32)
+    l_programs = max(1, triton.cdiv(2 * sms, chunks))
+    block_l = max(1, min(_launch.next_pow2(triton.cdiv(L, l_programs)), max(1, 2048 // (block_h * block_p))))
     cfg = _launch.knobs("rotary", block_l=block_l, b_per_prog=triton.cdiv(b, chunks), num_warps=4)
     if per_batch_partials:
         cfg["b_per_prog"] = 1
@@ -201,10 +209,13 @@ def _plan_reduce(partial, pos, spb, spl, angles):
     rows = angles.shape[0]
     out = _launch.empty(angles.shape, angles.dtype, angles.device)
     block_c = max(16, min(64, _launch.next_pow2(half)))
-    block_p = 16 if pos is not None else max(16, min(64, 4096 // block_c))
+    if pos is not None:
+        block_p, block_r = 16, 64
+    else:
+        block_p, block_r = 8, max(1, min(32, _launch.next_pow2(chunks)))
     args = dict(PART=partial, POS=pos if pos is not None else partial, OUT=out, NCHUNK=chunks, L=L, P=rows,
                 spb=spb, spl=spl, soc=out.stride(1), sor=out.stride(0))
-    constexprs = dict(C=half, BLOCK_P=block_p, BLOCK_R=32, BLOCK_C=block_c, HAS_POS=pos is not None)
+    constexprs = dict(C=half, BLOCK_P=block_p, BLOCK_R=block_r, BLOCK_C=block_c, HAS_POS=pos is not None)
     return out, Launch(_angle_grad_reduce_kernel, (triton.cdiv(rows, block_p), triton.cdiv(half, block_c)), args, constexprs)
 
 

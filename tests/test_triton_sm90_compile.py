@@ -5,7 +5,7 @@ compiler sees (tl.dot with a dimension under 16, layouts, types). The check runs
 ``python -m fastpe.kernels.triton.compile_check`` in a subprocess without TRITON_INTERPRET.
 Compiling ~70 variants takes a minute or two on two cores, so the subprocess starts when this
 module is collected and works on the second core while the interpreter tests run on the first;
-the test only waits for its verdict.
+the test (in the file collected last) only waits for its verdict.
 """
 
 import atexit
