@@ -203,3 +203,11 @@ def test_gpu_cuda_graph_replays_draw_fresh_dropout_masks():
     graph.replay()
     assert not torch.equal(first, static_out)
     assert torch.isfinite(static_out).all()
+
+
+def test_tensors_beyond_32_bit_offsets_are_refused():
+    from fastpe.kernels.triton import _launch
+
+    _launch.check_int32_indexing("op", torch.empty(2, 2**29, device="meta"))  # fine
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        _launch.check_int32_indexing("op", torch.empty(2, 2**30, device="meta"))

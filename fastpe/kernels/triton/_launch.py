@@ -70,6 +70,17 @@ def empty_like(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def check_int32_indexing(op: str, *tensors: torch.Tensor) -> None:
+    """The kernels index with 32-bit offsets: refuse tensors they would address wrongly."""
+    for t in tensors:
+        extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+        if extent >= 2**31:
+            raise ValueError(
+                f"{op}: the triton backend indexes with 32-bit offsets and supports tensors spanning fewer "
+                f"than 2**31 elements, got shape {tuple(t.shape)}; split the batch or use backend='torch'"
+            )
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

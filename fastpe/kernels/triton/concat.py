@@ -132,6 +132,7 @@ def _wgrad_reduce_kernel(
 def _check(x: torch.Tensor, table: torch.Tensor, positions) -> None:
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"concat_projection: the triton backend supports float16, bfloat16 and float32, got {x.dtype}")
+    _launch.check_int32_indexing("concat_projection", x)
     rows = x.shape[1] if positions is None else table.shape[0]
     if rows > MAX_TABLE_ROWS:
         raise ValueError(

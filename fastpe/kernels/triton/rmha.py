@@ -520,6 +520,7 @@ def _check_supported(q, v, rel_k) -> None:
         )
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"relative_attention: the triton backend supports float16, bfloat16 and float32, got {q.dtype}")
+    _launch.check_int32_indexing("relative_attention", q, v)
 
 
 def _bias_strides(bias: torch.Tensor | None):

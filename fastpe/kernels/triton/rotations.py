@@ -146,6 +146,7 @@ def _angle_grad_reduce_kernel(
 def _check(x: torch.Tensor, name: str) -> None:
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"{name}: the triton backend supports float16, bfloat16 and float32, got {x.dtype}")
+    _launch.check_int32_indexing("rotary/rotatory", x)
 
 
 def _config(b, L, h, half, device, per_batch_partials):
