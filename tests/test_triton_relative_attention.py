@@ -105,6 +105,27 @@ def test_clipping_distance_zero_and_large(kmax):
     check(2, 1, 25, 25, 8, "padding", kmax=kmax)
 
 
+@pytest.mark.parametrize("k_per_head", [True, False])
+def test_tables_shared_differently(k_per_head):
+    """One table per head for rel_k and one for all heads for rel_v, or the other way round."""
+    q, k, v, rk, rv = rmha_inputs(2, 3, 9, 9, 8, per_head=True)
+    rk, rv = (rk, rv[0]) if k_per_head else (rk[0], rv)
+    inputs = [t.detach().requires_grad_() for t in (q, k, v, rk, rv)]
+    masks = masks_on_device("padding", 2, 3, 9, 9)
+    assert_matches_reference(op("triton", **masks), op("reference", **masks), inputs, torch.float32, NAMES)
+    from fastpe.kernels.triton import rmha
+
+    # the kernels' own gradients have the tables' shapes (autograd would silently sum a wrong one)
+    f = [t.detach().float() for t in inputs]
+    rk3, rv3 = (t if t.dim() == 3 else t[None] for t in f[3:])
+    out, lse, launches = rmha.plan_forward(*f[:3], rk3, rv3, None, None, None, False, 0.0, 0.3)
+    cfg = launch_cfg()
+    cfg.run(launches)
+    *grads, launches = rmha.plan_backward(out, *f[:3], rk3, rv3, None, None, None, out, lse, False, 0.0, 0.3)
+    cfg.run(launches)
+    assert [g.shape for g in grads] == [t.shape for t in (*f[:3], rk3, rv3)]
+
+
 def test_value_head_size_differs_and_custom_scale():
     inputs = rmha_inputs(2, 2, 11, 11, 20, dv=36)
     masks = masks_on_device("padding+causal", 2, 2, 11, 11)

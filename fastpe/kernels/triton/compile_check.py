@@ -58,15 +58,15 @@ def variant_key(launch):
 # ----------------------------------------------------------------------------------------------
 
 
-def _rmha_launches(b, h, lq, lk, dh, dv, dtype, masks, kmax=4, per_head=False, tf32=False):
+def _rmha_launches(b, h, lq, lk, dh, dv, dtype, masks, kmax=4, per_head=False, tf32=False, v_per_head=None):
     from fastpe.kernels.triton import rmha
 
     q = torch.zeros(b, h, lq, dh, dtype=dtype)
     k = torch.zeros(b, h, lk, dh, dtype=dtype)
     v = torch.zeros(b, h, lk, dv, dtype=dtype)
-    ht = h if per_head else 1
-    rk = torch.zeros(ht, 2 * kmax + 1, dh, dtype=dtype)
-    rv = torch.zeros(ht, 2 * kmax + 1, dv, dtype=dtype)
+    v_per_head = per_head if v_per_head is None else v_per_head
+    rk = torch.zeros(h if per_head else 1, 2 * kmax + 1, dh, dtype=dtype)
+    rv = torch.zeros(h if v_per_head else 1, 2 * kmax + 1, dv, dtype=dtype)
     kpm = torch.zeros(b, lk, dtype=torch.bool) if "padding" in masks else None
     bias = torch.zeros(1, 1, lq, lk, dtype=dtype) if "bias" in masks else None
     dropout = 0.1 if "dropout" in masks else 0.0
@@ -96,7 +96,7 @@ def rmha_variants():
     launches += _rmha_launches(512, 2, 50, 50, 32, 32, torch.bfloat16, ("padding",))
     launches += _rmha_launches(256, 2, 200, 200, 64, 64, torch.bfloat16, ("padding",))
     # 41 buckets, dv != dh, Lq != Lk, a 16-wide second chunk; and the largest head size
-    launches += _rmha_launches(64, 2, 37, 75, 130, 50, torch.bfloat16, ("causal",), kmax=20, per_head=True)
+    launches += _rmha_launches(64, 2, 37, 75, 130, 50, torch.bfloat16, ("causal",), kmax=20, per_head=True, v_per_head=False)
     launches += _rmha_launches(64, 2, 37, 75, 256, 256, torch.bfloat16, ("padding",))
     return launches
 

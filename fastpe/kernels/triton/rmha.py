@@ -467,38 +467,44 @@ def _rmha_bwd_kernel(
 
 
 @triton.jit
-def _sum_row_groups_kernel(P, OUT1, OUT2, ROWS_PER_OUT, C, C1, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``sum_{r < ROWS_PER_OUT} P[t * ROWS_PER_OUT + r, c]`` in a fixed order, written to
-    ``OUT1[t, c]`` for ``c < C1`` and ``OUT2[t, c - C1]`` beyond (two tables from one buffer)."""
+def _sum_row_groups_kernel(P, OUT1, OUT2, ROWS_PER_OUT, C, C1, COL0, COL1,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """For columns ``COL0 <= c < COL1`` of ``P [G * ROWS_PER_OUT, C]``: the sum over the rows of
+    group ``t``, in a fixed order, written to ``OUT1[t, c]`` for ``c < C1`` and
+    ``OUT2[t, c - C1]`` beyond (two tables share one partial buffer)."""
     t = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < C
+    offs_c = COL0 + tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < COL1
     acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     base = P + t.to(tl.int64) * ROWS_PER_OUT * C
     for r0 in range(0, ROWS_PER_OUT, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         acc += tl.load(base + rows[:, None] * C + offs_c[None, :], mask=(rows < ROWS_PER_OUT)[:, None] & c_mask[None, :], other=0.0)
     total = tl.sum(acc, axis=0)
-    tl.store(OUT1 + t * C1 + offs_c, total.to(OUT1.dtype.element_ty), mask=offs_c < C1)
+    tl.store(OUT1 + t * C1 + offs_c, total.to(OUT1.dtype.element_ty), mask=c_mask & (offs_c < C1))
     tl.store(OUT2 + t * (C - C1) + (offs_c - C1), total.to(OUT2.dtype.element_ty), mask=c_mask & (offs_c >= C1))
 
 
-def plan_sum_row_groups(partial: torch.Tensor, out1: torch.Tensor, out2: torch.Tensor | None = None) -> Launch:
-    """Launch summing ``partial [G * n, C]`` (float32, contiguous) over groups of ``n`` rows into
-    ``out1 [G, C1]`` and, when given, ``out2 [G, C - C1]`` (both contiguous)."""
-    groups = out1.shape[0]
-    c1 = out1[0].numel()
+def plan_sum_row_groups(partial: torch.Tensor, out1: torch.Tensor, out2: torch.Tensor) -> list[Launch]:
+    """Launches summing ``partial [R, C]`` (float32, contiguous) into ``out1 [G1, C1]`` (its first
+    ``C1`` columns, over groups of ``R / G1`` rows) and ``out2 [G2, C - C1]`` (the rest, groups of
+    ``R / G2`` rows): one launch when ``G1 == G2``, else one per table."""
     c = partial.shape[1]
-    rows = partial.shape[0] // groups
-    # Wide row tiles and many column programs: the loop is short, so the latency of its
-    # dependent loads (not bandwidth) stays small. A knob for GPU tuning.
-    block_c = min(32, _launch.next_pow2(max(c, 16)))
-    block_r = max(1, min(128, _launch.next_pow2(rows)))
-    return Launch(
-        _sum_row_groups_kernel, (groups, triton.cdiv(c, block_c)),
-        dict(P=partial, OUT1=out1, OUT2=out2 if out2 is not None else out1, ROWS_PER_OUT=rows, C=c, C1=c1),
-        dict(BLOCK_R=block_r, BLOCK_C=block_c), num_warps=4,
-    )
+    c1 = out1[0].numel()
+    spans = [(out1.shape[0], 0, c)] if out1.shape[0] == out2.shape[0] else [(out1.shape[0], 0, c1), (out2.shape[0], c1, c)]
+    launches = []
+    for groups, col0, col1 in spans:
+        rows = partial.shape[0] // groups
+        # Wide row tiles and many column programs: the loop is short, so the latency of its
+        # dependent loads (not bandwidth) stays small. A knob for GPU tuning.
+        block_c = min(32, _launch.next_pow2(max(col1 - col0, 16)))
+        block_r = max(1, min(128, _launch.next_pow2(rows)))
+        launches.append(Launch(
+            _sum_row_groups_kernel, (groups, triton.cdiv(col1 - col0, block_c)),
+            dict(P=partial, OUT1=out1, OUT2=out2, ROWS_PER_OUT=rows, C=c, C1=c1, COL0=col0, COL1=col1),
+            dict(BLOCK_R=block_r, BLOCK_C=block_c), num_warps=4,
+        ))
+    return launches
 
 
 # ----------------------------------------------------------------------------------------------
@@ -630,7 +636,6 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_cau
     b, h, lq, dh = q.shape
     lk, dv = k.shape[2], v.shape[-1]
     n_buckets = rel_k.shape[-2]
-    tables = rel_k.shape[0]
     cfg = bwd_config(b, h, lq, lk, dh, dv, q.device, q.dtype)
     nblk = cfg["nblk"]
     nbg = triton.cdiv(b, cfg["b_per_prog"])
@@ -639,8 +644,9 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_cau
     dvv = _launch.empty(v.shape, v.dtype, v.device)
     width = n_buckets * (dh + dv)
     partial = _launch.empty((h * nbg * nblk, width), torch.float32, q.device)
-    drk = _launch.empty((tables, n_buckets, dh), rel_k.dtype, q.device)
-    drv = _launch.empty((tables, n_buckets, dv), rel_v.dtype, q.device)
+    # rel_k and rel_v may differ in sharing (one per head or one for all heads)
+    drk = _launch.empty((rel_k.shape[0], n_buckets, dh), rel_k.dtype, q.device)
+    drv = _launch.empty((rel_v.shape[0], n_buckets, dv), rel_v.dtype, q.device)
     kpm_t = kpm.view(torch.uint8) if kpm is not None else q
     args = dict(
         Q=q, K=k, V=v, RK=rel_k, RV=rel_v, KPM=kpm_t, BIAS=bias if bias is not None else q,
@@ -662,8 +668,7 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_cau
     constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FUSED_DQ=cfg["mode"] == "fused")
     main = Launch(_rmha_bwd_kernel, (nblk, h * nbg), args, constexprs,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    reduce = plan_sum_row_groups(partial, drk, drv)
-    return dq, dk, dvv, drk, drv, [main, reduce]
+    return dq, dk, dvv, drk, drv, [main, *plan_sum_row_groups(partial, drk, drv)]
 
 
 def default_scale(q: torch.Tensor, scale: float | None) -> float:
