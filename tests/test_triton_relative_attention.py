@@ -165,9 +165,9 @@ def test_poisoned_buffers_are_all_written(monkeypatch):
     """Every buffer the kernels fill starts as NaN: an element a kernel skips fails the comparison."""
     cfg = launch_cfg()
     monkeypatch.setattr(cfg, "POISON", True)
-    check(3, 2, 21, 21, 30, "padding+causal", per_head=True)
+    check(3, 2, 21, 21, 30, "padding+causal", per_head=True, kmax=2)
     with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode="split", block_m=16, block_n=16):
-        check(3, 2, 21, 19, 30, "fully_padded")
+        check(3, 2, 21, 19, 30, "fully_padded", kmax=2)
 
 
 def test_poison_switch_catches_an_unwritten_element(monkeypatch):
@@ -203,10 +203,10 @@ def _grads(inputs, **kw):
 
 @pytest.mark.parametrize("mode", ["split", "fused"])
 def test_table_gradients_are_bitwise_reproducible(mode):
-    inputs = [t.float() for t in rmha_inputs(3, 2, 18, 18, 16)]
-    masks = masks_on_device("padding", 3, 2, 18, 18)
+    inputs = [t.float() for t in rmha_inputs(4, 2, 18, 18, 16, kmax=2)]
+    masks = masks_on_device("padding", 4, 2, 18, 18)
     cfg = launch_cfg()
-    with cfg.override("rmha_bwd", mode=mode, block_m=16, block_n=16, b_per_prog=2):
+    with cfg.override("rmha_bwd", mode=mode, block_m=16, block_n=16, b_per_prog=4):  # 2 partial rows per head
         _, g1 = _grads(inputs, **masks)
         _, g2 = _grads(inputs, **masks)
     for a, b in zip(g1, g2):
@@ -230,7 +230,7 @@ def _keep_mask(seed, b, h, lq, lk, p, **kw):
     q, k, _v, _rk, _rv = rmha_inputs(b, h, lq, lk, 16)
     v = torch.eye(lk, 16, dtype=torch.float32, device=DEVICE).expand(b, h, lk, 16).contiguous()
     torch.manual_seed(seed)
-    out = relative_attention(q.float(), k.float(), v, torch.zeros(9, 16, device=DEVICE), torch.zeros(9, 16, device=DEVICE),
+    out = relative_attention(q.float(), k.float(), v, torch.zeros(3, 16, device=DEVICE), torch.zeros(3, 16, device=DEVICE),
                              dropout_p=p, backend="triton", **kw)
     return out[..., :lk] != 0
 
@@ -251,7 +251,7 @@ def test_dropout_backward_uses_the_forward_mask(mode):
     cfg = launch_cfg()
     with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode=mode, block_m=16, block_n=16):
         keep = _keep_mask(11, b, h, L, L, p, **kw)
-        inputs = rmha_inputs(b, h, L, L, 16, per_head=True)
+        inputs = rmha_inputs(b, h, L, L, 16, kmax=2, per_head=True)
 
         def kernel(*t):
             torch.manual_seed(11)  # the same seed draws the same mask
