@@ -153,8 +153,8 @@ def _rmha_fwd_kernel(
     DOT_PREC: tl.constexpr,
 ):
     R: tl.constexpr = 2 * KMAX + 1
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
     dt = Q.dtype.element_ty
@@ -292,8 +292,8 @@ def _rmha_bwd_kernel(
     R: tl.constexpr = 2 * KMAX + 1
     DBX: tl.constexpr = DB if DB > 0 else 16
     DVBX: tl.constexpr = DVB if DVB > 0 else 16
-    pid_blk = tl.program_id(0)
-    pid1 = tl.program_id(1)
+    pid1 = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
+    pid_blk = tl.program_id(1)
     h = pid1 // NBG
     bg = pid1 % NBG
     dt = Q.dtype.element_ty
@@ -457,7 +457,7 @@ def _rmha_bwd_kernel(
                 _store_rows(DQ + b * sdqb + h * sdqh, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH)
 
     # this program's share of the table gradients: one row of the partial buffer
-    row = DTAB + ((h * NBG + bg) * tl.num_programs(0) + pid_blk) * (R * DH + R * DV)
+    row = DTAB + ((h * NBG + bg) * tl.num_programs(1) + pid_blk) * (R * DH + R * DV)
     _store_rows(row, drk_a, offs_r, r_mask, DH, 1, 0, DA, DH)
     if DB > 0:
         _store_rows(row, drk_b, offs_r, r_mask, DH, 1, DA, DB, DH)
@@ -626,7 +626,7 @@ def plan_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, s
     args.update(H=h, LQ=lq, LK=lk, qk_scale=float(scale) * LOG2E, dropout_p=float(dropout_p))
     constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
     constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"])
-    launch = Launch(_rmha_fwd_kernel, (triton.cdiv(lq, cfg["block_m"]), b * h), args, constexprs,
+    launch = Launch(_rmha_fwd_kernel, (b * h, triton.cdiv(lq, cfg["block_m"])), args, constexprs,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse, [launch]
 
@@ -666,7 +666,7 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_cau
                 qk_scale=float(scale) * LOG2E, scale=float(scale), dropout_p=float(dropout_p))
     constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
     constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FUSED_DQ=cfg["mode"] == "fused")
-    main = Launch(_rmha_bwd_kernel, (nblk, h * nbg), args, constexprs,
+    main = Launch(_rmha_bwd_kernel, (h * nbg, nblk), args, constexprs,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dq, dk, dvv, drk, drv, [main, *plan_sum_row_groups(partial, drk, drv)]
 

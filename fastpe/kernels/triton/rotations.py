@@ -41,8 +41,8 @@ def _rot_kernel(
     HALF: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
     INTERLEAVED: tl.constexpr, MODE: tl.constexpr, HAS_POS: tl.constexpr, POS_PER_BATCH: tl.constexpr,
 ):
-    pid_l = tl.program_id(0)
-    chunk = tl.program_id(1)
+    chunk = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
+    pid_l = tl.program_id(1)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_h = tl.arange(0, BLOCK_H)
     offs_p = tl.arange(0, BLOCK_P)
@@ -201,7 +201,7 @@ def _plan(mode, x4, dy4, y4, angles, positions, interleaved, need_partials):
         HALF=half, BLOCK_L=block_l, BLOCK_H=_launch.next_pow2(h), BLOCK_P=_launch.next_pow2(half),
         INTERLEAVED=bool(interleaved), MODE=mode, HAS_POS=pos is not None, POS_PER_BATCH=per_batch,
     )
-    return [Launch(_rot_kernel, (triton.cdiv(L, block_l), chunks), args, constexprs, num_warps=cfg["num_warps"])], partial, pos, spb, spl
+    return [Launch(_rot_kernel, (chunks, triton.cdiv(L, block_l)), args, constexprs, num_warps=cfg["num_warps"])], partial, pos, spb, spl
 
 
 def _plan_reduce(partial, pos, spb, spl, angles):
