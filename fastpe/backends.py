@@ -94,6 +94,20 @@ def _auto_order(op: str, device: torch.device) -> tuple[str, ...]:
 
 def resolve_backend(backend: str, op: str, device: torch.device) -> str:
     """Turn a requested backend into the one that runs, or raise saying why it cannot."""
+    name = _resolve(backend, op, device)
+    if name in _FUSED_MODULES:
+        fused_implementation(op, name)  # import the module now, outside the traced code
+    return name
+
+
+# torch.compile evaluates the resolution once while tracing and keeps the result: it depends only
+# on the environment, and tracing through it (imports, environment reads) would break the graph.
+# This is what torch.compiler.assume_constant_result sets; calling that would import
+# torch._dynamo, and with it triton, on `import fastpe`.
+resolve_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _resolve(backend: str, op: str, device: torch.device) -> str:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     if backend == "auto":
@@ -120,4 +134,12 @@ def _implemented(op: str, backend: str) -> bool:
 
 def fused_implementation(op: str, backend: str):
     """The function implementing ``op`` in a fused backend (imported on first use)."""
-    return getattr(importlib.import_module(_FUSED_MODULES[backend]), op)
+    # Import statements rather than importlib: torch.compile traces these without a graph break
+    # (the module is already loaded by resolve_backend by then).
+    if backend == "triton":
+        import fastpe.kernels.triton as module
+    elif backend == "cuda":
+        from fastpe import _ext as module
+    else:
+        raise ValueError(f"{backend!r} is not a fused backend; expected one of {tuple(_FUSED_MODULES)}")
+    return getattr(module, op)

@@ -1,0 +1,675 @@
+"""Fused relative multi-head attention (RMHA-k, Shaw et al. 2018) in Triton.
+
+Math (see :mod:`fastpe.reference.relative_attention`), with ``r(i, j) = clamp(j - i, -k, k) + k``::
+
+    s_ij = scale * (q_i . k_j + q_i . rk[r(i, j)]) + bias_ij      (masked: -inf)
+    P = softmax_j(s), P~ = dropout(P)
+    o_i = sum_j P~_ij v_j + sum_r (sum_{j: r(i,j)=r} P~_ij) rv[r]
+
+Forward: one program per (query block, batch*head). ``q . rk`` is ``2k+1`` dot products per
+query row (one small ``tl.dot`` per program), gathered into the logits by bucket; the value
+term accumulates ``2k+1`` bucket sums of ``P~`` per row next to ``P~ V`` and is applied with one
+more small ``tl.dot`` at the end. Keys are visited in blocks with an online softmax; for
+short sequences one block holds the whole sequence. Nothing of size ``[L, L, dh]`` exists.
+
+Backward: recomputes ``P`` from the saved log-sum-exp. Two modes:
+
+* ``fused``: one key block holds all keys, so a program owns a whole (batch, head) sequence,
+  loops over query blocks and writes ``dq`` per block directly, accumulating ``dk, dv``.
+* ``split``: a program owns key block ``n`` (``dk, dv``: loop over query blocks) and query
+  block ``n`` (``dq``: loop over key blocks); for long sequences or few (batch, head) pairs.
+
+Relative-table gradients (``drk = sum dS_bucket^T Q``, ``drv = sum P~_bucket^T dO``) are
+accumulated per program in registers, written to a partial buffer (one row per program) and
+summed by a second kernel in a fixed order: bitwise reproducible, no atomics.
+
+Dropout: Philox keyed by a 64-bit seed read from a device tensor (drawn from torch's
+generator by the caller, so ``torch.manual_seed`` reproduces it and a captured CUDA graph
+replays fresh randomness), counters ``(j, i, batch*head, 0)``; the backward regenerates the
+same keep mask.
+
+Head sizes are padded to a multiple of 16 (as two power-of-two chunks, see
+:func:`fastpe.kernels.triton._launch.split_pow2`), never to the next power of two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastpe.kernels.triton import _launch
+from fastpe.kernels.triton._launch import Launch
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+MAX_BUCKETS = 129  # 2k+1 buckets are gathered with an unrolled loop: keep k <= 64
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers (inlined into the kernels)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(base, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr):
+    """``[len(rows), C]`` tile of columns ``C0 .. C0+C`` (zero beyond ``CMAX`` and masked rows)."""
+    cols = C0 + tl.arange(0, C)
+    ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
+    return tl.load(ptrs, mask=row_mask[:, None] & (cols[None, :] < CMAX), other=0.0)
+
+
+@triton.jit
+def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr):
+    cols = C0 + tl.arange(0, C)
+    ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
+    tl.store(ptrs, val.to(base.dtype.element_ty), mask=row_mask[:, None] & (cols[None, :] < CMAX))
+
+
+@triton.jit
+def _buckets(offs_m, offs_n, KMAX: tl.constexpr):
+    d = offs_n[None, :] - offs_m[:, None]
+    return tl.minimum(tl.maximum(d, -KMAX), KMAX) + KMAX
+
+
+@triton.jit
+def _bucket_gather(table, bucket, R: tl.constexpr, R_PAD: tl.constexpr):
+    """``out[i, j] = table[i, bucket[i, j]]`` for ``table [M, R_PAD]`` (R static selects)."""
+    rcols = tl.arange(0, R_PAD)
+    out = tl.zeros(bucket.shape, tl.float32)
+    for r in tl.static_range(R):
+        col = tl.sum(tl.where(rcols[None, :] == r, table, 0.0), axis=1)
+        out = tl.where(bucket == r, col[:, None], out)
+    return out
+
+
+@triton.jit
+def _bucket_sum(x, bucket, R: tl.constexpr, R_PAD: tl.constexpr):
+    """``out[i, r] = sum_j x[i, j] [bucket[i, j] == r]``, ``[M, R_PAD]`` float32."""
+    rcols = tl.arange(0, R_PAD)
+    out = tl.zeros([x.shape[0], R_PAD], tl.float32)
+    for r in tl.static_range(R):
+        s = tl.sum(tl.where(bucket == r, x, 0.0), axis=1)
+        out = tl.where(rcols[None, :] == r, s[:, None], out)
+    return out
+
+
+@triton.jit
+def _keep_mask(seed, bh, offs_m, offs_n, dropout_p):
+    """Dropout keep mask for the tile: Philox(seed; j, i, batch*head, 0), kept where u >= p."""
+    c0 = offs_n[None, :] + tl.zeros([offs_m.shape[0], offs_n.shape[0]], tl.int32)
+    c1 = offs_m[:, None] + tl.zeros([offs_m.shape[0], offs_n.shape[0]], tl.int32)
+    c2 = tl.zeros([offs_m.shape[0], offs_n.shape[0]], tl.int32) + bh
+    r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, c2, c2 * 0)
+    return tl.uint_to_uniform_float(r0) >= dropout_p
+
+
+@triton.jit
+def _logits(q_a, q_b, k_a, k_b, qr, offs_m, offs_n, m_mask, n_mask, b, h, bh,
+            KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, qk_scale,
+            KMAX: tl.constexpr, R_PAD: tl.constexpr, DB: tl.constexpr,
+            HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Masked logits of one tile in log2 units, and the tile's buckets."""
+    bucket = _buckets(offs_m, offs_n, KMAX)
+    qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
+    if DB > 0:
+        qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
+    s = (qk + _bucket_gather(qr, bucket, 2 * KMAX + 1, R_PAD)) * qk_scale
+    valid = n_mask[None, :] & m_mask[:, None]
+    if HAS_KPM:
+        pad = tl.load(KPM + b * skpb + offs_n * skpn, mask=n_mask, other=1)
+        valid = valid & (pad == 0)[None, :]
+    if IS_CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    if HAS_BIAS:
+        bias = tl.load(BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
+                       mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        s = s + bias.to(tl.float32) * 1.4426950408889634
+    return tl.where(valid, s, float("-inf")), bucket
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rmha_fwd_kernel(
+    Q, K, V, RK, RV, KPM, BIAS, SEED, O, LSE,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    srkh, srkr, srkd,
+    srvh, srvr, srvd,
+    skpb, skpn,
+    sbb, sbh, sbm, sbn,
+    sob, soh, som, sod,
+    H, LQ, LK, qk_scale, dropout_p,
+    KMAX: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    R: tl.constexpr = 2 * KMAX + 1
+    bh = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
+    pid_m = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    dt = Q.dtype.element_ty
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < LQ
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    # q . rk for the 2k+1 buckets: [BLOCK_M, R_PAD], once per program.
+    q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH)
+    rk_a = _load_rows(RK + h * srkh, offs_r, r_mask, srkr, srkd, 0, DA, DH)
+    qr = tl.dot(q_a, tl.trans(rk_a), input_precision=DOT_PREC)
+    q_b = q_a
+    if DB > 0:
+        q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
+        rk_b = _load_rows(RK + h * srkh, offs_r, r_mask, srkr, srkd, DA, DB, DH)
+        qr = tl.dot(q_b, tl.trans(rk_b), qr, input_precision=DOT_PREC)
+
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    inv_keep = 1.0 / (1.0 - dropout_p)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_a = tl.zeros([BLOCK_M, DVA], tl.float32)
+    acc_b = tl.zeros([BLOCK_M, DVB if DVB > 0 else 16], tl.float32)
+    pb = tl.zeros([BLOCK_M, R_PAD], tl.float32)  # bucket sums of P~ (unnormalised)
+
+    hi = LK
+    if IS_CAUSAL:
+        hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < LK
+        k_a = _load_rows(k_base, offs_n, n_mask, skn, skd, 0, DA, DH)
+        k_b = k_a
+        if DB > 0:
+            k_b = _load_rows(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
+        s, bucket = _logits(q_a, q_b, k_a, k_b, qr, offs_m, offs_n, m_mask, n_mask, b, h, bh,
+                            KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, qk_scale,
+                            KMAX, R_PAD, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, DOT_PREC)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows with no allowed key so far keep m = -inf: subtract 0 instead (p = 0, no NaN).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_DROPOUT:
+            keep = _keep_mask(seed, bh, offs_m, offs_n, dropout_p)
+            p = tl.where(keep, p * inv_keep, 0.0)
+        v_a = _load_rows(v_base, offs_n, n_mask, svn, svd, 0, DVA, DV)
+        acc_a = tl.dot(p.to(dt), v_a, acc_a * alpha[:, None], input_precision=DOT_PREC)
+        if DVB > 0:
+            v_b = _load_rows(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
+            acc_b = tl.dot(p.to(dt), v_b, acc_b * alpha[:, None], input_precision=DOT_PREC)
+        pb = pb * alpha[:, None] + _bucket_sum(p, bucket, R, R_PAD)
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
+    pbn = (pb * inv_l[:, None]).to(dt)
+    o_base = O + b * sob + h * soh
+    rv_a = _load_rows(RV + h * srvh, offs_r, r_mask, srvr, srvd, 0, DVA, DV)
+    o_a = tl.dot(pbn, rv_a, acc_a * inv_l[:, None], input_precision=DOT_PREC)
+    _store_rows(o_base, o_a, offs_m, m_mask, som, sod, 0, DVA, DV)
+    if DVB > 0:
+        rv_b = _load_rows(RV + h * srvh, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
+        o_b = tl.dot(pbn, rv_b, acc_b * inv_l[:, None], input_precision=DOT_PREC)
+        _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV)
+    # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0).
+    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), 0.0)
+    tl.store(LSE + bh * LQ + offs_m, lse, mask=m_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
+              offs_m, offs_n, m_mask, n_mask, b, h, bh,
+              KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
+              KMAX: tl.constexpr, R_PAD: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
+              HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """Recompute one tile: returns buckets, P~ (dropped probabilities) and dS (w.r.t. q.k + q.rk)."""
+    s, bucket = _logits(q_a, q_b, k_a, k_b, qr, offs_m, offs_n, m_mask, n_mask, b, h, bh,
+                        KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, qk_scale,
+                        KMAX, R_PAD, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, DOT_PREC)
+    p = tl.exp2(s - lse[:, None])
+    # dP~_ij = dO_i . (v_j + rv[r(i,j)])
+    dpt = tl.dot(do_a, tl.trans(v_a), input_precision=DOT_PREC)
+    if DVB > 0:
+        dpt = tl.dot(do_b, tl.trans(v_b), dpt, input_precision=DOT_PREC)
+    dpt = dpt + _bucket_gather(dorv, bucket, 2 * KMAX + 1, R_PAD)
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, bh, offs_m, offs_n, dropout_p)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        p_drop = tl.where(keep, p * inv_keep, 0.0)
+        dprob = tl.where(keep, dpt * inv_keep, 0.0)
+    else:
+        p_drop = p
+        dprob = dpt
+    ds = p * (dprob - di[:, None]) * scale
+    return bucket, p_drop, ds
+
+
+@triton.jit
+def _rmha_bwd_kernel(
+    Q, K, V, RK, RV, KPM, BIAS, SEED, O, DO, LSE, DQ, DK, DV_, DTAB,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    srkh, srkr, srkd,
+    srvh, srvr, srvd,
+    skpb, skpn,
+    sbb, sbh, sbm, sbn,
+    sob, soh, som, sod,
+    sdob, sdoh, sdom, sdod,
+    sdqb, sdqh, sdqm, sdqd,
+    sdkb, sdkh, sdkn, sdkd,
+    sdvb, sdvh, sdvn, sdvd,
+    B, H, LQ, LK, B_PER_PROG, NBG, qk_scale, scale, dropout_p,
+    KMAX: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    FUSED_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    R: tl.constexpr = 2 * KMAX + 1
+    DBX: tl.constexpr = DB if DB > 0 else 16
+    DVBX: tl.constexpr = DVB if DVB > 0 else 16
+    pid1 = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
+    pid_blk = tl.program_id(1)
+    h = pid1 // NBG
+    bg = pid1 % NBG
+    dt = Q.dtype.element_ty
+
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    rk_a = _load_rows(RK + h * srkh, offs_r, r_mask, srkr, srkd, 0, DA, DH)
+    rk_b = rk_a
+    if DB > 0:
+        rk_b = _load_rows(RK + h * srkh, offs_r, r_mask, srkr, srkd, DA, DB, DH)
+    rv_a = _load_rows(RV + h * srvh, offs_r, r_mask, srvr, srvd, 0, DVA, DV)
+    rv_b = rv_a
+    if DVB > 0:
+        rv_b = _load_rows(RV + h * srvh, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
+
+    drk_a = tl.zeros([R_PAD, DA], tl.float32)
+    drk_b = tl.zeros([R_PAD, DBX], tl.float32)
+    drv_a = tl.zeros([R_PAD, DVA], tl.float32)
+    drv_b = tl.zeros([R_PAD, DVBX], tl.float32)
+
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+
+    b_end = tl.minimum(B, (bg + 1) * B_PER_PROG)
+    for b in range(bg * B_PER_PROG, b_end):
+        bh = b * H + h
+        q_base = Q + b * sqb + h * sqh
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        o_base = O + b * sob + h * soh
+        do_base = DO + b * sdob + h * sdoh
+
+        # ---- key block pid_blk: dk, dv (and dq too when the block holds every key) ----
+        start_n = pid_blk * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < LK
+        k_a = _load_rows(k_base, offs_n, n_mask, skn, skd, 0, DA, DH)
+        v_a = _load_rows(v_base, offs_n, n_mask, svn, svd, 0, DVA, DV)
+        k_b = k_a
+        v_b = v_a
+        if DB > 0:
+            k_b = _load_rows(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
+        if DVB > 0:
+            v_b = _load_rows(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
+        dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
+        dk_b = tl.zeros([BLOCK_N, DBX], tl.float32)
+        dv_a = tl.zeros([BLOCK_N, DVA], tl.float32)
+        dv_b = tl.zeros([BLOCK_N, DVBX], tl.float32)
+        lo = 0
+        if IS_CAUSAL:
+            lo = (start_n // BLOCK_M) * BLOCK_M
+        hi = tl.where(start_n < LK, LQ, 0)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < LQ
+            q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH)
+            do_a = _load_rows(do_base, offs_m, m_mask, sdom, sdod, 0, DVA, DV)
+            di = tl.sum(do_a.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, 0, DVA, DV).to(tl.float32), axis=1)
+            qr = tl.dot(q_a, tl.trans(rk_a), input_precision=DOT_PREC)
+            dorv = tl.dot(do_a, tl.trans(rv_a), input_precision=DOT_PREC)
+            q_b = q_a
+            do_b = do_a
+            if DB > 0:
+                q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
+                qr = tl.dot(q_b, tl.trans(rk_b), qr, input_precision=DOT_PREC)
+            if DVB > 0:
+                do_b = _load_rows(do_base, offs_m, m_mask, sdom, sdod, DVA, DVB, DV)
+                di += tl.sum(do_b.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, DVA, DVB, DV).to(tl.float32), axis=1)
+                dorv = tl.dot(do_b, tl.trans(rv_b), dorv, input_precision=DOT_PREC)
+            lse = tl.load(LSE + bh * LQ + offs_m, mask=m_mask, other=0.0)
+            bucket, p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
+                                           offs_m, offs_n, m_mask, n_mask, b, h, bh,
+                                           KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
+                                           KMAX, R_PAD, DB, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
+            p_lo = p_drop.to(dt)
+            ds_lo = ds.to(dt)
+            dv_a = tl.dot(tl.trans(p_lo), do_a, dv_a, input_precision=DOT_PREC)
+            dk_a = tl.dot(tl.trans(ds_lo), q_a, dk_a, input_precision=DOT_PREC)
+            if DVB > 0:
+                dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
+            if DB > 0:
+                dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
+            # table gradients: drk[r] += sum_i dS_bucket[i, r] q_i, drv[r] += sum_i P~_bucket[i, r] dO_i
+            dsb = _bucket_sum(ds, bucket, R, R_PAD).to(dt)
+            pbt = _bucket_sum(p_drop, bucket, R, R_PAD).to(dt)
+            drk_a = tl.dot(tl.trans(dsb), q_a, drk_a, input_precision=DOT_PREC)
+            drv_a = tl.dot(tl.trans(pbt), do_a, drv_a, input_precision=DOT_PREC)
+            if DB > 0:
+                drk_b = tl.dot(tl.trans(dsb), q_b, drk_b, input_precision=DOT_PREC)
+            if DVB > 0:
+                drv_b = tl.dot(tl.trans(pbt), do_b, drv_b, input_precision=DOT_PREC)
+            if FUSED_DQ:
+                # every key is in this block: dq_i = sum_j dS_ij (k_j + rk[r(i,j)]) is complete
+                dq_a = tl.dot(ds_lo, k_a, input_precision=DOT_PREC)
+                dq_a = tl.dot(dsb, rk_a, dq_a, input_precision=DOT_PREC)
+                _store_rows(DQ + b * sdqb + h * sdqh, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH)
+                if DB > 0:
+                    dq_b = tl.dot(ds_lo, k_b, input_precision=DOT_PREC)
+                    dq_b = tl.dot(dsb, rk_b, dq_b, input_precision=DOT_PREC)
+                    _store_rows(DQ + b * sdqb + h * sdqh, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH)
+        _store_rows(DK + b * sdkb + h * sdkh, dk_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH)
+        _store_rows(DV_ + b * sdvb + h * sdvh, dv_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV)
+        if DB > 0:
+            _store_rows(DK + b * sdkb + h * sdkh, dk_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH)
+        if DVB > 0:
+            _store_rows(DV_ + b * sdvb + h * sdvh, dv_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV)
+
+        # ---- query block pid_blk: dq, visiting the key blocks again ----
+        if not FUSED_DQ:
+            start_m = pid_blk * BLOCK_M
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < LQ
+            q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH)
+            do_a = _load_rows(do_base, offs_m, m_mask, sdom, sdod, 0, DVA, DV)
+            di = tl.sum(do_a.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, 0, DVA, DV).to(tl.float32), axis=1)
+            qr = tl.dot(q_a, tl.trans(rk_a), input_precision=DOT_PREC)
+            dorv = tl.dot(do_a, tl.trans(rv_a), input_precision=DOT_PREC)
+            q_b = q_a
+            do_b = do_a
+            if DB > 0:
+                q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
+                qr = tl.dot(q_b, tl.trans(rk_b), qr, input_precision=DOT_PREC)
+            if DVB > 0:
+                do_b = _load_rows(do_base, offs_m, m_mask, sdom, sdod, DVA, DVB, DV)
+                di += tl.sum(do_b.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, DVA, DVB, DV).to(tl.float32), axis=1)
+                dorv = tl.dot(do_b, tl.trans(rv_b), dorv, input_precision=DOT_PREC)
+            lse = tl.load(LSE + bh * LQ + offs_m, mask=m_mask, other=0.0)
+            dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
+            dq_b = tl.zeros([BLOCK_M, DBX], tl.float32)
+            dsb_all = tl.zeros([BLOCK_M, R_PAD], tl.float32)
+            hi_n = LK
+            if IS_CAUSAL:
+                hi_n = tl.minimum(LK, start_m + BLOCK_M)
+            hi_n = tl.where(start_m < LQ, hi_n, 0)
+            for start_n2 in range(0, hi_n, BLOCK_N):
+                offs_n2 = start_n2 + tl.arange(0, BLOCK_N)
+                n_mask2 = offs_n2 < LK
+                k2_a = _load_rows(k_base, offs_n2, n_mask2, skn, skd, 0, DA, DH)
+                v2_a = _load_rows(v_base, offs_n2, n_mask2, svn, svd, 0, DVA, DV)
+                k2_b = k2_a
+                v2_b = v2_a
+                if DB > 0:
+                    k2_b = _load_rows(k_base, offs_n2, n_mask2, skn, skd, DA, DB, DH)
+                if DVB > 0:
+                    v2_b = _load_rows(v_base, offs_n2, n_mask2, svn, svd, DVA, DVB, DV)
+                bucket2, _p2, ds2 = _bwd_tile(q_a, q_b, k2_a, k2_b, v2_a, v2_b, do_a, do_b, qr, dorv, di, lse,
+                                              offs_m, offs_n2, m_mask, n_mask2, b, h, bh,
+                                              KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
+                                              KMAX, R_PAD, DB, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
+                ds2_lo = ds2.to(dt)
+                dq_a = tl.dot(ds2_lo, k2_a, dq_a, input_precision=DOT_PREC)
+                if DB > 0:
+                    dq_b = tl.dot(ds2_lo, k2_b, dq_b, input_precision=DOT_PREC)
+                dsb_all += _bucket_sum(ds2, bucket2, R, R_PAD)
+            dsb_lo = dsb_all.to(dt)
+            dq_a = tl.dot(dsb_lo, rk_a, dq_a, input_precision=DOT_PREC)
+            _store_rows(DQ + b * sdqb + h * sdqh, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH)
+            if DB > 0:
+                dq_b = tl.dot(dsb_lo, rk_b, dq_b, input_precision=DOT_PREC)
+                _store_rows(DQ + b * sdqb + h * sdqh, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH)
+
+    # this program's share of the table gradients: one row of the partial buffer
+    row = DTAB + ((h * NBG + bg) * tl.num_programs(1) + pid_blk) * (R * DH + R * DV)
+    _store_rows(row, drk_a, offs_r, r_mask, DH, 1, 0, DA, DH)
+    if DB > 0:
+        _store_rows(row, drk_b, offs_r, r_mask, DH, 1, DA, DB, DH)
+    _store_rows(row + R * DH, drv_a, offs_r, r_mask, DV, 1, 0, DVA, DV)
+    if DVB > 0:
+        _store_rows(row + R * DH, drv_b, offs_r, r_mask, DV, 1, DVA, DVB, DV)
+
+
+@triton.jit
+def _sum_row_groups_kernel(P, OUT1, OUT2, ROWS_PER_OUT, C, C1, COL0, COL1,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """For columns ``COL0 <= c < COL1`` of ``P [G * ROWS_PER_OUT, C]``: the sum over the rows of
+    group ``t``, in a fixed order, written to ``OUT1[t, c]`` for ``c < C1`` and
+    ``OUT2[t, c - C1]`` beyond (two tables share one partial buffer)."""
+    t = tl.program_id(0)
+    offs_c = COL0 + tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < COL1
+    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    base = P + t.to(tl.int64) * ROWS_PER_OUT * C
+    for r0 in range(0, ROWS_PER_OUT, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        acc += tl.load(base + rows[:, None] * C + offs_c[None, :], mask=(rows < ROWS_PER_OUT)[:, None] & c_mask[None, :], other=0.0)
+    total = tl.sum(acc, axis=0)
+    tl.store(OUT1 + t * C1 + offs_c, total.to(OUT1.dtype.element_ty), mask=c_mask & (offs_c < C1))
+    tl.store(OUT2 + t * (C - C1) + (offs_c - C1), total.to(OUT2.dtype.element_ty), mask=c_mask & (offs_c >= C1))
+
+
+def plan_sum_row_groups(partial: torch.Tensor, out1: torch.Tensor, out2: torch.Tensor) -> list[Launch]:
+    """Launches summing ``partial [R, C]`` (float32, contiguous) into ``out1 [G1, C1]`` (its first
+    ``C1`` columns, over groups of ``R / G1`` rows) and ``out2 [G2, C - C1]`` (the rest, groups of
+    ``R / G2`` rows): one launch when ``G1 == G2``, else one per table."""
+    c = partial.shape[1]
+    c1 = out1[0].numel()
+    spans = [(out1.shape[0], 0, c)] if out1.shape[0] == out2.shape[0] else [(out1.shape[0], 0, c1), (out2.shape[0], c1, c)]
+    launches = []
+    for groups, col0, col1 in spans:
+        rows = partial.shape[0] // groups
+        # Wide row tiles and many column programs: the loop is short, so the latency of its
+        # dependent loads (not bandwidth) stays small. A knob for GPU tuning.
+        block_c = min(32, _launch.next_pow2(max(col1 - col0, 16)))
+        block_r = max(1, min(128, _launch.next_pow2(rows)))
+        launches.append(Launch(
+            _sum_row_groups_kernel, (groups, triton.cdiv(col1 - col0, block_c)),
+            dict(P=partial, OUT1=out1, OUT2=out2, ROWS_PER_OUT=rows, C=c, C1=c1, COL0=col0, COL1=col1),
+            dict(BLOCK_R=block_r, BLOCK_C=block_c), num_warps=4,
+        ))
+    return launches
+
+
+# ----------------------------------------------------------------------------------------------
+# planning: configs per shape class, launch records
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_supported(q, v, rel_k) -> None:
+    dh, dv = q.shape[-1], v.shape[-1]
+    if max(dh, dv) > MAX_HEAD_DIM:
+        raise ValueError(
+            f"relative_attention: the triton backend supports head sizes up to {MAX_HEAD_DIM}, got "
+            f"dh={dh}, dh_v={dv}; use backend='torch'"
+        )
+    if rel_k.shape[-2] > MAX_BUCKETS:
+        raise ValueError(
+            f"relative_attention: the triton backend supports clipping distances k <= {(MAX_BUCKETS - 1) // 2} "
+            f"(tables of at most {MAX_BUCKETS} rows), got {rel_k.shape[-2]} rows; use backend='torch'"
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"relative_attention: the triton backend supports float16, bfloat16 and float32, got {q.dtype}")
+    _launch.check_int32_indexing("relative_attention", q, v)
+
+
+def _bias_strides(bias: torch.Tensor | None):
+    if bias is None:
+        return 0, 0, 0, 0
+    # Broadcast dims (size 1) are read with stride 0, so one [1, 1, L, L] mask serves every row.
+    return tuple(0 if bias.shape[i] == 1 else bias.stride(i) for i in range(4))
+
+
+def fwd_config(b, h, lq, lk, dh, dv, device, dtype):
+    """Block sizes for the forward (a small table keyed on sequence and head sizes)."""
+    sms = _launch.num_sms(device)
+    widest = max(_launch.pad16(dh), _launch.pad16(dv))
+    block_n = min(max(16, _launch.next_pow2(lk)), 128 if widest <= 128 else 64)
+    block_m = min(max(16, _launch.next_pow2(lq)), 64 if widest <= 128 else 32)
+    # Few (batch, head) pairs: split the queries of a sequence over more programs.
+    while block_m > 16 and b * h * triton.cdiv(lq, block_m) < 2 * sms:
+        block_m //= 2
+    cfg = _launch.knobs(
+        "rmha_fwd", block_m=block_m, block_n=block_n,
+        num_warps=4 if block_m * block_n <= 64 * 64 else 8,
+        num_stages=1 if lk <= block_n else 2,
+    )
+    return cfg
+
+
+def bwd_config(b, h, lq, lk, dh, dv, device, dtype):
+    """Backward mode and block sizes. ``fused`` when one key block holds the sequence and there
+    are enough (batch, head) pairs to fill the card; ``split`` otherwise."""
+    sms = _launch.num_sms(device)
+    widest = max(_launch.pad16(dh), _launch.pad16(dv))
+    whole = max(16, _launch.next_pow2(lk))
+    if whole <= 128 and b * h >= sms:
+        mode, block_n = "fused", whole
+        block_m = 64 if whole <= 32 else (32 if whole <= 64 else 16)
+        if widest > 128:
+            block_m = 16
+    else:
+        mode = "split"
+        block_n = 64 if (lk >= 128 and widest <= 64) else 32
+        block_m = block_n
+    block_m = min(block_m, max(16, _launch.next_pow2(lq)))
+    cfg = _launch.knobs("rmha_bwd", mode=mode, block_m=block_m, block_n=block_n, b_per_prog=0, num_warps=0, num_stages=1)
+    if cfg["mode"] == "fused":
+        cfg["block_n"] = max(cfg["block_n"], whole)
+    if cfg["mode"] not in ("fused", "split"):
+        raise ValueError(f"rmha_bwd mode must be 'fused' or 'split', got {cfg['mode']!r}")
+    nblk = 1 if cfg["mode"] == "fused" else max(triton.cdiv(lq, cfg["block_m"]), triton.cdiv(lk, cfg["block_n"]))
+    if not cfg["b_per_prog"]:
+        # Several sequences per program when there are many (about two programs per SM): fewer
+        # partial table rows, so the reduction that follows is short.
+        cfg["b_per_prog"] = max(1, min(16, (b * h * nblk) // (2 * sms)))
+    if not cfg["num_warps"]:
+        cfg["num_warps"] = 4 if cfg["block_m"] * cfg["block_n"] <= 64 * 64 and widest <= 64 else 8
+    cfg["nblk"] = nblk
+    return cfg
+
+
+def _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p):
+    da, db = _launch.split_pow2(q.shape[-1])
+    dva, dvb = _launch.split_pow2(v.shape[-1])
+    kmax = (rel_k.shape[-2] - 1) // 2
+    return dict(
+        KMAX=kmax, R_PAD=max(16, _launch.next_pow2(2 * kmax + 1)),
+        DH=q.shape[-1], DV=v.shape[-1], DA=da, DB=db, DVA=dva, DVB=dvb,
+        HAS_KPM=kpm is not None, HAS_BIAS=bias is not None, IS_CAUSAL=bool(is_causal),
+        HAS_DROPOUT=dropout_p > 0.0, DOT_PREC=_launch.dot_precision(q.dtype),
+    )
+
+
+def _table_strides(t: torch.Tensor):
+    return (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1), t.stride(2)
+
+
+def plan_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, scale):
+    """Allocate ``out [B, h, Lq, dv]`` and ``lse [B, h, Lq]`` (float32) and plan the launch."""
+    _check_supported(q, v, rel_k)
+    b, h, lq, dh = q.shape
+    lk, dv = k.shape[2], v.shape[-1]
+    out = _launch.empty((b, h, lq, dv), q.dtype, q.device)
+    lse = _launch.empty((b, h, lq), torch.float32, q.device)
+    cfg = fwd_config(b, h, lq, lk, dh, dv, q.device, q.dtype)
+    kpm_t = kpm.view(torch.uint8) if kpm is not None else q
+    bias_t = bias if bias is not None else q
+    seed_t = seed if seed is not None else q
+    args = dict(
+        Q=q, K=k, V=v, RK=rel_k, RV=rel_v, KPM=kpm_t, BIAS=bias_t, SEED=seed_t, O=out, LSE=lse,
+        sqb=q.stride(0), sqh=q.stride(1), sqm=q.stride(2), sqd=q.stride(3),
+        skb=k.stride(0), skh=k.stride(1), skn=k.stride(2), skd=k.stride(3),
+        svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svd=v.stride(3),
+    )
+    args.update(zip(("srkh", "srkr", "srkd"), _table_strides(rel_k)))
+    args.update(zip(("srvh", "srvr", "srvd"), _table_strides(rel_v)))
+    args.update(skpb=kpm.stride(0) if kpm is not None else 0, skpn=kpm.stride(1) if kpm is not None else 0)
+    args.update(zip(("sbb", "sbh", "sbm", "sbn"), _bias_strides(bias)))
+    args.update(sob=out.stride(0), soh=out.stride(1), som=out.stride(2), sod=out.stride(3))
+    args.update(H=h, LQ=lq, LK=lk, qk_scale=float(scale) * LOG2E, dropout_p=float(dropout_p))
+    constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
+    constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"])
+    launch = Launch(_rmha_fwd_kernel, (b * h, triton.cdiv(lq, cfg["block_m"])), args, constexprs,
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out, lse, [launch]
+
+
+def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_causal, dropout_p, scale):
+    """Allocate ``dq, dk, dv, drk, drv`` and plan the two launches (main kernel, table reduction)."""
+    b, h, lq, dh = q.shape
+    lk, dv = k.shape[2], v.shape[-1]
+    n_buckets = rel_k.shape[-2]
+    cfg = bwd_config(b, h, lq, lk, dh, dv, q.device, q.dtype)
+    nblk = cfg["nblk"]
+    nbg = triton.cdiv(b, cfg["b_per_prog"])
+    dq = _launch.empty(q.shape, q.dtype, q.device)
+    dk = _launch.empty(k.shape, k.dtype, k.device)
+    dvv = _launch.empty(v.shape, v.dtype, v.device)
+    width = n_buckets * (dh + dv)
+    partial = _launch.empty((h * nbg * nblk, width), torch.float32, q.device)
+    # rel_k and rel_v may differ in sharing (one per head or one for all heads)
+    drk = _launch.empty((rel_k.shape[0], n_buckets, dh), rel_k.dtype, q.device)
+    drv = _launch.empty((rel_v.shape[0], n_buckets, dv), rel_v.dtype, q.device)
+    kpm_t = kpm.view(torch.uint8) if kpm is not None else q
+    args = dict(
+        Q=q, K=k, V=v, RK=rel_k, RV=rel_v, KPM=kpm_t, BIAS=bias if bias is not None else q,
+        SEED=seed if seed is not None else q, O=out, DO=dout, LSE=lse, DQ=dq, DK=dk, DV_=dvv, DTAB=partial,
+        sqb=q.stride(0), sqh=q.stride(1), sqm=q.stride(2), sqd=q.stride(3),
+        skb=k.stride(0), skh=k.stride(1), skn=k.stride(2), skd=k.stride(3),
+        svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svd=v.stride(3),
+    )
+    args.update(zip(("srkh", "srkr", "srkd"), _table_strides(rel_k)))
+    args.update(zip(("srvh", "srvr", "srvd"), _table_strides(rel_v)))
+    args.update(skpb=kpm.stride(0) if kpm is not None else 0, skpn=kpm.stride(1) if kpm is not None else 0)
+    args.update(zip(("sbb", "sbh", "sbm", "sbn"), _bias_strides(bias)))
+    for prefix, t in (("so", out), ("sdo", dout), ("sdq", dq), ("sdk", dk), ("sdv", dvv)):
+        args.update({f"{prefix}b": t.stride(0), f"{prefix}h": t.stride(1)})
+        args.update({f"{prefix}{'n' if prefix in ('sdk', 'sdv') else 'm'}": t.stride(2), f"{prefix}d": t.stride(3)})
+    args.update(B=b, H=h, LQ=lq, LK=lk, B_PER_PROG=cfg["b_per_prog"], NBG=nbg,
+                qk_scale=float(scale) * LOG2E, scale=float(scale), dropout_p=float(dropout_p))
+    constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
+    constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FUSED_DQ=cfg["mode"] == "fused")
+    main = Launch(_rmha_bwd_kernel, (h * nbg, nblk), args, constexprs,
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dq, dk, dvv, drk, drv, [main, *plan_sum_row_groups(partial, drk, drv)]
+
+
+def default_scale(q: torch.Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

@@ -1,0 +1,130 @@
+"""Concat-projection, triton backend: output and the x, table, weight, bias gradients against the reference."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fastpe.ops import concat_projection  # noqa: E402
+from helpers import assert_matches_reference, randn  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the interpreter's numpy scalars
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ["x", "table", "weight", "bias"]
+
+
+def launch_cfg():
+    from fastpe.kernels.triton import _launch
+
+    return _launch
+
+
+def make(b, L, d_in, d_pos, d_out, bias, pos_kind, rows=None, seed=None):
+    gen = torch.Generator().manual_seed(L if seed is None else seed)
+    rows = L + 2 if rows is None else rows
+    inputs = [
+        randn(b, L, d_in, gen=gen, dtype=torch.float64),
+        randn(rows, d_pos, gen=gen, dtype=torch.float64),
+        randn(d_out, d_in + d_pos, gen=gen, dtype=torch.float64, scale=0.1),
+    ]
+    if bias:
+        inputs.append(randn(d_out, gen=gen, dtype=torch.float64))
+    positions = {
+        "none": None,
+        "1d": torch.randint(0, rows, (L,), generator=gen),
+        "2d": torch.randint(0, rows, (b, L), generator=gen),
+        "repeated": torch.zeros(b, L, dtype=torch.int64),
+    }[pos_kind]
+    inputs = [t.detach().to(DEVICE).requires_grad_() for t in inputs]
+    return inputs, None if positions is None else positions.to(DEVICE)
+
+
+def run(backend, positions):
+    return lambda x, t, w, *bb: concat_projection(x, t, w, *(bb or [None]), positions=positions, backend=backend)
+
+
+def check(dtype, pos_kind, bias, b, L, d_in, d_pos, d_out, tol=None, **kw):
+    inputs, positions = make(b, L, d_in, d_pos, d_out, bias, pos_kind, **kw)
+    assert_matches_reference(run("triton", positions), run("reference", positions), inputs, dtype, NAMES, tol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("pos_kind", ["none", "1d", "2d", "repeated"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("b,L,d_in,d_pos,d_out", [(2, 1, 4, 4, 4), (3, 7, 30, 30, 30), (2, 50, 90, 16, 50)])
+def test_matches_reference(dtype, pos_kind, bias, b, L, d_in, d_pos, d_out):
+    check(dtype, pos_kind, bias, b, L, d_in, d_pos, d_out)
+
+
+def test_many_blocks_and_splits():
+    """Several GEMM tiles in every direction and several split-K partials."""
+    cfg = launch_cfg()
+    with cfg.override("concat_gemm", block_m=16, block_n=16, block_k=16), \
+            cfg.override("concat_wgrad", block_o=16, block_c=16, block_k=16, splits=3):
+        check(torch.float32, "2d", True, 3, 13, 40, 20, 36)
+        check(torch.float32, "none", True, 3, 13, 40, 20, 36)
+
+
+def test_non_contiguous_x_and_only_some_gradients():
+    inputs, positions = make(3, 7, 12, 6, 10, True, "1d")
+    x = inputs[0].detach().transpose(0, 1).contiguous().transpose(0, 1).float().requires_grad_()  # [B, L, d] strided
+    table, weight, bias = (t.detach().float() for t in inputs[1:])
+    weight.requires_grad_()
+    y = concat_projection(x, table, weight, bias, positions=positions, backend="triton")
+    y.sum().backward()
+    x_ref, w_ref = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    concat_projection(x_ref, table.double(), w_ref, bias.double(), positions=positions, backend="reference").sum().backward()
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weight.grad.double(), w_ref.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_weight_table_bias_gradients_are_bitwise_reproducible():
+    inputs, positions = make(4, 9, 16, 8, 12, True, "2d")
+    cfg = launch_cfg()
+    grads = []
+    with cfg.override("concat_wgrad", block_k=16, splits=3):
+        for _ in range(2):
+            leaves = [t.detach().float().requires_grad_() for t in inputs]
+            y = concat_projection(*leaves, positions=positions, backend="triton")
+            y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y))
+            grads.append([leaf.grad for leaf in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_poisoned_buffers_are_all_written(monkeypatch):
+    monkeypatch.setattr(launch_cfg(), "POISON", True)
+    with launch_cfg().override("concat_wgrad", block_k=16, splits=3):
+        check(torch.float32, "none", True, 3, 13, 20, 10, 18)
+        check(torch.float32, "2d", True, 3, 13, 20, 10, 18)
+
+
+def test_autocast_dtype_is_used():
+    inputs, _ = make(2, 3, 4, 2, 3, False, "none")
+    x, t, w = (i.detach().float() for i in inputs)
+    if DEVICE == "cpu":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = concat_projection(x, t, w, backend="triton")
+        assert y.dtype == torch.bfloat16  # computed by the kernels in bf16 (not compared: the interpreter's bf16 dot)
+    else:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = concat_projection(x, t, w, backend="triton")
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), concat_projection(x, t, w, backend="reference"), atol=0.05, rtol=0.05)
+
+
+def test_too_many_table_rows_raise():
+    x = torch.zeros(1, 2, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="up to 4096"):
+        concat_projection(x, torch.zeros(5000, 2, device=DEVICE), torch.zeros(3, 6, device=DEVICE),
+                          positions=torch.zeros(2, dtype=torch.int64, device=DEVICE), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("pos_kind", ["none", "2d"])
+@pytest.mark.parametrize("shape", [(512, 50, 64, 64, 64), (128, 75, 90, 90, 90), (64, 200, 128, 64, 128)])
+def test_gpu_large(dtype, pos_kind, shape):
+    tol = {torch.bfloat16: (6e-2, 6e-2), torch.float16: (1e-2, 1e-2), torch.float32: None}[dtype]
+    check(dtype, pos_kind, True, *shape, tol=tol)

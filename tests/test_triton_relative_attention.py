@@ -1,0 +1,327 @@
+"""RMHA-k, triton backend: outputs and every gradient against the float64 reference.
+
+On the CPU the kernels run under TRITON_INTERPRET=1 (set by conftest), where every program
+instance costs milliseconds: shapes stay small, and the multi-block code paths (online softmax
+over several key blocks, the split backward) are reached by forcing small blocks.
+"""
+
+import functools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fastpe._masks import combined_bias, masked_softmax, relative_buckets  # noqa: E402
+from fastpe.ops.relative_attention import relative_attention  # noqa: E402
+from helpers import MASK_KINDS, TOLERANCES, assert_matches_reference, make_masks, randn  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the interpreter's numpy scalars
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ["q", "k", "v", "rel_k", "rel_v"]
+
+
+def launch_cfg():
+    from fastpe.kernels.triton import _launch
+
+    return _launch
+
+
+def rmha_inputs(b, h, lq, lk, dh, kmax=4, per_head=False, dv=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dv = dh if dv is None else dv
+    q = randn(b, h, lq, dh, gen=gen, dtype=torch.float64)
+    k = randn(b, h, lk, dh, gen=gen, dtype=torch.float64)
+    v = randn(b, h, lk, dv, gen=gen, dtype=torch.float64)
+    ks = (h, 2 * kmax + 1, dh) if per_head else (2 * kmax + 1, dh)
+    vs = (h, 2 * kmax + 1, dv) if per_head else (2 * kmax + 1, dv)
+    rk, rv = randn(*ks, gen=gen, dtype=torch.float64), randn(*vs, gen=gen, dtype=torch.float64)
+    return [t.detach().to(DEVICE).requires_grad_() for t in (q, k, v, rk, rv)]
+
+
+def masks_on_device(kind, b, h, lq, lk):
+    return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in make_masks(kind, b, h, lq, lk).items()}
+
+
+def op(backend, **kw):
+    return functools.partial(_call, backend=backend, **kw)
+
+
+def _call(q, k, v, rk, rv, **kw):
+    return relative_attention(q, k, v, rk, rv, **kw)
+
+
+def check(b, h, lq, lk, dh, kind="padding", dtype=torch.float32, **kw):
+    inputs = rmha_inputs(b, h, lq, lk, dh, **kw)
+    masks = masks_on_device(kind, b, h, lq, lk)
+    assert_matches_reference(op("triton", **masks), op("reference", **masks), inputs, dtype, NAMES)
+
+
+# --------------------------------------------------------------------------------------------
+# shapes, dtypes, masks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "b,h,L,dh,per_head",
+    [(2, 2, 1, 8, False), (3, 1, 7, 30, True), (2, 2, 20, 50, False), (1, 2, 33, 90, True)],
+)
+def test_matches_reference_shapes(dtype, b, h, L, dh, per_head):
+    check(b, h, L, L, dh, "padding", dtype, per_head=per_head)
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_matches_reference_masks(kind):
+    check(3, 2, 13, 13, 6, kind, kmax=3, per_head=kind.endswith("padding"))
+
+
+@pytest.mark.parametrize(
+    "fwd,bwd,kind",
+    [
+        (dict(block_m=16, block_n=16), dict(mode="split", block_m=16, block_n=16), "padding+causal"),
+        (dict(block_m=32, block_n=16), dict(mode="fused", block_m=16), "float_bias"),
+        (dict(block_m=16, block_n=16), dict(mode="split", block_m=32, block_n=16, b_per_prog=1), "bool_3d"),
+    ],
+    ids=["split", "fused-multi-query-block", "split-unequal-blocks"],
+)
+def test_multi_block_paths(fwd, bwd, kind):
+    """Online softmax over several key blocks, query blocks split over programs, both backward modes."""
+    cfg = launch_cfg()
+    with cfg.override("rmha_fwd", **fwd), cfg.override("rmha_bwd", **bwd):
+        check(2, 2, 33, 33, 30, kind, kmax=2, per_head=True)
+
+
+@pytest.mark.parametrize("lq,lk,mode", [(5, 40, "fused"), (40, 5, "split"), (21, 40, "split")])
+def test_unequal_query_and_key_lengths(lq, lk, mode):
+    cfg = launch_cfg()
+    with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode=mode, block_m=16, block_n=16):
+        check(2, 2, lq, lk, 8, "padding+causal")
+
+
+@pytest.mark.parametrize("kmax", [0, 20])
+def test_clipping_distance_zero_and_large(kmax):
+    check(2, 1, 25, 25, 8, "padding", kmax=kmax)
+
+
+@pytest.mark.parametrize("k_per_head", [True, False])
+def test_tables_shared_differently(k_per_head):
+    """One table per head for rel_k and one for all heads for rel_v, or the other way round."""
+    q, k, v, rk, rv = rmha_inputs(2, 3, 9, 9, 8, per_head=True)
+    rk, rv = (rk, rv[0]) if k_per_head else (rk[0], rv)
+    inputs = [t.detach().requires_grad_() for t in (q, k, v, rk, rv)]
+    masks = masks_on_device("padding", 2, 3, 9, 9)
+    assert_matches_reference(op("triton", **masks), op("reference", **masks), inputs, torch.float32, NAMES)
+    from fastpe.kernels.triton import rmha
+
+    # the kernels' own gradients have the tables' shapes (autograd would silently sum a wrong one)
+    f = [t.detach().float() for t in inputs]
+    rk3, rv3 = (t if t.dim() == 3 else t[None] for t in f[3:])
+    out, lse, launches = rmha.plan_forward(*f[:3], rk3, rv3, None, None, None, False, 0.0, 0.3)
+    cfg = launch_cfg()
+    cfg.run(launches)
+    *grads, launches = rmha.plan_backward(out, *f[:3], rk3, rv3, None, None, None, out, lse, False, 0.0, 0.3)
+    cfg.run(launches)
+    assert [g.shape for g in grads] == [t.shape for t in (*f[:3], rk3, rv3)]
+
+
+def test_value_head_size_differs_and_custom_scale():
+    inputs = rmha_inputs(2, 2, 11, 11, 20, dv=36)
+    masks = masks_on_device("padding+causal", 2, 2, 11, 11)
+    assert_matches_reference(op("triton", scale=0.3, **masks), op("reference", scale=0.3, **masks), inputs, torch.float32, NAMES)
+
+
+def test_non_contiguous_inputs():
+    """q, k, v as transposed views of [B, L, h, dh] projections (the usual layout)."""
+    b, h, L, dh = 2, 2, 9, 16
+    gen = torch.Generator().manual_seed(1)
+    base = [randn(b, L, h, dh, gen=gen, dtype=torch.float64, requires_grad=False) for _ in range(3)]
+    rk, rv = (randn(9, dh, gen=gen, dtype=torch.float64) for _ in range(2))
+
+    def fn(backend):
+        def run(q0, k0, v0, rk, rv):
+            return relative_attention(q0.transpose(1, 2), k0.transpose(1, 2), v0.transpose(1, 2), rk, rv, backend=backend)
+        return run
+
+    inputs = [t.to(DEVICE).requires_grad_() for t in (*base, rk, rv)]
+    assert_matches_reference(fn("triton"), fn("reference"), inputs, torch.float32, NAMES)
+
+
+def test_fully_padded_rows_are_zero_with_finite_gradients():
+    q, k, v, rk, rv = rmha_inputs(2, 2, 6, 6, 4)
+    kpm = torch.zeros(2, 6, dtype=torch.bool, device=DEVICE)
+    kpm[1] = True
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, rk, rv)]
+    out = relative_attention(*[t.float() for t in leaves], key_padding_mask=kpm, backend="triton")
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.sum().backward()
+    for leaf in leaves:
+        assert torch.isfinite(leaf.grad).all()
+    assert torch.equal(leaves[0].grad[1], torch.zeros_like(leaves[0].grad[1]))
+
+
+def test_poisoned_buffers_are_all_written(monkeypatch):
+    """Every buffer the kernels fill starts as NaN: an element a kernel skips fails the comparison."""
+    cfg = launch_cfg()
+    monkeypatch.setattr(cfg, "POISON", True)
+    check(3, 2, 21, 21, 30, "padding+causal", per_head=True, kmax=2)
+    with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode="split", block_m=16, block_n=16):
+        check(3, 2, 21, 19, 30, "fully_padded", kmax=2)
+
+
+def test_poison_switch_catches_an_unwritten_element(monkeypatch):
+    """The poison check can fail: a kernel that skips its last query row is caught."""
+    cfg = launch_cfg()
+    from fastpe.kernels.triton import rmha
+
+    monkeypatch.setattr(cfg, "POISON", True)
+    real = rmha.plan_forward
+
+    def skipping_last_row(q, *args):
+        out, lse, launches = real(q, *args)
+        launches[0].args["LQ"] = q.shape[2] - 1  # the kernel now believes the sequence is shorter
+        return out, lse, launches
+
+    monkeypatch.setattr(rmha, "plan_forward", skipping_last_row)
+    q, k, v, rk, rv = rmha_inputs(1, 1, 5, 5, 8)
+    out = relative_attention(q.float(), k.float(), v.float(), rk.float(), rv.float(), backend="triton")
+    assert torch.isnan(out[0, 0, -1]).all() and not torch.isnan(out[0, 0, :-1]).any()
+
+
+# --------------------------------------------------------------------------------------------
+# determinism and dropout
+# --------------------------------------------------------------------------------------------
+
+
+def _grads(inputs, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = relative_attention(*leaves, backend="triton", **kw)
+    out.backward(torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out))
+    return out, [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("mode", ["split", "fused"])
+def test_table_gradients_are_bitwise_reproducible(mode):
+    inputs = [t.float() for t in rmha_inputs(2, 2, 18, 18, 16, kmax=2)]
+    masks = masks_on_device("padding", 2, 2, 18, 18)
+    cfg = launch_cfg()
+    with cfg.override("rmha_bwd", mode=mode, block_m=16, block_n=16, b_per_prog=2):  # 2 partial rows per head (split)
+        _, g1 = _grads(inputs, **masks)
+        _, g2 = _grads(inputs, **masks)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def _reference_with_keep(q, k, v, rk, rv, keep, p, key_padding_mask=None, attn_mask=None, is_causal=False):
+    """The reference math with a given dropout keep mask [B, h, Lq, Lk]."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    rk = rk if rk.dim() == 3 else rk[None]
+    rv = rv if rv.dim() == 3 else rv[None]
+    buckets = relative_buckets(lq, lk, (rk.shape[-2] - 1) // 2, q.device)
+    scores = (torch.einsum("bhid,bhjd->bhij", q, k) + torch.einsum("bhid,hijd->bhij", q, rk[:, buckets])) / q.shape[-1] ** 0.5
+    probs = masked_softmax(scores, combined_bias(key_padding_mask, None, is_causal, lq, lk, q.dtype, q.device))
+    probs = probs * keep / (1 - p)
+    return torch.einsum("bhij,bhjd->bhid", probs, v) + torch.einsum("bhij,hijd->bhid", probs, rv[:, buckets])
+
+
+def _keep_mask(seed, b, h, lq, lk, p, **kw):
+    """The kernel's keep mask, read off its output with V = identity and zero tables."""
+    q, k, _v, _rk, _rv = rmha_inputs(b, h, lq, lk, 16)
+    v = torch.eye(lk, 16, dtype=torch.float32, device=DEVICE).expand(b, h, lk, 16).contiguous()
+    torch.manual_seed(seed)
+    out = relative_attention(q.float(), k.float(), v, torch.zeros(3, 16, device=DEVICE), torch.zeros(3, 16, device=DEVICE),
+                             dropout_p=p, backend="triton", **kw)
+    return out[..., :lk] != 0
+
+
+def test_dropout_is_reproducible_and_has_the_right_rate():
+    b, h, L, p = 2, 2, 12, 0.3
+    a = _keep_mask(7, b, h, L, L, p)
+    assert torch.equal(a, _keep_mask(7, b, h, L, L, p))
+    assert not torch.equal(a, _keep_mask(8, b, h, L, L, p))
+    assert abs(a.float().mean().item() - (1 - p)) < 0.08  # 576 draws
+
+
+@pytest.mark.parametrize("mode", ["split", "fused"])
+def test_dropout_backward_uses_the_forward_mask(mode):
+    """Outputs and all gradients equal the float64 reference fed the kernel's own keep mask."""
+    b, h, L, p = 2, 2, 12, 0.25
+    kw = {"key_padding_mask": masks_on_device("padding", b, h, L, L)["key_padding_mask"], "is_causal": True}
+    cfg = launch_cfg()
+    with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode=mode, block_m=16, block_n=16):
+        keep = _keep_mask(11, b, h, L, L, p, **kw)
+        inputs = rmha_inputs(b, h, L, L, 16, kmax=2, per_head=True)
+
+        def kernel(*t):
+            torch.manual_seed(11)  # the same seed draws the same mask
+            return relative_attention(*t, dropout_p=p, backend="triton", **kw)
+
+        def reference(*t):
+            return _reference_with_keep(*t, keep=keep.double(), p=p, **kw)
+
+        assert_matches_reference(kernel, reference, inputs, torch.float32, NAMES)
+
+
+def test_dropout_seed_comes_from_torch_generator():
+    q, k, v, rk, rv = (t.float() for t in rmha_inputs(1, 1, 6, 6, 8))
+    torch.manual_seed(0)
+    a = relative_attention(q, k, v, rk, rv, dropout_p=0.5, backend="triton")
+    torch.randn(1, device=DEVICE)  # advancing the generator changes the mask
+    b = relative_attention(q, k, v, rk, rv, dropout_p=0.5, backend="triton")
+    assert not torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_unsupported_inputs_raise_clear_errors():
+    q, k, v, rk, rv = rmha_inputs(1, 1, 3, 3, 8)
+    with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
+        relative_attention(q, k, v, rk, rv, backend="triton")  # float64
+    big = torch.zeros(1, 1, 3, 264, device=DEVICE)
+    with pytest.raises(ValueError, match="head sizes up to 256"):
+        relative_attention(big, big, big, torch.zeros(9, 264, device=DEVICE), torch.zeros(9, 264, device=DEVICE), backend="triton")
+    qf = q.float()
+    with pytest.raises(ValueError, match="k <= 64"):
+        relative_attention(qf, qf, qf, torch.zeros(131, 8, device=DEVICE), torch.zeros(131, 8, device=DEVICE), backend="triton")
+    bias = torch.zeros(3, 3, device=DEVICE, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="attn_mask that requires grad"):
+        relative_attention(qf, qf, qf, rk.float(), rv.float(), attn_mask=bias, backend="triton")
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("b,h,L,dh", [(64, 2, 50, 32), (16, 2, 200, 64), (32, 1, 75, 90), (2, 2, 512, 64), (4, 3, 130, 130)])
+def test_gpu_shapes_and_dtypes(dtype, b, h, L, dh):
+    inputs = rmha_inputs(b, h, L, L, dh)
+    masks = masks_on_device("padding+causal", b, h, L, L)
+    atol, rtol = TOLERANCES[dtype]
+    assert_matches_reference(op("triton", **masks), op("reference", **masks), inputs, dtype, NAMES,
+                             tol=(atol * 2, rtol * 2) if dtype != torch.float32 else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_gpu_masks_bf16(kind):
+    inputs = rmha_inputs(8, 2, 77, 77, 48, per_head=True)
+    masks = masks_on_device(kind, 8, 2, 77, 77)
+    assert_matches_reference(op("triton", **masks), op("reference", **masks), inputs, torch.bfloat16, NAMES)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,h,L", [(512, 2, 50), (8, 2, 300)])
+def test_gpu_table_gradients_are_bitwise_reproducible(b, h, L):
+    inputs = [t.to(torch.bfloat16) for t in rmha_inputs(b, h, L, L, 32)]
+    masks = masks_on_device("padding", b, h, L, L)
+    _, g1 = _grads(inputs, dropout_p=0.0, **masks)
+    _, g2 = _grads(inputs, dropout_p=0.0, **masks)
+    for a, c in zip(g1, g2):
+        assert torch.equal(a, c)
