@@ -1,0 +1,203 @@
+// Runtime of the CPU emulation (see cuda_emulation.h): a cooperative scheduler of one block's
+// threads over ucontext coroutines.
+#define FASTPE_EMULATION 1
+#include "cuda_emulation.h"
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace fastpe_emu {
+namespace {
+
+enum class State { kRunnable, kWaitBlock, kWaitWarp, kDone };
+
+struct Thread {
+  ucontext_t ctx;
+  State state = State::kRunnable;
+  uint3 idx;
+};
+
+struct Launch {
+  dim3 grid, block;
+  uint3 block_idx;
+  std::vector<Thread> threads;
+  std::vector<uint64_t> exchange;
+  ucontext_t scheduler;
+  int current = -1;
+  const std::function<void()>* body = nullptr;
+  unsigned char* smem = nullptr;
+};
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kGuardBytes = 256;
+
+thread_local Launch* g_launch = nullptr;
+thread_local std::string g_error;
+thread_local cudaError_t g_last = cudaSuccess;
+
+Thread& me() { return g_launch->threads[g_launch->current]; }
+
+void yield_to_scheduler() { swapcontext(&me().ctx, &g_launch->scheduler); }
+
+void entry() {
+  (*g_launch->body)();
+  me().state = State::kDone;  // uc_link returns to the scheduler
+}
+
+enum class Order { kForward, kReverse, kShuffle };
+
+Order order_from_env() {
+  const char* s = std::getenv("FASTPE_EMU_ORDER");
+  if (s == nullptr) return Order::kForward;
+  const std::string v(s);
+  if (v == "reverse") return Order::kReverse;
+  if (v == "shuffle") return Order::kShuffle;
+  return Order::kForward;
+}
+
+}  // namespace
+
+const uint3& thread_idx() { return me().idx; }
+const uint3& block_idx() { return g_launch->block_idx; }
+const dim3& block_dim() { return g_launch->block; }
+const dim3& grid_dim() { return g_launch->grid; }
+unsigned char* dynamic_smem() { return g_launch->smem; }
+
+void sync_threads() {
+  me().state = State::kWaitBlock;
+  yield_to_scheduler();
+}
+
+void sync_warp() {
+  me().state = State::kWaitWarp;
+  yield_to_scheduler();
+}
+
+uint64_t shuffle_xor_bits(uint64_t bits, int mask) {
+  const int self = g_launch->current;
+  g_launch->exchange[self] = bits;
+  sync_warp();
+  const int other = (self & ~31) | ((self & 31) ^ mask);
+  const uint64_t out = g_launch->exchange[other];
+  sync_warp();
+  return out;
+}
+
+void fail(const char* message) {
+  if (g_error.empty()) g_error = message;
+}
+
+cudaError_t last_error() {
+  const cudaError_t e = g_last;
+  g_last = cudaSuccess;
+  return e;
+}
+
+const char* last_error_message() { return g_error.c_str(); }
+
+cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
+  g_error.clear();
+  const int nthreads = static_cast<int>(block.x * block.y * block.z);
+  if (block.y != 1 || block.z != 1 || nthreads % 32 != 0) {
+    fail("emulation: only 1-D blocks of whole warps are supported");
+    return g_last = cudaErrorInvalidConfiguration;
+  }
+  Launch launch;
+  launch.grid = grid;
+  launch.block = block;
+  launch.body = &body;
+  launch.threads.resize(nthreads);
+  launch.exchange.assign(nthreads, 0);
+  std::unique_ptr<char[]> stacks(new char[kStackBytes * nthreads]);
+  const size_t smem_alloc = (smem_bytes + kGuardBytes + 127) / 128 * 128;
+  std::unique_ptr<unsigned char, decltype(&std::free)> smem(
+      static_cast<unsigned char*>(std::aligned_alloc(128, smem_alloc)), &std::free);
+  launch.smem = smem.get();
+  Launch* saved = g_launch;
+  g_launch = &launch;
+
+  const Order order = order_from_env();
+  std::mt19937 rng(12345);
+  std::vector<int> sequence(nthreads);
+  for (int i = 0; i < nthreads; ++i) sequence[i] = order == Order::kReverse ? nthreads - 1 - i : i;
+
+  for (unsigned bz = 0; bz < grid.z && g_error.empty(); ++bz)
+    for (unsigned by = 0; by < grid.y && g_error.empty(); ++by)
+      for (unsigned bx = 0; bx < grid.x && g_error.empty(); ++bx) {
+        launch.block_idx.x = bx;
+        launch.block_idx.y = by;
+        launch.block_idx.z = bz;
+        // Fresh shared memory holds garbage on a GPU: here all-ones bytes, a NaN in every float type.
+        std::memset(launch.smem, 0xff, smem_alloc);
+        for (int t = 0; t < nthreads; ++t) {
+          Thread& th = launch.threads[t];
+          th.idx.x = static_cast<unsigned>(t);
+          th.idx.y = 0;
+          th.idx.z = 0;
+          th.state = State::kRunnable;
+          getcontext(&th.ctx);
+          th.ctx.uc_stack.ss_sp = stacks.get() + kStackBytes * t;
+          th.ctx.uc_stack.ss_size = kStackBytes;
+          th.ctx.uc_link = &launch.scheduler;
+          makecontext(&th.ctx, entry, 0);
+        }
+        for (;;) {
+          if (order == Order::kShuffle) std::shuffle(sequence.begin(), sequence.end(), rng);
+          for (int t : sequence) {
+            if (launch.threads[t].state != State::kRunnable) continue;
+            launch.current = t;
+            swapcontext(&launch.scheduler, &launch.threads[t].ctx);
+          }
+          int live = 0, at_block = 0;
+          bool released = false;
+          for (int w = 0; w < nthreads / 32; ++w) {
+            int w_live = 0, w_wait = 0;
+            for (int l = 0; l < 32; ++l) {
+              const State s = launch.threads[w * 32 + l].state;
+              w_live += s != State::kDone;
+              w_wait += s == State::kWaitWarp;
+              at_block += s == State::kWaitBlock;
+            }
+            live += w_live;
+            if (w_wait > 0 && w_wait == w_live) {
+              for (int l = 0; l < 32; ++l) {
+                if (launch.threads[w * 32 + l].state == State::kWaitWarp) launch.threads[w * 32 + l].state = State::kRunnable;
+              }
+              released = true;
+            }
+          }
+          if (live == 0) break;
+          if (released) continue;
+          if (at_block == live) {
+            for (Thread& th : launch.threads) {
+              if (th.state == State::kWaitBlock) th.state = State::kRunnable;
+            }
+            continue;
+          }
+          fail("emulation: deadlock, the threads of a block wait at different barriers");
+          break;
+        }
+        // Writing past the dynamic shared memory the launch asked for is an error on the GPU too.
+        for (size_t b = smem_bytes; b < smem_alloc; ++b) {
+          if (launch.smem[b] != 0xff) {
+            fail("emulation: a kernel wrote past the end of its dynamic shared memory");
+            break;
+          }
+        }
+      }
+  g_launch = saved;
+  if (!g_error.empty()) {
+    std::fprintf(stderr, "fastpe CUDA emulation: %s\n", g_error.c_str());
+    return g_last = cudaErrorLaunchFailure;
+  }
+  return g_last = cudaSuccess;
+}
+
+}  // namespace fastpe_emu
