@@ -225,9 +225,11 @@ RmhaInputs check_rmha(fastpe::RmhaParams& p, const Tensor& q_, const Tensor& k_,
   if (bias_.has_value() && bias_->defined()) {
     const Tensor& bias = *bias_;
     check_device(bias, q_, "attn_bias");
-    TORCH_CHECK(bias.dim() == 4 && (bias.size(0) == 1 || bias.size(0) == B) && (bias.size(1) == 1 || bias.size(1) == H) &&
-                    bias.size(2) == Lq && bias.size(3) == Lk,
-                kBackend, ": attn_bias: expected shape [B or 1, h or 1, ", Lq, ", ", Lk, "], got ", bias.sizes());
+    const int64_t full[4] = {B, H, Lq, Lk};
+    bool broadcastable = bias.dim() == 4;
+    for (int d = 0; broadcastable && d < 4; ++d) broadcastable = bias.size(d) == full[d] || bias.size(d) == 1;
+    TORCH_CHECK(broadcastable, kBackend, ": attn_bias: expected a shape broadcastable to [", B, ", ", H, ", ", Lq, ", ", Lk,
+                "], got ", bias.sizes());
     in.bias = bias.to(q_.scalar_type()).expand({B, H, Lq, Lk});  // broadcast dims get stride 0
     p.bias = in.bias.data_ptr();
     p.bias_sb = in.bias.stride(0);

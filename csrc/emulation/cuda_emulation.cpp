@@ -1,6 +1,8 @@
 // Runtime of the CPU emulation (see cuda_emulation.h): a cooperative scheduler of one block's
 // threads over ucontext coroutines.
+#ifndef FASTPE_EMULATION
 #define FASTPE_EMULATION 1
+#endif
 #include "cuda_emulation.h"
 
 #include <ucontext.h>
