@@ -26,6 +26,7 @@
 #include <limits>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "fastpe_kernels.h"
@@ -579,6 +580,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> concat_projection_bwd(const Tensor& g
   return {dx, dtable, at::cat({dw_x, dw_pos}, 1), dbias};
 }
 
+// The hash of the sources this library was compiled from (fastpe._ext.sources_digest), so
+// fastpe can tell a stale prebuilt library from the sources next to it.
+#ifndef FASTPE_SOURCES_DIGEST
+#define FASTPE_SOURCES_DIGEST unknown
+#endif
+#define FASTPE_STRINGIFY_(x) #x
+#define FASTPE_STRINGIFY(x) FASTPE_STRINGIFY_(x)
+std::string sources_digest() { return FASTPE_STRINGIFY(FASTPE_SOURCES_DIGEST); }
+
 // Philox4x32-10 on the host: (counter[4], key[2]) rows of an int64 [N, 6] tensor -> [N, 4].
 Tensor philox_host(const Tensor& inputs) {
   TORCH_CHECK(inputs.device().is_cpu() && inputs.scalar_type() == at::kLong && inputs.dim() == 2 && inputs.size(1) == 6,
@@ -610,6 +620,7 @@ FASTPE_LIBRARY(FASTPE_OPS_NS, m) {
   m.def("concat_projection_fwd(Tensor x, Tensor table, Tensor weight, Tensor? bias, Tensor? positions) -> Tensor");
   m.def("concat_projection_bwd(Tensor grad_y, Tensor x, Tensor table, Tensor weight, Tensor? positions, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("philox_host(Tensor inputs) -> Tensor");
+  m.def("sources_digest() -> str", &sources_digest);
 }
 
 FASTPE_LIBRARY_IMPL(FASTPE_OPS_NS, FASTPE_DISPATCH_KEY, m) {

@@ -58,9 +58,9 @@ def sources_dir() -> Path | None:
 
 
 def sources_digest(src: Path) -> str:
-    """Hash of every source file (headers included), so any edit gives a fresh build."""
+    """Hash of the source files of the build (headers included), so any edit gives a fresh build."""
     h = hashlib.sha256()
-    for path in sorted(p for p in src.rglob("*") if p.suffix in _SOURCE_SUFFIXES):
+    for path in sorted(p for p in src.glob("*") if p.suffix in _SOURCE_SUFFIXES):
         h.update(str(path.relative_to(src)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
@@ -84,9 +84,11 @@ def _load() -> str | None:
         for path in prebuilt:
             try:
                 torch.ops.load_library(path)
-                break
             except Exception as exc:  # e.g. built against another torch: fall back to a fresh build
                 problems.append(f"loading the prebuilt extension {path} failed: {exc}")
+                continue
+            _warn_if_stale(path)
+            break
     if not _ops_loaded(_NAMESPACE):
         reason = _jit_build()
         if reason is not None:
@@ -97,6 +99,20 @@ def _load() -> str | None:
     except Exception as exc:
         return f"the CUDA extension loaded but registering its Python parts failed: {exc}"
     return None
+
+
+def _warn_if_stale(path: str) -> None:
+    src = sources_dir()
+    if src is None:
+        return
+    built_from = getattr(torch.ops, _NAMESPACE).sources_digest()
+    if built_from != sources_digest(src):
+        warnings.warn(
+            f"fastpe: the prebuilt CUDA extension {path} was compiled from other sources than {src}; "
+            "rebuild it (FASTPE_BUILD_CUDA=1 pip install --no-build-isolation -e .) or delete it to compile "
+            "the current sources just in time",
+            stacklevel=4,
+        )
 
 
 def cache_dir() -> Path:
@@ -118,7 +134,8 @@ def _jit_build() -> str | None:
         return "building the CUDA extension just in time needs ninja (pip install ninja)"
     if cpp_extension.CUDA_HOME is None:
         return "building the CUDA extension just in time needs nvcc (set CUDA_HOME or put nvcc on PATH)"
-    tag = hashlib.sha256(f"{sources_digest(src)} {torch.__version__} {torch.version.cuda}".encode()).hexdigest()[:16]
+    digest = sources_digest(src)
+    tag = hashlib.sha256(f"{digest} {torch.__version__} {torch.version.cuda}".encode()).hexdigest()[:16]
     name = f"fastpe_cuda_{tag}"
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -136,8 +153,8 @@ def _jit_build() -> str | None:
             name=name,
             sources=sources,
             extra_include_paths=[str(src)],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "-lineinfo"],
+            extra_cflags=["-O3", f"-DFASTPE_SOURCES_DIGEST={digest}"],
+            extra_cuda_cflags=["-O3", "-lineinfo", f"-DFASTPE_SOURCES_DIGEST={digest}"],
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=os.environ.get("FASTPE_VERBOSE_BUILD", "0") not in ("", "0"),

@@ -109,15 +109,22 @@ def resolve_backend(backend: str, op: str, device: torch.device) -> str:
     return backend
 
 
-_FUSED_MODULES = {"triton": "fastpe.kernels.triton", "cuda": "fastpe._ext"}
+def _fused_module(backend: str):
+    # Plain import statements, not importlib.import_module: torch.compile traces these (dynamo
+    # refuses importlib), so a model using a fused backend compiles without graph breaks.
+    if backend == "cuda":
+        from fastpe import _ext as module
+    else:
+        from fastpe.kernels import triton as module
+    return module
 
 
 def _implemented(op: str, backend: str) -> bool:
     if backend in ("reference", "torch"):
         return True
-    return op in getattr(importlib.import_module(_FUSED_MODULES[backend]), "IMPLEMENTED_OPS", ())
+    return op in getattr(_fused_module(backend), "IMPLEMENTED_OPS", ())
 
 
 def fused_implementation(op: str, backend: str):
     """The function implementing ``op`` in a fused backend (imported on first use)."""
-    return getattr(importlib.import_module(_FUSED_MODULES[backend]), op)
+    return getattr(_fused_module(backend), op)

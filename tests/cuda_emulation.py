@@ -42,7 +42,7 @@ def _build() -> str | None:
         return "the CUDA headers (cuda_fp16.h) or the csrc/ sources are missing"
     if not cpp_extension.is_ninja_available() or shutil.which("c++") is None:
         return "ninja or a C++ compiler is missing"
-    digest = _ext.sources_digest(src)[:16]
+    digest = (_ext.sources_digest(src)[:8] + _ext.sources_digest(src / "emulation")[:8])
     name = f"fastpe_emu_{digest}"
     build_dir = _ext.cache_dir() / "emulation" / name
     build_dir.mkdir(parents=True, exist_ok=True)
