@@ -84,6 +84,18 @@ def test_clipping_distances(target, kmax):
     check(target, inputs, torch.float32)
 
 
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffle"])
+def test_emulated_thread_orders(target, order, monkeypatch):
+    """The emulation runs a block's threads in a configurable order between barriers; a missing
+    __syncthreads gives wrong results under some order (checked by removing one)."""
+    if not target.emulated:
+        pytest.skip("a property of the CPU emulation")
+    monkeypatch.setenv("FASTPE_EMU_ORDER", order)
+    inputs = rmha_inputs(target.device, 2, 2, 40, 40, 16, per_head=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        check(target, inputs, dtype, **masks_on(target.device, "padding+causal", 2, 2, 40, 40))
+
+
 def test_strided_views(target):
     """q, k, v as [B, h, L, dh] views of [B, L, h, dh] projections (no copies in the kernel)."""
     gen = torch.Generator().manual_seed(3)

@@ -55,13 +55,14 @@ void entry() {
 
 enum class Order { kForward, kReverse, kShuffle };
 
+// Shuffled by default: a fixed order (thread 0 first) hides a missing barrier whenever the
+// writer happens to run before the reader.
 Order order_from_env() {
   const char* s = std::getenv("FASTPE_EMU_ORDER");
-  if (s == nullptr) return Order::kForward;
-  const std::string v(s);
+  const std::string v(s == nullptr ? "" : s);
+  if (v == "forward") return Order::kForward;
   if (v == "reverse") return Order::kReverse;
-  if (v == "shuffle") return Order::kShuffle;
-  return Order::kForward;
+  return Order::kShuffle;
 }
 
 }  // namespace
@@ -158,7 +159,7 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::functi
             swapcontext(&launch.scheduler, &launch.threads[t].ctx);
           }
           int live = 0, at_block = 0;
-          bool released = false;
+          std::vector<int> ready;  // warps whose live lanes all wait at a warp barrier
           for (int w = 0; w < nthreads / 32; ++w) {
             int w_live = 0, w_wait = 0;
             for (int l = 0; l < 32; ++l) {
@@ -168,15 +169,22 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::functi
               at_block += s == State::kWaitBlock;
             }
             live += w_live;
-            if (w_wait > 0 && w_wait == w_live) {
-              for (int l = 0; l < 32; ++l) {
-                if (launch.threads[w * 32 + l].state == State::kWaitWarp) launch.threads[w * 32 + l].state = State::kRunnable;
-              }
-              released = true;
-            }
+            if (w_wait > 0 && w_wait == w_live) ready.push_back(w);
           }
           if (live == 0) break;
-          if (released) continue;
+          if (!ready.empty()) {
+            // Release one warp at a time, so warps drift apart between block barriers as they do
+            // on the GPU (releasing all at once would run them in lockstep and hide missing
+            // __syncthreads). forward: the lowest warp runs ahead, reverse: the highest.
+            const size_t pick = order == Order::kForward ? 0
+                                : order == Order::kReverse ? ready.size() - 1
+                                                           : std::uniform_int_distribution<size_t>(0, ready.size() - 1)(rng);
+            const int w = ready[pick];
+            for (int l = 0; l < 32; ++l) {
+              if (launch.threads[w * 32 + l].state == State::kWaitWarp) launch.threads[w * 32 + l].state = State::kRunnable;
+            }
+            continue;
+          }
           if (at_block == live) {
             for (Thread& th : launch.threads) {
               if (th.state == State::kWaitBlock) th.state = State::kRunnable;

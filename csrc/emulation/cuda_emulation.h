@@ -3,9 +3,9 @@
 //
 // Each block runs on one OS thread; its CUDA threads are coroutines (ucontext) that switch only
 // at __syncthreads, __syncwarp and warp shuffles, so barriers, shared memory and warp reductions
-// behave as on the GPU. The order in which threads run between barriers is configurable
-// (FASTPE_EMU_ORDER = forward | reverse | shuffle), so a missing barrier shows up as a wrong
-// result under some order. Dynamic shared memory starts as NaN bytes, so reading what was never
+// behave as on the GPU. Warps advance one at a time between block barriers, in an order set by
+// FASTPE_EMU_ORDER (shuffle (default) | forward | reverse), and the threads of a round run in
+// that order too, so a missing barrier shows up as a wrong result. Dynamic shared memory starts as NaN bytes, so reading what was never
 // written poisons the result. WMMA fragments hold whole 16x16 tiles in every lane (the real
 // layout is opaque to the kernels); loads check the alignment rules of the real API.
 #pragma once
