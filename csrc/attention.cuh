@@ -171,7 +171,7 @@ FASTPE_D void load_tile(T* dst, int ld, const T* src, int64_t row_stride, int ro
       const int r = idx / per_row, c = (idx % per_row) * V;
       Pack<T, V> pk;
       if (r < rows_valid && c < cols_valid) {
-        pk = *reinterpret_cast<const Pack<T, V>*>(src + r * row_stride + c);
+        pk = load_pack<T, V>(src + r * row_stride + c);
       } else {
 FASTPE_UNROLL
         for (int e = 0; e < V; ++e) pk.v[e] = zero;

@@ -374,7 +374,10 @@ Tensor sum_by_position(const Tensor& src, const Positions& pos, int64_t B, int64
     rs.mode = fastpe::RowListMode::kSorted;
     rs.order = order.data_ptr<int64_t>();
     rs.starts = starts.data_ptr<int64_t>();
+    rs.total = B * L;
   }
+  const Tensor scratch = at::empty({fastpe::row_sum_workspace_bytes(rs)}, src.options().dtype(at::kByte));
+  rs.workspace = scratch.data_ptr();
   check_launch(fastpe::row_sum(rs, current_stream()), "position reduction");
   return dst;
 }

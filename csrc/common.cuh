@@ -116,6 +116,20 @@ template <typename T, int N> struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// Vector load/store; the CPU emulation checks the alignment a GPU would fault on.
+template <typename T, int N> FASTPE_D Pack<T, N> load_pack(const T* p) {
+#ifdef FASTPE_EMULATION
+  if (reinterpret_cast<uintptr_t>(p) % alignof(Pack<T, N>) != 0) ::fastpe_emu::fail("misaligned vector load");
+#endif
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+template <typename T, int N> FASTPE_D void store_pack(T* p, const Pack<T, N>& v) {
+#ifdef FASTPE_EMULATION
+  if (reinterpret_cast<uintptr_t>(p) % alignof(Pack<T, N>) != 0) ::fastpe_emu::fail("misaligned vector store");
+#endif
+  *reinterpret_cast<Pack<T, N>*>(p) = v;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11): the
 // counter-based generator of curand and torch. Stateless: the same (counter, key) always gives

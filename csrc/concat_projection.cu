@@ -19,12 +19,11 @@ __global__ void __launch_bounds__(kThreads) position_add_kernel(const PositionAd
     const int64_t pos = p.pos_mode == PosMode::kPerToken ? p.positions[t]
                         : p.pos_mode == PosMode::kPerStep ? p.positions[l]
                                                           : l;
-    Pack<T, V>* yv = reinterpret_cast<Pack<T, V>*>(y + t * p.C + c);
-    const Pack<T, V> r = *reinterpret_cast<const Pack<T, V>*>(rows + pos * p.C + c);
-    Pack<T, V> out = *yv;
+    const Pack<T, V> r = load_pack<T, V>(rows + pos * p.C + c);
+    Pack<T, V> out = load_pack<T, V>(y + t * p.C + c);
 FASTPE_UNROLL
     for (int e = 0; e < V; ++e) out.v[e] = from_acc<T>(to_acc(out.v[e]) + to_acc(r.v[e]));
-    *yv = out;
+    store_pack<T, V>(y + t * p.C + c, out);
   }
 }
 

@@ -110,7 +110,10 @@ cudaError_t rotary_backward(const RotaryParams& p, cudaStream_t stream);
 // fixed order (no atomics), so the result is bitwise reproducible.
 //   kStrided: the rows for p are  p*base_mult + (e / inner)*outer_stride + (e % inner),  e < count
 //             (rows p >= valid_rows get 0);
-//   kSorted:  the rows for p are  order[starts[p] + e],  e < starts[p+1] - starts[p].
+//   kSorted:  the rows for p are  order[starts[p] + e],  e < starts[p+1] - starts[p]
+//             (`total` entries in order).
+// Long lists are split into segments summed by separate blocks into `workspace`, then added in
+// segment order by a second launch (row_sum_workspace_bytes() says how much; 0: one launch).
 enum class RowListMode : int { kStrided = 0, kSorted = 1 };
 
 struct RowSumParams {
@@ -125,8 +128,11 @@ struct RowSumParams {
   int64_t count = 0, base_mult = 0, inner = 1, outer_stride = 0, valid_rows = 0;
   const int64_t* order = nullptr;
   const int64_t* starts = nullptr;
+  int64_t total = 0;
+  void* workspace = nullptr;
 };
 
+int64_t row_sum_workspace_bytes(const RowSumParams& p);
 cudaError_t row_sum(const RowSumParams& p, cudaStream_t stream);
 
 // ----------------------------------------------------------------------------------------------

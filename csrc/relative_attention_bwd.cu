@@ -315,49 +315,62 @@ template <typename T> int64_t bwd_smem(const RmhaParams& p) {
   return a > b ? a : b;
 }
 
+// Table gradients: the dq blocks' partial sums (workspace rows), summed over batch (and heads,
+// for a shared table) by row_sum. which = 0: rel_k, 1: rel_v.
+template <typename T> RowSumParams table_sum_params(const RmhaParams& p, int which) {
+  const BwdGrid<T> grid(p);
+  const int64_t width = p.NB * (which == 0 ? p.dh : p.dv);
+  RowSumParams rs;
+  rs.src_dtype = sizeof(Acc<T>) == 8 ? DType::kFloat64 : DType::kFloat32;
+  rs.dst_dtype = p.dtype;
+  rs.src = static_cast<const Acc<T>*>(p.workspace) + (which == 0 ? 0 : ws_k_elems<T>(p));
+  rs.src_row_stride = width;
+  rs.cols = width;
+  rs.dst = which == 0 ? p.grad_rel_k : p.grad_rel_v;
+  rs.rows_out = p.Ht;
+  rs.mode = RowListMode::kStrided;
+  rs.valid_rows = p.Ht;
+  if (p.Ht == 1) {  // every (batch, head, tile) block: rows 0 .. dq_blocks-1
+    rs.count = grid.dq_blocks;
+    rs.base_mult = 0;
+    rs.inner = grid.dq_blocks > 0 ? grid.dq_blocks : 1;
+    rs.outer_stride = 0;
+  } else {  // head ht: rows (b*H + ht)*tiles + t
+    rs.count = p.B * grid.dq_tiles;
+    rs.base_mult = grid.dq_tiles;
+    rs.inner = grid.dq_tiles > 0 ? grid.dq_tiles : 1;
+    rs.outer_stride = p.H * grid.dq_tiles;
+  }
+  return rs;
+}
+
+// Workspace: partial sums for rel_k, for rel_v, then row_sum's scratch (shared by both sums).
+template <typename T> int64_t partials_bytes(const RmhaParams& p) {
+  return round_up((ws_k_elems<T>(p) + BwdGrid<T>(p).dq_blocks * p.NB * p.dv) * int64_t(sizeof(Acc<T>)), 256);
+}
+
 template <typename T> int64_t bwd_workspace(const RmhaParams& p) {
-  return (ws_k_elems<T>(p) + BwdGrid<T>(p).dq_blocks * p.NB * p.dv) * int64_t(sizeof(Acc<T>));
+  const int64_t a = row_sum_workspace_bytes(table_sum_params<T>(p, 0));
+  const int64_t b = row_sum_workspace_bytes(table_sum_params<T>(p, 1));
+  return partials_bytes<T>(p) + (a > b ? a : b);
 }
 
 template <typename T>
 cudaError_t launch_bwd(const RmhaParams& p, cudaStream_t stream) {
   const BwdGrid<T> grid(p);
   const int64_t blocks = grid.kv_blocks + grid.dq_blocks;
-  const int64_t ws_v_offset = ws_k_elems<T>(p);
   if (blocks > 0) {
     const int64_t smem = bwd_smem<T>(p);
     cudaError_t err = allow_dynamic_smem<rmha_bwd_kernel<T>>(smem);
     if (err != cudaSuccess) return err;
     FASTPE_LAUNCH(rmha_bwd_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem, stream, p,
-                  grid.kv_blocks, ws_v_offset);
+                  grid.kv_blocks, ws_k_elems<T>(p));
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  // Table gradients: sum the dq blocks' partials over batch (and heads, for a shared table).
-  const DType acc_dtype = sizeof(Acc<T>) == 8 ? DType::kFloat64 : DType::kFloat32;
   for (int which = 0; which < 2; ++which) {
-    const int64_t width = p.NB * (which == 0 ? p.dh : p.dv);
-    RowSumParams rs;
-    rs.src_dtype = acc_dtype;
-    rs.dst_dtype = p.dtype;
-    rs.src = static_cast<const Acc<T>*>(p.workspace) + (which == 0 ? 0 : ws_v_offset);
-    rs.src_row_stride = width;
-    rs.cols = width;
-    rs.dst = which == 0 ? p.grad_rel_k : p.grad_rel_v;
-    rs.rows_out = p.Ht;
-    rs.mode = RowListMode::kStrided;
-    rs.valid_rows = p.Ht;
-    if (p.Ht == 1) {  // every (batch, head, tile) block: rows 0 .. dq_blocks-1
-      rs.count = grid.dq_blocks;
-      rs.base_mult = 0;
-      rs.inner = grid.dq_blocks > 0 ? grid.dq_blocks : 1;
-      rs.outer_stride = 0;
-    } else {  // head ht: rows (b*H + ht)*tiles + t
-      rs.count = p.B * grid.dq_tiles;
-      rs.base_mult = grid.dq_tiles;
-      rs.inner = grid.dq_tiles > 0 ? grid.dq_tiles : 1;
-      rs.outer_stride = p.H * grid.dq_tiles;
-    }
+    RowSumParams rs = table_sum_params<T>(p, which);
+    rs.workspace = static_cast<unsigned char*>(p.workspace) + partials_bytes<T>(p);
     const cudaError_t err = row_sum(rs, stream);
     if (err != cudaSuccess) return err;
   }

@@ -16,8 +16,8 @@ template <typename T, PairMode MODE, int NP, bool VEC>
 FASTPE_D void load_pairs(const T* row, int64_t sd, int64_t m0, int64_t half, Acc<T> (&a)[NP], Acc<T> (&b)[NP]) {
   if constexpr (MODE == PairMode::kHalf) {
     if constexpr (VEC) {
-      const Pack<T, NP> pa = *reinterpret_cast<const Pack<T, NP>*>(row + m0);
-      const Pack<T, NP> pb = *reinterpret_cast<const Pack<T, NP>*>(row + half + m0);
+      const Pack<T, NP> pa = load_pack<T, NP>(row + m0);
+      const Pack<T, NP> pb = load_pack<T, NP>(row + half + m0);
 FASTPE_UNROLL
       for (int n = 0; n < NP; ++n) {
         a[n] = to_acc(pa.v[n]);
@@ -32,7 +32,7 @@ FASTPE_UNROLL
     }
   } else {
     if constexpr (VEC) {
-      const Pack<T, 2 * NP> pk = *reinterpret_cast<const Pack<T, 2 * NP>*>(row + 2 * m0);
+      const Pack<T, 2 * NP> pk = load_pack<T, 2 * NP>(row + 2 * m0);
 FASTPE_UNROLL
       for (int n = 0; n < NP; ++n) {
         a[n] = to_acc(pk.v[2 * n]);
@@ -59,8 +59,8 @@ FASTPE_UNROLL
         pa.v[n] = from_acc<T>(a[n]);
         pb.v[n] = from_acc<T>(b[n]);
       }
-      *reinterpret_cast<Pack<T, NP>*>(row + m0) = pa;
-      *reinterpret_cast<Pack<T, NP>*>(row + half + m0) = pb;
+      store_pack<T, NP>(row + m0, pa);
+      store_pack<T, NP>(row + half + m0, pb);
     } else {
 FASTPE_UNROLL
       for (int n = 0; n < NP; ++n) {
@@ -76,7 +76,7 @@ FASTPE_UNROLL
         pk.v[2 * n] = from_acc<T>(a[n]);
         pk.v[2 * n + 1] = from_acc<T>(b[n]);
       }
-      *reinterpret_cast<Pack<T, 2 * NP>*>(row + 2 * m0) = pk;
+      store_pack<T, 2 * NP>(row + 2 * m0, pk);
     } else {
 FASTPE_UNROLL
       for (int n = 0; n < NP; ++n) {

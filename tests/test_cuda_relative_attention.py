@@ -128,6 +128,14 @@ def test_fully_padded_rows_are_zero_with_zero_gradients(target):
 
 
 @pytest.mark.parametrize("per_head", [False, True])
+def test_table_gradients_over_many_blocks(target, per_head):
+    """Hundreds of (batch, head) blocks: the table gradients are summed in segments, then the
+    segments in order (the two-pass deterministic reduction)."""
+    inputs = rmha_inputs(target.device, 150, 2, 5, 5, 8, per_head=per_head)
+    check(target, inputs, torch.float32, **masks_on(target.device, "padding", 150, 2, 5, 5))
+
+
+@pytest.mark.parametrize("per_head", [False, True])
 def test_gradients_are_bitwise_deterministic(target, per_head):
     b, h, L = (4, 2, 40) if target.emulated else (64, 2, 150)
     inputs = rmha_inputs(target.device, b, h, L, L, 32, per_head=per_head)
@@ -202,7 +210,7 @@ def test_opcheck(target):
     bias = torch.randn(2, 1, 11, 11, device=target.device)
     out, lse, rng = ops.relative_attention_fwd(q, k, v, rk, rv, None, bias, False, 0.0, 0.3)
     args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), rk.detach(), rv.detach(), None, bias,
-            out.detach(), lse, rng, False, 0.0, 0.3)
+            out.detach(), lse.detach(), rng, False, 0.0, 0.3)
     torch.library.opcheck(ops.relative_attention_bwd.default, args)
 
 
@@ -211,3 +219,11 @@ def test_float_mask_requiring_grad_is_rejected(target):
     bias = torch.zeros(4, 4, device=target.device, dtype=torch.float64, requires_grad=True)
     with pytest.raises(NotImplementedError, match="attn_mask"):
         relative_attention(q, k, v, rk, rv, attn_mask=bias, backend="cuda")
+
+
+def test_double_backward_says_it_is_unsupported(target):
+    q, k, v, rk, rv = rmha_inputs(target.device, 1, 1, 4, 4, 4)
+    out = relative_attention(q, k, v, rk, rv, backend="cuda")
+    (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gq.sum().backward()

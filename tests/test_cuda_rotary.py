@@ -98,6 +98,19 @@ def test_rotatory_add_strided_input(target):
     assert_matches_reference(run("cuda"), run("reference"), (x, angles), torch.float32, ["x", "angles"])
 
 
+@pytest.mark.parametrize("pos_kind", ["none", "2d_repeated"])
+def test_angle_gradients_over_long_position_lists(target, pos_kind):
+    """Many tokens per position: the angle gradient is summed in segments, then the segments in
+    order (the two-pass deterministic reduction)."""
+    gen = torch.Generator().manual_seed(12)
+    b, L = 300, 4
+    x = leaf(randn(b, L, 1, 8, gen=gen, dtype=torch.float64), target.device)
+    angles = leaf(randn(6, 4, gen=gen, dtype=torch.float64), target.device)
+    positions = None if pos_kind == "none" else torch.randint(0, 2, (b, L), generator=gen).to(target.device)
+    run = lambda backend: lambda x, a: rotary(x, a, positions=positions, backend=backend)  # noqa: E731
+    assert_matches_reference(run("cuda"), run("reference"), (x, angles), torch.float32, ["x", "angles"])
+
+
 @pytest.mark.parametrize("which", ["rotary", "rotatory"])
 def test_angle_gradients_are_bitwise_deterministic(target, which):
     b, L = (8, 20) if target.emulated else (256, 200)
