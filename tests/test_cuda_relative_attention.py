@@ -227,3 +227,28 @@ def test_double_backward_says_it_is_unsupported(target):
     (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gq.sum().backward()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_draw_fresh_dropout_masks_seeded_by_torch():
+    """Dropout inside a captured CUDA graph reads its Philox seed and offset on the device, so each
+    replay draws a new mask and torch.manual_seed before a replay reproduces it."""
+    q, k, v, rk, rv = (t.detach().float() for t in rmha_inputs(torch.device("cuda"), 4, 2, 33, 33, 16))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            relative_attention(q, k, v, rk, rv, dropout_p=0.3, backend="cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = relative_attention(q, k, v, rk, rv, dropout_p=0.3, backend="cuda")
+    results = []
+    for seed in (1, 1, None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        graph.replay()
+        results.append(out.clone())
+    assert torch.isfinite(results[0]).all()
+    assert torch.equal(results[0], results[1])
+    assert not torch.equal(results[1], results[2])
