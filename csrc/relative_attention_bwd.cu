@@ -92,6 +92,13 @@ FASTPE_D void bwd_rows(const RmhaParams& p, const Head& hd, const BwdCommon<T>& 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int kmax = (nb - 1) / 2;
   for (int ii = warp; ii < BQ; ii += kWarps) {
+    if (ii >= q_rows) {  // padding rows of the last query tile: zeros keep the GEMMs clean
+      for (int jj = lane; jj < BK; jj += 32) {
+        if (Pt != nullptr) Pt[ii * ldp + jj] = zero_value<T>();
+        dSt[ii * ldp + jj] = zero_value<T>();
+      }
+      continue;
+    }
     const int64_t i = q0 + ii;
     const A lse = row_lse[ii], delta = row_d[ii];
     A left_p = 0, right_p = 0, left_s = 0, right_s = 0;
@@ -101,7 +108,9 @@ FASTPE_UNROLL
       const int jj = lane * CPL + c;
       const int64_t j = j0 + jj;
       A pt = 0, ds = 0;
-      if (ii < q_rows && key_allowed(p, hd, i, j)) {
+      // Outside the mask test: the bits of a pair serve both of its keys, masked or not.
+      if (cm.dropout && (c == 0 || (j & 1) == 0)) bits = dropout_bits(cm.rng, uint64_t(hd.bh * p.Lq + i), uint32_t(j >> 1));
+      if (key_allowed(p, hd, i, j)) {
         const int r = rel_bucket(i, j, kmax);
         const A s = logit<T>(p, hd, i, j, S[ii * lds + jj], QR + ii * nb, kmax);
         const A pr = fast_exp(s - lse);  // 0 for -inf logits and for rows without keys (lse = +inf)
@@ -109,7 +118,6 @@ FASTPE_UNROLL
         A dpr = dpt;
         pt = pr;
         if (cm.dropout) {
-          if (c == 0 || (j & 1) == 0) bits = dropout_bits(cm.rng, uint64_t(hd.bh * p.Lq + i), uint32_t(j >> 1));
           const bool keep = bits.x[j & 1] >= cm.threshold;
           pt = keep ? pr * cm.keep_scale : A(0);
           dpr = keep ? dpt * cm.keep_scale : A(0);

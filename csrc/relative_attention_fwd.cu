@@ -84,6 +84,10 @@ __global__ void __launch_bounds__(kThreads) rmha_fwd_kernel(const RmhaParams p) 
 
     // One warp per query row: logits, online-softmax update, dropout, bucket sums.
     for (int ii = warp; ii < BQ; ii += kWarps) {
+      if (ii >= q_rows) {  // padding rows of the last query tile: P = 0 keeps the GEMM clean
+        for (int jj = lane; jj < BK; jj += 32) P[ii * lay.ldp + jj] = zero_value<T>();
+        continue;
+      }
       const int64_t i = q0 + ii;
       const A* qr_row = QR + ii * nb;
       A* pb_row = PB + ii * nb;
@@ -94,7 +98,7 @@ FASTPE_UNROLL
         const int jj = lane * CPL + c;
         const int64_t j = j0 + jj;
         A s = neg_inf<A>();
-        if (ii < q_rows && key_allowed(p, hd, i, j)) s = logit<T>(p, hd, i, j, S[ii * lay.lds + jj], qr_row, kmax);
+        if (key_allowed(p, hd, i, j)) s = logit<T>(p, hd, i, j, S[ii * lay.lds + jj], qr_row, kmax);
         s_loc[c] = s;
         tile_max = s > tile_max ? s : tile_max;
       }

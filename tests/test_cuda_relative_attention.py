@@ -252,3 +252,45 @@ def test_cuda_graph_replays_draw_fresh_dropout_masks_seeded_by_torch():
     assert torch.isfinite(results[0]).all()
     assert torch.equal(results[0], results[1])
     assert not torch.equal(results[1], results[2])
+
+
+def _dropout_mask(target, b, h, lq, lk, kpm, p, seed):
+    """The keep mask M the kernels draw for this seed and shape (it depends on nothing else): with
+    q = k = 0 and v the identity, out[i, j] = M_ij / ((1-p) n_i), n_i the row's allowed keys."""
+    dev = target.device
+    zeros_q = torch.zeros(b, h, lq, 8, device=dev)
+    zeros_k = torch.zeros(b, h, lk, 8, device=dev)
+    eye = torch.eye(lk, device=dev).expand(b, h, lk, lk).contiguous()
+    torch.manual_seed(seed)
+    out = relative_attention(zeros_q, zeros_k, eye, torch.zeros(9, 8, device=dev), torch.zeros(9, lk, device=dev),
+                             key_padding_mask=kpm, dropout_p=p, backend="cuda")
+    allowed = (~kpm).sum(-1).double()[:, None, None, None] if kpm is not None else torch.full((1, 1, 1, 1), float(lk))
+    return (out.double() * (1 - p) * allowed.to(dev)).round()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_gradients_match_a_reference_with_the_same_mask(target, dtype):
+    """Every gradient (dq, dk, dv and the tables, computed by both backward roles) against the
+    float64 reference applying the forward's own mask: forward and backward draw the same one."""
+    b, h, L, p, seed = 3, 2, 45, 0.3, 21
+    masks = masks_on(target.device, "padding", b, h, L, L)
+    kpm = masks["key_padding_mask"]
+    mask = _dropout_mask(target, b, h, L, L, kpm, p, seed)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    inputs = rmha_inputs(target.device, b, h, L, L, 16)
+
+    def fused(*t):
+        torch.manual_seed(seed)
+        return relative_attention(*t, key_padding_mask=kpm, dropout_p=p, backend="cuda")
+
+    def reference(q, k, v, rk, rv):
+        from fastpe._masks import relative_buckets
+        from fastpe.reference import relative_attention_reference
+
+        _, probs = relative_attention_reference(q, k, v, rk[None], rv[None], kpm, None, False, 0.0, None,
+                                                return_weights=True)
+        dropped = probs * mask.to(probs.dtype) / (1 - p)
+        buckets = relative_buckets(L, L, 4, q.device)
+        return dropped @ v + torch.einsum("bhij,ijd->bhid", dropped, rv[buckets])
+
+    assert_matches_reference(fused, reference, inputs, dtype, NAMES)
