@@ -294,3 +294,16 @@ def test_dropout_gradients_match_a_reference_with_the_same_mask(target, dtype):
         return dropped @ v + torch.einsum("bhij,ijd->bhid", dropped, rv[buckets])
 
     assert_matches_reference(fused, reference, inputs, dtype, NAMES)
+
+
+def test_philox_known_answers(target):
+    """The dropout generator is Philox4x32-10: Random123's known-answer vectors (counter, key -> out)."""
+    ops = ops_namespace(target)
+    cases = [
+        ([0, 0, 0, 0, 0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+        ([0xFFFFFFFF] * 6, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+        ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0],
+         [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
+    ]
+    out = ops.philox_host(torch.tensor([c for c, _ in cases], dtype=torch.int64))
+    assert out.tolist() == [e for _, e in cases]
