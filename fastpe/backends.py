@@ -95,7 +95,7 @@ def _auto_order(op: str, device: torch.device) -> tuple[str, ...]:
 def resolve_backend(backend: str, op: str, device: torch.device) -> str:
     """Turn a requested backend into the one that runs, or raise saying why it cannot."""
     name = _resolve(backend, op, device)
-    if name in _FUSED_MODULES:
+    if name in FUSED_BACKENDS:
         fused_implementation(op, name)  # import the module now, outside the traced code
     return name
 
@@ -123,23 +123,27 @@ def _resolve(backend: str, op: str, device: torch.device) -> str:
     return backend
 
 
-_FUSED_MODULES = {"triton": "fastpe.kernels.triton", "cuda": "fastpe._ext"}
+FUSED_BACKENDS = ("triton", "cuda")
+
+
+def _fused_module(backend: str):
+    # Plain import statements, not importlib.import_module: torch.compile traces these (dynamo
+    # refuses importlib), so a model using a fused backend compiles without graph breaks.
+    if backend == "cuda":
+        from fastpe import _ext as module
+    elif backend == "triton":
+        from fastpe.kernels import triton as module
+    else:
+        raise ValueError(f"{backend!r} is not a fused backend; expected one of {FUSED_BACKENDS}")
+    return module
 
 
 def _implemented(op: str, backend: str) -> bool:
     if backend in ("reference", "torch"):
         return True
-    return op in getattr(importlib.import_module(_FUSED_MODULES[backend]), "IMPLEMENTED_OPS", ())
+    return op in getattr(_fused_module(backend), "IMPLEMENTED_OPS", ())
 
 
 def fused_implementation(op: str, backend: str):
     """The function implementing ``op`` in a fused backend (imported on first use)."""
-    # Import statements rather than importlib: torch.compile traces these without a graph break
-    # (the module is already loaded by resolve_backend by then).
-    if backend == "triton":
-        import fastpe.kernels.triton as module
-    elif backend == "cuda":
-        from fastpe import _ext as module
-    else:
-        raise ValueError(f"{backend!r} is not a fused backend; expected one of {tuple(_FUSED_MODULES)}")
-    return getattr(module, op)
+    return getattr(_fused_module(backend), op)
