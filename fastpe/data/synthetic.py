@@ -19,8 +19,8 @@ import numpy as np
 from fastpe.data.readers import InteractionData
 
 
-def synthetic_dataset(n_users: int = 600, n_items: int = 300, min_len: int = 12, max_len: int = 30, lag: int = 2,
-                      rule_prob: float = 0.85, n_categories: int = 8, seed: int = 0) -> InteractionData:
+def synthetic_dataset(n_users: int = 400, n_items: int = 200, min_len: int = 12, max_len: int = 30, lag: int = 2,
+                      rule_prob: float = 0.7, n_categories: int = 8, seed: int = 0) -> InteractionData:
     if n_items < 3 or n_users < 1 or not 1 <= min_len <= max_len or lag < 1 or not 0.0 <= rule_prob <= 1.0:
         raise ValueError("synthetic_dataset: need n_items >= 3, n_users >= 1, 1 <= min_len <= max_len, lag >= 1 "
                          f"and rule_prob in [0, 1]; got {n_items}, {n_users}, {min_len}, {max_len}, {lag}, {rule_prob}")
