@@ -310,11 +310,14 @@ def _read_recbole_items(path: Path, data: InteractionData, max_vocab: int, wante
         if col == i_col or kind == "float_seq" or (wanted is not None and fname not in wanted):
             continue
         if kind == "float":
+            # Scaled to [0, 1] over the listed items; unlisted items and empty fields stay 0.
             values = np.zeros(data.n_items + 1, dtype=np.float64)
-            for row, vals in table:
-                values[row] = float(vals[col]) if vals[col].strip() else 0.0
-            lo, hi = values[1:].min(), values[1:].max()
-            values[1:] = (values[1:] - lo) / (hi - lo) if hi > lo else 0.0
+            listed = [(row, float(vals[col])) for row, vals in table if vals[col].strip()]
+            if listed:
+                rows_, raw = zip(*listed)
+                raw = np.asarray(raw)
+                lo, hi = raw.min(), raw.max()
+                values[list(rows_)] = (raw - lo) / (hi - lo) if hi > lo else 0.0
             columns.append(values[:, None].astype(np.float32))
             feature_names.append(fname)
         else:

@@ -39,6 +39,7 @@ HELP = {
     "patience": "epochs without improvement before stopping (0: never)",
     "valid_users": "evaluate validation on at most this many users per epoch (0: all)",
     "amp": "auto (bf16 on CUDA), bf16 or off", "compile": "torch.compile the training step",
+    "compile_backend": "torch.compile backend: inductor (generates kernels) or aot_eager (traces only)",
     "cuda_graphs": "capture the whole training step in a CUDA graph (CUDA only)",
     "threads": "torch CPU threads (0: torch's default)",
     "benchmark_steps": "after training, time this many steps in each step mode (eager, compiled, graphed)",

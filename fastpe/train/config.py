@@ -60,6 +60,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"  # "auto" (bf16 on CUDA), "bf16", "off"
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" traces without generating code
     cuda_graphs: bool = False
     threads: int = 0
     benchmark_steps: int = 0

@@ -74,8 +74,10 @@ class CompiledStep(EagerStep):
 
     name = "compiled"
 
-    def __init__(self, loss_fn, model, optimizer, device, amp_dtype=None, clip_grad: float = 0.0):
-        super().__init__(torch.compile(loss_fn, dynamic=False), model, optimizer, device, amp_dtype, clip_grad)
+    def __init__(self, loss_fn, model, optimizer, device, amp_dtype=None, clip_grad: float = 0.0,
+                 compile_backend: str = "inductor"):
+        super().__init__(torch.compile(loss_fn, dynamic=False, backend=compile_backend), model, optimizer, device,
+                         amp_dtype, clip_grad)
 
 
 class CudaGraphStep(EagerStep):

@@ -229,8 +229,9 @@ class Run:
                                         self.cfg.negatives, None if kind == "graphed" else self.sampler,
                                         self.mode == "all")
         if kind == "graphed" and self.cfg.compile:
-            loss_fn = torch.compile(loss_fn, dynamic=False)
-        return STEPS[kind](loss_fn, model, optimizer, self.device, self.amp_dtype, self.cfg.clip_grad)
+            loss_fn = torch.compile(loss_fn, dynamic=False, backend=self.cfg.compile_backend)
+        options = {"compile_backend": self.cfg.compile_backend} if kind == "compiled" else {}
+        return STEPS[kind](loss_fn, model, optimizer, self.device, self.amp_dtype, self.cfg.clip_grad, **options)
 
     def step_kind(self) -> str:
         return "graphed" if self.cfg.cuda_graphs else "compiled" if self.cfg.compile else "eager"
@@ -321,8 +322,7 @@ class Run:
                 self.state.stopped_early = True
             ckpt.atomic_save(self.checkpoint(), last)
             ckpt.atomic_write_text("".join(json.dumps(h) + "\n" for h in self.state.history), self.out_dir / "metrics.jsonl")
-            if cfg.progress:
-                self.log(f"epoch {epoch + 1}: loss {loss:.4f}, valid {key} {value:.4f}{' (best)' if improved else ''}")
+            self.log(f"epoch {epoch + 1}: loss {loss:.4f}, valid {key} {value:.4f}{' (best)' if improved else ''}")
             epochs_here += 1
             if cfg.stop_after_epochs and epochs_here >= cfg.stop_after_epochs and self.state.epoch < cfg.epochs:
                 return {"interrupted": True, "epoch": self.state.epoch, "out_dir": str(self.out_dir)}
@@ -392,7 +392,6 @@ class Run:
                 continue
             model = copy.deepcopy(self.model).train()
             optimizer = make_optimizer(cfg, model, self.device, graphed=kind == "graphed")
-            saved_compile = cfg.compile
             try:
                 step = self.make_step(kind, model, optimizer)
                 for b in batches[:warmup]:
@@ -409,8 +408,6 @@ class Run:
                 results[kind] = steps * cfg.batch_size / (time.perf_counter() - start)
             except Exception as exc:  # a mode that fails here must not lose the finished run
                 results[kind] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            finally:
-                cfg.compile = saved_compile
         return results
 
 
