@@ -144,3 +144,17 @@ def test_compiled_step_traces_whole_and_matches_eager(tmp_path):
 def test_compiled_step_with_inductor_matches_eager(tmp_path):
     """The same with inductor's generated kernels (about 1-2 minutes of compilation on 2 CPU cores)."""
     compiled_vs_eager(tmp_path, "inductor")
+
+
+@pytest.mark.gpu
+def test_cuda_graphed_compiled_and_eager_steps_train(tmp_path):
+    """On a GPU: bf16 autocast, fused Adam, the fused backends (auto), the whole step captured in a
+    CUDA graph; the benchmark times the eager, compiled and graphed steps."""
+    for encoding in ("rmha-4", "learnt", "rope"):
+        s = train(tiny(tmp_path / encoding, device="cuda", encoding=encoding, cuda_graphs=True, epochs=4, dropout=0.1,
+                       benchmark_steps=5), DATA, quiet)
+        assert s["step"] == "graphed" and s["amp"] == "bfloat16" and s["device"].startswith("cuda")
+        losses = [h["loss"] for h in s["history"]]
+        assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+        assert all(isinstance(s["throughput_seq_per_s"][k], float) for k in ("eager", "compiled", "graphed")), \
+            s["throughput_seq_per_s"]

@@ -353,6 +353,7 @@ class Run:
             "device": str(self.device),
             "backend": resolved_backends(self.device) if cfg.backend == "auto" else cfg.backend,
             "step": self.step_kind(),
+            "threads": torch.get_num_threads(),
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
             "target": self.mode,
             "causal": self.causal,
