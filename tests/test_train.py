@@ -158,3 +158,8 @@ def test_cuda_graphed_compiled_and_eager_steps_train(tmp_path):
         assert all(np.isfinite(losses)) and losses[-1] < losses[0]
         assert all(isinstance(s["throughput_seq_per_s"][k], float) for k in ("eager", "compiled", "graphed")), \
             s["throughput_seq_per_s"]
+
+
+def test_unknown_selection_metric_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="select_metric must be one of"):
+        train(tiny(tmp_path / "r", select_metric="sampled_ndcg@20"), DATA, quiet)

@@ -18,6 +18,9 @@ SYNTHETIC_PRESET = {
     "samples_per_user": 10, "warmup_steps": 20, "threads": 1,
 }
 
+PRESET_NOTE = ("On the synthetic data (no --data) options not given take these values instead of the defaults "
+               "shown below: " + ", ".join(f"{k}={v}" for k, v in SYNTHETIC_PRESET.items()) + ".")
+
 HELP = {
     "data": "'synthetic' (default), ml-100k, beauty, sports, beauty-pairs, wikipedia, or a path",
     "data_root": "folder holding the shared data sets (default $FASTPE_DATA_ROOT or ../shared/data)",
@@ -91,13 +94,14 @@ def config_from_args(args: argparse.Namespace, skip=()) -> TrainConfig:
 
 
 def add_train(sub) -> None:
-    p = sub.add_parser("train", help="train and evaluate one configuration")
+    p = sub.add_parser("train", help="train and evaluate one configuration", description=PRESET_NOTE)
     add_config_options(p)
     p.set_defaults(run=run_train)
 
 
 def add_study(sub) -> None:
-    p = sub.add_parser("study", help="every encoding over several seeds: results table, CSV, JSON and plot")
+    p = sub.add_parser("study", help="every encoding over several seeds: results table, CSV, JSON and plot",
+                       description=PRESET_NOTE)
     p.add_argument("--encodings", default="all", help="'all' or a comma-separated list (default all)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds, 0..N-1 (default 2 on synthetic data, 3 otherwise)")
     add_config_options(p, skip=("encoding", "seed", "stop_after_epochs"))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-# Fields that may change between a run and its resumption without changing what is computed.
+# Fields that may change between a run and its resumption. Only ``epochs`` changes what is computed
+# (more epochs continue training; with the cosine schedule the remaining decay is stretched).
 RESUMABLE_CHANGES = {"epochs", "resume", "progress", "out_dir", "benchmark_steps", "stop_after_epochs", "threads",
                      "patience", "data_root"}
 

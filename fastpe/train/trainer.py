@@ -209,9 +209,11 @@ class Run:
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir()
         self.use_context = cfg.use_context and self.split.context is not None and cfg.model.lower() == "carca"
         self.select = cfg.select_metric
-        kind = self.select.split("_", 1)[0]
-        if kind not in ("sampled", "full") or self.select.split("_", 1)[1].split("@")[0] not in ("hit", "ndcg", "mrr"):
-            raise ValueError(f"select_metric must look like 'sampled_ndcg@10' or 'full_hit@10', got {self.select!r}")
+        allowed = [f"{kind}_{m}" for kind in ("sampled", "full") for m in
+                   [f"{name}@{k}" for k in cfg.cutoffs for name in ("hit", "ndcg")] + ["mrr"]]
+        if self.select not in allowed:
+            raise ValueError(f"select_metric must be one of {', '.join(allowed)} (cutoffs {list(cfg.cutoffs)}), "
+                             f"got {self.select!r}")
 
     # ----------------------------------------------------------------------------------- steps
     def loss_fn(self, items, context, targets, target_context):
