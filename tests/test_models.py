@@ -152,3 +152,18 @@ def test_build_model():
         build_model("bert4rec", 10)
     with pytest.raises(ValueError, match="unknown positional encoding"):
         build_model("carca", 10, encoding="alibi")
+
+
+@pytest.mark.parametrize("model", [carca("learnt"), CARCA(N_ITEMS, D, 1, 1, 0.0, L, "abs").eval(),
+                                   SASRec(N_ITEMS, D, 1, 1, 0.0, L, "rope").eval()])
+def test_item_table_scoring_matches_direct_scoring(model):
+    """Full ranking gathers per-item terms once; it must give the scores of the direct path."""
+    items, ctx, _, cctx = batch()
+    if model.context_dim == 0:
+        ctx = cctx = None
+    cands = torch.arange(1, N_ITEMS + 1).expand(4, 1, N_ITEMS)
+    with torch.no_grad():
+        profile, padding = model.encode(items, ctx)
+        direct = model.score(profile, padding, cands, cctx)
+        fast = model.score(profile, padding, cands, cctx, item_table=model.candidate_table())
+    torch.testing.assert_close(fast, direct, atol=1e-5, rtol=1e-5)

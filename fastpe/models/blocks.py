@@ -88,6 +88,36 @@ class ItemRepresentation(nn.Module):
         f = self.features(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
         return self.combine(torch.cat((e, f.to(e.dtype)), dim=-1))
 
+    # The representation is linear in (embedding, attributes, context), so it splits into a term per
+    # item and a term per context: x(i, c) = table[i] + context_term(c). Scoring every item for many
+    # users (full ranking) then costs one gather instead of recomputing the fusion per (user, item).
+    def item_table(self) -> torch.Tensor:
+        """``[n_items + 1, d]``: the per-item term of every item (row 0 = padding id)."""
+        e = self.embedding.weight * math.sqrt(self.d_model)
+        if not self.n_features:
+            return e
+        d = self.d_model
+        w_e, w_f = self.combine.weight[:, :d], self.combine.weight[:, d:]
+        table = e @ w_e.t()
+        if self.item_features is not None:
+            w_attr = self.features.weight[:, : self.item_features.shape[1]]
+            table = table + (self.item_features @ w_attr.t()) @ w_f.t()
+        return table
+
+    def context_term(self, context: torch.Tensor | None) -> torch.Tensor:
+        """``[..., d]`` (or ``[d]`` without context features): the per-context term, biases included."""
+        if not self.n_features:
+            return torch.zeros(self.d_model, device=self.embedding.weight.device)
+        d = self.d_model
+        w_f = self.combine.weight[:, d:]
+        f = self.features.bias
+        if self.context_dim:
+            if context is None:
+                raise ValueError(f"this model was built with {self.context_dim} context features; pass context")
+            w_ctx = self.features.weight[:, self.features.in_features - self.context_dim:]
+            f = f + context.to(w_ctx.dtype) @ w_ctx.t()
+        return f @ w_f.t() + self.combine.bias
+
 
 class EncoderBlock(nn.Module):
     """Pre-LN self-attention block: ``h = LN(x)``, ``a = Attn(h)``, then ``x + a`` (``residual="add"``)

@@ -67,7 +67,8 @@ class CARCA(nn.Module):
         return self.encoder(self.items(items, context), padding), padding
 
     def score(self, profile: torch.Tensor, padding: torch.Tensor, candidates: torch.Tensor,
-              candidate_context: torch.Tensor | None = None, per_position: bool = False) -> torch.Tensor:
+              candidate_context: torch.Tensor | None = None, per_position: bool = False,
+              item_table: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, T, N]`` of candidates ``[B, T, N]``.
 
         ``per_position=False``: every candidate attends to the whole profile (evaluation, and
@@ -75,15 +76,21 @@ class CARCA(nn.Module):
         and the candidates of slot ``t`` attend to profile positions ``<= t`` only, so that every
         position of a sequence is a training example without seeing its target.
         ``candidate_context`` ``[B, T, C]`` is the context of the request, shared by its candidates.
+        ``item_table`` (``self.candidate_table()``, computed once) makes scoring many candidates
+        per request cheap; the result is the same up to rounding.
         """
         b, t, n = candidates.shape
         length = profile.shape[1]
-        ctx = None
-        if self.context_dim:
-            if candidate_context is None:
-                raise ValueError(f"this model was built with {self.context_dim} context features; pass candidate_context")
-            ctx = candidate_context.unsqueeze(2).expand(b, t, n, self.context_dim)
-        query = self.items(candidates, ctx).reshape(b, t * n, self.d_model)
+        if self.context_dim and candidate_context is None:
+            raise ValueError(f"this model was built with {self.context_dim} context features; pass candidate_context")
+        if item_table is not None:
+            query = item_table[candidates] + self.items.context_term(candidate_context).unsqueeze(-2)
+        else:
+            ctx = None
+            if self.context_dim:
+                ctx = candidate_context.unsqueeze(2).expand(b, t, n, self.context_dim)
+            query = self.items(candidates, ctx)
+        query = query.reshape(b, t * n, self.d_model)
         attn_mask = None
         if per_position:
             if not self.causal:
@@ -100,6 +107,10 @@ class CARCA(nn.Module):
         elif self.cross_residual == "add":
             attended = attended + query
         return self.out(attended).reshape(b, t, n)
+
+    def candidate_table(self) -> torch.Tensor:
+        """The per-item part of every candidate's representation, for ``score(item_table=...)``."""
+        return self.items.item_table()
 
     def forward(self, items, context, candidates, candidate_context=None, per_position: bool = False):
         profile, padding = self.encode(items, context)

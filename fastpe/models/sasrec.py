@@ -47,7 +47,8 @@ class SASRec(nn.Module):
         return self.encoder(self.items(items), padding), padding
 
     def score(self, profile: torch.Tensor, padding: torch.Tensor, candidates: torch.Tensor,
-              candidate_context: torch.Tensor | None = None, per_position: bool = False) -> torch.Tensor:
+              candidate_context: torch.Tensor | None = None, per_position: bool = False,
+              item_table: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, T, N]``: slot ``t`` uses the hidden state at position ``t`` (``per_position``,
         ``T = L``) or every slot uses the most recent position (the last one)."""
         b, t, n = candidates.shape
@@ -59,7 +60,12 @@ class SASRec(nn.Module):
             state = profile
         else:
             state = profile[:, -1:].expand(b, t, self.d_model)
-        return torch.einsum("btd,btnd->btn", state, self.items.embedding(candidates).to(state.dtype))
+        emb = item_table[candidates] if item_table is not None else self.items.embedding(candidates)
+        return torch.einsum("btd,btnd->btn", state, emb.to(state.dtype))
+
+    def candidate_table(self) -> torch.Tensor:
+        """The item embeddings the scores are dot products with, for ``score(item_table=...)``."""
+        return self.items.embedding.weight
 
     def forward(self, items, context, candidates, candidate_context=None, per_position: bool = False):
         profile, padding = self.encode(items, context)

@@ -54,6 +54,8 @@ class ModelScorer:
         self.model, self.stage, self.device = model, stage, device
         self.amp_dtype = amp_dtype
         self.item_chunk = item_chunk
+        self.eval_table_threshold = 128
+        self.table = None  # computed on first use; the model does not change during one evaluation
 
     def __call__(self, rows: np.ndarray, candidates: torch.Tensor) -> torch.Tensor:
         d = self.stage.data
@@ -62,10 +64,16 @@ class ModelScorer:
         tctx = _tensor(None if d.target_context is None else d.target_context[rows][:, None, :], self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
             profile, padding = self.model.encode(items, ctx)
+            # Many candidates per user (full ranking): gather per-item terms computed once.
+            table = None
+            if candidates.shape[1] > self.eval_table_threshold:
+                if self.table is None:
+                    self.table = self.model.candidate_table()
+                table = self.table
             out = []
             for start in range(0, candidates.shape[1], self.item_chunk):
                 chunk = candidates[:, None, start:start + self.item_chunk]
-                out.append(self.model.score(profile, padding, chunk, tctx).float()[:, 0])
+                out.append(self.model.score(profile, padding, chunk, tctx, item_table=table).float()[:, 0])
         return torch.cat(out, dim=1)
 
 
