@@ -163,3 +163,11 @@ def test_cuda_graphed_compiled_and_eager_steps_train(tmp_path):
 def test_unknown_selection_metric_is_refused(tmp_path):
     with pytest.raises(ValueError, match="select_metric must be one of"):
         train(tiny(tmp_path / "r", select_metric="sampled_ndcg@20"), DATA, quiet)
+
+
+def test_full_ranking_on_a_user_subset(tmp_path):
+    s = train(tiny(tmp_path / "r", epochs=1, full_ranking_users=10), DATA, quiet)
+    assert s["full_ranking_users"] == 10 and "full_ndcg@10" in s["test"] and "full_ndcg@10" in s["popularity_test"]
+    everyone = train(tiny(tmp_path / "all", epochs=1), DATA, quiet)
+    assert everyone["full_ranking_users"] == len(DATA.sequences)
+    assert s["test"]["sampled_ndcg@10"] == everyone["test"]["sampled_ndcg@10"]  # sampled metrics use every user

@@ -52,6 +52,7 @@ class TrainConfig:
     eval_seed: int = 0
     cutoffs: tuple[int, ...] = (10,)
     full_ranking: bool = True
+    full_ranking_users: int = 0  # 0: every user; else a fixed random subset (full ranking is users x items)
     exclude_history: bool = True
     select_metric: str = "sampled_ndcg@10"
     patience: int = 5

@@ -336,12 +336,26 @@ class Run:
         if best_path.exists():
             self.model.load_state_dict(ckpt.load(best_path, self.device)["model"])
         start = time.perf_counter()
-        valid_all = prepare_stage(self.split, "valid", cfg.max_len, cfg.eval_negatives, cfg.eval_seed)
-        test = prepare_stage(self.split, "test", cfg.max_len, cfg.eval_negatives, cfg.eval_seed)
-        valid_metrics = self.evaluate_stage(valid_all, True, cfg.full_ranking)
-        test_metrics = self.evaluate_stage(test, True, cfg.full_ranking)
-        popularity = evaluate(PopularityScorer(self.split, self.device), test, self.split.n_items, cfg.cutoffs, True,
-                              cfg.full_ranking, cfg.exclude_history, cfg.eval_batch_size, self.device)
+        metrics = {}
+        popularity = {}
+        pop_scorer = PopularityScorer(self.split, self.device)
+        for name in ("valid", "test"):
+            stage = prepare_stage(self.split, name, cfg.max_len, cfg.eval_negatives, cfg.eval_seed)
+            # Full ranking costs users x items scores: optionally on a fixed random subset of users.
+            subset = cfg.full_ranking_users and cfg.full_ranking_users < len(stage.data.targets)
+            metrics[name] = self.evaluate_stage(stage, True, cfg.full_ranking and not subset)
+            if cfg.full_ranking and subset:
+                few = prepare_stage(self.split, name, cfg.max_len, cfg.eval_negatives, cfg.eval_seed,
+                                    cfg.full_ranking_users)
+                metrics[name].update(self.evaluate_stage(few, False, True))
+            if name == "test":
+                popularity = evaluate(pop_scorer, stage, self.split.n_items, cfg.cutoffs, True,
+                                      cfg.full_ranking and not subset, cfg.exclude_history, cfg.eval_batch_size,
+                                      self.device)
+                if cfg.full_ranking and subset:
+                    popularity.update(evaluate(pop_scorer, few, self.split.n_items, cfg.cutoffs, False, True,
+                                               cfg.exclude_history, cfg.eval_batch_size, self.device))
+        valid_metrics, test_metrics = metrics["valid"], metrics["test"]
         eval_seconds = time.perf_counter() - start
         throughput = {self.step_kind(): self.state.train_sequences / max(self.state.train_seconds, 1e-9)}
         if cfg.benchmark_steps:
@@ -367,6 +381,8 @@ class Run:
             "eval_seconds": eval_seconds,
             "train_seq_per_s": throughput[self.step_kind()],
             "throughput_seq_per_s": throughput,
+            "full_ranking_users": (min(cfg.full_ranking_users, len(self.split.eval_users)) if cfg.full_ranking_users
+                                   else len(self.split.eval_users)) if cfg.full_ranking else 0,
             "valid": valid_metrics,
             "test": test_metrics,
             "popularity_test": popularity,
