@@ -82,5 +82,8 @@ def check_positions(positions: torch.Tensor | None, batch: int, length: int, tab
 
 
 def _is_tracing() -> bool:
-    # Value checks need a host sync; skip them while torch.compile / export trace the graph.
-    return torch.compiler.is_compiling()
+    # Value checks need a host sync; skip them while torch.compile / export trace the graph and
+    # while a CUDA graph is being captured (a sync there aborts the capture).
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

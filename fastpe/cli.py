@@ -20,6 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastpe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
+    from fastpe.train.cli import add_study, add_train
+
+    add_train(sub)
+    add_study(sub)
     return parser
 
 

@@ -1,0 +1,186 @@
+"""The study protocol: every encoding over several seeds, one table.
+
+Each run trains one (encoding, seed) with the same data, split, evaluation candidates
+(``eval_seed``) and hyper-parameters, selects its checkpoint on validation and reports the test
+metrics once. The study writes, under its output folder:
+
+* ``results.md``: mean +- std per encoding and metric (test), throughput, the popularity baseline;
+* ``runs.csv`` and ``runs.json``: every run's metrics and timings;
+* ``plot.png``: mean and spread per encoding;
+* ``runs/<encoding>/seed<k>/``: each run's checkpoints, history and summary.
+
+``resume=True`` keeps finished runs (their ``summary.json``) and resumes interrupted ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fastpe.data import load_dataset
+from fastpe.demo import format_table
+from fastpe.nn.factory import ENCODINGS
+from fastpe.train.checkpoint import atomic_write_text
+from fastpe.train.config import TrainConfig
+from fastpe.train.trainer import train
+
+
+def parse_encodings(spec: str) -> list[str]:
+    if spec.strip().lower() == "all":
+        return list(ENCODINGS)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ValueError("--encodings: give 'all' or a comma-separated list of encodings")
+    return names
+
+
+def metric_keys(cutoffs) -> list[str]:
+    return [f"{kind}_{m}@{k}" for kind in ("sampled", "full") for k in cutoffs for m in ("hit", "ndcg")]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def run_row(summary: dict, cutoffs) -> dict:
+    row = {"encoding": summary["encoding"], "seed": summary["seed"]}
+    for key in metric_keys(cutoffs):
+        row[f"test_{key}"] = summary["test"].get(key, math.nan)
+    for key in metric_keys(cutoffs):
+        row[f"valid_{key}"] = summary["valid"].get(key, math.nan)
+    row.update({
+        "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
+        "train_seq_per_s": summary["train_seq_per_s"], "train_seconds": summary["train_seconds"],
+        "eval_seconds": summary["eval_seconds"], "step": summary["step"], "backend": summary["backend"],
+        "device": summary["device"], "parameters": summary["parameters"],
+    })
+    return row
+
+
+def aggregate(rows: list[dict], encodings: list[str], cutoffs, popularity: dict | None) -> list[dict]:
+    """One row per encoding: ``mean ± std`` over seeds of the test metrics and the throughput."""
+    table = []
+    for name in encodings:
+        mine = [r for r in rows if r["encoding"] == name]
+        if not mine:
+            continue
+        line = {"encoding": name, "runs": str(len(mine))}
+        for key in metric_keys(cutoffs):
+            mean, std = _mean_std([r[f"test_{key}"] for r in mine])
+            line[key.replace("sampled_", "sampled ").replace("full_", "full ")] = f"{mean:.4f} ± {std:.4f}"
+        mean, _ = _mean_std([r["train_seq_per_s"] for r in mine])
+        line["train seq/s"] = f"{mean:.0f}"
+        line["step, backend"] = f"{mine[0]['step']}, {mine[0]['backend']}"
+        table.append(line)
+    if popularity:
+        line = {"encoding": "popularity", "runs": "-"}
+        for key in metric_keys(cutoffs):
+            line[key.replace("sampled_", "sampled ").replace("full_", "full ")] = f"{popularity.get(key, math.nan):.4f}"
+        line["train seq/s"] = "-"
+        line["step, backend"] = "-"
+        table.append(line)
+    return table
+
+
+def plot(rows: list[dict], encodings: list[str], cutoffs, popularity: dict | None, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = cutoffs[0] if 10 not in cutoffs else 10
+    metrics = [f"sampled_ndcg@{k}", f"full_ndcg@{k}", f"sampled_hit@{k}", f"full_hit@{k}"]
+    metrics = [m for m in metrics if any(not math.isnan(r[f"test_{m}"]) for r in rows)]
+    names = [e for e in encodings if any(r["encoding"] == e for r in rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for x, name in enumerate(names):
+            values = [r[f"test_{metric}"] for r in rows if r["encoding"] == name]
+            mean, std = _mean_std(values)
+            ax.bar(x, mean, color="tab:blue", alpha=0.6)
+            ax.errorbar(x, mean, yerr=std, color="black", capsize=3)
+            ax.scatter([x] * len(values), values, color="black", s=8, zorder=3)
+        if popularity and metric in popularity:
+            ax.axhline(popularity[metric], color="tab:red", linestyle="--", label="popularity")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+        ax.set_title(f"test {metric}", fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir: str | Path | None = None,
+              resume: bool = False, log=print, data=None) -> dict:
+    """Train every (encoding, seed); write and return the results (see the module docstring)."""
+    out = Path(out_dir) if out_dir else Path("runs") / f"study-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    data = data if data is not None else load_dataset(base.data, base.data_root, base.data_format, base.synthetic)
+    log(f"study: {data.describe()}; model {base.model}; {len(encodings)} encodings x {len(seeds)} seeds -> {out}")
+    rows, popularity = [], None
+    jobs = [(e, s) for e in encodings for s in seeds]
+    bar = tqdm(jobs, desc="study", disable=not base.progress, dynamic_ncols=True)
+    for encoding, seed in bar:
+        run_dir = out / "runs" / encoding / f"seed{seed}"
+        summary_path = run_dir / "summary.json"
+        if resume and summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+        else:
+            cfg = replace(base, encoding=encoding, seed=seed, out_dir=str(run_dir), resume=resume, progress=False)
+            summary = train(cfg, data, log=lambda *a: None)
+        popularity = popularity or summary["popularity_test"]
+        row = run_row(summary, base.cutoffs)
+        rows.append(row)
+        k = base.cutoffs[0]
+        line = (f"{encoding:>12} seed {seed}: test sampled NDCG@{k} {row[f'test_sampled_ndcg@{k}']:.4f}, "
+                f"full NDCG@{k} {row[f'test_full_ndcg@{k}']:.4f} (best epoch {row['best_epoch']}, "
+                f"{row['train_seq_per_s']:.0f} seq/s)")
+        if base.progress:
+            bar.write(line)
+        else:
+            log(line)
+    bar.close()
+    wall = time.perf_counter() - started
+    table = aggregate(rows, encodings, base.cutoffs, popularity)
+    text = format_table(table)
+    header = (f"# fastpe study: {data.name}, {base.model}\n\n"
+              f"{data.describe()}. {len(encodings)} encodings x {len(seeds)} seeds (seeds {', '.join(map(str, seeds))}); "
+              f"test metrics of the checkpoint selected on validation ({base.select_metric}), mean ± std over seeds. "
+              f"Sampled: the positive among {base.eval_negatives} negatives, ties counted against it; full: all items"
+              f"{', history excluded' if base.exclude_history else ''}.\n\n"
+              f"Machine: {platform.node() or 'unknown'}, {platform.processor() or platform.machine()}, "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads; device {rows[0]['device'] if rows else '-'}; "
+              f"wall time {wall:.0f} s.\n\n")
+    config = {k: v for k, v in base.to_dict().items() if k not in ("encoding", "seed", "out_dir", "resume", "progress")}
+    atomic_write_text(header + text + "\n\nConfiguration: `" + json.dumps(config) + "`\n", out / "results.md")
+    if rows:
+        with open(out / "runs.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    result = {"data": data.name, "dataset": data.describe(), "model": base.model, "encodings": encodings, "seeds": seeds,
+              "config": config, "wall_seconds": wall, "popularity_test": popularity, "runs": rows, "table": table}
+    atomic_write_text(json.dumps(result, indent=2), out / "runs.json")
+    if rows:
+        plot(rows, encodings, base.cutoffs, popularity, out / "plot.png",
+             f"{data.name}, {base.model}: test metrics over {len(seeds)} seeds")
+    result["text"] = text
+    result["out_dir"] = str(out)
+    return result
