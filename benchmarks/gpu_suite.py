@@ -80,6 +80,8 @@ def summary_rows(data: dict) -> list[dict]:
     """One row per benchmark group: the best fused backend against the baseline and the floor."""
     rows = []
     for group, benches in report.groups(data).items():
+        if benches[0]["extra_info"].get("op") == "carca-train-step":
+            continue  # see training_rows
         med = {report._impl(b): b["stats"]["median"] * 1e3 for b in benches}
         fused = {n: med[n] for n in report.FUSED if n in med}
         pytorch = {n: med[n] for n in report.PYTORCH_BASELINES if n in med}
@@ -91,6 +93,19 @@ def summary_rows(data: dict) -> list[dict]:
             row["speedup"] = min(pytorch.values()) / min(fused.values())
         if fused and floor in med:
             row["best fused / floor"] = min(fused.values()) / med[floor]
+        rows.append(row)
+    return rows
+
+
+def training_rows(data: dict) -> list[dict]:
+    """One row per encoding of the end-to-end benchmark: sequences/s of each backend/step."""
+    rows = []
+    for group, benches in report.groups(data).items():
+        if benches[0]["extra_info"].get("op") != "carca-train-step":
+            continue
+        row = {"training step": group}
+        for b in sorted(benches, key=lambda b: report._impl(b)):
+            row[f"{report._impl(b)} seq/s"] = b["extra_info"].get("seq_per_s")
         rows.append(row)
     return rows
 
@@ -158,6 +173,10 @@ def main(argv=None) -> int:
     bench_json.write_text(json.dumps(data, indent=1))
     rows = summary_rows(data)
     table = print_summary(rows)
+    training = training_rows(data)
+    if training:
+        print()
+        table += "\n\n" + print_summary(training)
     note = ("Reproduce: `python3 benchmarks/gpu_suite.py` on a GPU machine (builds the extension, runs "
             "`pytest -m gpu`, then `pytest benchmarks --benchmark-only`). Times are medians over rotating input "
             "sets with a device-synchronizing clock; `peak MiB` is CUDA memory allocated above the inputs during one "

@@ -13,7 +13,7 @@ import json
 import platform
 from pathlib import Path
 
-METRICS = (("peak_extra_mib", "peak extra MiB"), ("peak_mib", "peak MiB"), ("gbps", "GB/s"), ("tflops", "TFLOP/s"))
+METRICS = (("seq_per_s", "sequences/s"), ("peak_extra_mib", "peak extra MiB"), ("peak_mib", "peak MiB"), ("gbps", "GB/s"), ("tflops", "TFLOP/s"))
 
 
 def _impl(bench: dict) -> str:

@@ -19,7 +19,8 @@ import report  # noqa: E402
 def bench_json(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "benchmarks/test_bench_concat.py", "benchmarks/test_bench_rmha.py", "-q",
+        [sys.executable, "-m", "pytest", "benchmarks/test_bench_concat.py", "benchmarks/test_bench_rmha.py",
+         "benchmarks/test_bench_training_step.py", "-q",
          "--benchmark-enable", "--benchmark-max-time=0.01", "--benchmark-min-rounds=2", f"--benchmark-json={path}",
          "-p", "no:cacheprovider"],
         cwd=ROOT, capture_output=True, text=True,
@@ -47,6 +48,7 @@ def test_summary_and_plot_with_a_fused_backend(bench_json, tmp_path):
             fused["stats"]["median"] /= 2
             data["benchmarks"].append(fused)
     rows = gpu_suite.summary_rows(data)
+    assert rows and all("CARCA" not in r["benchmark"] for r in rows)
     assert all(r["speedup"] == pytest.approx(2.0) for r in rows)
     assert gpu_suite.print_summary(rows).startswith("| benchmark | best PyTorch ms | triton ms")
     png = tmp_path / "speedup.png"
@@ -60,3 +62,15 @@ def test_gpu_suite_says_so_without_a_gpu(tmp_path):
         pytest.skip("a GPU is present")
     result = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "no CUDA GPU" in result.stdout
+
+
+def test_training_step_benchmark_reports_sequences_per_second(bench_json):
+    groups = report.groups(bench_json)
+    rmha = groups["CARCA train step rmha-4 B=8 L=12 d=16 blocks=1 fp32"]
+    assert {report._impl(b) for b in rmha} == {"reference/eager", "torch/eager"}
+    for b in rmha:
+        assert b["extra_info"]["seq_per_s"] == pytest.approx(8 / b["stats"]["median"])
+    assert "| torch/eager |" in report.markdown(bench_json, "t") and "sequences/s" in report.markdown(bench_json, "t")
+    rows = {r["training step"]: r for r in gpu_suite.training_rows(bench_json)}
+    assert rows["CARCA train step none B=8 L=12 d=16 blocks=1 fp32"]["torch/eager seq/s"] > 0
+    assert len(rows) == 4
