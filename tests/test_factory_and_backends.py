@@ -54,6 +54,27 @@ def test_backend_resolution_on_cpu(monkeypatch):
         resolve_backend("torch", "flash", cpu)
 
 
+def test_auto_falls_back_to_torch_for_shapes_triton_declines(monkeypatch):
+    # Pretend auto prefers triton on this device (it runs under the interpreter here): a head size
+    # above Triton's limit must run through the torch composition, an explicit request must refuse.
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr("fastpe.backends._auto_order", lambda op, device: ("triton", "torch"))
+    from fastpe.kernels.triton._limits import MAX_HEAD_DIM
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 3, MAX_HEAD_DIM + 2, generator=g) for _ in range(3))
+    table = torch.randn(9, MAX_HEAD_DIM + 2, generator=g)
+    out = fastpe.relative_attention(q, k, v, table, table, backend="auto")
+    torch.testing.assert_close(out, fastpe.relative_attention(q, k, v, table, table, backend="torch"))
+    with pytest.raises(ValueError, match="head sizes up to"):
+        fastpe.relative_attention(q, k, v, table, table, backend="triton")
+    x, pos_table, weight = torch.randn(1, 5, 4, generator=g), torch.randn(5000, 3, generator=g), torch.randn(6, 7, generator=g)
+    positions = torch.tensor([[0, 1, 2, 3, 4999]])
+    out = fastpe.concat_projection(x, pos_table, weight, positions=positions, backend="auto")
+    torch.testing.assert_close(out, fastpe.concat_projection(x, pos_table, weight, positions=positions, backend="torch"))
+
+
 def test_import_fastpe_imports_only_torch():
     code = "import sys, fastpe; bad = [m for m in ('triton', 'fastpe._C', 'fastpe.kernels.triton') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

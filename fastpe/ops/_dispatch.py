@@ -6,13 +6,20 @@ from collections.abc import Callable
 
 import torch
 
-from fastpe.backends import fused_implementation, resolve_backend
+from fastpe.backends import _fused_module, fused_implementation, resolve_backend
 
 
-def implementation(op: str, backend: str, device: torch.device, reference: Callable, composed: Callable) -> Callable:
+def implementation(op: str, backend: str, device: torch.device, reference: Callable, composed: Callable,
+                   args: tuple = ()) -> Callable:
+    """The function for ``op``. With ``backend="auto"``, ``args`` (the call's arguments) let a fused
+    backend decline shapes it does not take (e.g. Triton's head-size limit): the torch composition
+    runs them instead. An explicitly requested backend is never replaced."""
     name = resolve_backend(backend, op, device)
     if name == "reference":
         return reference
     if name == "torch":
+        return composed
+    declines = getattr(_fused_module(name), "unsupported_reason", None)
+    if backend == "auto" and declines is not None and declines(op, *args) is not None:
         return composed
     return fused_implementation(op, name)

@@ -60,5 +60,7 @@ def concat_projection(
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     x, table, weight = x.to(dtype), table.to(dtype), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
-    fn = implementation("concat_projection", backend, x.device, concat_projection_reference, concat_projection_torch)
-    return fn(x, table, weight, bias, positions)
+    args = (x, table, weight, bias, positions)
+    fn = implementation("concat_projection", backend, x.device, concat_projection_reference, concat_projection_torch,
+                        args)
+    return fn(*args)

@@ -154,5 +154,6 @@ def relative_attention(
             raise ValueError(f"need_weights=True needs the 'torch' or 'reference' backend, got {backend!r}")
         fn = relative_attention_reference if backend == "reference" else relative_attention_torch
         return fn(*args, return_weights=True)
-    fn = implementation("relative_attention", backend, query.device, relative_attention_reference, relative_attention_torch)
+    fn = implementation("relative_attention", backend, query.device, relative_attention_reference,
+                        relative_attention_torch, args)
     return fn(*args)

@@ -11,6 +11,8 @@ Modules: ``rmha`` (relative attention), ``rotations`` (rotary, rotatory), ``conc
 every shipped kernel variant for sm_90 without a GPU).
 """
 
+from fastpe.kernels.triton._limits import unsupported_reason  # noqa: F401  (read by backend="auto")
+
 IMPLEMENTED_OPS: tuple[str, ...] = ("relative_attention", "rotary", "rotatory_add", "concat_projection")
 
 

@@ -23,8 +23,8 @@ import triton.language as tl
 
 from fastpe.kernels.triton import _launch
 from fastpe.kernels.triton._launch import Launch
+from fastpe.kernels.triton._limits import MAX_TABLE_ROWS
 
-MAX_TABLE_ROWS = 4096  # the one-hot columns of the weight-gradient GEMM grow with the table
 
 
 @triton.jit

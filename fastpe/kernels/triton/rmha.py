@@ -42,10 +42,9 @@ import triton.language as tl
 
 from fastpe.kernels.triton import _launch
 from fastpe.kernels.triton._launch import Launch
+from fastpe.kernels.triton._limits import MAX_BUCKETS, MAX_HEAD_DIM
 
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
-MAX_BUCKETS = 129  # 2k+1 buckets are gathered with an unrolled loop: keep k <= 64
 
 
 # ----------------------------------------------------------------------------------------------
