@@ -74,3 +74,17 @@ def test_training_step_benchmark_reports_sequences_per_second(bench_json):
     rows = {r["training step"]: r for r in gpu_suite.training_rows(bench_json)}
     assert rows["CARCA train step none B=8 L=12 d=16 blocks=1 fp32"]["torch/eager seq/s"] > 0
     assert len(rows) == 4
+
+
+def test_gpu_suite_rehearsal_on_the_cpu_writes_every_output(tmp_path):
+    # The whole flow of the GPU script (one pytest run per benchmark file, merged JSON, report,
+    # summary tables) on the CPU's smoke shapes, so the script is known to work before a GPU session.
+    result = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--cpu", "--out", str(tmp_path),
+                             "--max-time", "0.001", "--only", "not compiled and not flex and not triton"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    ops = {b["extra_info"].get("op") for b in data["benchmarks"]}
+    assert {"carca-train-step", "concat-projection"} <= ops and len(ops) >= 4
+    text = (tmp_path / "gpu.md").read_text()
+    assert "## Summary" in text and "| training step |" in text and "--cpu rehearsal" in text
+    assert not list(tmp_path.glob("gpu-*.json"))  # the per-file parts are merged away
