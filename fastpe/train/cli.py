@@ -117,6 +117,10 @@ def run_train(args) -> int:
     summary = train(cfg)
     if not distributed.is_main():  # several processes (torchrun): the first one reports
         return 0
+    if summary.get("interrupted"):
+        print(f"stopped after epoch {summary['epoch']} (--stop-after-epochs); --resume continues it: "
+              f"{Path(summary['out_dir'])}")
+        return 0
     keys = [k for k in summary["test"]]
     print(f"{summary['dataset']}; {cfg.model} + {cfg.encoding}, best epoch {summary['best_epoch']} of "
           f"{summary['epochs_run']}, {summary['train_seq_per_s']:.0f} train seq/s ({summary['step']}, "
