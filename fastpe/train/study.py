@@ -70,7 +70,8 @@ def run_row(summary: dict, cutoffs) -> dict:
         "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
         "train_seq_per_s": summary["train_seq_per_s"], "train_seconds": summary["train_seconds"],
         "eval_seconds": summary["eval_seconds"], "step": summary["step"], "backend": summary["backend"],
-        "device": summary["device"], "parameters": summary["parameters"],
+        "device": summary["device"], "world_size": summary.get("world_size", 1),  # absent before data parallelism
+        "parameters": summary["parameters"],
     })
     return row
 
