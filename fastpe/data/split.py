@@ -119,6 +119,13 @@ class Batch:
     def __len__(self) -> int:
         return len(self.items)
 
+    def rows(self, start: int, stop: int) -> "Batch":
+        """Rows ``[start, stop)`` (views): one process's shard of a data-parallel batch."""
+        def cut(a):
+            return None if a is None else a[start:stop]
+
+        return Batch(cut(self.items), cut(self.targets), cut(self.context), cut(self.target_context))
+
 
 def training_examples(split: Split, users: np.ndarray, max_len: int, mode: str, rng: np.random.Generator) -> Batch:
     """Training rows for ``users``.

@@ -110,10 +110,17 @@ def add_study(sub) -> None:
 
 
 def run_train(args) -> int:
+    from fastpe.train import distributed
     from fastpe.train.trainer import train
 
     cfg = config_from_args(args)
     summary = train(cfg)
+    if not distributed.is_main():  # several processes (torchrun): the first one reports
+        return 0
+    if summary.get("interrupted"):
+        print(f"stopped after epoch {summary['epoch']} (--stop-after-epochs); --resume continues it: "
+              f"{Path(summary['out_dir'])}")
+        return 0
     keys = [k for k in summary["test"]]
     print(f"{summary['dataset']}; {cfg.model} + {cfg.encoding}, best epoch {summary['best_epoch']} of "
           f"{summary['epochs_run']}, {summary['train_seq_per_s']:.0f} train seq/s ({summary['step']}, "
@@ -130,11 +137,14 @@ def run_train(args) -> int:
 
 
 def run_study_command(args) -> int:
+    from fastpe.train import distributed
     from fastpe.train.study import parse_encodings, run_study
 
     cfg = config_from_args(args, skip=("encoding", "seed", "stop_after_epochs"))
     seeds = args.seeds if args.seeds is not None else (2 if cfg.data == "synthetic" else 3)
     result = run_study(cfg, parse_encodings(args.encodings), list(range(seeds)), cfg.out_dir, resume=cfg.resume)
+    if not distributed.is_main():
+        return 0
     print(f"\n{result['dataset']}; {cfg.model}; test metrics, mean ± std over {seeds} seeds; wall time "
           f"{result['wall_seconds']:.0f} s")
     print(result["text"])

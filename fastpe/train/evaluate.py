@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fastpe.data.split import EvalSet, Split, eval_set, sample_eval_negatives
+from fastpe.train import distributed
 from fastpe.train.metrics import full_ranks, sampled_ranks, summarize
 
 
@@ -92,18 +93,32 @@ class PopularityScorer:
 
 @torch.no_grad()
 def evaluate(scorer, stage: StageData, n_items: int, cutoffs=(10,), sampled: bool = True, full: bool = False,
-             exclude_history: bool = True, batch_size: int = 256, device="cpu") -> dict[str, float]:
-    """Metrics ``{"sampled_hit@10": ..., "full_ndcg@10": ...}`` of a scorer on one stage."""
+             exclude_history: bool = True, batch_size: int = 256, device="cpu",
+             sharded: bool = False) -> dict[str, float]:
+    """Metrics ``{"sampled_hit@10": ..., "full_ndcg@10": ...}`` of a scorer on one stage.
+
+    ``sharded``: under data-parallel training every process calls this with the same model and
+    scores a contiguous block of whole batches (the batches one process would score, so the same
+    numbers); the per-user ranks are gathered in order and every process gets the same metrics.
+    """
     device = torch.device(device)
     model = getattr(scorer, "model", None)
     was_training = model.training if model is not None else False
     if model is not None:
         model.eval()
     n_users = len(stage.data.targets)
+    starts = range(0, n_users, batch_size)
+    counts = [n_users]
+    if sharded and distributed.world_size() > 1:
+        world, n = distributed.world_size(), len(starts)
+        bounds = [min(n * r // world * batch_size, n_users) for r in range(world + 1)]
+        counts = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+        rank = distributed.rank()
+        starts = range(bounds[rank], bounds[rank + 1], batch_size)
     sampled_out, full_out = [], []
     all_items = torch.arange(1, n_items + 1, device=device)
     try:
-        for start in range(0, n_users, batch_size):
+        for start in starts:
             rows = np.arange(start, min(start + batch_size, n_users))
             if sampled:
                 cands = torch.as_tensor(stage.candidates[rows], device=device)
@@ -122,9 +137,14 @@ def evaluate(scorer, stage: StageData, n_items: int, cutoffs=(10,), sampled: boo
     finally:
         if model is not None:
             model.train(was_training)
+
+    def ranks(parts):
+        local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
+        return distributed.gather_rows(local, counts) if len(counts) > 1 else local
+
     metrics = {}
     if sampled:
-        metrics.update(summarize(torch.cat(sampled_out) if sampled_out else torch.zeros(0), cutoffs, "sampled_"))
+        metrics.update(summarize(ranks(sampled_out), cutoffs, "sampled_"))
     if full:
-        metrics.update(summarize(torch.cat(full_out) if full_out else torch.zeros(0), cutoffs, "full_"))
+        metrics.update(summarize(ranks(full_out), cutoffs, "full_"))
     return metrics

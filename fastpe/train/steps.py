@@ -15,16 +15,27 @@ import torch.nn.functional as F
 
 
 def sampled_bce_loss(model, items, context, targets, target_context, n_items: int, n_negatives: int,
-                     generator: torch.Generator | None, per_position: bool) -> torch.Tensor:
+                     generator: torch.Generator | None, per_position: bool, n_targets: torch.Tensor | None = None,
+                     shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Binary cross-entropy of each target against ``n_negatives`` uniformly sampled items.
 
     targets ``[B, T]`` (0 = no target). Negatives are drawn on the targets' device from
     ``1..n_items``; one that equals the target or any item of its row (the profile) is left out
     of the loss instead of being redrawn, so the step needs no host synchronisation. Per target:
     ``softplus(-s_pos) + mean(softplus(s_neg))``; the loss is the mean over targets.
+
+    Data parallel (``shard = (rank, world)``, world > 1): the rows are this rank's contiguous
+    ``1/world`` of the global batch. The negatives are drawn for the whole global batch (every rank
+    draws the same) and this rank's rows taken, so together the ranks use exactly the negatives of
+    one process. The loss is this rank's sum over targets divided by ``n_targets`` (a 0-d tensor:
+    the global batch's number of targets) times ``world``: DDP averages the gradients over ranks,
+    which then equal those of the global mean.
     """
+    rank, world = shard
     b, t = targets.shape
-    negatives = torch.randint(1, n_items + 1, (b, t, n_negatives), device=targets.device, generator=generator)
+    negatives = torch.randint(1, n_items + 1, (b * world, t, n_negatives), device=targets.device, generator=generator)
+    if world > 1:
+        negatives = negatives[rank * b:(rank + 1) * b]
     candidates = torch.cat([targets.unsqueeze(-1), negatives], dim=-1)
     logits = model(items, context, candidates, target_context, per_position).float()
     has_target = targets != 0
@@ -34,6 +45,8 @@ def sampled_bce_loss(model, items, context, targets, target_context, n_items: in
     positive_term = F.softplus(-logits[..., 0])
     negative_term = (F.softplus(logits[..., 1:]) * usable).sum(-1) / usable.sum(-1).clamp(min=1)
     per_target = (positive_term + negative_term) * has_target
+    if world > 1:
+        return per_target.sum() / n_targets * world
     return per_target.sum() / has_target.sum().clamp(min=1)
 
 

@@ -10,6 +10,9 @@ metrics once. The study writes, under its output folder:
 * ``runs/<encoding>/seed<k>/``: each run's checkpoints, history and summary.
 
 ``resume=True`` keeps finished runs (their ``summary.json``) and resumes interrupted ones.
+
+Under ``torchrun`` with several processes every run trains data parallel in the one process
+group; only the first process logs and writes.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from tqdm.auto import tqdm
 from fastpe.data import load_dataset
 from fastpe.demo import format_table
 from fastpe.nn.factory import ENCODINGS
+from fastpe.train import distributed
 from fastpe.train.checkpoint import atomic_write_text
 from fastpe.train.config import TrainConfig
-from fastpe.train.trainer import train
+from fastpe.train.trainer import resolve_device, train
 
 
 def parse_encodings(spec: str) -> list[str]:
@@ -66,7 +70,8 @@ def run_row(summary: dict, cutoffs) -> dict:
         "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
         "train_seq_per_s": summary["train_seq_per_s"], "train_seconds": summary["train_seconds"],
         "eval_seconds": summary["eval_seconds"], "step": summary["step"], "backend": summary["backend"],
-        "device": summary["device"], "parameters": summary["parameters"],
+        "device": summary["device"], "world_size": summary.get("world_size", 1),  # absent before data parallelism
+        "parameters": summary["parameters"],
     })
     return row
 
@@ -129,14 +134,20 @@ def plot(rows: list[dict], encodings: list[str], cutoffs, popularity: dict | Non
 def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir: str | Path | None = None,
               resume: bool = False, log=print, data=None) -> dict:
     """Train every (encoding, seed); write and return the results (see the module docstring)."""
-    out = Path(out_dir) if out_dir else Path("runs") / f"study-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    distributed.setup(resolve_device(base.device))  # several processes: join the group the runs share
+    main = distributed.is_main()
+    if not main:
+        log = lambda *args: None  # noqa: E731
+    # The default name holds the start time: the first process's, so that all use one folder.
+    out = Path(out_dir) if out_dir else distributed.from_main(
+        Path("runs") / f"study-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     data = data if data is not None else load_dataset(base.data, base.data_root, base.data_format, base.synthetic)
     log(f"study: {data.describe()}; model {base.model}; {len(encodings)} encodings x {len(seeds)} seeds -> {out}")
     rows, popularity = [], None
     jobs = [(e, s) for e in encodings for s in seeds]
-    bar = tqdm(jobs, desc="study", disable=not base.progress, dynamic_ncols=True)
+    bar = tqdm(jobs, desc="study", disable=not (base.progress and main), dynamic_ncols=True)
     for encoding, seed in bar:
         run_dir = out / "runs" / encoding / f"seed{seed}"
         summary_path = run_dir / "summary.json"
@@ -169,18 +180,20 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
               f"torch {torch.__version__}, {torch.get_num_threads()} threads; device {rows[0]['device'] if rows else '-'}; "
               f"wall time {wall:.0f} s.\n\n")
     config = {k: v for k, v in base.to_dict().items() if k not in ("encoding", "seed", "out_dir", "resume", "progress")}
-    atomic_write_text(header + text + "\n\nConfiguration: `" + json.dumps(config) + "`\n", out / "results.md")
-    if rows:
-        with open(out / "runs.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
     result = {"data": data.name, "dataset": data.describe(), "model": base.model, "encodings": encodings, "seeds": seeds,
               "config": config, "wall_seconds": wall, "popularity_test": popularity, "runs": rows, "table": table}
-    atomic_write_text(json.dumps(result, indent=2), out / "runs.json")
-    if rows:
-        plot(rows, encodings, base.cutoffs, popularity, out / "plot.png",
-             f"{data.name}, {base.model}: test metrics over {len(seeds)} seeds")
+    if main:
+        atomic_write_text(header + text + "\n\nConfiguration: `" + json.dumps(config) + "`\n", out / "results.md")
+        if rows:
+            with open(out / "runs.csv", "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        atomic_write_text(json.dumps(result, indent=2), out / "runs.json")
+        if rows:
+            plot(rows, encodings, base.cutoffs, popularity, out / "plot.png",
+                 f"{data.name}, {base.model}: test metrics over {len(seeds)} seeds")
+    distributed.barrier()
     result["text"] = text
     result["out_dir"] = str(out)
     return result

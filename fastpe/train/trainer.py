@@ -5,6 +5,13 @@ run needs to continue exactly as an uninterrupted one (model, optimizer, schedul
 state including the negative sampler's, epoch counter, early-stopping state, metric history);
 ``best.pt`` holds the weights of the best validation epoch. The test metrics are computed once,
 at the end, with the best weights.
+
+Started by ``torchrun`` with several processes, the run trains data parallel (see
+:mod:`fastpe.train.distributed`): every process builds the same global batch from the same
+seeded generator and trains on its contiguous share of the rows through
+``DistributedDataParallel``; evaluation is split over the processes and gathered; only the first
+process writes files and logs. Checkpoints hold the bare model, so a run resumes with any number
+of processes.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from fastpe.data.readers import InteractionData
 from fastpe.data.split import Split, epoch_batches, n_batches
 from fastpe.models import build_model
 from fastpe.train import checkpoint as ckpt
+from fastpe.train import distributed
 from fastpe.train.config import TrainConfig
 from fastpe.train.evaluate import ModelScorer, PopularityScorer, evaluate, prepare_stage
 from fastpe.train.steps import STEPS, sampled_bce_loss
@@ -150,16 +158,17 @@ def default_out_dir(prefix: str = "train") -> Path:
     return Path("runs") / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def _batch_tensors(batch, device, use_context: bool):
-    def move(a):
-        if a is None:
-            return None
-        t = torch.from_numpy(a)
-        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+def _move(a, device):
+    if a is None:
+        return None
+    t = torch.from_numpy(a)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
+
+def _batch_tensors(batch, device, use_context: bool):
     ctx = use_context and batch.context is not None
-    return (move(batch.items), move(batch.context) if ctx else None, move(batch.targets),
-            move(batch.target_context) if ctx else None)
+    return (_move(batch.items, device), _move(batch.context, device) if ctx else None, _move(batch.targets, device),
+            _move(batch.target_context, device) if ctx else None)
 
 
 def resolved_backends(device: torch.device) -> str:
@@ -182,6 +191,16 @@ class Run:
         if cfg.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"--cuda-graphs needs a CUDA device (got {self.device}); on the CPU use the eager or "
                              "--compile step")
+        self.device = distributed.setup(self.device)  # a torchrun launch: this process's device
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.main = self.rank == 0
+        if not self.main:
+            self.log = lambda *args: None
+        if self.world > 1:
+            if cfg.cuda_graphs:
+                raise ValueError(f"--cuda-graphs is not supported with {self.world} processes (torchrun): the "
+                                 "gradient all-reduce is not captured; use the eager or --compile step")
+            self.rows = distributed.local_rows(cfg.batch_size, self.world, self.rank)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         torch.manual_seed(cfg.seed)
         self.data = data if data is not None else load_dataset(cfg.data, cfg.data_root, cfg.data_format, cfg.synthetic)
@@ -192,6 +211,9 @@ class Run:
         self.mode = target_mode(cfg, self.causal)
         torch.manual_seed(cfg.seed)
         self.model = make_model(cfg, self.split).to(self.device)
+        self.train_model = self.model  # what the training step calls: DDP's wrapper with several processes
+        if self.world > 1:
+            self.train_model = distributed.wrap(self.model, self.device)
         self.optimizer = make_optimizer(cfg, self.model, self.device, graphed=cfg.cuda_graphs)
         self.steps_per_epoch = n_batches(self.split, cfg.batch_size, cfg.samples_per_user)
         self.schedule = WarmupSchedule(self.optimizer, cfg.lr, cfg.warmup_steps, cfg.epochs * self.steps_per_epoch,
@@ -206,7 +228,8 @@ class Run:
             torch.cuda.manual_seed(cfg.seed + 7919)
         self.valid = prepare_stage(self.split, "valid", cfg.max_len, cfg.eval_negatives, cfg.eval_seed, cfg.valid_users)
         self.state = RunState()
-        self.out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir()
+        # The default name holds the start time: the first process's, so that all write and read one folder.
+        self.out_dir = Path(cfg.out_dir) if cfg.out_dir else distributed.from_main(default_out_dir())
         self.use_context = cfg.use_context and self.split.context is not None and cfg.model.lower() == "carca"
         self.select = cfg.select_metric
         allowed = [f"{kind}_{m}" for kind in ("sampled", "full") for m in
@@ -216,9 +239,18 @@ class Run:
                              f"got {self.select!r}")
 
     # ----------------------------------------------------------------------------------- steps
-    def loss_fn(self, items, context, targets, target_context):
-        return sampled_bce_loss(self.model, items, context, targets, target_context, self.split.n_items,
-                                self.cfg.negatives, self.sampler, self.mode == "all")
+    def loss_fn(self, items, context, targets, target_context, n_targets=None):
+        return sampled_bce_loss(self.train_model, items, context, targets, target_context, self.split.n_items,
+                                self.cfg.negatives, self.sampler, self.mode == "all", n_targets,
+                                (self.rank, self.world))
+
+    def batch_tensors(self, batch) -> tuple:
+        """The step's inputs: the batch, or with several processes this process's rows of it and the
+        global batch's number of targets (known to every process from the same global batch)."""
+        if self.world == 1:
+            return _batch_tensors(batch, self.device, self.use_context)
+        n_targets = np.asarray(max(int((batch.targets != 0).sum()), 1), dtype=np.float32)
+        return (*_batch_tensors(batch.rows(*self.rows), self.device, self.use_context), _move(n_targets, self.device))
 
     def make_step(self, kind: str, model=None, optimizer=None):
         model = model or self.model
@@ -267,21 +299,28 @@ class Run:
     def train_epoch(self, step, epoch: int) -> float:
         cfg = self.cfg
         self.model.train()
+        if self.rank > 0:
+            # Dropout: one seed everywhere would give every shard the same masks. The first process
+            # keeps the run's stream (saved in last.pt); the others are re-seeded each epoch, so a
+            # resumed run with as many processes continues exactly.
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, self.rank, epoch]).generate_state(1)[0]))
         total = torch.zeros((), device=self.device)
         count = 0
-        sequences = 0
+        sequences = 0  # of the global batch: the throughput counts every process's sequences
         bar = tqdm(total=self.steps_per_epoch, desc=f"{cfg.encoding} epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not cfg.progress, dynamic_ncols=True)
+                   disable=not (cfg.progress and self.main), dynamic_ncols=True)
         start = time.perf_counter()
         for batch in epoch_batches(self.split, cfg.batch_size, cfg.max_len, self.mode, self.rng, cfg.samples_per_user):
             sequences += int((batch.targets != 0).any(axis=1).sum())
             self.schedule.apply()
-            loss = step(*_batch_tensors(batch, self.device, self.use_context))
+            loss = step(*self.batch_tensors(batch))
             total += loss
             count += 1
             bar.update(1)
             if count % 50 == 0:  # reading the loss syncs: only now and then, between steps
                 bar.set_postfix(loss=f"{float(total) / count:.4f}")
+        if self.world > 1:  # each process's loss is its share of the global mean, times the world size
+            total = distributed.all_reduce_sum(total) / self.world
         mean_loss = float(total) / max(count, 1)  # also waits for the device
         self.state.train_seconds += time.perf_counter() - start
         self.state.train_sequences += sequences
@@ -291,7 +330,7 @@ class Run:
     def evaluate_stage(self, stage, sampled=True, full=False, model=None) -> dict:
         scorer = ModelScorer(model or self.model, stage, self.device, self.amp_dtype)
         return evaluate(scorer, stage, self.split.n_items, self.cfg.cutoffs, sampled, full, self.cfg.exclude_history,
-                        self.cfg.eval_batch_size, self.device)
+                        self.cfg.eval_batch_size, self.device, sharded=True)
 
     def execute(self) -> dict:
         cfg = self.cfg
@@ -301,8 +340,10 @@ class Run:
                 raise FileExistsError(f"{self.out_dir} already holds a run (last.pt); pass --resume to continue it "
                                       "or choose another --out-dir")
             self.restore(last)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(json.dumps(cfg.to_dict(), indent=2), self.out_dir / "config.json")
+        distributed.barrier()  # every process has looked at the folder before the first one writes to it
+        if self.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_text(json.dumps(cfg.to_dict(), indent=2), self.out_dir / "config.json")
         step = self.make_step(self.step_kind())
         full_select = self.select.startswith("full_")
         key = self.select.split("_", 1)[1]
@@ -315,15 +356,19 @@ class Run:
             improved = value > self.state.best
             if improved:
                 self.state.best, self.state.best_epoch, self.state.bad_epochs = value, epoch + 1, 0
-                ckpt.atomic_save({"model": self.model.state_dict(), "epoch": epoch + 1}, best)
+                if self.main:
+                    ckpt.atomic_save({"model": self.model.state_dict(), "epoch": epoch + 1}, best)
             else:
                 self.state.bad_epochs += 1
             self.state.epoch = epoch + 1
             self.state.history.append({"epoch": epoch + 1, "loss": loss, **{f"valid_{k}": v for k, v in metrics.items()}})
             if cfg.patience and self.state.bad_epochs >= cfg.patience:
                 self.state.stopped_early = True
-            ckpt.atomic_save(self.checkpoint(), last)
-            ckpt.atomic_write_text("".join(json.dumps(h) + "\n" for h in self.state.history), self.out_dir / "metrics.jsonl")
+            if self.main:
+                ckpt.atomic_save(self.checkpoint(), last)
+                ckpt.atomic_write_text("".join(json.dumps(h) + "\n" for h in self.state.history),
+                                       self.out_dir / "metrics.jsonl")
+            distributed.barrier()  # no process reads best.pt or stops before this epoch's files are complete
             self.log(f"epoch {epoch + 1}: loss {loss:.4f}, valid {key} {value:.4f}{' (best)' if improved else ''}")
             epochs_here += 1
             if cfg.stop_after_epochs and epochs_here >= cfg.stop_after_epochs and self.state.epoch < cfg.epochs:
@@ -351,15 +396,19 @@ class Run:
             if name == "test":
                 popularity = evaluate(pop_scorer, stage, self.split.n_items, cfg.cutoffs, True,
                                       cfg.full_ranking and not subset, cfg.exclude_history, cfg.eval_batch_size,
-                                      self.device)
+                                      self.device, sharded=True)
                 if cfg.full_ranking and subset:
                     popularity.update(evaluate(pop_scorer, few, self.split.n_items, cfg.cutoffs, False, True,
-                                               cfg.exclude_history, cfg.eval_batch_size, self.device))
+                                               cfg.exclude_history, cfg.eval_batch_size, self.device, sharded=True))
         valid_metrics, test_metrics = metrics["valid"], metrics["test"]
         eval_seconds = time.perf_counter() - start
         throughput = {self.step_kind(): self.state.train_sequences / max(self.state.train_seconds, 1e-9)}
-        if cfg.benchmark_steps:
+        if cfg.benchmark_steps and self.world == 1:
             throughput.update(self.benchmark(cfg.benchmark_steps))
+        elif cfg.benchmark_steps and self.main:
+            # The benchmark times one process's step on its own device (no DDP): named apart from
+            # the data-parallel training throughput.
+            throughput.update({f"{k} (1 process)": v for k, v in self.benchmark(cfg.benchmark_steps).items()})
         summary = {
             "data": self.data.name,
             "dataset": self.data.describe(),
@@ -367,6 +416,7 @@ class Run:
             "encoding": cfg.encoding,
             "seed": cfg.seed,
             "device": str(self.device),
+            "world_size": self.world,
             "backend": resolved_backends(self.device) if cfg.backend == "auto" else cfg.backend,
             "step": self.step_kind(),
             "threads": torch.get_num_threads(),
@@ -389,7 +439,9 @@ class Run:
             "history": self.state.history,
             "out_dir": str(self.out_dir),
         }
-        ckpt.atomic_write_text(json.dumps(summary, indent=2), self.out_dir / "summary.json")
+        if self.main:
+            ckpt.atomic_write_text(json.dumps(summary, indent=2), self.out_dir / "summary.json")
+        distributed.barrier()
         return summary
 
     def benchmark(self, steps: int) -> dict:
