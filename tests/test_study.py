@@ -91,3 +91,18 @@ def test_cli_train_and_study(tmp_path, capsys):
     assert "| abs" in printed and "| rmha-4" in printed and (tmp_path / "s" / "results.md").exists()
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
     assert cfg["d_model"] == 8 and cfg["n_blocks"] == SYNTHETIC_PRESET["n_blocks"]  # preset fills the rest
+
+
+def test_table_shows_spread_only_over_several_runs():
+    import statistics
+
+    from fastpe.train.study import aggregate, metric_keys
+
+    def row(encoding, seed, value):
+        return {"encoding": encoding, "seed": seed, "train_seq_per_s": 10.0, "step": "eager", "backend": "torch",
+                **{f"test_{k}": value for k in metric_keys([10])}}
+
+    table = {r["encoding"]: r for r in aggregate([row("abs", 0, 0.5), row("rope", 0, 0.2), row("rope", 1, 0.4)],
+                                                   ["abs", "rope"], [10], None)}
+    assert table["abs"]["sampled ndcg@10"] == "0.5000"
+    assert table["rope"]["sampled ndcg@10"] == f"0.3000 ± {statistics.stdev([0.2, 0.4]):.4f}"

@@ -86,7 +86,9 @@ def aggregate(rows: list[dict], encodings: list[str], cutoffs, popularity: dict 
         line = {"encoding": name, "runs": str(len(mine))}
         for key in metric_keys(cutoffs):
             mean, std = _mean_std([r[f"test_{key}"] for r in mine])
-            line[key.replace("sampled_", "sampled ").replace("full_", "full ")] = f"{mean:.4f} ± {std:.4f}"
+            # One run has no spread: print its value alone rather than a misleading "± 0".
+            cell = f"{mean:.4f} ± {std:.4f}" if len(mine) > 1 else f"{mean:.4f}"
+            line[key.replace("sampled_", "sampled ").replace("full_", "full ")] = cell
         mean, _ = _mean_std([r["train_seq_per_s"] for r in mine])
         line["train seq/s"] = f"{mean:.0f}"
         line["step, backend"] = f"{mine[0]['step']}, {mine[0]['backend']}"
