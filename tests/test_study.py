@@ -72,6 +72,7 @@ def test_resumed_study_reuses_finished_runs(study):
     result, cfg = study
     again = run_study(cfg, ["none", "learnt"], SEEDS, result["out_dir"], resume=True, log=quiet)
     assert again["runs"] == result["runs"] and again["wall_seconds"] < 30
+    assert "4 of 4 runs reused from an earlier invocation" in open(f"{result['out_dir']}/results.md").read()
 
 
 def test_parse_encodings():

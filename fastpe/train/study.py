@@ -133,6 +133,15 @@ def plot(rows: list[dict], encodings: list[str], cutoffs, popularity: dict | Non
     plt.close(fig)
 
 
+def _reuse_note(reused: int, total: int, rows: list[dict]) -> str:
+    # A resumed study's wall time covers only the runs it trained: say how the rest were obtained.
+    if not reused:
+        return ""
+    run_seconds = sum(r["train_seconds"] + r["eval_seconds"] for r in rows)
+    return (f" ({reused} of {total} runs reused from an earlier invocation; training and evaluation of all runs "
+            f"took {run_seconds:.0f} s)")
+
+
 def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir: str | Path | None = None,
               resume: bool = False, log=print, data=None) -> dict:
     """Train every (encoding, seed); write and return the results (see the module docstring)."""
@@ -147,7 +156,7 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
     started = time.perf_counter()
     data = data if data is not None else load_dataset(base.data, base.data_root, base.data_format, base.synthetic)
     log(f"study: {data.describe()}; model {base.model}; {len(encodings)} encodings x {len(seeds)} seeds -> {out}")
-    rows, popularity = [], None
+    rows, popularity, reused = [], None, 0
     jobs = [(e, s) for e in encodings for s in seeds]
     bar = tqdm(jobs, desc="study", disable=not (base.progress and main), dynamic_ncols=True)
     for encoding, seed in bar:
@@ -155,6 +164,7 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
         summary_path = run_dir / "summary.json"
         if resume and summary_path.exists():
             summary = json.loads(summary_path.read_text())
+            reused += 1
         else:
             cfg = replace(base, encoding=encoding, seed=seed, out_dir=str(run_dir), resume=resume, progress=False)
             summary = train(cfg, data, log=lambda *a: None)
@@ -179,8 +189,8 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
               f"Sampled: the positive among {base.eval_negatives} negatives, ties counted against it; full: all items"
               f"{', history excluded' if base.exclude_history else ''}.\n\n"
               f"Machine: {platform.node() or 'unknown'}, {platform.processor() or platform.machine()}, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads; device {rows[0]['device'] if rows else '-'}; "
-              f"wall time {wall:.0f} s.\n\n")
+              f"torch {torch.__version__}, {base.threads or torch.get_num_threads()} threads; device {rows[0]['device'] if rows else '-'}; "
+              f"wall time {wall:.0f} s{_reuse_note(reused, len(jobs), rows)}.\n\n")
     config = {k: v for k, v in base.to_dict().items() if k not in ("encoding", "seed", "out_dir", "resume", "progress")}
     result = {"data": data.name, "dataset": data.describe(), "model": base.model, "encodings": encodings, "seeds": seeds,
               "config": config, "wall_seconds": wall, "popularity_test": popularity, "runs": rows, "table": table}
