@@ -239,6 +239,30 @@ def _rmha_fwd_kernel(
 
 
 @triton.jit
+def _load_query_block(q_base, do_base, o_base, lse_base, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
+                      rk_a, rk_b, rv_a, rv_b, DA: tl.constexpr, DB: tl.constexpr, DH: tl.constexpr,
+                      DVA: tl.constexpr, DVB: tl.constexpr, DV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """What the backward needs of one query block: q and dO (split at DA / DVA), D_i = rowsum(dO o O),
+    q.rk^T and dO.rv^T over the buckets, and the forward's log-sum-exp."""
+    q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH)
+    do_a = _load_rows(do_base, offs_m, m_mask, sdom, sdod, 0, DVA, DV)
+    di = tl.sum(do_a.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, 0, DVA, DV).to(tl.float32), axis=1)
+    qr = tl.dot(q_a, tl.trans(rk_a), input_precision=DOT_PREC)
+    dorv = tl.dot(do_a, tl.trans(rv_a), input_precision=DOT_PREC)
+    q_b = q_a
+    do_b = do_a
+    if DB > 0:
+        q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
+        qr = tl.dot(q_b, tl.trans(rk_b), qr, input_precision=DOT_PREC)
+    if DVB > 0:
+        do_b = _load_rows(do_base, offs_m, m_mask, sdom, sdod, DVA, DVB, DV)
+        di += tl.sum(do_b.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, DVA, DVB, DV).to(tl.float32), axis=1)
+        dorv = tl.dot(do_b, tl.trans(rv_b), dorv, input_precision=DOT_PREC)
+    lse = tl.load(lse_base + offs_m, mask=m_mask, other=0.0)
+    return q_a, q_b, do_a, do_b, di, qr, dorv, lse
+
+
+@triton.jit
 def _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
               offs_m, offs_n, m_mask, n_mask, b, h, bh,
               KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
@@ -349,21 +373,9 @@ def _rmha_bwd_kernel(
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_mask = offs_m < LQ
-            q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH)
-            do_a = _load_rows(do_base, offs_m, m_mask, sdom, sdod, 0, DVA, DV)
-            di = tl.sum(do_a.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, 0, DVA, DV).to(tl.float32), axis=1)
-            qr = tl.dot(q_a, tl.trans(rk_a), input_precision=DOT_PREC)
-            dorv = tl.dot(do_a, tl.trans(rv_a), input_precision=DOT_PREC)
-            q_b = q_a
-            do_b = do_a
-            if DB > 0:
-                q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
-                qr = tl.dot(q_b, tl.trans(rk_b), qr, input_precision=DOT_PREC)
-            if DVB > 0:
-                do_b = _load_rows(do_base, offs_m, m_mask, sdom, sdod, DVA, DVB, DV)
-                di += tl.sum(do_b.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, DVA, DVB, DV).to(tl.float32), axis=1)
-                dorv = tl.dot(do_b, tl.trans(rv_b), dorv, input_precision=DOT_PREC)
-            lse = tl.load(LSE + bh * LQ + offs_m, mask=m_mask, other=0.0)
+            q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
+                q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
+                rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC)
             bucket, p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
                                            offs_m, offs_n, m_mask, n_mask, b, h, bh,
                                            KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
@@ -406,21 +418,9 @@ def _rmha_bwd_kernel(
             start_m = pid_blk * BLOCK_M
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_mask = offs_m < LQ
-            q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH)
-            do_a = _load_rows(do_base, offs_m, m_mask, sdom, sdod, 0, DVA, DV)
-            di = tl.sum(do_a.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, 0, DVA, DV).to(tl.float32), axis=1)
-            qr = tl.dot(q_a, tl.trans(rk_a), input_precision=DOT_PREC)
-            dorv = tl.dot(do_a, tl.trans(rv_a), input_precision=DOT_PREC)
-            q_b = q_a
-            do_b = do_a
-            if DB > 0:
-                q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
-                qr = tl.dot(q_b, tl.trans(rk_b), qr, input_precision=DOT_PREC)
-            if DVB > 0:
-                do_b = _load_rows(do_base, offs_m, m_mask, sdom, sdod, DVA, DVB, DV)
-                di += tl.sum(do_b.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, DVA, DVB, DV).to(tl.float32), axis=1)
-                dorv = tl.dot(do_b, tl.trans(rv_b), dorv, input_precision=DOT_PREC)
-            lse = tl.load(LSE + bh * LQ + offs_m, mask=m_mask, other=0.0)
+            q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
+                q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
+                rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC)
             dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
             dq_b = tl.zeros([BLOCK_M, DBX], tl.float32)
             dsb_all = tl.zeros([BLOCK_M, R_PAD], tl.float32)
