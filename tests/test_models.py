@@ -88,8 +88,9 @@ def test_bidirectional_profile_is_order_blind_without_encoding_but_not_with_one(
     with torch.no_grad():
         none = carca("none")
         torch.testing.assert_close(none(rev, rctx, cands, cctx)[3], none(items, ctx, cands, cctx)[3], atol=1e-5, rtol=1e-5)
-        learnt = carca("learnt")
-        assert not torch.allclose(learnt(rev, rctx, cands, cctx)[3], learnt(items, ctx, cands, cctx)[3], atol=1e-4)
+        for encoding in ("learnt", "rope", "rmha-4", "rotatory", "abs+con"):  # absolute, in attention, relative
+            model = carca(encoding)
+            assert not torch.allclose(model(rev, rctx, cands, cctx)[3], model(items, ctx, cands, cctx)[3], atol=1e-4), encoding
 
 
 def test_causal_per_position_scores_do_not_see_the_future():
