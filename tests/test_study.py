@@ -45,7 +45,8 @@ def test_study_writes_table_csv_json_and_plot(study):
     assert [(r["encoding"], int(r["seed"])) for r in rows] == [(e, s) for e in ("none", "learnt") for s in SEEDS]
     saved = json.load(open(f"{out}/runs.json"))
     assert saved["runs"] == result["runs"] and saved["popularity_test"]["sampled_ndcg@10"] > 0
-    assert open(f"{out}/plot.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    for image in ("plot.png", "curves.png"):
+        assert open(f"{out}/{image}", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     for r in result["runs"]:
         assert r["train_seq_per_s"] > 0 and r["step"] == "eager"
 

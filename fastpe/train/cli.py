@@ -148,5 +148,5 @@ def run_study_command(args) -> int:
     print(f"\n{result['dataset']}; {cfg.model}; test metrics, mean ± std over {seeds} seeds; wall time "
           f"{result['wall_seconds']:.0f} s")
     print(result["text"])
-    print(f"outputs: {result['out_dir']}/ (results.md, runs.csv, runs.json, plot.png)")
+    print(f"outputs: {result['out_dir']}/ (results.md, runs.csv, runs.json, plot.png, curves.png)")
     return 0

@@ -7,6 +7,7 @@ metrics once. The study writes, under its output folder:
 * ``results.md``: mean +- std per encoding and metric (test), throughput, the popularity baseline;
 * ``runs.csv`` and ``runs.json``: every run's metrics and timings;
 * ``plot.png``: mean and spread per encoding;
+* ``curves.png``: training loss and the validation metric per epoch, every run (stability at a glance);
 * ``runs/<encoding>/seed<k>/``: each run's checkpoints, history and summary.
 
 ``resume=True`` keeps finished runs (their ``summary.json``) and resumes interrupted ones.
@@ -133,6 +134,35 @@ def plot(rows: list[dict], encodings: list[str], cutoffs, popularity: dict | Non
     plt.close(fig)
 
 
+def plot_curves(histories: list[tuple[str, list[dict]]], encodings: list[str], select_metric: str, path: Path,
+                title: str) -> None:
+    """Training loss and validation ``select_metric`` per epoch: one line per run, one colour per encoding."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(encodings)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    labelled = set()
+    for encoding, history in histories:
+        epochs = [h["epoch"] for h in history]
+        label = None if encoding in labelled else encoding
+        labelled.add(encoding)
+        axes[0].plot(epochs, [h["loss"] for h in history], color=colours[encoding], linewidth=1, label=label)
+        axes[1].plot(epochs, [h.get(f"valid_{select_metric}", math.nan) for h in history], color=colours[encoding],
+                     linewidth=1)
+    axes[0].set_title("training loss", fontsize=10)
+    axes[1].set_title(f"validation {select_metric}", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _reuse_note(reused: int, total: int, rows: list[dict]) -> str:
     # A resumed study's wall time covers only the runs it trained: say how the rest were obtained.
     if not reused:
@@ -156,7 +186,7 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
     started = time.perf_counter()
     data = data if data is not None else load_dataset(base.data, base.data_root, base.data_format, base.synthetic)
     log(f"study: {data.describe()}; model {base.model}; {len(encodings)} encodings x {len(seeds)} seeds -> {out}")
-    rows, popularity, reused = [], None, 0
+    rows, histories, popularity, reused = [], [], None, 0
     jobs = [(e, s) for e in encodings for s in seeds]
     bar = tqdm(jobs, desc="study", disable=not (base.progress and main), dynamic_ncols=True)
     for encoding, seed in bar:
@@ -171,6 +201,7 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
         popularity = popularity or summary["popularity_test"]
         row = run_row(summary, base.cutoffs)
         rows.append(row)
+        histories.append((encoding, summary["history"]))
         k = base.cutoffs[0]
         line = (f"{encoding:>12} seed {seed}: test sampled NDCG@{k} {row[f'test_sampled_ndcg@{k}']:.4f}, "
                 f"full NDCG@{k} {row[f'test_full_ndcg@{k}']:.4f} (best epoch {row['best_epoch']}, "
@@ -205,6 +236,8 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
         if rows:
             plot(rows, encodings, base.cutoffs, popularity, out / "plot.png",
                  f"{data.name}, {base.model}: test metrics over {len(seeds)} seeds")
+            plot_curves(histories, encodings, base.select_metric, out / "curves.png",
+                        f"{data.name}, {base.model}: every run, per epoch")
     distributed.barrier()
     result["text"] = text
     result["out_dir"] = str(out)
