@@ -5,7 +5,9 @@
 3. run the GPU tests (every test marked ``gpu``: bf16, large shapes, determinism, compile);
 4. run the kernel benchmarks (and the end-to-end training-step benchmark when present);
 5. write ``gpu.md`` (tables), ``gpu.json`` (raw pytest-benchmark data), ``gpu_speedup.png``
-   and ``gpu_tests.txt`` into the output folder, and print a summary table.
+   and ``gpu_tests.txt`` into the output folder, and print a summary table;
+6. write ``auto_preferences.json``: which fused backend was faster per op and shape class; copied
+   to ``fastpe/auto_preferences.json`` it sets the order ``backend="auto"`` tries them in.
 
     python3 benchmarks/gpu_suite.py                    # writes into benchmarks/results/
     python3 benchmarks/gpu_suite.py --out "$OUT"       # on the lent device machine
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(ROOT))  # fastpe from this checkout, installed or not
 
 import report  # noqa: E402
 
@@ -117,6 +121,34 @@ def training_rows(data: dict) -> list[dict]:
             row[f"{report._impl(b)} seq/s"] = b["extra_info"].get("seq_per_s")
         rows.append(row)
     return rows
+
+
+# benchmark "op" -> the fastpe op whose backend it times
+BENCH_OPS = {"rmha-4": "relative_attention", "rotary": "rotary", "rotatory-rotate": "rotary",
+             "rotatory-add": "rotatory_add", "concat-projection": "concat_projection"}
+
+
+def auto_preferences(data: dict) -> dict:
+    """Which fused backend ``backend="auto"`` should try first, per op and shape class, from the
+    forward+backward benchmarks where both ran: the one with the smaller geometric-mean time."""
+    from fastpe.backends import attention_shape_class
+
+    log_ratios: dict[tuple[str, str], list[float]] = {}
+    for benches in report.groups(data).values():
+        info = benches[0]["extra_info"]
+        op = BENCH_OPS.get(info.get("op"))
+        if op is None or info.get("mode") != "fwd+bwd":
+            continue
+        med = {report._impl(b): b["stats"]["median"] for b in benches}
+        if "triton" not in med or "cuda" not in med:
+            continue
+        klass = attention_shape_class(info["L"], info["dh"]) if op == "relative_attention" else "any"
+        log_ratios.setdefault((op, klass), []).append(math.log(med["cuda"] / med["triton"]))
+    order: dict[str, dict[str, list[str]]] = {}
+    for (op, klass), ratios in sorted(log_ratios.items()):
+        cuda_faster = sum(ratios) / len(ratios) < 0
+        order.setdefault(op, {})[klass] = ["cuda", "triton"] if cuda_faster else ["triton", "cuda"]
+    return order
 
 
 def print_summary(rows: list[dict]) -> str:
@@ -213,6 +245,12 @@ def main(argv=None) -> int:
             "call; TFLOP/s use the nominal attention FLOPs (QK^T and PV) for every implementation.")
     (out / "gpu.md").write_text(report.markdown(data, "GPU benchmark results") + "\n## Summary\n\n" + table + "\n\n" + note + "\n")
     report.plot_speedups(data, str(out / "gpu_speedup.png"))
+    order = auto_preferences(data)
+    if order:
+        preferences = {"measured": {k: env.get(k) for k in ("date", "gpu", "torch", "triton")}, "order": order}
+        (out / "auto_preferences.json").write_text(json.dumps(preferences, indent=1) + "\n")
+        print(f"backend='auto' order measured here: {json.dumps(order)}; copy {out}/auto_preferences.json to "
+              "fastpe/auto_preferences.json to use it")
     print(f"\nwrote {out}/gpu.md, gpu.json, gpu_speedup.png in {time.time() - started:.0f} s")
     return 0
 

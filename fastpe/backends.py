@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -84,17 +86,48 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [b for b in BACKENDS if unavailable_reason(b, device) is None]
 
 
-def _auto_order(op: str, device: torch.device) -> tuple[str, ...]:
-    # On the GPU the fused kernels win at every shape the study uses; the CPU has no fused path
-    # (the Triton interpreter is a test tool, never picked automatically).
-    if device.type == "cuda":
-        return ("cuda", "triton", "torch")
-    return ("torch",)
+def _load_auto_preferences(path: Path = Path(__file__).with_name("auto_preferences.json")) -> dict:
+    # Written by benchmarks/gpu_suite.py from measurements (which fused backend was faster per op
+    # and shape class); read once at import so that torch.compile never traces file I/O.
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text()).get("order", {})
 
 
-def resolve_backend(backend: str, op: str, device: torch.device) -> str:
-    """Turn a requested backend into the one that runs, or raise saying why it cannot."""
-    name = _resolve(backend, op, device)
+AUTO_PREFERENCES: dict = _load_auto_preferences()
+DEFAULT_FUSED_ORDER = ("cuda", "triton")
+
+
+def shape_class(op: str, *args) -> str:
+    """The shape class ``backend="auto"`` keys its measured preference on, from an op's arguments
+    (its torch-backend signature): relative attention by key length and head size (short sequences
+    and small heads are where tile sizes matter), the element-wise ops as one class."""
+    if op not in AUTO_PREFERENCES:  # nothing measured: no shape guard for torch.compile / export
+        return "any"
+    if op == "relative_attention" and args:
+        q, k = args[0], args[1]
+        return attention_shape_class(k.shape[-2], q.shape[-1])
+    return "any"
+
+
+def attention_shape_class(key_length: int, head_dim: int) -> str:
+    return f"{'L<=64' if key_length <= 64 else 'L>64'},{'dh<=64' if head_dim <= 64 else 'dh>64'}"
+
+
+def _auto_order(op: str, device: torch.device, klass: str = "any") -> tuple[str, ...]:
+    # The CPU has no fused path (the Triton interpreter is a test tool, never picked automatically).
+    # On the GPU: the measured order for this op and shape class when there is one, else cuda first.
+    if device.type != "cuda":
+        return ("torch",)
+    measured = AUTO_PREFERENCES.get(op, {}).get(klass)
+    fused = tuple(measured) if measured else DEFAULT_FUSED_ORDER
+    return (*fused, *(b for b in DEFAULT_FUSED_ORDER if b not in fused), "torch")
+
+
+def resolve_backend(backend: str, op: str, device: torch.device, klass: str = "any") -> str:
+    """Turn a requested backend into the one that runs, or raise saying why it cannot. ``klass``
+    (see :func:`shape_class`) lets ``"auto"`` follow the measured preference for the shapes at hand."""
+    name = _resolve(backend, op, device, klass)
     if name in FUSED_BACKENDS:
         fused_implementation(op, name)  # import the module now, outside the traced code
     return name
@@ -107,11 +140,11 @@ def resolve_backend(backend: str, op: str, device: torch.device) -> str:
 resolve_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def _resolve(backend: str, op: str, device: torch.device) -> str:
+def _resolve(backend: str, op: str, device: torch.device, klass: str = "any") -> str:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     if backend == "auto":
-        for candidate in _auto_order(op, device):
+        for candidate in _auto_order(op, device, klass):
             if unavailable_reason(candidate, device) is None and _implemented(op, candidate):
                 return candidate
         return "torch"

@@ -64,6 +64,21 @@ def test_gpu_suite_says_so_without_a_gpu(tmp_path):
     assert result.returncode == 2 and "no CUDA GPU" in result.stdout
 
 
+def test_auto_preferences_from_measurements(bench_json):
+    data = json.loads(json.dumps(bench_json))
+    for bench in list(data["benchmarks"]):  # pretend both fused backends ran beside torch
+        if report._impl(bench) == "torch" and bench["extra_info"]["mode"] == "fwd+bwd":
+            for name, factor in (("triton", 0.5), ("cuda", 0.4 if bench["extra_info"]["op"] == "rmha-4" else 0.6)):
+                fused = json.loads(json.dumps(bench))
+                fused["extra_info"].update(impl=name, baseline=False)
+                fused["stats"]["median"] *= factor
+                data["benchmarks"].append(fused)
+    order = gpu_suite.auto_preferences(data)
+    assert order["relative_attention"] == {"L<=64,dh<=64": ["cuda", "triton"]}  # B=3 h=2 L=9 dh=8
+    assert order["concat_projection"] == {"any": ["triton", "cuda"]}
+    assert gpu_suite.auto_preferences(bench_json) == {}  # no fused backend measured: keep the default
+
+
 def test_training_step_benchmark_reports_sequences_per_second(bench_json):
     groups = report.groups(bench_json)
     rmha = groups["CARCA train step rmha-4 B=8 L=12 d=16 blocks=1 fp32"]

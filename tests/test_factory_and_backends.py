@@ -59,7 +59,7 @@ def test_auto_falls_back_to_torch_for_shapes_triton_declines(monkeypatch):
     # above Triton's limit must run through the torch composition, an explicit request must refuse.
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr("fastpe.backends._auto_order", lambda op, device: ("triton", "torch"))
+    monkeypatch.setattr("fastpe.backends._auto_order", lambda op, device, klass="any": ("triton", "torch"))
     from fastpe.kernels.triton._limits import MAX_HEAD_DIM
 
     g = torch.Generator().manual_seed(0)
@@ -73,6 +73,31 @@ def test_auto_falls_back_to_torch_for_shapes_triton_declines(monkeypatch):
     positions = torch.tensor([[0, 1, 2, 3, 4999]])
     out = fastpe.concat_projection(x, pos_table, weight, positions=positions, backend="auto")
     torch.testing.assert_close(out, fastpe.concat_projection(x, pos_table, weight, positions=positions, backend="torch"))
+
+
+def test_auto_follows_the_measured_order_per_shape_class(monkeypatch, tmp_path):
+    import json
+
+    from fastpe import backends
+
+    measured = {"relative_attention": {"L<=64,dh<=64": ["triton", "cuda"]}, "rotary": {"any": ["triton"]}}
+    path = tmp_path / "auto_preferences.json"
+    path.write_text(json.dumps({"measured": {"gpu": "test"}, "order": measured}))
+    assert backends._load_auto_preferences(path) == measured
+    assert backends._load_auto_preferences(tmp_path / "absent.json") == {}
+    monkeypatch.setattr(backends, "AUTO_PREFERENCES", measured)
+    gpu = torch.device("cuda")  # only the device type is read
+    assert backends._auto_order("relative_attention", gpu, "L<=64,dh<=64") == ("triton", "cuda", "torch")
+    assert backends._auto_order("relative_attention", gpu, "L>64,dh>64") == ("cuda", "triton", "torch")
+    assert backends._auto_order("rotary", gpu) == ("triton", "cuda", "torch")
+    assert backends._auto_order("rotary", torch.device("cpu")) == ("torch",)
+
+    seen = []
+    monkeypatch.setattr(backends, "_auto_order", lambda op, device, klass="any": seen.append(klass) or ("torch",))
+    for length, head in ((7, 8), (100, 90)):
+        q = torch.randn(1, 1, length, head)
+        fastpe.relative_attention(q, q, q, torch.zeros(9, head), torch.zeros(9, head))
+    assert seen == ["L<=64,dh<=64", "L>64,dh>64"]
 
 
 def test_import_fastpe_imports_only_torch():

@@ -6,15 +6,16 @@ from collections.abc import Callable
 
 import torch
 
-from fastpe.backends import _fused_module, fused_implementation, resolve_backend
+from fastpe.backends import _fused_module, fused_implementation, resolve_backend, shape_class
 
 
 def implementation(op: str, backend: str, device: torch.device, reference: Callable, composed: Callable,
                    args: tuple = ()) -> Callable:
-    """The function for ``op``. With ``backend="auto"``, ``args`` (the call's arguments) let a fused
-    backend decline shapes it does not take (e.g. Triton's head-size limit): the torch composition
-    runs them instead. An explicitly requested backend is never replaced."""
-    name = resolve_backend(backend, op, device)
+    """The function for ``op``. With ``backend="auto"``, ``args`` (the call's arguments) pick the
+    measured backend order for their shape class, and let a fused backend decline shapes it does
+    not take (e.g. Triton's head-size limit): the torch composition runs them instead. An
+    explicitly requested backend is never replaced."""
+    name = resolve_backend(backend, op, device, shape_class(op, *args) if backend == "auto" else "any")
     if name == "reference":
         return reference
     if name == "torch":
