@@ -61,6 +61,17 @@ def _load_rows(base, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl
 
 
 @triton.jit
+def _load_split(base, rows, row_mask, stride_r, stride_c, DA: tl.constexpr, DB: tl.constexpr, D: tl.constexpr):
+    """Columns ``[0, DA)`` and ``[DA, DA+DB)`` of the rows (head sizes that are not a power of two are
+    split in two power-of-two parts); the second is the first again when ``DB == 0`` (unused then)."""
+    a = _load_rows(base, rows, row_mask, stride_r, stride_c, 0, DA, D)
+    b = a
+    if DB > 0:
+        b = _load_rows(base, rows, row_mask, stride_r, stride_c, DA, DB, D)
+    return a, b
+
+
+@triton.jit
 def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr):
     cols = C0 + tl.arange(0, C)
     ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
@@ -193,10 +204,7 @@ def _rmha_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < LK
-        k_a = _load_rows(k_base, offs_n, n_mask, skn, skd, 0, DA, DH)
-        k_b = k_a
-        if DB > 0:
-            k_b = _load_rows(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
+        k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
         s, bucket = _logits(q_a, q_b, k_a, k_b, qr, offs_m, offs_n, m_mask, n_mask, b, h, bh,
                             KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, qk_scale,
                             KMAX, R_PAD, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, DOT_PREC)
@@ -323,14 +331,8 @@ def _rmha_bwd_kernel(
 
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
-    rk_a = _load_rows(RK + h * srkh, offs_r, r_mask, srkr, srkd, 0, DA, DH)
-    rk_b = rk_a
-    if DB > 0:
-        rk_b = _load_rows(RK + h * srkh, offs_r, r_mask, srkr, srkd, DA, DB, DH)
-    rv_a = _load_rows(RV + h * srvh, offs_r, r_mask, srvr, srvd, 0, DVA, DV)
-    rv_b = rv_a
-    if DVB > 0:
-        rv_b = _load_rows(RV + h * srvh, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
+    rk_a, rk_b = _load_split(RK + h * srkh, offs_r, r_mask, srkr, srkd, DA, DB, DH)
+    rv_a, rv_b = _load_split(RV + h * srvh, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
 
     drk_a = tl.zeros([R_PAD, DA], tl.float32)
     drk_b = tl.zeros([R_PAD, DBX], tl.float32)
@@ -354,14 +356,8 @@ def _rmha_bwd_kernel(
         start_n = pid_blk * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < LK
-        k_a = _load_rows(k_base, offs_n, n_mask, skn, skd, 0, DA, DH)
-        v_a = _load_rows(v_base, offs_n, n_mask, svn, svd, 0, DVA, DV)
-        k_b = k_a
-        v_b = v_a
-        if DB > 0:
-            k_b = _load_rows(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
-        if DVB > 0:
-            v_b = _load_rows(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
+        k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
+        v_a, v_b = _load_split(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
         dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
         dk_b = tl.zeros([BLOCK_N, DBX], tl.float32)
         dv_a = tl.zeros([BLOCK_N, DVA], tl.float32)
@@ -431,14 +427,8 @@ def _rmha_bwd_kernel(
             for start_n2 in range(0, hi_n, BLOCK_N):
                 offs_n2 = start_n2 + tl.arange(0, BLOCK_N)
                 n_mask2 = offs_n2 < LK
-                k2_a = _load_rows(k_base, offs_n2, n_mask2, skn, skd, 0, DA, DH)
-                v2_a = _load_rows(v_base, offs_n2, n_mask2, svn, svd, 0, DVA, DV)
-                k2_b = k2_a
-                v2_b = v2_a
-                if DB > 0:
-                    k2_b = _load_rows(k_base, offs_n2, n_mask2, skn, skd, DA, DB, DH)
-                if DVB > 0:
-                    v2_b = _load_rows(v_base, offs_n2, n_mask2, svn, svd, DVA, DVB, DV)
+                k2_a, k2_b = _load_split(k_base, offs_n2, n_mask2, skn, skd, DA, DB, DH)
+                v2_a, v2_b = _load_split(v_base, offs_n2, n_mask2, svn, svd, DVA, DVB, DV)
                 bucket2, _p2, ds2 = _bwd_tile(q_a, q_b, k2_a, k2_b, v2_a, v2_b, do_a, do_b, qr, dorv, di, lse,
                                               offs_m, offs_n2, m_mask, n_mask2, b, h, bh,
                                               KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
