@@ -78,6 +78,35 @@ def randn(*shape, dtype=torch.float32, device="cpu", gen=None, requires_grad=Tru
     return t.requires_grad_(requires_grad)
 
 
+def concat_inputs(b, L, d_in, d_pos, d_out, bias, pos_kind, device="cpu", rows=None, seed=None):
+    """Float64 ``[x, table, weight(, bias)]`` leaves on ``device`` and positions of ``pos_kind``
+    ("none", "1d", "2d", "repeated") for concat-projection tests; ``rows`` table rows (L + 2)."""
+    gen = torch.Generator().manual_seed(L if seed is None else seed)
+    rows = L + 2 if rows is None else rows
+    inputs = [
+        randn(b, L, d_in, gen=gen, dtype=torch.float64),
+        randn(rows, d_pos, gen=gen, dtype=torch.float64),
+        randn(d_out, d_in + d_pos, gen=gen, dtype=torch.float64, scale=0.1),
+    ]
+    if bias:
+        inputs.append(randn(d_out, gen=gen, dtype=torch.float64))
+    positions = {
+        "none": None,
+        "1d": torch.randint(0, rows, (L,), generator=gen),
+        "2d": torch.randint(0, rows, (b, L), generator=gen),
+        "repeated": torch.zeros(b, L, dtype=torch.int64),
+    }[pos_kind]
+    inputs = [t.detach().to(device).requires_grad_() for t in inputs]
+    return inputs, None if positions is None else positions.to(device)
+
+
+def concat_runner(backend: str, positions):
+    """``fn(x, table, weight[, bias])`` calling concat-projection with ``backend`` and ``positions``."""
+    from fastpe.ops import concat_projection
+
+    return lambda x, t, w, *bb: concat_projection(x, t, w, *(bb or [None]), positions=positions, backend=backend)
+
+
 def run_with_grads(fn: Callable, inputs: Sequence[torch.Tensor], grad_out: torch.Tensor | None = None, seed: int = 1):
     """Output of ``fn(*inputs)`` and the gradients of every input that requires grad.
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastpe.ops import concat_projection
-from helpers import assert_matches_reference, randn
+from helpers import assert_matches_reference, concat_inputs, concat_runner
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -12,21 +12,8 @@ from helpers import assert_matches_reference, randn
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("b,L,d_in,d_pos,d_out", [(2, 1, 4, 4, 4), (3, 7, 30, 30, 30), (2, 50, 90, 16, 50)])
 def test_matches_reference(dtype, pos_kind, bias, b, L, d_in, d_pos, d_out):
-    gen = torch.Generator().manual_seed(L)
-    rows = L + 2
-    inputs = [
-        randn(b, L, d_in, gen=gen, dtype=torch.float64),
-        randn(rows, d_pos, gen=gen, dtype=torch.float64),
-        randn(d_out, d_in + d_pos, gen=gen, dtype=torch.float64, scale=0.1),
-    ]
-    if bias:
-        inputs.append(randn(d_out, gen=gen, dtype=torch.float64))
-    positions = {"none": None, "1d": torch.randint(0, rows, (L,), generator=gen), "2d": torch.randint(0, rows, (b, L), generator=gen)}[pos_kind]
-
-    def run(backend):
-        return lambda x, t, w, *bb: concat_projection(x, t, w, *(bb or [None]), positions=positions, backend=backend)
-
-    assert_matches_reference(run("torch"), run("reference"), inputs, dtype, ["x", "table", "weight", "bias"])
+    inputs, positions = concat_inputs(b, L, d_in, d_pos, d_out, bias, pos_kind)
+    assert_matches_reference(concat_runner("torch", positions), concat_runner("reference", positions), inputs, dtype, ["x", "table", "weight", "bias"])
 
 
 def test_gradcheck_torch_backend():

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from cuda_target import ops_namespace, target  # noqa: F401  (fixture)
-from fastpe.ops import concat_projection
-from helpers import assert_matches_reference, randn
+from helpers import assert_matches_reference, concat_inputs, concat_runner
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
@@ -15,25 +14,8 @@ from helpers import assert_matches_reference, randn
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("b,L,d_in,d_pos,d_out", [(2, 1, 4, 4, 4), (3, 7, 30, 30, 30), (2, 50, 90, 16, 50), (4, 35, 64, 64, 64)])
 def test_matches_reference(target, dtype, pos_kind, bias, b, L, d_in, d_pos, d_out):
-    gen = torch.Generator().manual_seed(L)
-    rows = L + 2
-    dev = target.device
-    inputs = [
-        randn(b, L, d_in, gen=gen, dtype=torch.float64),
-        randn(rows, d_pos, gen=gen, dtype=torch.float64),
-        randn(d_out, d_in + d_pos, gen=gen, dtype=torch.float64, scale=0.1),
-    ]
-    if bias:
-        inputs.append(randn(d_out, gen=gen, dtype=torch.float64))
-    inputs = [t.detach().to(dev).requires_grad_() for t in inputs]
-    positions = {"none": None, "1d": torch.randint(0, rows, (L,), generator=gen),
-                 "2d": torch.randint(0, rows, (b, L), generator=gen)}[pos_kind]
-    positions = None if positions is None else positions.to(dev)
-
-    def run(backend):
-        return lambda x, t, w, *bb: concat_projection(x, t, w, *(bb or [None]), positions=positions, backend=backend)
-
-    assert_matches_reference(run("cuda"), run("reference"), inputs, dtype, ["x", "table", "weight", "bias"])
+    inputs, positions = concat_inputs(b, L, d_in, d_pos, d_out, bias, pos_kind, device=target.device)
+    assert_matches_reference(concat_runner("cuda", positions), concat_runner("reference", positions), inputs, dtype, ["x", "table", "weight", "bias"])
 
 
 def test_opcheck(target):

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton")
 
 from fastpe.ops import concat_projection  # noqa: E402
-from helpers import assert_matches_reference, randn  # noqa: E402
+from helpers import assert_matches_reference, concat_inputs, concat_runner  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the interpreter's numpy scalars
 
@@ -20,33 +20,9 @@ def launch_cfg():
     return _launch
 
 
-def make(b, L, d_in, d_pos, d_out, bias, pos_kind, rows=None, seed=None):
-    gen = torch.Generator().manual_seed(L if seed is None else seed)
-    rows = L + 2 if rows is None else rows
-    inputs = [
-        randn(b, L, d_in, gen=gen, dtype=torch.float64),
-        randn(rows, d_pos, gen=gen, dtype=torch.float64),
-        randn(d_out, d_in + d_pos, gen=gen, dtype=torch.float64, scale=0.1),
-    ]
-    if bias:
-        inputs.append(randn(d_out, gen=gen, dtype=torch.float64))
-    positions = {
-        "none": None,
-        "1d": torch.randint(0, rows, (L,), generator=gen),
-        "2d": torch.randint(0, rows, (b, L), generator=gen),
-        "repeated": torch.zeros(b, L, dtype=torch.int64),
-    }[pos_kind]
-    inputs = [t.detach().to(DEVICE).requires_grad_() for t in inputs]
-    return inputs, None if positions is None else positions.to(DEVICE)
-
-
-def run(backend, positions):
-    return lambda x, t, w, *bb: concat_projection(x, t, w, *(bb or [None]), positions=positions, backend=backend)
-
-
 def check(dtype, pos_kind, bias, b, L, d_in, d_pos, d_out, tol=None, **kw):
-    inputs, positions = make(b, L, d_in, d_pos, d_out, bias, pos_kind, **kw)
-    assert_matches_reference(run("triton", positions), run("reference", positions), inputs, dtype, NAMES, tol=tol)
+    inputs, positions = concat_inputs(b, L, d_in, d_pos, d_out, bias, pos_kind, device=DEVICE, **kw)
+    assert_matches_reference(concat_runner("triton", positions), concat_runner("reference", positions), inputs, dtype, NAMES, tol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -67,7 +43,7 @@ def test_many_blocks_and_splits():
 
 
 def test_non_contiguous_x_and_only_some_gradients():
-    inputs, positions = make(3, 7, 12, 6, 10, True, "1d")
+    inputs, positions = concat_inputs(3, 7, 12, 6, 10, True, "1d", device=DEVICE)
     x = inputs[0].detach().transpose(0, 1).contiguous().transpose(0, 1).float().requires_grad_()  # [B, L, d] strided
     table, weight, bias = (t.detach().float() for t in inputs[1:])
     weight.requires_grad_()
@@ -80,7 +56,7 @@ def test_non_contiguous_x_and_only_some_gradients():
 
 
 def test_weight_table_bias_gradients_are_bitwise_reproducible():
-    inputs, positions = make(4, 9, 16, 8, 12, True, "2d")
+    inputs, positions = concat_inputs(4, 9, 16, 8, 12, True, "2d", device=DEVICE)
     cfg = launch_cfg()
     grads = []
     with cfg.override("concat_wgrad", block_k=16, splits=3):
@@ -101,7 +77,7 @@ def test_poisoned_buffers_are_all_written(monkeypatch):
 
 
 def test_autocast_dtype_is_used():
-    inputs, _ = make(2, 3, 4, 2, 3, False, "none")
+    inputs, _ = concat_inputs(2, 3, 4, 2, 3, False, "none", device=DEVICE)
     x, t, w = (i.detach().float() for i in inputs)
     if DEVICE == "cpu":
         with torch.autocast("cpu", dtype=torch.bfloat16):
