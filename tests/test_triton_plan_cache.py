@@ -1,0 +1,172 @@
+"""The plan cache: a repeated call shape reuses its plan, and a cached plan is the plan the
+planner itself would make for the new tensors (same kernels, grids, constants and scalars; the
+new tensors or views of them; fresh buffers of the same layout), holding no tensor itself."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fastpe.kernels.triton import _launch  # noqa: E402
+from fastpe.kernels.triton import concat, rmha, rotations  # noqa: E402
+
+
+def rmha_args(b=3, h=2, length=21, dh=30, dropout=0.1):
+    qkv = torch.randn(b, length, 3 * h * dh).chunk(3, dim=-1)
+    q, k, v = (t.view(b, length, h, dh).transpose(1, 2) for t in qkv)
+    rk, rv = torch.randn(1, 9, dh), torch.randn(1, 9, dh)
+    kpm = torch.rand(b, length) < 0.3
+    seed = torch.zeros(1, dtype=torch.int64)
+    return (q, k, v, rk, rv, kpm, None, seed, False, dropout, 0.2)
+
+
+def rmha_bwd_args(b=3, h=2, length=21, dh=30):
+    q, k, v, rk, rv, kpm, bias, seed, causal, p, scale = rmha_args(b, h, length, dh)
+    out, lse = torch.randn(b, h, length, dh), torch.randn(b, h, length)
+    dout = torch.randn(b, length, h, dh).transpose(1, 2)
+    return (dout, q, k, v, rk, rv, kpm, bias, seed, out, lse, causal, p, scale)
+
+
+def rotary_args():
+    x = torch.randn(2, 13, 3 * 2 * 16).chunk(3, dim=-1)[0].view(2, 13, 2, 16)
+    return (x, torch.randn(13, 8), None, False)
+
+
+def rotary_bwd_args():
+    x, angles, pos, inter = rotary_args()
+    return (torch.randn(2, 13, 2, 16), x, angles, pos, inter, True)
+
+
+def rotatory_args():
+    return (torch.randn(2, 13, 24), torch.randn(13, 12), torch.randint(0, 13, (2, 13)))
+
+
+def concat_args():
+    return (torch.randn(2, 13, 24), torch.randn(15, 8), torch.randn(20, 32), torch.randn(20), None)
+
+
+def concat_bwd_args():
+    return (torch.randn(2, 13, 20), torch.randn(2, 13, 24), torch.randn(15, 8), torch.randn(20, 32), None, True)
+
+
+PLANNERS = {
+    "rmha_fwd": (rmha.plan_forward, rmha_args),
+    "rmha_bwd": (rmha.plan_backward, rmha_bwd_args),
+    "rotary_fwd": (rotations.plan_rotary_forward, rotary_args),
+    "rotary_bwd": (rotations.plan_rotary_backward, rotary_bwd_args),
+    "rotatory_fwd": (rotations.plan_rotatory_forward, lambda: rotatory_args()),
+    "rotatory_bwd": (rotations.plan_rotatory_backward, lambda: (torch.randn(2, 13, 24), *rotatory_args()[1:])),
+    "concat_fwd": (concat.plan_forward, concat_args),
+    "concat_bwd": (concat.plan_backward, concat_bwd_args),
+}
+
+
+def canonical(result, args):
+    """The result with every tensor described by its layout and origin: the data pointer when it
+    lies in an argument's storage, else which buffer (in order of appearance) and where in it."""
+    arg_storages = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+    buffers = {}
+
+    def describe(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        storage = t.untyped_storage().data_ptr()
+        if storage in arg_storages:
+            origin = ("arg", t.data_ptr())
+        else:
+            origin = ("buffer", buffers.setdefault(storage, len(buffers)), t.data_ptr() - storage)
+        return (tuple(t.shape), t.stride(), t.dtype, origin)
+
+    *outputs, launches = result
+    return [describe(t) for t in outputs] + [
+        (launch.kernel.__name__, launch.grid, {k: describe(v) for k, v in launch.args.items()},
+         launch.constexprs, launch.num_warps, launch.num_stages)
+        for launch in launches
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(PLANNERS))
+def test_a_cached_plan_is_the_planners_plan_for_the_new_tensors(name):
+    planner, make_args = PLANNERS[name]
+    plan = _launch.cached(planner)
+    first_args = make_args()
+    first = plan(*first_args)
+    assert (plan.misses, plan.hits) == (1, 0)
+    args = make_args()  # same shapes, new tensors
+    hit = plan(*args)
+    assert (plan.misses, plan.hits) == (1, 1), "the repeated call shape was planned again"
+    assert canonical(hit, args) == canonical(planner(*args), args)
+    # fresh buffers: nothing of the first call's result is handed out again
+    first_ptrs = {t.data_ptr() for t in first[:-1] if isinstance(t, torch.Tensor)}
+    assert not first_ptrs & {t.data_ptr() for t in hit[:-1] if isinstance(t, torch.Tensor)}
+
+
+def test_the_key_follows_shapes_strides_flags_and_config_overrides():
+    plan = _launch.cached(rmha.plan_forward)
+    plan(*rmha_args())
+    plan(*rmha_args(length=22))  # another shape
+    args = list(rmha_args())
+    args[9] = 0.0  # no dropout
+    plan(*args)
+    args = list(rmha_args())
+    args[0] = args[0].contiguous()  # other strides
+    plan(*args)
+    with _launch.override("rmha_fwd", block_m=16, block_n=16):
+        forced = plan(*rmha_args())
+    assert plan.misses == 5 and plan.hits == 0
+    assert forced[-1][0].constexprs["BLOCK_N"] == 16
+    plan(*rmha_args())
+    assert plan.hits == 1
+
+
+def test_aliased_arguments_are_part_of_the_key():
+    """q is k in one call and not in the next: the second must not reuse the first's mapping."""
+    plan = _launch.cached(rmha.plan_forward)
+    q, k, v, *rest = rmha_args()
+    plan(q, q, v, *rest)
+    result = plan(q, k, v, *rest)
+    assert plan.misses == 2
+    assert result[-1][0].args["K"] is k
+
+
+def test_a_plan_that_copies_an_argument_is_replanned_not_reused():
+    """concat flattens x with reshape, which copies a non-viewable x: such a plan cannot be a
+    template, so each call runs the planner (and still gets its copy of the new x)."""
+    plan = _launch.cached(concat.plan_forward)
+    make = lambda: (torch.randn(13, 2, 24).transpose(0, 1), *concat_args()[1:])  # noqa: E731
+    plan(*make())
+    args = make()
+    result = plan(*args)
+    assert plan.hits == 0 and plan.misses == 2
+    assert canonical(result, args) == canonical(concat.plan_forward(*args), args)
+
+
+def test_the_cache_keeps_no_tensor_alive():
+    plan = _launch.cached(rmha.plan_backward)
+    args = rmha_bwd_args()
+    refs = [weakref.ref(a) for a in args if isinstance(a, torch.Tensor)]
+    result = plan(*args)
+    refs += [weakref.ref(t) for t in result[:-1]]
+    plan(*args)
+    del args, result
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_cached_buffers_are_poisoned_like_fresh_ones(monkeypatch):
+    monkeypatch.setattr(_launch, "POISON", True)
+    plan = _launch.cached(rmha.plan_forward)
+    plan(*rmha_args())
+    out, lse, _launches = plan(*rmha_args())
+    assert plan.hits == 1 and out.isnan().all() and lse.isnan().all()
+
+
+def test_the_switch_turns_the_cache_off(monkeypatch):
+    monkeypatch.setattr(_launch, "PLAN_CACHE", False)
+    plan = _launch.cached(rmha.plan_forward)
+    plan(*rmha_args())
+    plan(*rmha_args())
+    assert plan.hits == plan.misses == 0
