@@ -53,14 +53,14 @@ def concat_bwd_args():
 
 
 PLANNERS = {
-    "rmha_fwd": (rmha.plan_forward, rmha_args),
-    "rmha_bwd": (rmha.plan_backward, rmha_bwd_args),
-    "rotary_fwd": (rotations.plan_rotary_forward, rotary_args),
-    "rotary_bwd": (rotations.plan_rotary_backward, rotary_bwd_args),
-    "rotatory_fwd": (rotations.plan_rotatory_forward, lambda: rotatory_args()),
-    "rotatory_bwd": (rotations.plan_rotatory_backward, lambda: (torch.randn(2, 13, 24), *rotatory_args()[1:])),
-    "concat_fwd": (concat.plan_forward, concat_args),
-    "concat_bwd": (concat.plan_backward, concat_bwd_args),
+    "rmha_fwd": (rmha, "plan_forward", rmha_args),
+    "rmha_bwd": (rmha, "plan_backward", rmha_bwd_args),
+    "rotary_fwd": (rotations, "plan_rotary_forward", rotary_args),
+    "rotary_bwd": (rotations, "plan_rotary_backward", rotary_bwd_args),
+    "rotatory_fwd": (rotations, "plan_rotatory_forward", lambda: rotatory_args()),
+    "rotatory_bwd": (rotations, "plan_rotatory_backward", lambda: (torch.randn(2, 13, 24), *rotatory_args()[1:])),
+    "concat_fwd": (concat, "plan_forward", concat_args),
+    "concat_bwd": (concat, "plan_backward", concat_bwd_args),
 }
 
 
@@ -90,8 +90,9 @@ def canonical(result, args):
 
 @pytest.mark.parametrize("name", sorted(PLANNERS))
 def test_a_cached_plan_is_the_planners_plan_for_the_new_tensors(name):
-    planner, make_args = PLANNERS[name]
-    plan = _launch.cached(planner)
+    module, attr, make_args = PLANNERS[name]
+    planner = getattr(module, attr)
+    plan = _launch.cached(module, attr)
     first_args = make_args()
     first = plan(*first_args)
     assert (plan.misses, plan.hits) == (1, 0)
@@ -105,7 +106,7 @@ def test_a_cached_plan_is_the_planners_plan_for_the_new_tensors(name):
 
 
 def test_the_key_follows_shapes_strides_flags_and_config_overrides():
-    plan = _launch.cached(rmha.plan_forward)
+    plan = _launch.cached(rmha, "plan_forward")
     plan(*rmha_args())
     plan(*rmha_args(length=22))  # another shape
     args = list(rmha_args())
@@ -124,7 +125,7 @@ def test_the_key_follows_shapes_strides_flags_and_config_overrides():
 
 def test_aliased_arguments_are_part_of_the_key():
     """q is k in one call and not in the next: the second must not reuse the first's mapping."""
-    plan = _launch.cached(rmha.plan_forward)
+    plan = _launch.cached(rmha, "plan_forward")
     q, k, v, *rest = rmha_args()
     plan(q, q, v, *rest)
     result = plan(q, k, v, *rest)
@@ -135,7 +136,7 @@ def test_aliased_arguments_are_part_of_the_key():
 def test_a_plan_that_copies_an_argument_is_replanned_not_reused():
     """concat flattens x with reshape, which copies a non-viewable x: such a plan cannot be a
     template, so each call runs the planner (and still gets its copy of the new x)."""
-    plan = _launch.cached(concat.plan_forward)
+    plan = _launch.cached(concat, "plan_forward")
     make = lambda: (torch.randn(13, 2, 24).transpose(0, 1), *concat_args()[1:])  # noqa: E731
     plan(*make())
     args = make()
@@ -145,7 +146,7 @@ def test_a_plan_that_copies_an_argument_is_replanned_not_reused():
 
 
 def test_the_cache_keeps_no_tensor_alive():
-    plan = _launch.cached(rmha.plan_backward)
+    plan = _launch.cached(rmha, "plan_backward")
     args = rmha_bwd_args()
     refs = [weakref.ref(a) for a in args if isinstance(a, torch.Tensor)]
     result = plan(*args)
@@ -158,7 +159,7 @@ def test_the_cache_keeps_no_tensor_alive():
 
 def test_cached_buffers_are_poisoned_like_fresh_ones(monkeypatch):
     monkeypatch.setattr(_launch, "POISON", True)
-    plan = _launch.cached(rmha.plan_forward)
+    plan = _launch.cached(rmha, "plan_forward")
     plan(*rmha_args())
     out, lse, _launches = plan(*rmha_args())
     assert plan.hits == 1 and out.isnan().all() and lse.isnan().all()
@@ -166,7 +167,23 @@ def test_cached_buffers_are_poisoned_like_fresh_ones(monkeypatch):
 
 def test_the_switch_turns_the_cache_off(monkeypatch):
     monkeypatch.setattr(_launch, "PLAN_CACHE", False)
-    plan = _launch.cached(rmha.plan_forward)
+    plan = _launch.cached(rmha, "plan_forward")
     plan(*rmha_args())
     plan(*rmha_args())
     assert plan.hits == plan.misses == 0
+
+
+def test_a_replaced_planner_takes_effect_at_once(monkeypatch):
+    plan = _launch.cached(rmha, "plan_forward")
+    plan(*rmha_args())
+    real = rmha.plan_forward
+
+    def shorter(q, *args):
+        out, lse, launches = real(q, *args)
+        launches[0].args["LQ"] = 1
+        return out, lse, launches
+
+    monkeypatch.setattr(rmha, "plan_forward", shorter)
+    assert plan(*rmha_args())[-1][0].args["LQ"] == 1
+    monkeypatch.undo()
+    assert plan(*rmha_args())[-1][0].args["LQ"] == 21

@@ -242,7 +242,7 @@ _allow_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", lambda: torch.backends
 
 
 class cached:  # noqa: N801  (used as a function wrapper)
-    """Memoize a ``plan_*`` function by call shape.
+    """Memoize the planner ``module.name`` (a ``plan_*`` function) by call shape.
 
     A planner maps (shapes, strides, dtypes, device, flags) to configs, grids and launch
     records; its tensors are only passed through or allocated. The first call with a given key
@@ -256,15 +256,20 @@ class cached:  # noqa: N801  (used as a function wrapper)
     re-planned on every call of that key.
     """
 
-    def __init__(self, planner, maxsize: int = 256):
-        self.planner = planner
+    def __init__(self, module, name: str, maxsize: int = 256):
+        # The planner is looked up on every call (and is part of the key), so that replacing
+        # ``module.name`` (a test's monkeypatch, a tuning session) takes effect at once.
+        self.module, self.name = module, name
         self.maxsize = maxsize
         self.templates: dict = {}
         self.hits = self.misses = 0
-        functools.update_wrapper(self, planner)
 
-    def key(self, args) -> tuple:
-        parts = []
+    @property
+    def planner(self):
+        return getattr(self.module, self.name)
+
+    def key(self, planner, args) -> tuple:
+        parts = [planner]
         seen = {}
         device = None
         for a in args:
@@ -275,25 +280,26 @@ class cached:  # noqa: N801  (used as a function wrapper)
             elif a is None or isinstance(a, (bool, int, float, str)):
                 parts.append((type(a), a))
             else:
-                raise TypeError(f"{self.planner.__name__}: cannot key a plan on {type(a).__name__}")
+                raise TypeError(f"{self.name}: cannot key a plan on {type(a).__name__}")
         overrides = tuple(sorted((op, tuple(sorted(k.items()))) for op, k in _OVERRIDES.items())) if _OVERRIDES else ()
         return (tuple(parts), device, _allow_tf32(), overrides, triton_interpreter_enabled())
 
     def __call__(self, *args):
+        planner = getattr(self.module, self.name)
         if not PLAN_CACHE:
-            return self.planner(*args)
-        key = self.key(args)
+            return planner(*args)
+        key = self.key(planner, args)
         template = self.templates.get(key)
         if template is not None and template is not _UNCACHEABLE:
             self.hits += 1
             return template.bind(args)
         self.misses += 1
         if template is _UNCACHEABLE:
-            return self.planner(*args)
+            return planner(*args)
         outer = getattr(_recording, "allocations", None)
         _recording.allocations = allocations = []
         try:
-            result = self.planner(*args)
+            result = planner(*args)
         finally:
             _recording.allocations = outer
         if outer is not None:

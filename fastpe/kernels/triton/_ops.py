@@ -27,14 +27,14 @@ NAMESPACE = "fastpe_triton"
 
 # The planners memoized by call shape (configs, grids, scalars; never tensors): a training loop
 # repeats a handful of shapes, and planning costs more host time than a small kernel runs.
-_plan_rmha_forward = _launch.cached(_rmha.plan_forward)
-_plan_rmha_backward = _launch.cached(_rmha.plan_backward)
-_plan_rotary_forward = _launch.cached(_rot.plan_rotary_forward)
-_plan_rotary_backward = _launch.cached(_rot.plan_rotary_backward)
-_plan_rotatory_forward = _launch.cached(_rot.plan_rotatory_forward)
-_plan_rotatory_backward = _launch.cached(_rot.plan_rotatory_backward)
-_plan_concat_forward = _launch.cached(_cat.plan_forward)
-_plan_concat_backward = _launch.cached(_cat.plan_backward)
+_plan_rmha_forward = _launch.cached(_rmha, "plan_forward")
+_plan_rmha_backward = _launch.cached(_rmha, "plan_backward")
+_plan_rotary_forward = _launch.cached(_rot, "plan_rotary_forward")
+_plan_rotary_backward = _launch.cached(_rot, "plan_rotary_backward")
+_plan_rotatory_forward = _launch.cached(_rot, "plan_rotatory_forward")
+_plan_rotatory_backward = _launch.cached(_rot, "plan_rotatory_backward")
+_plan_concat_forward = _launch.cached(_cat, "plan_forward")
+_plan_concat_backward = _launch.cached(_cat, "plan_backward")
 PLAN_CACHES = (_plan_rmha_forward, _plan_rmha_backward, _plan_rotary_forward, _plan_rotary_backward,
                _plan_rotatory_forward, _plan_rotatory_backward, _plan_concat_forward, _plan_concat_backward)
 
