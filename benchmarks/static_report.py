@@ -463,10 +463,9 @@ def demangle(names):
 
 
 def _cuda_dtype(name):
-    for token, dtype in (("__nv_bfloat16", "bf16"), ("__half", "fp16"), ("double", "fp64"), ("float", "fp32")):
-        if re.search(rf"[<, ]{token}[>, ]", name):
-            return dtype
-    return None
+    """The first floating-point template argument of a kernel's name."""
+    m = re.search(r"[<, ](__nv_bfloat16|__half|double|float)[>, ]", name)
+    return {"__nv_bfloat16": "bf16", "__half": "fp16", "double": "fp64", "float": "fp32"}[m.group(1)] if m else None
 
 
 def compile_cuda(source: str) -> list[dict]:
