@@ -656,7 +656,7 @@ def markdown(report, command) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="static_report.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=pathlib.Path, help="folder for static_sm90.md and static_sm90.json")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument("--shapes", default="S1,S2,S3", help="comma-separated S1/S2/S3 or B<b>h<h>L<l>dh<dh>")

@@ -91,11 +91,13 @@ def test_occupancy_follows_registers_shared_memory_and_warps():
     assert sr.occupancy(32, 100 * 1024, 4) == 2  # 228 KiB of shared memory per SM
 
 
-def test_bad_arguments_are_one_line_errors_with_status_2():
-    for args in (["--ops", "nope"], ["--shapes", "S9"]):
-        res = subprocess.run([sys.executable, str(TOOL), "--out", "x", "--no-cuda", *args], capture_output=True, text=True)
-        assert res.returncode == 2, res.stderr
-        assert res.stderr.strip().splitlines()[-1].startswith("static_report.py: error:")
+@pytest.mark.parametrize("args", [["--ops", "nope"], ["--shapes", "S9"], ["--jobs", "0"]])
+def test_bad_arguments_are_one_line_errors_with_status_2(args, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        sr.main(["--out", str(tmp_path / "out"), "--no-cuda", *args])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("static_report.py: error:")
+    assert not (tmp_path / "out").exists()  # caught before any work
 
 
 def test_report_at_a_small_shape(tmp_path):
