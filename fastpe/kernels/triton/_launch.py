@@ -183,10 +183,10 @@ class _PlanTemplate:
         self.outputs = [self._source(t) for t in outputs]
         self.launches = []
         for launch in launches:
-            # (name, where the tensor comes from) or (name, None, scalar), in the launch's argument order
-            entries = [(name, self._source(value), None) if isinstance(value, torch.Tensor) else (name, None, value)
-                       for name, value in launch.args.items()]
-            self.launches.append((launch.kernel, launch.grid, entries, launch.constexprs, launch.num_warps, launch.num_stages))
+            # the scalar arguments as they are; for each tensor argument, where it comes from
+            scalars = {name: value for name, value in launch.args.items() if not isinstance(value, torch.Tensor)}
+            tensors = [(name, self._source(value)) for name, value in launch.args.items() if isinstance(value, torch.Tensor)]
+            self.launches.append((launch.kernel, launch.grid, scalars, tensors, launch.constexprs, launch.num_warps, launch.num_stages))
         del self._args, self._allocs  # keep no tensor (no pointers, no memory) in the cache
 
     def _source(self, t):
@@ -209,6 +209,8 @@ class _PlanTemplate:
         kind, index, base = bases[0]
         if base.element_size() != t.element_size():
             raise _Uncacheable("a view with another element size")
+        if t.shape == base.shape and t.stride() == base.stride() and t.storage_offset() == base.storage_offset():
+            return ("cast", kind, index, t.dtype)  # the same elements read as another dtype (a bool mask as uint8)
         return ("view", kind, index, tuple(t.shape), t.stride(), t.storage_offset() - base.storage_offset(), t.dtype)
 
     def bind(self, args):
@@ -223,6 +225,8 @@ class _PlanTemplate:
                 return buffers[src[1]]
             if src[0] == "arg":
                 return args[src[1]]
+            if src[0] == "cast":
+                return (buffers if src[1] == "alloc" else args)[src[2]].view(src[3])
             _view, kind, index, shape, stride, offset, dtype = src
             base = buffers[index] if kind == "alloc" else args[index]
             if base.dtype != dtype:
@@ -230,8 +234,10 @@ class _PlanTemplate:
             return base.as_strided(shape, stride, base.storage_offset() + offset)
 
         launches = []
-        for kernel, grid, entries, constexprs, num_warps, num_stages in self.launches:
-            launch_args = {name: value if src is None else resolve(src) for name, src, value in entries}
+        for kernel, grid, scalars, tensors, constexprs, num_warps, num_stages in self.launches:
+            launch_args = dict(scalars)
+            for name, src in tensors:
+                launch_args[name] = resolve(src)
             launches.append(Launch(kernel, grid, launch_args, constexprs, num_warps, num_stages))
         return (*[resolve(src) for src in self.outputs], launches)
 
