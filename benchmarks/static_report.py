@@ -172,7 +172,7 @@ def specialize(launch):
 
 
 def variant_key(launch):
-    signature, constexprs, attrs, options = specialize(launch)
+    signature, constexprs, attrs, _options = specialize(launch)
     return (launch.kernel.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
             repr(sorted(attrs.items())), launch.num_warps, launch.num_stages)
 
@@ -201,7 +201,8 @@ def compile_launch(launch) -> dict:
         ptxas_log = log.getvalue()
         if "Used" not in ptxas_log:  # Triton's cache served the kernel: run ptxas as Triton does
             ptx.write_text(compiled.asm["ptx"])
-            ptxas_log = _run([tools["ptxas"], "-lineinfo", "-v", "--gpu-name=sm_90a", str(ptx), "-o", str(pathlib.Path(tmp) / "p.cubin")])
+            out = str(pathlib.Path(tmp) / "p.cubin")
+            ptxas_log = _run([tools["ptxas"], "-lineinfo", "-v", "--gpu-name=sm_90a", str(ptx), "-o", out])
         sass = _run([tools["cuobjdump"], "-sass", str(cubin)])
     resources = parse_ptxas(ptxas_log)
     if len(resources) != 1:
@@ -273,13 +274,17 @@ def parse_sass(text: str) -> dict:
 
 CATEGORIES = {  # opcode (before the first dot) -> class, for the hot-loop mix
     "tensor": {"HGMMA", "HMMA", "IMMA", "WGMMA", "QGMMA", "IGMMA"},
-    "compare_select": {"ISETP", "FSETP", "DSETP", "HSETP2", "SEL", "FSEL", "PLOP3", "P2R", "R2P", "FMNMX", "VIMNMX", "IMNMX", "HMNMX2"},
+    "compare_select": {"ISETP", "FSETP", "DSETP", "HSETP2", "SEL", "FSEL", "PLOP3", "P2R", "R2P",
+                       "FMNMX", "VIMNMX", "IMNMX", "HMNMX2"},
     "fp_arith": {"FADD", "FMUL", "FFMA", "HADD2", "HMUL2", "HFMA2", "MUFU", "FCHK", "DADD", "DMUL", "DFMA"},
-    "int_arith": {"IMAD", "IADD3", "VIADD", "LOP3", "SHF", "LEA", "IABS", "UIADD3", "UIMAD", "ULOP3", "USHF", "ULEA", "SGXT", "IADD", "FLO", "POPC", "BREV", "PRMT"},
+    "int_arith": {"IMAD", "IADD3", "VIADD", "LOP3", "SHF", "LEA", "IABS", "UIADD3", "UIMAD", "ULOP3", "USHF",
+                  "ULEA", "SGXT", "IADD", "FLO", "POPC", "BREV", "PRMT"},
     "convert": {"F2F", "F2FP", "I2F", "F2I", "I2FP", "F2IP", "FRND"},
-    "memory": {"LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDGSTS", "LD", "ST", "ATOMG", "RED", "ATOMS", "UBLKCP", "UTMALDG", "UTMASTG", "LDC", "ULDC"},
+    "memory": {"LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDGSTS", "LD", "ST", "ATOMG", "RED", "ATOMS",
+               "UBLKCP", "UTMALDG", "UTMASTG", "LDC", "ULDC"},
     "spill": {"LDL", "STL"},
-    "sync_control": {"BAR", "BRA", "BSSY", "BSYNC", "WARPSYNC", "SHFL", "EXIT", "WARPGROUP", "DEPBAR", "LDGDEPBAR", "SYNCS", "VOTE", "MEMBAR", "CALL", "RET"},
+    "sync_control": {"BAR", "BRA", "BSSY", "BSYNC", "WARPSYNC", "SHFL", "EXIT", "WARPGROUP", "DEPBAR", "LDGDEPBAR",
+                     "SYNCS", "VOTE", "MEMBAR", "CALL", "RET"},
 }
 _CATEGORY_OF = {op: cat for cat, ops in CATEGORIES.items() for op in ops}
 
@@ -394,7 +399,8 @@ def launch_bytes(launch) -> int:
         start = value.data_ptr()
         views, lo, hi = per_storage.get(value.untyped_storage().data_ptr(), ({}, start, start))
         views[(start, tuple(value.shape), value.stride())] = value.numel() * value.element_size()
-        per_storage[value.untyped_storage().data_ptr()] = (views, min(lo, start), max(hi, start + extent * value.element_size()))
+        end = start + extent * value.element_size()
+        per_storage[value.untyped_storage().data_ptr()] = (views, min(lo, start), max(hi, end))
     return sum(min(sum(views.values()), hi - lo) for views, lo, hi in per_storage.values())
 
 
@@ -487,7 +493,8 @@ def compile_cuda(source: str) -> list[dict]:
         short = re.sub(r"fastpe::(attn::)?", "", short)
         records.append(dict(
             op="+".join(CUDA_SOURCES.get(source, OPS)), kernel=short, source=f"csrc/{source}", backend="cuda",
-            shape=None, dtype=_cuda_dtype(pretty), dropout=None, direction="bwd" if "bwd" in short else ("fwd" if "fwd" in short else None),
+            shape=None, dtype=_cuda_dtype(pretty), dropout=None,
+            direction="bwd" if "bwd" in short else ("fwd" if "fwd" in short else None),
             grid=None, num_warps=None, num_stages=None, registers=res["registers"], spill_bytes=res["spill_bytes"],
             spill_store_bytes=res["spill_store_bytes"], spill_load_bytes=res["spill_load_bytes"],
             stack_bytes=res["stack_bytes"], shared_bytes=res["shared_bytes"], ctas_per_sm=None, waves=None,
@@ -540,7 +547,8 @@ def build(ops, shapes, dropouts, dtype, cuda, jobs, log=print):
     index_of = {key: i for i, key in enumerate(unique)}
     every_source = sorted(p.name for p in (ROOT / "csrc").glob("*.cu"))
     sources = [s for s in every_source if cuda and set(CUDA_SOURCES.get(s, OPS)) & set(ops)]
-    log(f"compiling {len(_VARIANTS)} Triton variants ({len(keys)} launches) and {len(sources)} CUDA files for sm_90a with {jobs} jobs")
+    log(f"compiling {len(_VARIANTS)} Triton variants ({len(keys)} launches) and {len(sources)} CUDA files "
+        f"for sm_90a with {jobs} jobs")
     start = time.perf_counter()
     if jobs > 1:
         import multiprocessing
