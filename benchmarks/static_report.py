@@ -10,7 +10,7 @@ occupancy and waves they allow, the SASS (cuobjdump) and its hot loop, and write
 ``DIR/static_sm90.json`` and ``DIR/static_sm90.md``::
 
     python3 benchmarks/static_report.py --out DIR [--ops rmha,concat] [--shapes S2,B4h1L20dh16]
-        [--dropout both|off|on] [--no-cuda] [--jobs N]
+        [--dropout both|off|on] [--no-cuda] [--jobs N] [--compare OLD/static_sm90.json]
 
 Shapes: S1 = B512 h2 L50 dh32, S2 = B256 h2 L200 dh64, S3 = B128 h1 L75 dh90, or any
 ``B<b>h<h>L<l>dh<dh>``. The non-attention ops run at the same size: rotary on ``x [B, L, h, dh]``,
@@ -614,7 +614,46 @@ def attention_table(report) -> list[str]:
     return lines
 
 
-def markdown(report, command) -> str:
+def comparison_table(before, after) -> list[str]:
+    """Before -> after per op, shape, dropout and direction present in both reports: the modelled
+    time and, for the relative-attention score kernels, registers, spills, instructions per score
+    element and waves (kernels matched by their place in the direction's launches)."""
+    def key(row):
+        return (row["op"], row["shape"], row["dropout"], row["direction"])
+
+    old_summary = {key(s): s for s in before["summary"]}
+    old_score = {}
+    for r in before["records"]:
+        if r.get("hot_loop_score_elements"):
+            old_score.setdefault(key(r), []).append(r)
+    new_score = {}
+    for r in after["records"]:
+        if r.get("hot_loop_score_elements"):
+            new_score.setdefault(key(r), []).append(r)
+    lines = ["| op | shape | dropout | dir | model us | launches | score kernel | regs | spill B | instr/elem | waves |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def arrow(a, b, digits=1):
+        return f"{_fmt(a, digits)} -> {_fmt(b, digits)}"
+
+    for s in after["summary"]:
+        old = old_summary.get(key(s))
+        if old is None:
+            continue
+        head = (f"| {s['op']} | {s['shape']} | {'yes' if s['dropout'] else 'no'} | {s['direction']} | "
+                f"{arrow(old['time_us'], s['time_us'])} | {old['launches']} -> {s['launches']} |")
+        pairs = list(zip(old_score.get(key(s), []), new_score.get(key(s), [])))
+        if not pairs:
+            lines.append(head + " - | - | - | - | - |")
+        for o, n in pairs:
+            lines.append(head + f" {n['kernel']} | {o['registers']} -> {n['registers']} | "
+                         f"{o['spill_bytes']} -> {n['spill_bytes']} | "
+                         f"{arrow(o['hot_loop_instructions_per_score_element'], n['hot_loop_instructions_per_score_element'])} | "
+                         f"{arrow(o['waves'], n['waves'], 2)} |")
+    return lines
+
+
+def markdown(report, command, before=None) -> str:
     mc = report["machine"]
     lines = [
         "# Static kernel report, sm_90a", "",
@@ -622,6 +661,8 @@ def markdown(report, command) -> str:
         f"{mc['sms']} SMs, {mc['hbm_bytes_per_s'] / 1e12:.1f} TB/s HBM, "
         f"{mc['issue_per_s'] / 1e12:.3f} T warp instructions/s, {mc['tensor_flops_per_s'] / 1e12:.0f} TFLOP/s dense bf16.",
         "How to read it: README, section \"Static kernel report\".", "",
+        *(["## Before -> after", "", f"Against `{before['path']}`.", "", *comparison_table(before, report), ""]
+          if before else []),
         *(["## Relative attention: score kernels", "", *attention_table(report), ""] if attention_table(report) else []),
         "## Per op: modelled time against the baseline", "",
         "| op | shape | dropout | dir | launches | model us | bound (slowest launch) | baseline | baseline us | ratio |",
@@ -672,6 +713,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA kernels in csrc/")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--compare", type=pathlib.Path, metavar="JSON",
+                        help="an earlier static_sm90.json: add a before -> after table")
     args = parser.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = [o for o in ops if o not in OPS]
@@ -688,13 +731,23 @@ def main(argv=None) -> int:
         parser.error("nvcc is not on PATH: put it there or pass --no-cuda")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    before = None
+    if args.compare is not None:
+        try:
+            before = json.loads(args.compare.read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--compare {args.compare}: cannot read it ({exc})")
+        if not (isinstance(before, dict) and isinstance(before.get("summary"), list)
+                and isinstance(before.get("records"), list)):
+            parser.error(f"--compare {args.compare}: not a static_sm90.json (no summary and records lists)")
+        before["path"] = str(args.compare)
     dropouts = {"both": (False, True), "off": (False,), "on": (True,)}[args.dropout]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     report, failures = build(ops, shapes, dropouts, dtype, cuda, args.jobs, log=lambda m: print(m, file=sys.stderr))
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python3 benchmarks/static_report.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     (args.out / "static_sm90.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "static_sm90.md").write_text(markdown(report, command))
+    (args.out / "static_sm90.md").write_text(markdown(report, command, before))
     print(f"wrote {args.out / 'static_sm90.md'} and static_sm90.json ({len(report['records'])} records)", file=sys.stderr)
     for failure in failures:
         print("FAILED", failure, file=sys.stderr)

@@ -91,8 +91,11 @@ def test_occupancy_follows_registers_shared_memory_and_warps():
     assert sr.occupancy(32, 100 * 1024, 4) == 2  # 228 KiB of shared memory per SM
 
 
-@pytest.mark.parametrize("args", [["--ops", "nope"], ["--shapes", "S9"], ["--jobs", "0"]])
-def test_bad_arguments_are_one_line_errors_with_status_2(args, capsys, tmp_path):
+@pytest.mark.parametrize("args", [["--ops", "nope"], ["--shapes", "S9"], ["--jobs", "0"],
+                                  ["--compare", "missing.json"], ["--compare", "README.md"]])
+def test_bad_arguments_are_one_line_errors_with_status_2(args, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # so that the argument itself is what fails
+    monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exc:
         sr.main(["--out", str(tmp_path / "out"), "--no-cuda", *args])
     assert exc.value.code == 2
@@ -131,3 +134,14 @@ def test_report_at_a_small_shape(tmp_path):
     assert all(s["baseline"]["name"] == "SDPA" and s["ratio"] > 0 for s in report["summary"])
     md = (tmp_path / "static_sm90.md").read_text()
     assert "_rmha_bwd_kernel" in md and "| rmha | B4h1L20dh16 |" in md
+
+
+def test_comparison_pairs_rows_of_two_reports():
+    before = json.loads((ROOT / "benchmarks" / "results" / "static_sm90.json").read_text())
+    after = json.loads(json.dumps(before))
+    fwd = next(r for r in after["records"] if r["kernel"] == "_rmha_fwd_kernel" and r["shape"] == "S2" and not r["dropout"])
+    fwd["spill_bytes"], fwd["hot_loop_instructions_per_score_element"] = 0, 20.0
+    rows = sr.comparison_table(before, after)
+    s2_fwd = [row for row in rows if row.startswith("| rmha | S2 | no | fwd |")]
+    assert len(s2_fwd) == 1 and "448 -> 0" in s2_fwd[0] and "107.3 -> 20.0" in s2_fwd[0]
+    assert len(rows) == 2 + len(after["summary"])  # one row per direction (one score kernel each, or none)
