@@ -237,3 +237,31 @@ def test_ops_reuse_their_plans_and_stay_correct(op):
         misses = sum(c.misses for c in _ops.PLAN_CACHES)
         hits = sum(c.hits for c in _ops.PLAN_CACHES)
         assert (misses, hits) == ((2, 0) if seed == 0 else (2, 2)), "forward and backward planned once, then reused"
+
+
+def test_a_plan_that_writes_into_its_buffers_is_replanned_not_reused(monkeypatch):
+    """A planner that zeroes a buffer (for a kernel that accumulates into it) cannot be replayed
+    by allocating an empty one: the cache must call it again."""
+    real = rmha.plan_forward
+
+    def zeroing(*args):
+        out, lse, launches = real(*args)
+        lse.zero_()
+        return out, lse, launches
+
+    monkeypatch.setattr(rmha, "plan_forward", zeroing)
+    plan = _launch.cached(rmha, "plan_forward")
+    plan(*rmha_args())
+    _out, lse, _launches = plan(*rmha_args())
+    assert plan.hits == 0 and plan.misses == 2
+    assert (lse == 0).all()
+
+
+def test_plans_are_cached_in_inference_mode():
+    plan = _launch.cached(rmha, "plan_backward")
+    with torch.inference_mode():
+        args = rmha_bwd_args()
+        plan(*args)
+        args = rmha_bwd_args()
+        hit = plan(*args)
+        assert plan.hits == 1 and canonical(hit, args) == canonical(rmha.plan_backward(*args), args)

@@ -63,7 +63,8 @@ def _allocated(out: torch.Tensor) -> torch.Tensor:
         out.fill_(float("nan") if out.dtype.is_floating_point else -(2**31 - 1))
     allocations = getattr(_recording, "allocations", None)
     if allocations is not None:  # a plan being recorded for the cache (see `cached`)
-        allocations.append(out)
+        # inference tensors keep no version counter: there the no-writes rule is trusted, not checked
+        allocations.append((out, None if out.is_inference() else out._version))
     return out
 
 
@@ -175,6 +176,10 @@ class _PlanTemplate:
     argument, a buffer, or a view of one), and the launches' kernels, grids and scalars."""
 
     def __init__(self, args, allocations, result):
+        if any(version is not None and a._version != version for a, version in allocations):
+            # the planner wrote into a buffer (zeroed it, say): a fresh empty one would not be the same
+            raise _Uncacheable("a buffer written by the planner")
+        allocations = [a for a, _version in allocations]
         self.allocations = [(a.shape, a.stride(), a.dtype, a.device) for a in allocations]
         arg_tensors = [(i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         self._args = arg_tensors
@@ -258,8 +263,9 @@ class cached:  # noqa: N801  (used as a function wrapper)
     arguments, and the global state planners read (TF32 switch, config overrides, interpreter).
     Safe under CUDA graph capture (buffers are allocated on every call, from the current pool)
     and torch.compile (the ops call the planners inside opaque custom ops, on real tensors).
-    A planner whose result holds a tensor the template cannot rebuild (a copy it made) is
-    re-planned on every call of that key.
+    Planners must allocate through :func:`empty` / :func:`empty_like` and must not read tensor
+    data. A plan the template cannot reproduce (a tensor the planner made otherwise, a copy, a
+    buffer it wrote into) is re-planned on every call of that key, so it stays correct.
     """
 
     def __init__(self, module, name: str, maxsize: int = 256):
