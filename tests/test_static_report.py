@@ -137,11 +137,17 @@ def test_report_at_a_small_shape(tmp_path):
 
 
 def test_comparison_pairs_rows_of_two_reports():
-    before = json.loads((ROOT / "benchmarks" / "results" / "static_sm90.json").read_text())
-    after = json.loads(json.dumps(before))
-    fwd = next(r for r in after["records"] if r["kernel"] == "_rmha_fwd_kernel" and r["shape"] == "S2" and not r["dropout"])
-    fwd["spill_bytes"], fwd["hot_loop_instructions_per_score_element"] = 0, 20.0
+    def report(spill, per_elem, time_us):
+        key = dict(op="rmha", shape="S2", dropout=False, direction="fwd")
+        score = dict(key, kernel="_rmha_fwd_kernel", registers=255, spill_bytes=spill, waves=1.5,
+                     hot_loop_score_elements=32.0, hot_loop_instructions_per_score_element=per_elem)
+        other = dict(key, kernel="_reduce", hot_loop_score_elements=None)
+        only_before = dict(key, shape="S9")
+        return {"records": [score, other], "summary": [dict(key, time_us=time_us, launches=1), dict(only_before, time_us=1.0, launches=1)]}
+
+    before, after = report(448, 107.3, 118.9), report(0, 20.0, 30.0)
+    after["summary"].pop()  # a shape only the old report has is left out
     rows = sr.comparison_table(before, after)
-    s2_fwd = [row for row in rows if row.startswith("| rmha | S2 | no | fwd |")]
-    assert len(s2_fwd) == 1 and "448 -> 0" in s2_fwd[0] and "107.3 -> 20.0" in s2_fwd[0]
-    assert len(rows) == 2 + len(after["summary"])  # one row per direction (one score kernel each, or none)
+    assert len(rows) == 3
+    assert rows[2].startswith("| rmha | S2 | no | fwd | 118.9 -> 30.0 | 1 -> 1 | _rmha_fwd_kernel |")
+    assert "448 -> 0" in rows[2] and "107.3 -> 20.0" in rows[2]
