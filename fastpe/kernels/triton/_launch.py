@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import threading
 from typing import Any
 
 import torch
@@ -21,6 +22,9 @@ from fastpe.backends import triton_interpreter_enabled
 # Debug switch: fill every buffer a kernel is supposed to write with NaN first, so that an
 # element a kernel forgets to write shows up as NaN in the output (tests turn it on).
 POISON = os.environ.get("FASTPE_TRITON_POISON", "0") not in ("", "0")
+
+# Memoize plans by call shape (see `cached`); FASTPE_PLAN_CACHE=0 re-plans every call.
+PLAN_CACHE = os.environ.get("FASTPE_PLAN_CACHE", "1") not in ("", "0")
 
 # Config overrides for tests and tuning sessions: {op name: {knob: value}} (see `override`).
 _OVERRIDES: dict[str, dict[str, Any]] = {}
@@ -54,20 +58,24 @@ def knobs(op: str, **defaults):
     return defaults
 
 
+def _allocated(out: torch.Tensor) -> torch.Tensor:
+    if POISON:
+        out.fill_(float("nan") if out.dtype.is_floating_point else -(2**31 - 1))
+    allocations = getattr(_recording, "allocations", None)
+    if allocations is not None:  # a plan being recorded for the cache (see `cached`)
+        # inference tensors keep no version counter: there the no-writes rule is trusted, not checked
+        allocations.append((out, None if out.is_inference() else out._version))
+    return out
+
+
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An output buffer (NaN-filled when POISON is on, so unwritten elements are caught)."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if POISON:
-        out.fill_(float("nan") if dtype.is_floating_point else -(2**31 - 1))
-    return out
+    return _allocated(torch.empty(shape, dtype=dtype, device=device))
 
 
 def empty_like(x: torch.Tensor) -> torch.Tensor:
     """Like :func:`empty` with the strides of ``x`` when it is dense (transposed views stay so)."""
-    out = torch.empty_like(x)
-    if POISON:
-        out.fill_(float("nan"))
-    return out
+    return _allocated(torch.empty_like(x))
 
 
 def check_int32_indexing(op: str, *tensors: torch.Tensor) -> None:
@@ -149,3 +157,174 @@ class Launch:
 def run(launches) -> None:
     for launch in launches:
         launch()
+
+
+# ----------------------------------------------------------------------------------------------
+# plan cache: a repeated call shape costs no re-planning
+# ----------------------------------------------------------------------------------------------
+
+_recording = threading.local()
+
+
+class _Uncacheable(Exception):
+    """The plan holds a tensor the cache cannot rebuild from the arguments and its allocations."""
+
+
+class _PlanTemplate:
+    """What a planner decided for one call shape, without any tensor: the buffers it allocated
+    (shape, strides, dtype), where each tensor of its result and launches comes from (an
+    argument, a buffer, or a view of one), and the launches' kernels, grids and scalars."""
+
+    def __init__(self, args, allocations, result):
+        if any(version is not None and a._version != version for a, version in allocations):
+            # the planner wrote into a buffer (zeroed it, say): a fresh empty one would not be the same
+            raise _Uncacheable("a buffer written by the planner")
+        allocations = [a for a, _version in allocations]
+        self.allocations = [(a.shape, a.stride(), a.dtype, a.device) for a in allocations]
+        arg_tensors = [(i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        self._args = arg_tensors
+        self._allocs = allocations
+        *outputs, launches = result
+        self.outputs = [self._source(t) for t in outputs]
+        self.launches = []
+        for launch in launches:
+            # the scalar arguments as they are; for each tensor argument, where it comes from
+            scalars = {name: value for name, value in launch.args.items() if not isinstance(value, torch.Tensor)}
+            tensors = [(name, self._source(value)) for name, value in launch.args.items() if isinstance(value, torch.Tensor)]
+            self.launches.append((launch.kernel, launch.grid, scalars, tensors, launch.constexprs, launch.num_warps, launch.num_stages))
+        del self._args, self._allocs  # keep no tensor (no pointers, no memory) in the cache
+
+    def _source(self, t):
+        if t is None:
+            return None
+        for j, a in enumerate(self._allocs):
+            if t is a:
+                return ("alloc", j)
+        for i, a in self._args:
+            if t is a:
+                return ("arg", i)
+        storage = t.untyped_storage().data_ptr()
+        if storage == 0:
+            raise _Uncacheable("a view of an empty tensor")
+        bases = [("alloc", j, a) for j, a in enumerate(self._allocs) if a.untyped_storage().data_ptr() == storage]
+        bases += [("arg", i, a) for i, a in self._args if a.untyped_storage().data_ptr() == storage]
+        if len(bases) != 1:
+            # a tensor the planner made itself (a copy), or a view of arguments sharing storage
+            raise _Uncacheable(f"{len(bases)} candidate bases for a view")
+        kind, index, base = bases[0]
+        if base.element_size() != t.element_size():
+            raise _Uncacheable("a view with another element size")
+        if t.shape == base.shape and t.stride() == base.stride() and t.storage_offset() == base.storage_offset():
+            return ("cast", kind, index, t.dtype)  # the same elements read as another dtype (a bool mask as uint8)
+        return ("view", kind, index, tuple(t.shape), t.stride(), t.storage_offset() - base.storage_offset(), t.dtype)
+
+    def bind(self, args):
+        """The planner's result for new tensors of the same call shape: fresh buffers, new pointers."""
+        buffers = [_allocated(torch.empty_strided(shape, stride, dtype=dtype, device=device))
+                   for shape, stride, dtype, device in self.allocations]
+
+        def resolve(src):
+            if src is None:
+                return None
+            if src[0] == "alloc":
+                return buffers[src[1]]
+            if src[0] == "arg":
+                return args[src[1]]
+            if src[0] == "cast":
+                return (buffers if src[1] == "alloc" else args)[src[2]].view(src[3])
+            _view, kind, index, shape, stride, offset, dtype = src
+            base = buffers[index] if kind == "alloc" else args[index]
+            if base.dtype != dtype:
+                base = base.view(dtype)
+            return base.as_strided(shape, stride, base.storage_offset() + offset)
+
+        launches = []
+        for kernel, grid, scalars, tensors, constexprs, num_warps, num_stages in self.launches:
+            launch_args = dict(scalars)
+            for name, src in tensors:
+                launch_args[name] = resolve(src)
+            launches.append(Launch(kernel, grid, launch_args, constexprs, num_warps, num_stages))
+        return (*[resolve(src) for src in self.outputs], launches)
+
+
+_UNCACHEABLE = object()
+# torch.backends.cuda.matmul.allow_tf32 costs several microseconds per read; its getter does not
+_allow_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32)
+
+
+class cached:  # noqa: N801  (used as a function wrapper)
+    """Memoize the planner ``module.name`` (a ``plan_*`` function) by call shape.
+
+    A planner maps (shapes, strides, dtypes, device, flags) to configs, grids and launch
+    records; its tensors are only passed through or allocated. The first call with a given key
+    runs the planner and records a template of its result (no tensors, no pointers); later calls
+    allocate the same buffers and fill the template with the new tensors. The key holds no tensor
+    data: shapes, strides, dtypes, devices, which tensor arguments are the same object, the scalar
+    arguments, and the global state planners read (TF32 switch, config overrides, interpreter).
+    Safe under CUDA graph capture (buffers are allocated on every call, from the current pool)
+    and torch.compile (the ops call the planners inside opaque custom ops, on real tensors).
+    Planners must allocate through :func:`empty` / :func:`empty_like` and must not read tensor
+    data. A plan the template cannot reproduce (a tensor the planner made otherwise, a copy, a
+    buffer it wrote into) is re-planned on every call of that key, so it stays correct.
+    """
+
+    def __init__(self, module, name: str, maxsize: int = 256):
+        # The planner is looked up on every call (and is part of the key), so that replacing
+        # ``module.name`` (a test's monkeypatch, a tuning session) takes effect at once.
+        self.module, self.name = module, name
+        self.maxsize = maxsize
+        self.templates: dict = {}
+        self.hits = self.misses = 0
+
+    @property
+    def planner(self):
+        return getattr(self.module, self.name)
+
+    def key(self, planner, args) -> tuple:
+        parts = [planner]
+        seen = {}
+        device = None
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                parts.append((a.shape, a.stride(), a.dtype, seen.setdefault(id(a), len(seen))))
+                if device is None:
+                    device = a.device  # the planners allocate on their first tensor's device
+            elif a is None or isinstance(a, (bool, int, float, str)):
+                parts.append((type(a), a))
+            else:
+                raise TypeError(f"{self.name}: cannot key a plan on {type(a).__name__}")
+        overrides = tuple(sorted((op, tuple(sorted(k.items()))) for op, k in _OVERRIDES.items())) if _OVERRIDES else ()
+        return (tuple(parts), device, _allow_tf32(), overrides, triton_interpreter_enabled())
+
+    def __call__(self, *args):
+        planner = getattr(self.module, self.name)
+        if not PLAN_CACHE:
+            return planner(*args)
+        key = self.key(planner, args)
+        template = self.templates.get(key)
+        if template is not None and template is not _UNCACHEABLE:
+            self.hits += 1
+            return template.bind(args)
+        self.misses += 1
+        if template is _UNCACHEABLE:
+            return planner(*args)
+        outer = getattr(_recording, "allocations", None)
+        _recording.allocations = allocations = []
+        try:
+            result = planner(*args)
+        finally:
+            _recording.allocations = outer
+        if outer is not None:
+            outer.extend(allocations)
+        try:
+            template = _PlanTemplate(args, allocations, result)
+        except _Uncacheable:
+            template = _UNCACHEABLE
+        if len(self.templates) >= self.maxsize:
+            self.templates.pop(next(iter(self.templates)))  # the oldest key
+        self.templates[key] = template
+        return result
+
+    def clear(self) -> None:
+        self.templates.clear()
+        self.hits = self.misses = 0

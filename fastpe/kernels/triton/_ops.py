@@ -25,6 +25,19 @@ from fastpe.kernels.triton import rotations as _rot
 
 NAMESPACE = "fastpe_triton"
 
+# The planners memoized by call shape (configs, grids, scalars; never tensors): a training loop
+# repeats a handful of shapes, and planning costs more host time than a small kernel runs.
+_plan_rmha_forward = _launch.cached(_rmha, "plan_forward")
+_plan_rmha_backward = _launch.cached(_rmha, "plan_backward")
+_plan_rotary_forward = _launch.cached(_rot, "plan_rotary_forward")
+_plan_rotary_backward = _launch.cached(_rot, "plan_rotary_backward")
+_plan_rotatory_forward = _launch.cached(_rot, "plan_rotatory_forward")
+_plan_rotatory_backward = _launch.cached(_rot, "plan_rotatory_backward")
+_plan_concat_forward = _launch.cached(_cat, "plan_forward")
+_plan_concat_backward = _launch.cached(_cat, "plan_backward")
+PLAN_CACHES = (_plan_rmha_forward, _plan_rmha_backward, _plan_rotary_forward, _plan_rotary_backward,
+               _plan_rotatory_forward, _plan_rotatory_backward, _plan_concat_forward, _plan_concat_backward)
+
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -36,13 +49,13 @@ def _needs_grad(*tensors) -> bool:
 
 
 def _rmha_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, scale):
-    out, lse, launches = _rmha.plan_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, scale)
+    out, lse, launches = _plan_rmha_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, scale)
     _launch.run(launches)
     return out, lse
 
 
 def _rmha_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_causal, dropout_p, scale):
-    dq, dk, dv, drk, drv, launches = _rmha.plan_backward(
+    dq, dk, dv, drk, drv, launches = _plan_rmha_backward(
         dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_causal, dropout_p, scale
     )
     _launch.run(launches)
@@ -140,13 +153,13 @@ def relative_attention(q, k, v, rel_k, rel_v, key_padding_mask=None, attn_bias=N
 
 
 def _rotary_forward(x, angles, positions, interleaved):
-    y, launches = _rot.plan_rotary_forward(x, angles, positions, interleaved)
+    y, launches = _plan_rotary_forward(x, angles, positions, interleaved)
     _launch.run(launches)
     return y
 
 
 def _rotary_backward(dy, x, angles, positions, interleaved, need_dangles=True):
-    dx, dangles, launches = _rot.plan_rotary_backward(dy, x, angles, positions, interleaved, need_dangles)
+    dx, dangles, launches = _plan_rotary_backward(dy, x, angles, positions, interleaved, need_dangles)
     _launch.run(launches)
     return dx, dangles
 
@@ -214,13 +227,13 @@ def rotary(x, angles, positions=None, interleaved=True):
 
 
 def _rotatory_forward(x, angles, positions):
-    y, launches = _rot.plan_rotatory_forward(x, angles, positions)
+    y, launches = _plan_rotatory_forward(x, angles, positions)
     _launch.run(launches)
     return y
 
 
 def _rotatory_backward(dy, angles, positions):
-    dangles, launches = _rot.plan_rotatory_backward(dy, angles, positions)
+    dangles, launches = _plan_rotatory_backward(dy, angles, positions)
     _launch.run(launches)
     return dangles
 
@@ -288,13 +301,13 @@ def rotatory_add(x, angles, positions=None):
 
 
 def _concat_forward(x, table, weight, bias, positions):
-    y, launches = _cat.plan_forward(x, table, weight, bias, positions)
+    y, launches = _plan_concat_forward(x, table, weight, bias, positions)
     _launch.run(launches)
     return y
 
 
 def _concat_backward(dy, x, table, weight, positions, has_bias, need_dx=True, need_w=True, need_table=True):
-    dx, dtable, dweight, dbias, launches = _cat.plan_backward(
+    dx, dtable, dweight, dbias, launches = _plan_concat_backward(
         dy, x, table, weight, positions, has_bias, need_dx, need_w, need_table
     )
     _launch.run(launches)

@@ -1,0 +1,758 @@
+"""Static sm_90a report of every kernel fastpe launches, without a GPU.
+
+For each op (relative attention, rotary, rotatory, concat-projection), shape, dropout setting
+and direction, the op's own planners build the launches the op would issue (on small CPU
+tensors laid out as the modules lay them out, nothing is launched). Each launch is specialized
+exactly as Triton's JIT would at launch time (16-byte alignment, integer arguments equal to 1)
+and compiled for sm_90a; the CUDA kernels in ``csrc/`` are compiled with ``nvcc -Xptxas -v``.
+From the compiled artefacts alone it reads registers, spills and shared memory (ptxas), the
+occupancy and waves they allow, the SASS (cuobjdump) and its hot loop, and writes
+``DIR/static_sm90.json`` and ``DIR/static_sm90.md``::
+
+    python3 benchmarks/static_report.py --out DIR [--ops rmha,concat] [--shapes S2,B4h1L20dh16]
+        [--dropout both|off|on] [--no-cuda] [--jobs N] [--compare OLD/static_sm90.json]
+
+Shapes: S1 = B512 h2 L50 dh32, S2 = B256 h2 L200 dh64, S3 = B128 h1 L75 dh90, or any
+``B<b>h<h>L<l>dh<dh>``. The non-attention ops run at the same size: rotary on ``x [B, L, h, dh]``,
+rotatory and concat-projection on ``x [B, L, d = h*dh]``.
+
+The hot loop of a kernel is the SASS loop (a backward branch) with the most instructions of its
+own (outside loops nested in it); its count is static (every path of the body). For the
+relative-attention kernels (those with ``BLOCK_M`` and ``BLOCK_N``) one pass of a loop handles
+one ``BLOCK_M x BLOCK_N`` score tile, so ``hot_loop_score_elements`` is that tile per thread.
+
+Time model per launch (README, "Static kernel report"): the largest of bytes / HBM bandwidth,
+warp instructions / issue rate and tensor-core FLOPs / dense rate. Every loop of at least a
+quarter of the hot loop's size runs once per score tile, every other instruction once per
+program; for kernels without a score tile every loop counts once, so their instruction and
+FLOP terms are lower bounds (marked). Bytes: every distinct tensor a launch is given, touched
+once. The baseline beside each op: SDPA-equivalent FLOPs and bytes for attention, a same-size
+clone for rotary/rotatory, ``nn.Linear`` for concat-projection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import io
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# H200 SXM (sm_90a). Rates are the datasheet peaks the model divides by.
+MACHINE = dict(
+    name="H200 SXM (sm_90a)", sms=132, hbm_bytes_per_s=4.8e12,
+    issue_per_s=132 * 4 * 1.98e9,  # 132 SMs x 4 schedulers x 1 warp instruction/clock x 1.98 GHz
+    tensor_flops_per_s=989e12,  # dense bf16/fp16
+    registers_per_partition=16384, partitions=4, max_warps_per_sm=64, max_ctas_per_sm=32,
+    shared_per_sm=233472, shared_reserved_per_cta=1024,
+)
+
+SHAPES = {"S1": (512, 2, 50, 32), "S2": (256, 2, 200, 64), "S3": (128, 1, 75, 90)}
+OPS = ("rmha", "rotary", "rotatory", "concat")
+KMAX = 4  # RMHA-4
+DROPOUT_P = 0.1
+CUDA_SOURCES = {  # csrc file -> ops whose kernels it holds (a file not listed counts for every op)
+    "relative_attention_fwd.cu": ("rmha",), "relative_attention_bwd.cu": ("rmha",),
+    "rotary.cu": ("rotary", "rotatory"), "concat_projection.cu": ("concat",),
+    "reduce.cu": ("rmha", "rotary", "rotatory", "concat"),
+}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def parse_shape(text: str):
+    if text in SHAPES:
+        return text, SHAPES[text]
+    m = re.fullmatch(r"B(\d+)h(\d+)L(\d+)dh(\d+)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"unknown shape {text!r}: use S1, S2, S3 or B<b>h<h>L<l>dh<dh>, e.g. B4h1L20dh16")
+    return text, tuple(int(g) for g in m.groups())
+
+
+# ----------------------------------------------------------------------------------------------
+# the launches each op plans (the ops' own planners, on CPU tensors laid out as the modules do)
+# ----------------------------------------------------------------------------------------------
+
+
+def _heads_view(t, b, length, h, dh):
+    return t.view(b, length, h, dh).transpose(1, 2)  # [B, h, L, dh], as fastpe.nn's _heads
+
+
+def plan_op(op, dims, dtype, dropout):
+    """{direction: [Launch]} and the baseline {direction: (name, bytes, flops)} of one problem."""
+    from fastpe.kernels.triton import concat, rmha, rotations
+
+    b, h, length, dh = dims
+    d = h * dh
+    size = dtype.itemsize
+    if op == "rmha":
+        # self-attention: q, k, v are head views of one [B, L, 3d] projection
+        q, k, v = (_heads_view(t, b, length, h, dh) for t in torch.zeros(b, length, 3 * d, dtype=dtype).chunk(3, dim=-1))
+        rel_k, rel_v = torch.zeros(1, 2 * KMAX + 1, dh, dtype=dtype), torch.zeros(1, 2 * KMAX + 1, dh, dtype=dtype)
+        kpm = torch.zeros(b, length, dtype=torch.bool)
+        p = DROPOUT_P if dropout else 0.0
+        seed = torch.zeros(1, dtype=torch.int64) if dropout else None
+        scale = 1.0 / math.sqrt(dh)
+        out, lse, fwd = rmha.plan_forward(q, k, v, rel_k, rel_v, kpm, None, seed, False, p, scale)
+        dout = _heads_view(torch.zeros(b, length, d, dtype=dtype), b, length, h, dh)  # grad of out.transpose(1, 2)
+        *_grads, bwd = rmha.plan_backward(dout, q, k, v, rel_k, rel_v, kpm, None, seed, out, lse, False, p, scale)
+        per_tensor = b * h * length * dh * size
+        flops = 4 * b * h * length * length * dh  # S = QK^T, O = PV; the backward does 2.5x that
+        baseline = {"fwd": ("SDPA", 4 * per_tensor + b * length, flops),  # q, k, v, mask -> o
+                    "bwd": ("SDPA", 8 * per_tensor + b * length + 4 * b * h * length, 2.5 * flops)}  # + do, lse -> dq, dk, dv
+        return {"fwd": fwd, "bwd": bwd}, baseline
+    if op == "rotary":
+        x = torch.zeros(b, length, 3 * d, dtype=dtype).chunk(3, dim=-1)[0].view(b, length, h, dh)  # q of the projection
+        angles = torch.zeros(length, dh // 2, dtype=dtype)
+        _y, fwd = rotations.plan_rotary_forward(x, angles, None, False)
+        _dx, _da, bwd = rotations.plan_rotary_backward(torch.zeros(b, length, h, dh, dtype=dtype), x, angles, None, False)
+        clone = ("clone", 2 * b * length * d * size, 0)
+        return {"fwd": fwd, "bwd": bwd}, {"fwd": clone, "bwd": clone}
+    if op == "rotatory":
+        x = torch.zeros(b, length, d, dtype=dtype)
+        angles = torch.zeros(length, d // 2, dtype=dtype)
+        _y, fwd = rotations.plan_rotatory_forward(x, angles, None)
+        _da, bwd = rotations.plan_rotatory_backward(torch.zeros_like(x), angles, None)
+        clone = ("clone", 2 * b * length * d * size, 0)
+        return {"fwd": fwd, "bwd": bwd}, {"fwd": clone, "bwd": clone}
+    if op == "concat":
+        x = torch.zeros(b, length, d, dtype=dtype)
+        table = torch.zeros(length, d, dtype=dtype)
+        weight, bias = torch.zeros(d, 2 * d, dtype=dtype), torch.zeros(d, dtype=dtype)
+        _y, fwd = concat.plan_forward(x, table, weight, bias, None)
+        *_grads, bwd = concat.plan_backward(torch.zeros(b, length, d, dtype=dtype), x, table, weight, None, True)
+        m = b * length
+        # nn.Linear(2d -> d) on the concatenated input: forward, and dX + dW (+ db) backward
+        fwd_bytes = (m * 2 * d + 2 * d * d + m * d) * size
+        bwd_bytes = (m * d + m * 2 * d + 2 * d * d + m * 2 * d + 2 * d * d) * size
+        flops = 2 * m * 2 * d * d
+        return {"fwd": fwd, "bwd": bwd}, {"fwd": ("nn.Linear", fwd_bytes, flops), "bwd": ("nn.Linear", bwd_bytes, 2 * flops)}
+    raise ValueError(op)
+
+
+# ----------------------------------------------------------------------------------------------
+# specializing and compiling a launch as Triton's JIT would
+# ----------------------------------------------------------------------------------------------
+
+
+def _tools():
+    import triton
+
+    bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return {name: str(bin_dir / name) for name in ("ptxas", "cuobjdump")}
+
+
+def specialize(launch):
+    """(signature, constexprs, attrs, options) exactly as the JIT computes them when it launches."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.kernel
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(num_warps=launch.num_warps, num_stages=launch.num_stages, debug=False)
+    bound, spec, options = binder(**launch.args, **launch.constexprs, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+    return signature, constexprs, attrs, options
+
+
+def variant_key(launch):
+    signature, constexprs, attrs, _options = specialize(launch)
+    return (launch.kernel.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
+            repr(sorted(attrs.items())), launch.num_warps, launch.num_stages)
+
+
+def compile_launch(launch) -> dict:
+    """Compile for sm_90a and analyse: registers, spills, shared memory, SASS."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs, options = specialize(launch)
+    src = ASTSource(launch.kernel, signature, constexprs, attrs)
+    log = io.StringIO()
+    previous = triton.knobs.nvidia.dump_ptxas_log
+    triton.knobs.nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options.__dict__)
+    finally:
+        triton.knobs.nvidia.dump_ptxas_log = previous
+    tools = _tools()
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = pathlib.Path(tmp) / "k.ptx"
+        cubin = pathlib.Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        ptxas_log = log.getvalue()
+        if "Used" not in ptxas_log:  # Triton's cache served the kernel: run ptxas as Triton does
+            ptx.write_text(compiled.asm["ptx"])
+            out = str(pathlib.Path(tmp) / "p.cubin")
+            ptxas_log = _run([tools["ptxas"], "-lineinfo", "-v", "--gpu-name=sm_90a", str(ptx), "-o", out])
+        sass = _run([tools["cuobjdump"], "-sass", str(cubin)])
+    resources = parse_ptxas(ptxas_log)
+    if len(resources) != 1:
+        raise RuntimeError(f"{launch.kernel.__name__}: expected one ptxas entry, got {list(resources)}:\n{ptxas_log}")
+    res = next(iter(resources.values()))
+    res["shared_bytes"] += compiled.metadata.shared  # Triton's shared memory is dynamic
+    functions = parse_sass(sass)
+    return dict(res, **analyse_sass(next(iter(functions.values()))))
+
+
+def _run(cmd) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# reading ptxas and SASS
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_ptxas(log: str) -> dict:
+    """{mangled entry: {registers, spill_store_bytes, spill_load_bytes, spill_bytes, stack_bytes, shared_bytes}}."""
+    out = {}
+    current = None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            current = out.setdefault(m.group(1), dict(registers=None, spill_store_bytes=0, spill_load_bytes=0,
+                                                       stack_bytes=0, shared_bytes=0))
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and "Function properties for" not in line:
+            current["stack_bytes"], current["spill_store_bytes"], current["spill_load_bytes"] = map(int, m.groups())
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current["registers"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            current["shared_bytes"] = int(s.group(1)) if s else 0
+            current = None  # the entry's summary line closes it (device functions follow)
+    for res in out.values():
+        res["spill_bytes"] = res["spill_store_bytes"] + res["spill_load_bytes"]
+    return out
+
+
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def parse_sass(text: str) -> dict:
+    """{function: [(address, opcode, operands)]} from ``cuobjdump -sass``."""
+    functions = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"^\s*Function\s*:\s*(\S+)", line)
+        if m:
+            current = functions.setdefault(m.group(1), [])
+            continue
+        m = _SASS_LINE.match(line)
+        if m and current is not None:
+            body = m.group(2)
+            body = re.sub(r"^@!?U?P[T0-9]+\s+", "", body)  # predicate
+            opcode, _, operands = body.partition(" ")
+            current.append((int(m.group(1), 16), opcode, operands.strip()))
+    return functions
+
+
+CATEGORIES = {  # opcode (before the first dot) -> class, for the hot-loop mix
+    "tensor": {"HGMMA", "HMMA", "IMMA", "WGMMA", "QGMMA", "IGMMA"},
+    "compare_select": {"ISETP", "FSETP", "DSETP", "HSETP2", "SEL", "FSEL", "PLOP3", "P2R", "R2P",
+                       "FMNMX", "VIMNMX", "IMNMX", "HMNMX2"},
+    "fp_arith": {"FADD", "FMUL", "FFMA", "HADD2", "HMUL2", "HFMA2", "MUFU", "FCHK", "DADD", "DMUL", "DFMA"},
+    "int_arith": {"IMAD", "IADD3", "VIADD", "LOP3", "SHF", "LEA", "IABS", "UIADD3", "UIMAD", "ULOP3", "USHF",
+                  "ULEA", "SGXT", "IADD", "FLO", "POPC", "BREV", "PRMT"},
+    "convert": {"F2F", "F2FP", "I2F", "F2I", "I2FP", "F2IP", "FRND"},
+    "memory": {"LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDGSTS", "LD", "ST", "ATOMG", "RED", "ATOMS",
+               "UBLKCP", "UTMALDG", "UTMASTG", "LDC", "ULDC"},
+    "spill": {"LDL", "STL"},
+    "sync_control": {"BAR", "BRA", "BSSY", "BSYNC", "WARPSYNC", "SHFL", "EXIT", "WARPGROUP", "DEPBAR", "LDGDEPBAR",
+                     "SYNCS", "VOTE", "MEMBAR", "CALL", "RET"},
+}
+_CATEGORY_OF = {op: cat for cat, ops in CATEGORIES.items() for op in ops}
+
+
+def _tensor_flops(opcode: str) -> float:
+    """FLOPs one warp's instruction does: HMMA.16816 is m16n8k16 per warp; HGMMA.64xNxK is one
+    warpgroup's (four warps') 64xNxK."""
+    m = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", opcode)
+    if m:
+        a, b, c = map(int, m.groups())
+        return 2 * a * b * c / 4
+    m = re.match(r"HMMA\.(\d+)", opcode)
+    if m:
+        shape = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4)}.get(m.group(1))
+        return 2 * shape[0] * shape[1] * shape[2] if shape else 0.0
+    return 0.0
+
+
+def find_loops(instructions):
+    """Loops as (start index, end index) of a backward branch and its target, widest first."""
+    index_of = {addr: i for i, (addr, _op, _args) in enumerate(instructions)}
+    loops = set()
+    for i, (addr, opcode, operands) in enumerate(instructions):
+        if opcode.split(".")[0] not in ("BRA", "JMP"):
+            continue
+        m = re.match(r"`?\(?(0x[0-9a-f]+)", operands)
+        if not m:
+            continue
+        target = int(m.group(1), 16)
+        if target < addr and target in index_of:
+            loops.add((index_of[target], i))
+        # a branch to itself is the trap after EXIT, not a loop
+    return sorted(loops, key=lambda se: (se[0], -se[1]))
+
+
+def analyse_sass(instructions) -> dict:
+    """Instruction counts of the whole kernel and of its hot loop (see the module docstring)."""
+    real = [ins for ins in instructions if ins[1] != "NOP"]
+    loops = [(s, e) for s, e in find_loops(instructions)]
+
+    def count(s, e):
+        return sum(1 for ins in instructions[s:e + 1] if ins[1] != "NOP")
+
+    def inside(inner, outer):
+        return inner != outer and outer[0] <= inner[0] and inner[1] <= outer[1]
+
+    own = {}
+    for loop in loops:
+        nested = [other for other in loops if inside(other, loop)]
+        outermost_nested = [n for n in nested if not any(inside(n, o) for o in nested)]
+        own[loop] = count(*loop) - sum(count(*n) for n in outermost_nested)
+    total_flops = sum(_tensor_flops(op) for _a, op, _o in real)
+    result = dict(
+        sass_instructions=len(real),
+        tensor_core_instructions=sum(1 for _a, op, _o in real if _CATEGORY_OF.get(op.split(".")[0]) == "tensor"),
+        spill_instructions=sum(1 for _a, op, _o in real if op.split(".")[0] in ("LDL", "STL")),
+        loops=len(loops),
+    )
+    if not loops:
+        return dict(result, hot_loop_instructions=0, hot_loop_tensor_core_instructions=0, hot_loop_mix={},
+                    heavy_loop_instructions=0, heavy_loop_tensor_flops=0.0, once_instructions=len(real),
+                    once_tensor_flops=total_flops)
+    hot = max(loops, key=lambda loop: (own[loop], count(*loop)))
+    body = [ins for ins in instructions[hot[0]:hot[1] + 1] if ins[1] != "NOP"]
+    mix = {}
+    for _a, op, _o in body:
+        cat = _CATEGORY_OF.get(op.split(".")[0], "other")
+        mix[cat] = mix.get(cat, 0) + 1
+    # loops at least a quarter of the hot loop's size run once per score tile (time model)
+    heavy = [loop for loop in loops if own[loop] * 4 >= own[hot]]
+    heavy = [loop for loop in heavy if not any(inside(loop, other) for other in heavy)]
+    heavy_instructions = sum(count(*loop) for loop in heavy)
+    heavy_flops = sum(_tensor_flops(op) for loop in heavy for _a, op, _o in instructions[loop[0]:loop[1] + 1])
+    return dict(
+        result,
+        hot_loop_instructions=len(body),
+        hot_loop_tensor_core_instructions=mix.get("tensor", 0),
+        hot_loop_mix=dict(sorted(mix.items(), key=lambda kv: -kv[1])),
+        heavy_loop_instructions=heavy_instructions,
+        heavy_loop_tensor_flops=heavy_flops,
+        once_instructions=len(real) - heavy_instructions,
+        once_tensor_flops=total_flops - heavy_flops,
+    )
+
+
+def occupancy(registers, shared_bytes, num_warps):
+    """Resident CTAs per SM on sm_90 (registers per warp in 256-register units per partition)."""
+    mc = MACHINE
+    regs_per_warp = math.ceil(max(registers, 1) * 32 / 256) * 256
+    warps_by_regs = mc["partitions"] * (mc["registers_per_partition"] // regs_per_warp)
+    limits = [warps_by_regs // num_warps, mc["max_warps_per_sm"] // num_warps, mc["max_ctas_per_sm"]]
+    if shared_bytes:
+        limits.append(mc["shared_per_sm"] // (shared_bytes + mc["shared_reserved_per_cta"]))
+    return max(0, min(limits))
+
+
+# ----------------------------------------------------------------------------------------------
+# records and the time model
+# ----------------------------------------------------------------------------------------------
+
+
+def launch_bytes(launch) -> int:
+    """Bytes of the distinct tensors a launch is given, each touched once: per storage, the
+    elements of its distinct views, at most the span they cover (q, k, v of one projection
+    count once each; a strided view counts its elements, not its span; a dummy argument that
+    repeats another tensor counts nothing)."""
+    per_storage = {}
+    for value in launch.args.values():
+        if not isinstance(value, torch.Tensor) or value.numel() == 0:
+            continue
+        extent = 1 + sum((s - 1) * abs(st) for s, st in zip(value.shape, value.stride()))
+        start = value.data_ptr()
+        views, lo, hi = per_storage.get(value.untyped_storage().data_ptr(), ({}, start, start))
+        views[(start, tuple(value.shape), value.stride())] = value.numel() * value.element_size()
+        end = start + extent * value.element_size()
+        per_storage[value.untyped_storage().data_ptr()] = (views, min(lo, start), max(hi, end))
+    return sum(min(sum(views.values()), hi - lo) for views, lo, hi in per_storage.values())
+
+
+def model_time(bytes_, warp_instructions, tensor_flops):
+    terms = {
+        "memory": bytes_ / MACHINE["hbm_bytes_per_s"],
+        "issue": warp_instructions / MACHINE["issue_per_s"],
+        "tensor": tensor_flops / MACHINE["tensor_flops_per_s"],
+    }
+    bound = max(terms, key=terms.get)
+    return {f"t_{k}_us": v * 1e6 for k, v in terms.items()} | {"time_us": terms[bound] * 1e6, "bound": bound}
+
+
+def launch_record(op, shape_name, dims, dtype, dropout, direction, index, launch, analysis):
+    b, h, length, dh = dims
+    ctas = math.prod(launch.grid)
+    consts = launch.constexprs
+    score_tile = op == "rmha" and "BLOCK_M" in consts and "BLOCK_N" in consts
+    threads = launch.num_warps * 32
+    per_thread = consts["BLOCK_M"] * consts["BLOCK_N"] / threads if score_tile else None
+    ctas_per_sm = occupancy(analysis["registers"], analysis["shared_bytes"], launch.num_warps)
+    if score_tile:
+        tiles = b * h * math.ceil(length / consts["BLOCK_M"]) * math.ceil(length / consts["BLOCK_N"])
+        warp_instr = launch.num_warps * (tiles * analysis["heavy_loop_instructions"] + ctas * analysis["once_instructions"])
+        flops = launch.num_warps * (tiles * analysis["heavy_loop_tensor_flops"] + ctas * analysis["once_tensor_flops"])
+    else:
+        warp_instr = launch.num_warps * ctas * (analysis["heavy_loop_instructions"] + analysis["once_instructions"])
+        flops = launch.num_warps * ctas * (analysis["heavy_loop_tensor_flops"] + analysis["once_tensor_flops"])
+    bytes_ = launch_bytes(launch)
+    rec = dict(
+        op=op, kernel=launch.kernel.__name__, launch=index, shape=shape_name, dims=dict(B=b, h=h, L=length, dh=dh),
+        dtype=DTYPE_NAMES[dtype], dropout=dropout, direction=direction, grid=list(launch.grid), ctas=ctas,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        constexprs={k: v for k, v in consts.items() if not isinstance(v, bool) or v},
+        registers=analysis["registers"], spill_bytes=analysis["spill_bytes"],
+        spill_store_bytes=analysis["spill_store_bytes"], spill_load_bytes=analysis["spill_load_bytes"],
+        stack_bytes=analysis["stack_bytes"], shared_bytes=analysis["shared_bytes"],
+        ctas_per_sm=ctas_per_sm, warps_per_sm=ctas_per_sm * launch.num_warps,
+        waves=round(ctas / (ctas_per_sm * MACHINE["sms"]), 3) if ctas_per_sm else None,
+        sass_instructions=analysis["sass_instructions"], tensor_core_instructions=analysis["tensor_core_instructions"],
+        spill_instructions=analysis["spill_instructions"], loops=analysis["loops"],
+        hot_loop_instructions=analysis["hot_loop_instructions"],
+        hot_loop_tensor_core_instructions=analysis["hot_loop_tensor_core_instructions"],
+        hot_loop_mix=analysis["hot_loop_mix"],
+        hot_loop_score_elements=per_thread,
+        hot_loop_instructions_per_score_element=(
+            round(analysis["hot_loop_instructions"] / per_thread, 1) if per_thread else None),
+        score_loops_instructions_per_score_element=(
+            round(analysis["heavy_loop_instructions"] / per_thread, 1) if per_thread else None),
+        model=dict(bytes=bytes_, warp_instructions=warp_instr, tensor_flops=flops,
+                   lower_bound=not score_tile and analysis["loops"] > 0, **model_time(bytes_, warp_instr, flops)),
+    )
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA kernels
+# ----------------------------------------------------------------------------------------------
+
+
+def demangle(names):
+    if not names or shutil.which("c++filt") is None:
+        return {n: n for n in names}
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
+
+
+def _cuda_dtype(name):
+    """The first floating-point template argument of a kernel's name."""
+    m = re.search(r"[<, ](__nv_bfloat16|__half|double|float)[>, ]", name)
+    return {"__nv_bfloat16": "bf16", "__half": "fp16", "double": "fp64", "float": "fp32"}[m.group(1)] if m else None
+
+
+def compile_cuda(source: str) -> list[dict]:
+    """Compile one csrc file for sm_90a with ``-Xptxas -v``; one record per kernel instantiation."""
+    nvcc = shutil.which("nvcc")
+    with tempfile.TemporaryDirectory() as tmp:
+        obj = pathlib.Path(tmp) / "k.o"
+        log = _run([nvcc, "-O3", "-lineinfo", "-arch=sm_90a", "-Xptxas", "-v", "-c", str(ROOT / "csrc" / source), "-o", str(obj)])
+        sass = _run([_tools()["cuobjdump"], "-sass", str(obj)])
+    resources = parse_ptxas(log)
+    functions = parse_sass(sass)
+    names = demangle(sorted(resources))
+    records = []
+    for mangled, res in sorted(resources.items()):
+        analysis = analyse_sass(functions.get(mangled, []))
+        pretty = names[mangled]
+        short = pretty.replace("(anonymous namespace)::", "")
+        short = re.sub(r"^void |\([^()]*\)$", "", short)  # return type, parameter list
+        short = re.sub(r"fastpe::(attn::)?", "", short)
+        records.append(dict(
+            op="+".join(CUDA_SOURCES.get(source, OPS)), kernel=short, source=f"csrc/{source}", backend="cuda",
+            shape=None, dtype=_cuda_dtype(pretty), dropout=None,
+            direction="bwd" if "bwd" in short else ("fwd" if "fwd" in short else None),
+            grid=None, num_warps=None, num_stages=None, registers=res["registers"], spill_bytes=res["spill_bytes"],
+            spill_store_bytes=res["spill_store_bytes"], spill_load_bytes=res["spill_load_bytes"],
+            stack_bytes=res["stack_bytes"], shared_bytes=res["shared_bytes"], ctas_per_sm=None, waves=None,
+            sass_instructions=analysis["sass_instructions"], tensor_core_instructions=analysis["tensor_core_instructions"],
+            spill_instructions=analysis["spill_instructions"], loops=analysis["loops"],
+            hot_loop_instructions=analysis["hot_loop_instructions"],
+            hot_loop_tensor_core_instructions=analysis["hot_loop_tensor_core_instructions"],
+            hot_loop_mix=analysis["hot_loop_mix"], hot_loop_score_elements=None,
+        ))
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+# ----------------------------------------------------------------------------------------------
+
+_VARIANTS: list = []  # unique launches, read by the forked compile workers
+
+
+def _compile_index(i):
+    try:
+        return i, compile_launch(_VARIANTS[i]), None
+    except Exception as exc:  # noqa: BLE001  (report every failing variant)
+        return i, None, f"{type(exc).__name__}: {exc}"
+
+
+def _cuda_job(source):
+    try:
+        return source, compile_cuda(source), None
+    except Exception as exc:  # noqa: BLE001
+        return source, [], f"{type(exc).__name__}: {exc}"
+
+
+def build(ops, shapes, dropouts, dtype, cuda, jobs, log=print):
+    global _VARIANTS
+    problems = []  # (op, shape name, dims, dropout, {direction: launches}, baseline)
+    for shape_name, dims in shapes:
+        for op in ops:
+            for dropout in (dropouts if op == "rmha" else (False,)):  # only attention has dropout
+                launches, baseline = plan_op(op, dims, dtype, dropout)
+                problems.append((op, shape_name, dims, dropout, launches, baseline))
+    keys, unique = [], {}
+    for *_head, launches, _b in problems:
+        for direction_launches in launches.values():
+            for launch in direction_launches:
+                key = variant_key(launch)
+                unique.setdefault(key, launch)
+                keys.append(key)
+    _VARIANTS = list(unique.values())
+    index_of = {key: i for i, key in enumerate(unique)}
+    every_source = sorted(p.name for p in (ROOT / "csrc").glob("*.cu"))
+    sources = [s for s in every_source if cuda and set(CUDA_SOURCES.get(s, OPS)) & set(ops)]
+    log(f"compiling {len(_VARIANTS)} Triton variants ({len(keys)} launches) and {len(sources)} CUDA files "
+        f"for sm_90a with {jobs} jobs")
+    start = time.perf_counter()
+    if jobs > 1:
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            cuda_futures = [pool.submit(_cuda_job, s) for s in sources]
+            results = list(pool.map(_compile_index, range(len(_VARIANTS))))
+            cuda_results = [f.result() for f in cuda_futures]
+    else:
+        results = [_compile_index(i) for i in range(len(_VARIANTS))]
+        cuda_results = [_cuda_job(s) for s in sources]
+    log(f"compiled in {time.perf_counter() - start:.0f} s")
+    failures = [f"{_VARIANTS[i].kernel.__name__}: {err}" for i, _a, err in results if err]
+    failures += [f"csrc/{s}: {err}" for s, _r, err in cuda_results if err]
+    analyses = {i: a for i, a, _e in results}
+    records, summary = [], []
+    for op, shape_name, dims, dropout, launches, baseline in problems:
+        for direction, direction_launches in launches.items():
+            rows = []
+            for index, launch in enumerate(direction_launches):
+                analysis = analyses.get(index_of[variant_key(launch)])
+                if analysis is None:
+                    continue
+                rows.append(launch_record(op, shape_name, dims, dtype, dropout, direction, index, launch, analysis))
+            records += rows
+            name, b_bytes, b_flops = baseline[direction]
+            base = model_time(b_bytes, 0, b_flops)
+            total = sum(r["model"]["time_us"] for r in rows)
+            slowest = max(rows, key=lambda r: r["model"]["time_us"]) if rows else None
+            summary.append(dict(
+                op=op, shape=shape_name, dtype=DTYPE_NAMES[dtype], dropout=dropout, direction=direction,
+                launches=len(direction_launches), time_us=round(total, 3),
+                bound=f"{slowest['kernel']}: {slowest['model']['bound']}" if slowest else None,
+                lower_bound=any(r["model"]["lower_bound"] for r in rows),
+                baseline=dict(name=name, bytes=b_bytes, flops=b_flops, time_us=round(base["time_us"], 3), bound=base["bound"]),
+                ratio=round(total / base["time_us"], 2) if base["time_us"] else None,
+            ))
+    for _s, recs, _e in cuda_results:
+        records += recs
+    return dict(machine=MACHINE, records=records, summary=summary), failures
+
+
+def _fmt(v, digits=1):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def attention_table(report) -> list[str]:
+    """The relative-attention score kernels at a glance (the issue's targets are read here)."""
+    rows = [r for r in report["records"] if r.get("hot_loop_score_elements")]
+    if not rows:
+        return []
+    lines = ["| shape | dropout | dir | kernel | regs | spill B | elems/thread | instr/elem (hot loop) | "
+             "instr/elem (all score loops) | CTAs/SM | waves |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {'yes' if r['dropout'] else 'no'} | {r['direction']} | {r['kernel']} | "
+                     f"{r['registers']} | {r['spill_bytes']} | {_fmt(r['hot_loop_score_elements'])} | "
+                     f"{_fmt(r['hot_loop_instructions_per_score_element'])} | "
+                     f"{_fmt(r['score_loops_instructions_per_score_element'])} | {r['ctas_per_sm']} | {_fmt(r['waves'], 2)} |")
+    return lines
+
+
+def comparison_table(before, after) -> list[str]:
+    """Before -> after per op, shape, dropout and direction present in both reports: the modelled
+    time and, for the relative-attention score kernels, registers, spills, instructions per score
+    element and waves (kernels matched by their place in the direction's launches)."""
+    def key(row):
+        return (row["op"], row["shape"], row["dropout"], row["direction"])
+
+    old_summary = {key(s): s for s in before["summary"]}
+    old_score = {}
+    for r in before["records"]:
+        if r.get("hot_loop_score_elements"):
+            old_score.setdefault(key(r), []).append(r)
+    new_score = {}
+    for r in after["records"]:
+        if r.get("hot_loop_score_elements"):
+            new_score.setdefault(key(r), []).append(r)
+    lines = ["| op | shape | dropout | dir | model us | launches | score kernel | regs | spill B | instr/elem | waves |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def arrow(a, b, digits=1):
+        return f"{_fmt(a, digits)} -> {_fmt(b, digits)}"
+
+    for s in after["summary"]:
+        old = old_summary.get(key(s))
+        if old is None:
+            continue
+        head = (f"| {s['op']} | {s['shape']} | {'yes' if s['dropout'] else 'no'} | {s['direction']} | "
+                f"{arrow(old['time_us'], s['time_us'])} | {old['launches']} -> {s['launches']} |")
+        pairs = list(zip(old_score.get(key(s), []), new_score.get(key(s), [])))
+        if not pairs:
+            lines.append(head + " - | - | - | - | - |")
+        for o, n in pairs:
+            lines.append(head + f" {n['kernel']} | {o['registers']} -> {n['registers']} | "
+                         f"{o['spill_bytes']} -> {n['spill_bytes']} | "
+                         f"{arrow(o['hot_loop_instructions_per_score_element'], n['hot_loop_instructions_per_score_element'])} | "
+                         f"{arrow(o['waves'], n['waves'], 2)} |")
+    return lines
+
+
+def markdown(report, command, before=None) -> str:
+    mc = report["machine"]
+    lines = [
+        "# Static kernel report, sm_90a", "",
+        f"Generated by `{command}` (no GPU: compiled artefacts only). Machine model: {mc['name']}, "
+        f"{mc['sms']} SMs, {mc['hbm_bytes_per_s'] / 1e12:.1f} TB/s HBM, "
+        f"{mc['issue_per_s'] / 1e12:.3f} T warp instructions/s, {mc['tensor_flops_per_s'] / 1e12:.0f} TFLOP/s dense bf16.",
+        "How to read it: README, section \"Static kernel report\".", "",
+        *(["## Before -> after", "", f"Against `{before['path']}`.", "", *comparison_table(before, report), ""]
+          if before else []),
+        *(["## Relative attention: score kernels", "", *attention_table(report), ""] if attention_table(report) else []),
+        "## Per op: modelled time against the baseline", "",
+        "| op | shape | dropout | dir | launches | model us | bound (slowest launch) | baseline | baseline us | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in report["summary"]:
+        mark = ">=" if s["lower_bound"] else ""
+        lines.append(f"| {s['op']} | {s['shape']} | {'yes' if s['dropout'] else 'no'} | {s['direction']} | {s['launches']} | "
+                     f"{mark}{s['time_us']:.2f} | {s['bound']} | {s['baseline']['name']} | {s['baseline']['time_us']:.2f} | "
+                     f"{mark}{s['ratio']} |")
+    lines += [
+        "", "## Triton launches", "",
+        "| op | shape | drop | dir | kernel | grid | warps/stages | regs | spill B | smem KiB | CTAs/SM | waves | "
+        "SASS | TC | hot loop | hot TC | elems/thr | instr/elem | cmp+sel % | model us | bound |",
+        "|" + "---|" * 21,
+    ]
+    for r in report["records"]:
+        if r.get("backend") == "cuda":
+            continue
+        hot = r["hot_loop_instructions"]
+        cmp_share = 100 * r["hot_loop_mix"].get("compare_select", 0) / hot if hot else None
+        m = r["model"]
+        lines.append(
+            f"| {r['op']} | {r['shape']} | {'yes' if r['dropout'] else 'no'} | {r['direction']} | {r['kernel']} | "
+            f"{'x'.join(map(str, r['grid']))} | {r['num_warps']}/{r['num_stages']} | {r['registers']} | {r['spill_bytes']} | "
+            f"{r['shared_bytes'] / 1024:.1f} | {r['ctas_per_sm']} | {_fmt(r['waves'], 2)} | {r['sass_instructions']} | "
+            f"{r['tensor_core_instructions']} | {hot} | {r['hot_loop_tensor_core_instructions']} | "
+            f"{_fmt(r['hot_loop_score_elements'])} | {_fmt(r['hot_loop_instructions_per_score_element'])} | "
+            f"{_fmt(cmp_share, 0)} | {'>=' if m['lower_bound'] else ''}{m['time_us']:.2f} | {m['bound']} |")
+    cuda = [r for r in report["records"] if r.get("backend") == "cuda"]
+    if cuda:
+        lines += ["", "## CUDA kernels (csrc/, nvcc -arch=sm_90a -Xptxas -v)", "",
+                  "| source | kernel | dtype | regs | spill B | static smem B | SASS | TC | hot loop | hot TC |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in cuda:
+            lines.append(f"| {r['source']} | `{r['kernel']}` | {_fmt(r['dtype'])} | {r['registers']} | {r['spill_bytes']} | "
+                         f"{r['shared_bytes']} | {r['sass_instructions']} | {r['tensor_core_instructions']} | "
+                         f"{r['hot_loop_instructions']} | {r['hot_loop_tensor_core_instructions']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="static_report.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=pathlib.Path, help="folder for static_sm90.md and static_sm90.json")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    parser.add_argument("--shapes", default="S1,S2,S3", help="comma-separated S1/S2/S3 or B<b>h<h>L<l>dh<dh>")
+    parser.add_argument("--dropout", choices=("both", "off", "on"), default="both", help="relative attention with/without dropout")
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA kernels in csrc/")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--compare", type=pathlib.Path, metavar="JSON",
+                        help="an earlier static_sm90.json: add a before -> after table")
+    args = parser.parse_args(argv)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    bad = [o for o in ops if o not in OPS]
+    if bad or not ops:
+        parser.error(f"unknown op(s) {bad}: choose from {', '.join(OPS)}")
+    try:
+        shapes = [parse_shape(s.strip()) for s in args.shapes.split(",") if s.strip()]
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")
+    cuda = not args.no_cuda
+    if cuda and shutil.which("nvcc") is None:
+        parser.error("nvcc is not on PATH: put it there or pass --no-cuda")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    before = None
+    if args.compare is not None:
+        try:
+            before = json.loads(args.compare.read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--compare {args.compare}: cannot read it ({exc})")
+        if not (isinstance(before, dict) and isinstance(before.get("summary"), list)
+                and isinstance(before.get("records"), list)):
+            parser.error(f"--compare {args.compare}: not a static_sm90.json (no summary and records lists)")
+        before["path"] = str(args.compare)
+    dropouts = {"both": (False, True), "off": (False,), "on": (True,)}[args.dropout]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    report, failures = build(ops, shapes, dropouts, dtype, cuda, args.jobs, log=lambda m: print(m, file=sys.stderr))
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python3 benchmarks/static_report.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    (args.out / "static_sm90.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "static_sm90.md").write_text(markdown(report, command, before))
+    print(f"wrote {args.out / 'static_sm90.md'} and static_sm90.json ({len(report['records'])} records)", file=sys.stderr)
+    for failure in failures:
+        print("FAILED", failure, file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""benchmarks/static_report.py: its ptxas and SASS readers on known text, and the whole tool at
+one small shape (compiling the relative-attention kernels for sm_90a, no GPU)."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOOL = ROOT / "benchmarks" / "static_report.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("static_report", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sr = _load()
+
+PTXAS_LOG = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90a'
+ptxas info    : Function properties for _Z3fooPf
+    488 bytes stack frame, 568 bytes spill stores, 532 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 488 bytes cumulative stack size, 2048 bytes smem
+ptxas info    : Function properties for __internal_trig_reduction_slowpathd
+    40 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
+ptxas info    : Compiling entry function '_Z3barPf' for 'sm_90a'
+ptxas info    : Function properties for _Z3barPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers
+"""
+
+
+def test_ptxas_log_gives_registers_spills_and_shared_memory_per_entry():
+    res = sr.parse_ptxas(PTXAS_LOG)
+    assert res["_Z3fooPf"] == dict(registers=255, spill_store_bytes=568, spill_load_bytes=532, spill_bytes=1100,
+                                   stack_bytes=488, shared_bytes=2048)
+    # the device function after an entry's summary does not overwrite the entry
+    assert res["_Z3barPf"]["registers"] == 40 and res["_Z3barPf"]["spill_bytes"] == 0
+
+
+def _sass(body):
+    lines = ["\tcode for sm_90a", "\t\tFunction : k"]
+    for addr, text in enumerate(body):
+        lines.append(f"        /*{addr * 16:04x}*/                   {text} ;   /* 0x0 */")
+    return "\n".join(lines)
+
+
+def test_hot_loop_is_the_loop_with_most_instructions_of_its_own():
+    # 0: prologue; 1-13: an outer loop holding a 2-instruction inner loop (3-4) and 9 more of its
+    # own (one a NOP); 14-15: a small second loop; then EXIT and the trap branch to itself
+    body = ["MOV R1, R2",
+            "HGMMA.64x64x16.F32.BF16 R0, gdesc[UR4], R0", "FSETP.GT.AND P0, PT, R1, R2, PT",
+            "FADD R1, R1, R2", "@P1 BRA {3}",
+            "FSEL R1, R1, R2, P0", "ISETP.GE.AND P0, PT, R1, R2, PT", "NOP", "FMUL R1, R1, R2",
+            "FADD R1, R1, R2", "FADD R1, R1, R2", "FADD R1, R1, R2", "FADD R1, R1, R2",
+            "@!P0 BRA {1}",
+            "IADD3 R1, R1, 1, RZ", "@P2 BRA {14}",
+            "EXIT", "BRA {17}"]
+    body = [line.format(*[f"0x{i * 16:x}" for i in range(len(body))]) for line in body]
+    ins = sr.parse_sass(_sass(body))["k"]
+    assert sr.find_loops(ins) == [(1, 13), (3, 4), (14, 15)]
+    a = sr.analyse_sass(ins)
+    assert a["loops"] == 3
+    assert a["sass_instructions"] == 17  # the NOP is not counted
+    assert a["hot_loop_instructions"] == 12  # the outer loop: 13 minus the NOP
+    assert a["hot_loop_tensor_core_instructions"] == 1 and a["tensor_core_instructions"] == 1
+    assert a["hot_loop_mix"]["compare_select"] == 3 and a["hot_loop_mix"]["fp_arith"] == 6
+    # heavy loops (own size at least a quarter of the hot loop's own 10): the outer one only
+    assert a["heavy_loop_instructions"] == 12 and a["once_instructions"] == 5
+    assert a["heavy_loop_tensor_flops"] == 2 * 64 * 64 * 16 / 4  # one warp's share of a warpgroup MMA
+
+
+def test_kernel_without_loops_has_an_empty_hot_loop():
+    a = sr.analyse_sass(sr.parse_sass(_sass(["HMMA.16816.F32.BF16 R0, R2, R4, R0", "EXIT", "BRA 0x20"]))["k"])
+    assert a["loops"] == 0 and a["hot_loop_instructions"] == 0
+    assert a["once_tensor_flops"] == 2 * 16 * 8 * 16
+
+
+def test_occupancy_follows_registers_shared_memory_and_warps():
+    assert sr.occupancy(255, 0, 8) == 1  # 255 registers: 8 warps per SM
+    assert sr.occupancy(128, 0, 4) == 4
+    assert sr.occupancy(32, 0, 4) == 16  # 64 warps
+    assert sr.occupancy(32, 100 * 1024, 4) == 2  # 228 KiB of shared memory per SM
+
+
+@pytest.mark.parametrize("args", [["--ops", "nope"], ["--shapes", "S9"], ["--jobs", "0"],
+                                  ["--compare", "missing.json"], ["--compare", "README.md"]])
+def test_bad_arguments_are_one_line_errors_with_status_2(args, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # so that the argument itself is what fails
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exc:
+        sr.main(["--out", str(tmp_path / "out"), "--no-cuda", *args])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("static_report.py: error:")
+    assert not (tmp_path / "out").exists()  # caught before any work
+
+
+def test_report_at_a_small_shape(tmp_path):
+    pytest.importorskip("triton")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the kernels must be compiled, not interpreted
+    cmd = [sys.executable, str(TOOL), "--out", str(tmp_path), "--ops", "rmha", "--shapes", "B4h1L20dh16",
+           "--dropout", "off", "--no-cuda", "--jobs", "1"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads((tmp_path / "static_sm90.json").read_text())
+    records = report["records"]
+    kernels = {r["kernel"] for r in records}
+    assert {"_rmha_fwd_kernel", "_rmha_bwd_kernel"} <= kernels
+    for r in records:
+        for field in ("op", "kernel", "shape", "dtype", "dropout", "direction", "grid", "num_warps", "num_stages",
+                      "registers", "spill_bytes", "shared_bytes", "ctas_per_sm", "waves", "tensor_core_instructions",
+                      "hot_loop_instructions", "hot_loop_score_elements"):
+            assert field in r, field
+        assert 0 < r["registers"] <= 255 and r["ctas_per_sm"] >= 1 and r["sass_instructions"] > 0
+        assert r["model"]["time_us"] > 0 and r["model"]["bound"] in ("memory", "issue", "tensor")
+        if r["kernel"] in ("_rmha_fwd_kernel", "_rmha_bwd_kernel"):
+            c = r["constexprs"]
+            assert r["hot_loop_score_elements"] == c["BLOCK_M"] * c["BLOCK_N"] / (32 * r["num_warps"])
+            assert r["tensor_core_instructions"] > 0 and r["hot_loop_instructions"] > 0
+            assert r["hot_loop_instructions_per_score_element"] > 0
+        else:
+            assert r["hot_loop_score_elements"] is None
+    directions = {(s["op"], s["direction"]) for s in report["summary"]}
+    assert directions == {("rmha", "fwd"), ("rmha", "bwd")}
+    assert all(s["baseline"]["name"] == "SDPA" and s["ratio"] > 0 for s in report["summary"])
+    md = (tmp_path / "static_sm90.md").read_text()
+    assert "_rmha_bwd_kernel" in md and "| rmha | B4h1L20dh16 |" in md
+
+
+def test_comparison_pairs_rows_of_two_reports():
+    def report(spill, per_elem, time_us):
+        key = dict(op="rmha", shape="S2", dropout=False, direction="fwd")
+        score = dict(key, kernel="_rmha_fwd_kernel", registers=255, spill_bytes=spill, waves=1.5,
+                     hot_loop_score_elements=32.0, hot_loop_instructions_per_score_element=per_elem)
+        other = dict(key, kernel="_reduce", hot_loop_score_elements=None)
+        only_before = dict(key, shape="S9")
+        return {"records": [score, other], "summary": [dict(key, time_us=time_us, launches=1), dict(only_before, time_us=1.0, launches=1)]}
+
+    before, after = report(448, 107.3, 118.9), report(0, 20.0, 30.0)
+    after["summary"].pop()  # a shape only the old report has is left out
+    rows = sr.comparison_table(before, after)
+    assert len(rows) == 3
+    assert rows[2].startswith("| rmha | S2 | no | fwd | 118.9 -> 30.0 | 1 -> 1 | _rmha_fwd_kernel |")
+    assert "448 -> 0" in rows[2] and "107.3 -> 20.0" in rows[2]
