@@ -6,6 +6,7 @@ import argparse
 import os
 import shlex
 import sys
+from pathlib import Path
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,7 +53,8 @@ def _resume_command(argv: list[str], out_dir) -> str:
                                                                              "--no-restart"):
             continue
         kept.append(arg)
-    program = "python -m fastpe" if sys.argv[0].endswith("__main__.py") else "fastpe"
+    launched = Path(sys.argv[0])
+    program = "python -m fastpe" if (launched.parent.name, launched.name) == ("fastpe", "__main__.py") else "fastpe"
     return f"{program} {shlex.join(kept)} --out-dir {shlex.quote(str(out_dir))} --resume"
 
 
