@@ -19,10 +19,12 @@ class Parser(argparse.ArgumentParser):
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run every encoding on a synthetic batch and print a table")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--length", type=int, default=50)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--heads", type=int, default=2)
+    from fastpe.train.validation import positive_int
+
+    p.add_argument("--batch", type=positive_int("sequences per batch"), default=32)
+    p.add_argument("--length", type=positive_int("sequence length"), default=50)
+    p.add_argument("--d-model", type=positive_int("model width"), default=64)
+    p.add_argument("--heads", type=positive_int("attention heads"), default=2)
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=lambda args: __import__("fastpe.demo", fromlist=["main"]).main(args))
 

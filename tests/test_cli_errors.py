@@ -19,8 +19,6 @@ from fastpe.data import DataFormatError, read_dataset, read_pairs, synthetic_dat
 from fastpe.data.readers import InteractionData
 from fastpe.train import TrainConfig, train
 from fastpe.train import checkpoint as ckpt
-from fastpe.train.lock import FolderLock, FolderLocked
-from fastpe.train.validation import TrainingDiverged
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = synthetic_dataset(n_users=30, n_items=60, min_len=4, max_len=9, seed=3)
@@ -205,6 +203,8 @@ def test_options_that_depend_on_each_other(tmp_path, capsys, argv, words):
 
 
 def test_lr_divergence_names_lr_epoch_and_step(tmp_path):
+    from fastpe.train.validation import TrainingDiverged
+
     with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+ of \d+ .*learning rate 1e\+30 .*lower --lr"):
         train(tiny(tmp_path / "r", lr=1e30, warmup_steps=0), DATA, quiet)
 
@@ -252,6 +252,8 @@ def test_stale_lock_of_a_dead_process_is_replaced(tmp_path, capsys):
 
 
 def test_folder_lock_is_exclusive_and_released(tmp_path):
+    from fastpe.train.lock import FolderLock, FolderLocked
+
     with FolderLock(tmp_path, "first"):
         with pytest.raises(FolderLocked, match=f"pid {os.getpid()}"):
             FolderLock(tmp_path, "second").acquire()
@@ -293,6 +295,13 @@ def test_corrupt_last_checkpoint_names_the_file_and_the_way_out(tmp_path, capsys
     assert json.loads((out / "summary.json").read_text())["epochs_run"] == 2
 
 
+def interrupted_main(argv) -> int:
+    try:
+        return main(argv)
+    except KeyboardInterrupt:  # escaping, it would also end the test session
+        pytest.fail("Ctrl-C ended in a KeyboardInterrupt traceback")
+
+
 def test_ctrl_c_keeps_the_last_epoch_and_prints_the_resume_command(tmp_path, capsys, monkeypatch):
     from fastpe.train.trainer import Run
 
@@ -305,7 +314,7 @@ def test_ctrl_c_keeps_the_last_epoch_and_prints_the_resume_command(tmp_path, cap
 
     monkeypatch.setattr(Run, "train_epoch", interrupted_in_epoch_3)
     out = tmp_path / "run"
-    assert main(["train", *TINY, "--epochs", "5", "--out-dir", str(out)]) == 130
+    assert interrupted_main(["train", *TINY, "--epochs", "5", "--out-dir", str(out)]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"interrupted; {out / 'last.pt'} keeps epoch 2" in err, err
     command = err.strip().splitlines()[-1].split()
@@ -325,7 +334,7 @@ def test_ctrl_c_in_a_study_points_at_the_study(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(Run, "train_epoch", interrupted)
     out = tmp_path / "s"
-    assert main(["study", *TINY, "--encodings", "abs", "--seeds", "1", "--out-dir", str(out)]) == 130
+    assert interrupted_main(["study", *TINY, "--encodings", "abs", "--seeds", "1", "--out-dir", str(out)]) == 130
     err = capsys.readouterr().err
     assert f"finished runs are kept in {out}" in err and "no epoch was complete" in err
     assert err.strip().splitlines()[-1].endswith(f"--out-dir {out} --resume") and not (out / ".lock").exists()

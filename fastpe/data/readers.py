@@ -67,8 +67,11 @@ class InteractionData:
     def describe(self) -> str:
         feats = self.item_features.shape[1] if self.item_features is not None else 0
         time = "with timestamps" if self.timestamps is not None else "no timestamps"
+        # Leave-one-out evaluates users with a training, a validation and a test item (fastpe.data.split).
+        short = sum(len(s) < 3 for s in self.sequences)
         return (f"{self.name}: {self.n_users} users, {self.n_items} items, {self.n_interactions} interactions, "
-                f"{feats} item features, {time}")
+                f"{feats} item features, {time}"
+                + (f", {short} users with fewer than 3 interactions (not evaluated)" if short else ""))
 
 
 def _text(path: Path, raw: bytes, number: int | None, offset: int) -> str:
