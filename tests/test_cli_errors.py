@@ -141,8 +141,14 @@ def test_data_too_short_to_evaluate_or_too_few_items(tmp_path, capsys):
     user_error(capsys, ["train", "--data", str(short), "--out-dir", str(tmp_path / "a"), *TINY[2:]],
                "every user has fewer than 3 interactions")
     assert not (tmp_path / "a" / "summary.json").exists()
-    user_error(capsys, ["train", "--out-dir", str(tmp_path / "b"), *TINY, "--eval-negatives", "100"],
-               "60 items", "--eval-negatives 100")
+    # Every item competes in the "sampled" evaluation: said loudly, and kept in the summary.
+    assert main(["train", "--out-dir", str(tmp_path / "b"), *TINY, "--eval-negatives", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: synthetic has 60 items, not more than --eval-negatives 100" in out.split("epoch 1/1")[0]
+    assert "--eval-negatives 100" in json.loads((tmp_path / "b" / "summary.json").read_text())["warnings"][0]
+    tiny_catalogue = ["--synthetic", "n_users=30,n_items=8,min_len=4,max_len=9", *TINY[2:]]
+    user_error(capsys, ["train", "--out-dir", str(tmp_path / "c"), *tiny_catalogue], "8 items",
+               "every metric would be 1")
 
 
 def test_summary_json_is_strict_json(tmp_path):
@@ -355,7 +361,7 @@ def test_run_says_what_it_does_and_reports_users_and_times(tmp_path):
     first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch 1/2"))
     before = "\n".join(lines[:first_epoch])
     assert "mixed: 31 users" in before and "parameters" in before and f"output: {tmp_path / 'r'}" in before
-    assert "1 of 31 users have fewer than 3 interactions" in before
+    assert "1 users have fewer than 3 interactions (trained on, not evaluated)" in before
     assert any(line.startswith("evaluating test") and "30 users" in line for line in lines)
     epoch_line = lines[first_epoch]
     assert "valid sampled NDCG@10" in epoch_line and "HR@10" in epoch_line and " s (train " in epoch_line

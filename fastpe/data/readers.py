@@ -71,7 +71,7 @@ class InteractionData:
         short = sum(len(s) < 3 for s in self.sequences)
         return (f"{self.name}: {self.n_users} users, {self.n_items} items, {self.n_interactions} interactions, "
                 f"{feats} item features, {time}"
-                + (f", {short} users with fewer than 3 interactions (not evaluated)" if short else ""))
+                + (f"; {short} users have fewer than 3 interactions (trained on, not evaluated)" if short else ""))
 
 
 def _text(path: Path, raw: bytes, number: int | None, offset: int) -> str:
@@ -194,7 +194,8 @@ def read_pairs(path: str | Path, name: str | None = None, columns: str | list[st
                     f"for MovieLens u.data, got {text[:80]!r}")
         if len(parts) != width:
             expected = " ".join(roles) if roles else "user item" + (" timestamp" if width == 3 else "")
-            earlier = "the header" if header_at and not rows else "--columns" if columns is not None else "earlier lines"
+            earlier = ("the header" if header_at and not rows else "--columns" if columns is not None
+                       else "earlier lines")
             raise DataFormatError(f"{path}:{number}: expected '{expected}' ({width} fields, as {earlier}), got "
                                   f"{len(parts)}: {text[:80]!r}")
         rows.append((number, parts))
@@ -506,7 +507,8 @@ def read_dataset(path: str | Path, fmt: str = "auto", attributes: str | Path | N
     if fmt == "auto":
         fmt = "pairs" if columns is not None and not path.is_dir() and path.suffix != ".inter" else sniff_format(path)
     if columns is not None and fmt != "pairs":
-        raise ValueError(f"{path}: --columns describes a pairs file (one interaction per line), but the format is {fmt}")
+        raise ValueError(f"{path}: --columns describes a pairs file (one interaction per line), but the format is "
+                         f"{fmt}")
     if fmt == "recbole":
         return read_recbole(path, name=name)
     if fmt == "pairs":

@@ -58,7 +58,8 @@ HELP = {
     "progress": "progress bars (default: on when stderr is a terminal)",
     "out_dir": "output folder (default runs/<command>-<timestamp>)",
     "resume": "continue the run in --out-dir (needs --out-dir)",
-    "restart": "discard the run in --out-dir (checkpoints, metrics, summary) and start it again", "stop_after_epochs": "stop after this many epochs (testing resumption)",
+    "restart": "discard the run in --out-dir (checkpoints, metrics, summary) and start it again",
+    "stop_after_epochs": "stop after this many epochs (testing resumption)",
 }
 OPTIONAL_TYPES = {"causal": bool, "residual": str, "data_root": str, "out_dir": str, "columns": str}
 # Options whose default is not a plain value: the help text says it.
@@ -132,8 +133,8 @@ def run_train(args) -> int:
     cfg = config_from_args(args)
     validation.check_config(cfg)
     if cfg.resume and not (Path(cfg.out_dir) / "last.pt").exists():
-        raise FileNotFoundError(f"--resume: {Path(cfg.out_dir) / 'last.pt'} does not exist, there is no run to continue "
-                                "(without --resume a new run starts there)")
+        raise FileNotFoundError(f"--resume: {Path(cfg.out_dir) / 'last.pt'} does not exist, there is no run to "
+                                "continue (without --resume a new run starts there)")
     summary = train(cfg)
     if not distributed.is_main():  # several processes (torchrun): the first one reports
         return 0

@@ -77,7 +77,8 @@ class FolderLock:
             raise FolderLocked(f"{self.path.parent} is in use by {holder.get('what', 'another run')} ({where}, "
                                f"started {holder.get('started', '?')}); wait for it, or use another --out-dir. If "
                                f"that process is gone, delete {self.path}")
-        raise FolderLocked(f"{self.path.parent} was locked by another process at the same moment; use another --out-dir")
+        raise FolderLocked(f"{self.path.parent} was locked by another process at the same moment; use another "
+                           "--out-dir")
 
     def release(self) -> None:
         if self.held:

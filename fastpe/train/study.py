@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fastpe.data import load_dataset
+from fastpe.data import leave_one_out, load_dataset
 from fastpe.demo import format_table
 from fastpe.train import distributed
 from fastpe.train import validation
 from fastpe.train.checkpoint import atomic_write_text, json_text
-from fastpe.train.lock import FolderLock
 from fastpe.train.config import TrainConfig
+from fastpe.train.lock import FolderLock
 from fastpe.train.trainer import resolve_device, train
 
 
@@ -208,10 +208,13 @@ def _run_study(base, encodings, seeds, out, resume, log, data, main, lock) -> di
     if lock is not None and lock.note:
         log(f"note: {lock.note}")
     started = time.perf_counter()
-    data = data if data is not None else load_dataset(base.data, base.data_root, base.data_format, base.synthetic)
+    data = data if data is not None else load_dataset(base.data, base.data_root, base.data_format, base.synthetic,
+                                                               base.columns)
     log(f"study: {data.describe()}; model {base.model}; {len(encodings)} encodings x {len(seeds)} seeds -> {out}")
     for note in data.notes:
         log(f"data: {note}")
+    for warning in validation.check_data(leave_one_out(data), base):  # before the first run
+        log(warning)
     rows, histories, popularity, reused = [], [], None, 0
     jobs = [(e, s) for e in encodings for s in seeds]
     bar = tqdm(jobs, desc="study", disable=not (base.progress and main), dynamic_ncols=True)

@@ -174,6 +174,16 @@ def _batch_tensors(batch, device, use_context: bool):
             _move(batch.target_context, device) if ctx else None)
 
 
+def short_candidates_warning(stage, eval_negatives: int) -> list[str]:
+    """Users whose history covers most of the catalogue get fewer sampled negatives than asked."""
+    short = int((stage.candidates[:, 1:] == 0).any(axis=1).sum())
+    if not short or short == len(stage.candidates):  # all short: check_data's warning says it already
+        return []
+    return [f"warning: {short} of {len(stage.candidates)} evaluated users have fewer than --eval-negatives "
+            f"{eval_negatives} items they never interacted with; their sampled candidates are fewer, which makes "
+            "their sampled metrics easier"]
+
+
 def _metric_name(key: str) -> str:
     """``ndcg@10`` -> ``NDCG@10``, ``hit@10`` -> ``HR@10``."""
     return key.replace("ndcg", "NDCG").replace("hit", "HR").replace("mrr", "MRR")
@@ -211,7 +221,7 @@ class Run:
         self.data = data if data is not None else load_dataset(cfg.data, cfg.data_root, cfg.data_format, cfg.synthetic,
                                                                cfg.columns)
         self.split = leave_one_out(self.data)
-        check_data(self.split, cfg)
+        self.warnings = check_data(self.split, cfg)
         self.causal, _ = model_defaults(cfg)
         self.mode = target_mode(cfg, self.causal)
         torch.manual_seed(cfg.seed)
@@ -232,7 +242,7 @@ class Run:
         else:
             torch.cuda.manual_seed(cfg.seed + 7919)
         self.valid = prepare_stage(self.split, "valid", cfg.max_len, cfg.eval_negatives, cfg.eval_seed, cfg.valid_users)
-        self.warn_short_candidates(self.valid)
+        self.warnings += short_candidates_warning(self.valid, cfg.eval_negatives)
         self.state = RunState()
         self.saved_epoch = 0  # the epoch last.pt holds
         # The default name holds the start time: the first process's, so that all write and read one folder.
@@ -243,26 +253,16 @@ class Run:
 
     def describe(self) -> None:
         """Say what is about to run, before the first step: the data, the model, where the outputs go."""
-        cfg, split = self.cfg, self.split
-        short = self.data.n_users - len(split.eval_users)
+        cfg = self.cfg
         self.log(f"data: {self.data.describe()}")
         for note in self.data.notes:
             self.log(f"data: {note}")
-        if short:
-            self.log(f"data: {short} of {self.data.n_users} users have fewer than 3 interactions: they train but are "
-                     "not evaluated (leave-one-out needs a training, a validation and a test item)")
         parameters = sum(p.numel() for p in self.model.parameters())
         self.log(f"model: {cfg.model} + {cfg.encoding}, {parameters:,} parameters, device {self.device}, "
                  f"{cfg.epochs} epochs x {self.steps_per_epoch} steps of {cfg.batch_size}")
         self.log(f"output: {self.out_dir}")
-
-    def warn_short_candidates(self, stage) -> None:
-        # Users whose history covers most of the catalogue get fewer sampled negatives than asked.
-        short = int((stage.candidates[:, 1:] == 0).any(axis=1).sum())
-        if short:
-            self.log(f"warning: {short} of {len(stage.candidates)} evaluated users have fewer than --eval-negatives "
-                     f"{self.cfg.eval_negatives} items they never interacted with; their sampled candidates are "
-                     "fewer, which makes their sampled metrics easier")
+        for warning in self.warnings:
+            self.log(warning)
 
     # ----------------------------------------------------------------------------------- steps
     def loss_fn(self, items, context, targets, target_context, n_targets=None):
@@ -416,7 +416,8 @@ class Run:
     def execute(self) -> dict:
         lock = None
         if self.main:
-            lock = FolderLock(self.out_dir, f"fastpe train ({self.cfg.model} + {self.cfg.encoding}, seed {self.cfg.seed})")
+            cfg = self.cfg
+            lock = FolderLock(self.out_dir, f"fastpe train ({cfg.model} + {cfg.encoding}, seed {cfg.seed})")
             lock.acquire()
             if lock.note:
                 self.log(f"note: {lock.note}")
@@ -441,7 +442,7 @@ class Run:
         step = self.make_step(self.step_kind())
         full_select = self.select.startswith("full_")
         kind, key = self.select.split("_", 1)
-        k = cfg.cutoffs[0] if 10 not in cfg.cutoffs else 10
+        cutoff = cfg.cutoffs[0] if 10 not in cfg.cutoffs else 10
         epochs_here = 0
         while self.state.epoch < cfg.epochs and not self.state.stopped_early:
             epoch = self.state.epoch
@@ -469,7 +470,8 @@ class Run:
                 self.saved_epoch = self.state.epoch
                 ckpt.atomic_write_text(self.metrics_lines(), self.out_dir / "metrics.jsonl")
             distributed.barrier()  # no process reads best.pt or stops before this epoch's files are complete
-            others = [name for name in (f"hit@{k}", f"ndcg@{k}") if name != key and f"{kind}_{name}" in metrics]
+            others = [name for name in (f"hit@{cutoff}", f"ndcg@{cutoff}")
+                      if name != key and f"{kind}_{name}" in metrics]
             shown = ", ".join(f"{_metric_name(name)} {metrics[f'{kind}_{name}']:.4f}" for name in others)
             self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, valid {kind} {_metric_name(key)} {value:.4f}"
                      f"{' (best)' if improved else ''}{', ' + shown if shown else ''}; {validated - started:.1f} s "
@@ -551,6 +553,7 @@ class Run:
             "users": {"total": self.data.n_users, "evaluated": len(self.split.eval_users),
                       "not_evaluated": self.data.n_users - len(self.split.eval_users)},
             "data_notes": list(self.data.notes),
+            "warnings": list(self.warnings),
             "full_ranking_users": (min(cfg.full_ranking_users, len(self.split.eval_users)) if cfg.full_ranking_users
                                    else len(self.split.eval_users)) if cfg.full_ranking else 0,
             "valid": valid_metrics,

@@ -12,10 +12,12 @@ import argparse
 import math
 from dataclasses import replace
 
+from fastpe.backends import BackendUnavailableError
+
 # Errors the command line reports in one or two lines with exit status 2 (no traceback): bad
-# options, bad or missing data files, a locked or corrupt output folder. Everything else is a bug
-# and keeps its traceback.
-USER_ERRORS = (ValueError, OSError)
+# options, bad or missing data files, a locked or corrupt output folder, a backend that cannot run
+# here. Everything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, BackendUnavailableError)
 
 
 class TrainingDiverged(RuntimeError):
@@ -160,7 +162,8 @@ def column_list(text: str) -> str:
     try:
         return ",".join(parse_columns(text))
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("columns: ") + " (e.g. user,item,rating,timestamp)") from None
+        message = str(exc).removeprefix("columns: ")
+        raise argparse.ArgumentTypeError(f"{message} (e.g. user,item,rating,timestamp)") from None
 
 
 def synthetic_options(text: str) -> dict:
@@ -232,13 +235,14 @@ def check_config(cfg, encodings: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: CUDA is not available here (use --device cpu)")
     if cfg.cuda_graphs and device.type != "cuda":
-        raise ValueError(f"--cuda-graphs needs a CUDA device (got {device}); on the CPU use the eager or --compile step")
+        raise ValueError(f"--cuda-graphs needs a CUDA device (got {device}); on the CPU use the eager or --compile "
+                         "step")
     if cfg.backend != "auto":
-        from fastpe.backends import unavailable_reason
+        from fastpe.backends import BackendUnavailableError, unavailable_reason
 
         reason = unavailable_reason(cfg.backend, device)
         if reason is not None:
-            raise ValueError(f"--backend {cfg.backend}: cannot run here: {reason}")
+            raise BackendUnavailableError(f"--backend {cfg.backend}: cannot run here: {reason}")
     _check_models_build(cfg, causal, encodings or [cfg.encoding])
 
 
@@ -271,8 +275,9 @@ def check_study(cfg, encodings: list[str]) -> None:
     check_config(replace(cfg, encoding=encodings[0]), encodings)
 
 
-def check_data(split, cfg) -> None:
-    """Refuse data that cannot give a meaningful run, saying what is wrong with it."""
+def check_data(split, cfg) -> list[str]:
+    """Refuse data that cannot give a meaningful run, saying what is wrong with it; return the
+    warnings about data that gives a run of limited meaning."""
     data = split.data
     if len(split.train_users()) == 0:
         raise ValueError(f"{data.name}: no user has 2 training interactions; nothing to train on")
@@ -280,7 +285,14 @@ def check_data(split, cfg) -> None:
         longest = max((len(s) for s in data.sequences), default=0)
         raise ValueError(f"{data.name}: every user has fewer than 3 interactions (the longest has {longest}), so no "
                          "user can be evaluated: leave-one-out needs a training, a validation and a test item per user")
+    if data.n_items <= max(cfg.cutoffs):
+        raise ValueError(f"{data.name}: {data.n_items} items, no more than the largest cutoff "
+                         f"{max(cfg.cutoffs)}: every item would rank in the top {max(cfg.cutoffs)} and every metric "
+                         "would be 1; pass smaller --cutoffs")
+    warnings = []
     if data.n_items <= cfg.eval_negatives:
-        raise ValueError(f"{data.name}: {data.n_items} items, but sampled evaluation ranks each user's item among "
-                         f"--eval-negatives {cfg.eval_negatives} other items; pass --eval-negatives "
-                         f"{max(1, data.n_items // 2)} or less")
+        warnings.append(f"warning: {data.name} has {data.n_items} items, not more than --eval-negatives "
+                        f"{cfg.eval_negatives}: the 'sampled' candidates are every item a user has not seen, so the "
+                        f"sampled metrics are full-ranking metrics; pass --eval-negatives {max(1, data.n_items // 2)} "
+                        "or less for a sampled evaluation")
+    return warnings
