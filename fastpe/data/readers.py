@@ -200,7 +200,7 @@ def read_pairs(path: str | Path, name: str | None = None, columns: str | list[st
                                   f"{len(parts)}: {text[:80]!r}")
         rows.append((number, parts))
     if not rows:
-        raise DataFormatError(f"{path}: no interactions (the file is empty)")
+        raise DataFormatError(f"{path}: no interactions (" + ("only a header line)" if header_at else "the file is empty)"))
     if roles is None:
         roles = ["user", "item"] + (["timestamp"] if width == 3 else [])
         if width == 3:

@@ -28,7 +28,8 @@ HELP = {
     "data_root": "folder holding the named data sets (default $FASTPE_DATA_ROOT, else ../shared/data)",
     "data_format": "how to read a --data path (auto: from the suffix and the lines)",
     "columns": "pairs files: the role of each column, from user, item, timestamp, rating, skip (rating and skip are "
-               "ignored), e.g. user,item,rating,timestamp for MovieLens u.data (default: user item [timestamp])",
+               "ignored), e.g. user,item,rating,timestamp for MovieLens u.data (default: 'user item', or a header line "
+               "naming the columns)",
     "synthetic": "options of the synthetic generator, e.g. n_users=400,n_items=300,lag=2",
     "use_attributes": "feed item attributes to CARCA", "use_context": "feed time features to CARCA",
     "model": "the recommender",
@@ -63,7 +64,7 @@ HELP = {
 }
 OPTIONAL_TYPES = {"causal": bool, "residual": str, "data_root": str, "out_dir": str, "columns": str}
 # Options whose default is not a plain value: the help text says it.
-DEFAULT_IN_HELP = {"data_root", "out_dir", "causal", "residual", "cutoffs", "progress", "columns"}
+DEFAULT_IN_HELP = {"data", "data_root", "out_dir", "causal", "residual", "cutoffs", "progress", "columns"}
 
 
 def add_config_options(parser: argparse.ArgumentParser, skip=()) -> None:
