@@ -260,7 +260,7 @@ def read_sequences(path: str | Path, attributes: str | Path | None = None, name:
         first_line[user] = number
         users[user] = [items(i) for i in parts[1:]]
     if not users:
-        raise DataFormatError(f"{path}: no interactions (the file is empty)")
+        raise DataFormatError(f"{path}: no interactions (" + ("only a header line)" if header else "the file is empty)"))
     data = _build(name or path.stem, users, items, None)
     if header is not None:
         data.notes.append(f"{path.name}: line {header} is a header, skipped")
