@@ -6,8 +6,12 @@ Malformed input raises :class:`DataFormatError` naming the file and the line.
 
 Formats:
 
-* ``pairs``: one interaction per line, ``user item`` (optionally ``user item timestamp``), in
-  time order per user (SASRec.pytorch, BERT4Rec preprocessing, JODIE Wikipedia).
+* ``pairs``: one interaction per line, ``user item`` in time order per user (SASRec.pytorch,
+  BERT4Rec preprocessing, JODIE Wikipedia), optionally with more columns: a header line naming
+  them (``user_id item_id rating timestamp``) or ``columns`` (``"user,item,rating,timestamp"``
+  for MovieLens ``u.data``) says what each is. A third column without either is read as a
+  timestamp only when every value looks like Unix time (>= 1e8, i.e. after March 1973); anything
+  else (a rating, say) is an error that says how to name it, never a silent re-ordering.
 * ``sequences``: one line per user, ``user item item ...`` in time order (S3Rec), with an optional
   ``item2attributes.json`` (``{item: [attribute ids]}``) giving multi-hot item attributes.
 * ``recbole``: RecBole atomic files: ``<name>.inter`` (typed header such as
@@ -15,15 +19,19 @@ Formats:
   ``<name>.item`` with item attributes (``token``/``token_seq`` fields become multi-hot, ``float``
   fields dense features scaled to [0, 1]).
 
-Blank lines are skipped everywhere. Attribute entries for items that never occur in the
+Blank lines and a leading UTF-8 byte-order mark are skipped everywhere; a header line of column
+names (``user_id item_id ...``) is recognised and skipped in pairs and sequences files; a file that
+is not UTF-8 text is refused with its name and the byte offset. Attribute entries for items that never occur in the
 interactions are ignored and counted in ``InteractionData.notes``; items without attributes get an
 all-zero feature row.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,21 +67,81 @@ class InteractionData:
     def describe(self) -> str:
         feats = self.item_features.shape[1] if self.item_features is not None else 0
         time = "with timestamps" if self.timestamps is not None else "no timestamps"
+        # Leave-one-out evaluates users with a training, a validation and a test item (fastpe.data.split).
+        short = sum(len(s) < 3 for s in self.sequences)
         return (f"{self.name}: {self.n_users} users, {self.n_items} items, {self.n_interactions} interactions, "
-                f"{feats} item features, {time}")
+                f"{feats} item features, {time}"
+                + (f"; {short} users have fewer than 3 interactions (trained on, not evaluated)" if short else ""))
+
+
+def _text(path: Path, raw: bytes, number: int | None, offset: int) -> str:
+    """``raw`` decoded as UTF-8, or an error naming the file and the byte offset of the first bad byte."""
+    where = f"{path}:{number}" if number is not None else str(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{where}: not UTF-8 text (byte {raw[exc.start:exc.start + 1]!r} at byte offset "
+                              f"{offset + exc.start} of the file); is this a binary file?") from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        at = offset + len(text[:nul].encode("utf-8"))
+        raise DataFormatError(f"{where}: a NUL byte at byte offset {at} of the file: this is a binary file, not text")
+    return text
+
+
+def _raw_lines(path: Path):
+    """``(line_number, text)`` of every line without its line break; a leading BOM is dropped."""
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise FileNotFoundError(f"{path}: cannot open: {exc.strerror}") from exc
+    with handle:
+        offset = 0
+        for number, raw in enumerate(handle, start=1):
+            start = 0
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                start = len(codecs.BOM_UTF8)
+            yield number, _text(path, raw[start:], number, offset + start).rstrip("\r\n")
+            offset += len(raw)
 
 
 def _lines(path: Path):
     """``(line_number, stripped_text)`` of the non-blank lines of a text file."""
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise FileNotFoundError(f"{path}: cannot open: {exc.strerror}") from exc
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            text = line.strip()
-            if text:
-                yield number, text
+    for number, line in _raw_lines(path):
+        text = line.strip()
+        if text:
+            yield number, text
+
+
+# Header words (lower case, without "_", "-" or a ":type" suffix) -> the column's role.
+HEADER_ROLES = {
+    **dict.fromkeys(("user", "userid", "uid", "users", "reviewerid", "visitorid", "sessionid"), "user"),
+    **dict.fromkeys(("item", "itemid", "iid", "items", "movieid", "productid", "asin", "itemidlist", "itemlist",
+                     "sequence", "itemsequence"), "item"),
+    **dict.fromkeys(("timestamp", "time", "ts", "date", "datetime", "unixtime", "unixreviewtime"), "timestamp"),
+    **dict.fromkeys(("rating", "ratings", "score", "stars", "overall", "label", "count"), "rating"),
+}
+COLUMN_ROLES = ("user", "item", "timestamp", "rating", "skip")
+EPOCH_SECONDS_MIN = 1e8  # Unix time of March 1973: smaller values are ratings, counts or indices, not timestamps
+
+
+def header_roles(parts: list[str]) -> list[str] | None:
+    """The role of each column when ``parts`` is a header line (every field a known column name,
+    the first a user), else None."""
+    roles = [HEADER_ROLES.get(re.sub(r"[_\-\s]", "", p.split(":")[0].lower())) for p in parts]
+    if roles and roles[0] == "user" and "item" in roles and None not in roles:
+        return roles
+    return None
+
+
+def parse_columns(columns) -> list[str]:
+    """``"user,item,rating,timestamp"`` (or a list) -> the role of each column, checked."""
+    roles = [c.strip().lower() for c in (columns.split(",") if isinstance(columns, str) else columns)]
+    bad = [c for c in roles if c not in COLUMN_ROLES]
+    if bad or roles.count("user") != 1 or roles.count("item") != 1 or roles.count("timestamp") > 1:
+        raise ValueError(f"columns: expected the role of each column, one of {', '.join(COLUMN_ROLES)}, with exactly "
+                         f"one user and one item column, got {columns!r}")
+    return roles
 
 
 class _ItemIndex:
@@ -98,31 +166,77 @@ def _build(name, users: dict[str, list], items: _ItemIndex, times: dict[str, lis
     return InteractionData(name, sequences, len(items.ids), timestamps, user_ids=user_ids, item_ids=items.ids)
 
 
-def read_pairs(path: str | Path, name: str | None = None) -> InteractionData:
-    """``user item [timestamp]`` per line, in time order for each user."""
+def read_pairs(path: str | Path, name: str | None = None, columns: str | list[str] | None = None) -> InteractionData:
+    """One interaction per line, ``user item`` in time order for each user, or the columns named by
+    a header line or ``columns`` (roles user, item, timestamp, rating, skip; ratings are ignored)."""
     path = Path(path)
+    roles = parse_columns(columns) if columns is not None else None
+    rows: list[tuple[int, list[str]]] = []
+    width = header_at = None
+    for number, text in _lines(path):
+        parts = text.split()
+        if not rows and header_at is None:
+            named = header_roles(parts)
+            if named is not None:
+                header_at = number
+                roles = roles or named
+                if len(roles) != len(parts):
+                    raise DataFormatError(f"{path}:{number}: the header has {len(parts)} columns but --columns names "
+                                          f"{len(roles)}")
+                width = len(parts)
+                continue
+        if width is None:
+            width = len(roles) if roles is not None else len(parts)
+            if roles is None and width not in (2, 3):
+                raise DataFormatError(
+                    f"{path}:{number}: {len(parts)} columns: expected 'user item' or 'user item timestamp'; say what "
+                    "the columns are with --columns, e.g. --columns user,item,rating,timestamp "
+                    f"for MovieLens u.data, got {text[:80]!r}")
+        if len(parts) != width:
+            expected = " ".join(roles) if roles else "user item" + (" timestamp" if width == 3 else "")
+            earlier = ("the header" if header_at and not rows else "--columns" if columns is not None
+                       else "earlier lines")
+            raise DataFormatError(f"{path}:{number}: expected '{expected}' ({width} fields, as {earlier}), got "
+                                  f"{len(parts)}: {text[:80]!r}")
+        rows.append((number, parts))
+    if not rows:
+        raise DataFormatError(f"{path}: no interactions (" + ("only a header line)" if header_at else "the file is empty)"))
+    if roles is None:
+        roles = ["user", "item"] + (["timestamp"] if width == 3 else [])
+        if width == 3:
+            _check_third_column_is_time(path, rows)
+    u_col, i_col = roles.index("user"), roles.index("item")
+    t_col = roles.index("timestamp") if "timestamp" in roles else None
     users: dict[str, list[int]] = {}
     times: dict[str, list[float]] = {}
     items = _ItemIndex()
-    with_time = None
-    for number, text in _lines(path):
-        parts = text.split()
-        if len(parts) not in (2, 3):
-            raise DataFormatError(f"{path}:{number}: expected 'user item' or 'user item timestamp', got {text[:80]!r}")
-        has_time = len(parts) == 3
-        if with_time is None:
-            with_time = has_time
-        elif with_time != has_time:
-            raise DataFormatError(f"{path}:{number}: {len(parts)} fields, but earlier lines have {3 if with_time else 2}")
-        users.setdefault(parts[0], []).append(items(parts[1]))
-        if has_time:
-            times.setdefault(parts[0], []).append(_float(parts[2], path, number, "timestamp"))
-    if not users:
-        raise DataFormatError(f"{path}: no interactions (the file is empty)")
-    data = _build(name or path.stem, users, items, times if with_time else None)
+    for number, parts in rows:
+        users.setdefault(parts[u_col], []).append(items(parts[i_col]))
+        if t_col is not None:
+            times.setdefault(parts[u_col], []).append(_float(parts[t_col], path, number, "timestamp"))
+    data = _build(name or path.stem, users, items, times if t_col is not None else None)
+    if header_at is not None:
+        data.notes.append(f"{path.name}: line {header_at} is a header ({', '.join(roles)}), skipped")
+    ignored = [r for r in roles if r in ("rating", "skip")]
+    if ignored:
+        data.notes.append(f"{path.name}: {len(ignored)} column(s) ignored ({', '.join(ignored)})")
     if data.timestamps is not None:
         _sort_by_time(data)
     return data
+
+
+def _check_third_column_is_time(path: Path, rows) -> None:
+    """A bare third column is a timestamp only if every value looks like Unix time."""
+    for number, parts in rows:
+        try:
+            value = float(parts[2])
+        except ValueError:
+            value = math.nan
+        if not (value >= EPOCH_SECONDS_MIN and math.isfinite(value)):
+            raise DataFormatError(
+                f"{path}:{number}: the third column ({parts[2]!r}) does not look like a Unix timestamp (every value "
+                f"should be >= {EPOCH_SECONDS_MIN:.0e}); if it is a rating pass --columns user,item,rating (ignored, "
+                "file order kept), if it is a time pass --columns user,item,timestamp")
 
 
 def read_sequences(path: str | Path, attributes: str | Path | None = None, name: str | None = None) -> InteractionData:
@@ -131,8 +245,12 @@ def read_sequences(path: str | Path, attributes: str | Path | None = None, name:
     users: dict[str, list[int]] = {}
     first_line: dict[str, int] = {}
     items = _ItemIndex()
+    header = None
     for number, text in _lines(path):
         parts = text.split()
+        if not users and header is None and header_roles(parts) is not None:
+            header = number
+            continue
         if len(parts) < 2:
             raise DataFormatError(f"{path}:{number}: expected 'user item item ...' (a user and at least one item), got {text[:80]!r}")
         user = parts[0]
@@ -142,8 +260,10 @@ def read_sequences(path: str | Path, attributes: str | Path | None = None, name:
         first_line[user] = number
         users[user] = [items(i) for i in parts[1:]]
     if not users:
-        raise DataFormatError(f"{path}: no interactions (the file is empty)")
+        raise DataFormatError(f"{path}: no interactions (" + ("only a header line)" if header else "the file is empty)"))
     data = _build(name or path.stem, users, items, None)
+    if header is not None:
+        data.notes.append(f"{path.name}: line {header} is a header, skipped")
     if attributes is not None:
         read_item_attributes_json(attributes, data)
     return data
@@ -153,11 +273,14 @@ def read_item_attributes_json(path: str | Path, data: InteractionData) -> Intera
     """Attach multi-hot features from ``{item: [attribute, ...]}`` JSON to ``data`` (in place)."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataFormatError(f"{path}:{exc.lineno}: invalid JSON (column {exc.colno}): {exc.msg}") from exc
+        content = path.read_bytes()
     except OSError as exc:
         raise FileNotFoundError(f"{path}: cannot open: {exc.strerror}") from exc
+    bom = len(codecs.BOM_UTF8) if content.startswith(codecs.BOM_UTF8) else 0
+    try:
+        raw = json.loads(_text(path, content[bom:], None, bom))
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(f"{path}:{exc.lineno}: invalid JSON (column {exc.colno}): {exc.msg}") from exc
     if not isinstance(raw, dict):
         raise DataFormatError(f"{path}:1: expected a JSON object {{item: [attribute ids]}}, got {type(raw).__name__}")
     index = {item: i + 1 for i, item in enumerate(data.item_ids)}
@@ -183,6 +306,10 @@ def read_item_attributes_json(path: str | Path, data: InteractionData) -> Intera
     data.notes.append(f"{path.name}: {len(vocab)} attributes, {covered}/{data.n_items} items have attributes")
     if unknown:
         data.notes.append(f"{path.name}: ignored {unknown} entries for items that occur in no interaction")
+    if raw and not covered:
+        data.notes.append(f"warning: {path.name} names none of the items of the interactions (it has "
+                          f"{next(iter(raw))!r}, the interactions {data.item_ids[0]!r}): the model gets no attributes; "
+                          "is it the file of another data set?")
     return data
 
 
@@ -226,15 +353,14 @@ def _atomic_rows(path: Path):
 
     def rows():
         # Re-read raw lines: a tab-separated row may have empty fields that strip() would lose.
-        with open(path, encoding="utf-8") as handle:
-            for n, line in enumerate(handle, start=1):
-                if n <= number or not line.strip():
-                    continue
-                values = line.rstrip("\r\n").split("\t")
-                if len(values) != len(fields):
-                    raise DataFormatError(f"{path}:{n}: expected {len(fields)} tab-separated fields "
-                                          f"({', '.join(f for f, _ in fields)}), got {len(values)}")
-                yield n, values
+        for n, line in _raw_lines(path):
+            if n <= number or not line.strip():
+                continue
+            values = line.split("\t")
+            if len(values) != len(fields):
+                raise DataFormatError(f"{path}:{n}: expected {len(fields)} tab-separated fields "
+                                      f"({', '.join(f for f, _ in fields)}), got {len(values)}")
+            yield n, values
 
     return fields, rows()
 
@@ -352,28 +478,41 @@ def sniff_format(path: str | Path) -> str:
         return "recbole"
     seen: set[str] = set()
     repeated = False
-    for _, text in _lines(path):
+    widths: set[int] = set()
+    for number, text in _lines(path):
         parts = text.split()
-        if len(parts) > 3:
-            return "sequences"
+        if not seen and header_roles(parts) is not None:
+            # A header naming more than user and item columns belongs to a table of interactions.
+            if len(parts) > 2 or "timestamp" in header_roles(parts):
+                return "pairs"
+            continue
+        widths.add(len(parts))
         repeated = repeated or parts[0] in seen
         seen.add(parts[0])
+    if max(widths, default=0) > 3:
+        # A table (every line as wide, users on several lines: MovieLens u.data) or sequences.
+        return "pairs" if repeated and len(widths) == 1 else "sequences"
     # Two or three fields on every line: pairs when a user has several lines, else one line per user.
     return "pairs" if repeated else "sequences"
 
 
 def read_dataset(path: str | Path, fmt: str = "auto", attributes: str | Path | None = None,
-                 name: str | None = None) -> InteractionData:
-    """Read ``path`` in the given format (``auto`` sniffs it). For the ``sequences`` format an
-    ``<stem>_item2attributes.json`` next to the file is used when ``attributes`` is not given."""
+                 name: str | None = None, columns: str | list[str] | None = None) -> InteractionData:
+    """Read ``path`` in the given format (``auto`` sniffs it; ``columns`` implies pairs). For the
+    ``sequences`` format an ``<stem>_item2attributes.json`` next to the file is used when
+    ``attributes`` is not given."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
-    fmt = sniff_format(path) if fmt == "auto" else fmt
+    if fmt == "auto":
+        fmt = "pairs" if columns is not None and not path.is_dir() and path.suffix != ".inter" else sniff_format(path)
+    if columns is not None and fmt != "pairs":
+        raise ValueError(f"{path}: --columns describes a pairs file (one interaction per line), but the format is "
+                         f"{fmt}")
     if fmt == "recbole":
         return read_recbole(path, name=name)
     if fmt == "pairs":
-        return read_pairs(path, name=name)
+        return read_pairs(path, name=name, columns=columns)
     if fmt == "sequences":
         if attributes is None:
             guess = path.with_name(f"{path.stem}_item2attributes.json")

@@ -25,19 +25,24 @@ def default_data_root() -> Path:
 
 
 def load_dataset(spec: str | None = "synthetic", data_root: str | Path | None = None, fmt: str = "auto",
-                 synthetic_options: dict | None = None) -> InteractionData:
-    """``synthetic`` (the built-in generator), a name of :data:`NAMED_DATASETS`, or a file/folder."""
+                 synthetic_options: dict | None = None, columns: str | None = None) -> InteractionData:
+    """``synthetic`` (the built-in generator), a name of :data:`NAMED_DATASETS`, or a file/folder
+    (``columns``: the role of each column of a pairs file, see :func:`fastpe.data.read_pairs`)."""
     if spec in (None, "", "synthetic"):
         return synthetic_dataset(**(synthetic_options or {}))
     if spec in NAMED_DATASETS:
         root = Path(data_root) if data_root is not None else default_data_root()
         path = root / NAMED_DATASETS[spec]
         if not path.exists():
-            raise FileNotFoundError(f"data set {spec!r}: {path} does not exist (set --data-root or FASTPE_DATA_ROOT "
-                                    "to the folder holding the shared data, or pass a path)")
-        return read_dataset(path, fmt, name=spec)
+            where = "--data-root" if data_root is not None else (
+                "$FASTPE_DATA_ROOT" if os.environ.get("FASTPE_DATA_ROOT") else "the default data root ../shared/data")
+            raise FileNotFoundError(
+                f"data set {spec!r}: {path} does not exist ({where}); put the data sets in one folder "
+                f"({', '.join(f'{k}: {v}' for k, v in list(NAMED_DATASETS.items())[:2])}, ...) and pass --data-root "
+                "FOLDER or set FASTPE_DATA_ROOT, or pass --data PATH to a file")
+        return read_dataset(path, fmt, name=spec, columns=columns)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"--data {spec!r}: not 'synthetic', not one of {', '.join(NAMED_DATASETS)}, "
                                 "and no such file or folder")
-    return read_dataset(path, fmt)
+    return read_dataset(path, fmt, columns=columns)

@@ -18,8 +18,10 @@ def build_encoding(name: str, d_model: int, max_len: int, reverse: bool = True, 
 
     Table encodings count positions from the most recent item (``reverse=True``, the study's
     default) so that a left-padded batch gives the most recent item position 0 whatever the
-    history length. RoPE uses base 1000 as in the study. ``backend`` goes to the modules that
-    have fused kernels ("auto": the fused kernels on the GPU, the torch composition on the CPU).
+    history length. RoPE uses base 1000 as in the study (histories of tens of items; the module's own
+    default is the RoPE paper's 10000, see :class:`fastpe.nn.RotaryMultiheadAttention`). ``backend``
+    goes to the modules that have fused kernels ("auto": the fused kernels on the GPU, the torch
+    composition on the CPU).
     """
     key = _canonical(name)
     if encoding_kind(key) == "attention":

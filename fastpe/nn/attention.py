@@ -250,6 +250,11 @@ class RelativeMultiheadAttention(_MultiheadAttentionBase):
 class RotaryMultiheadAttention(_MultiheadAttentionBase):
     """RoPE: queries and keys rotated per head by ``p * base^(-2m/dh)`` before attention.
 
+    ``base`` defaults to 10000, the RoPE paper's value (made for texts of thousands of tokens). The
+    CARCA/SASRec models and ``fastpe train`` use 1000 (``--rope-base``), the study's value: with
+    histories of tens of items a smaller base makes the slow frequencies turn enough to tell
+    positions apart.
+
     ``interleaved`` pairs ``(2m, 2m+1)`` instead of ``(m, m + dh/2)``. ``learnable`` is
     ``"none"`` (fixed frequencies), ``"frequencies"`` (one learned frequency per pair) or
     ``"angles"`` (a learned angle per position and pair, ``[max_len, dh/2]``, which bounds the length).

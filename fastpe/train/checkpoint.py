@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 from pathlib import Path
@@ -35,8 +37,39 @@ def atomic_write_text(text: str, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def load(path: str | Path, device="cpu"):
-    return torch.load(path, map_location=device, weights_only=True)
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, empty, not a checkpoint)."""
+
+
+def load(path: str | Path, device="cpu", keys=()):
+    """The checkpoint at ``path``; a file that cannot be read, or lacks one of ``keys``, raises
+    :class:`CorruptCheckpointError` naming it."""
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        missing = [k for k in keys if not isinstance(saved, dict) or k not in saved]
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch.load fails with whatever the damaged bytes trigger
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}"[:200]
+        raise CorruptCheckpointError(f"{path} is corrupt or incomplete ({reason})") from exc
+    if missing:
+        raise CorruptCheckpointError(f"{path} is not a fastpe checkpoint (it has no {', '.join(missing)})")
+    return saved
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_text(obj, indent: int | None = 2) -> str:
+    """Strict JSON: NaN and infinities (a metric with no user to average over) become null."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
 
 
 def rng_state(numpy_rng: np.random.Generator, sampler: torch.Generator | None) -> dict:

@@ -8,6 +8,8 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from fastpe.nn.factory import ENCODINGS
+from fastpe.train import validation
 from fastpe.train.config import TrainConfig
 
 # Without --data the commands run on the built-in synthetic set with these small settings, so that
@@ -23,13 +25,20 @@ PRESET_NOTE = ("On the synthetic data (no --data) options not given take these v
 
 HELP = {
     "data": "'synthetic' (default), ml-100k, beauty, sports, beauty-pairs, wikipedia, or a path",
-    "data_root": "folder holding the shared data sets (default $FASTPE_DATA_ROOT or ../shared/data)",
-    "data_format": "auto, pairs, sequences or recbole",
+    "data_root": "folder holding the named data sets (default $FASTPE_DATA_ROOT, else ../shared/data)",
+    "data_format": "how to read a --data path (auto: from the suffix and the lines)",
+    "columns": "pairs files: the role of each column, from user, item, timestamp, rating, skip (rating and skip are "
+               "ignored), e.g. user,item,rating,timestamp for MovieLens u.data (default: 'user item', or a header line "
+               "naming the columns)",
     "synthetic": "options of the synthetic generator, e.g. n_users=400,n_items=300,lag=2",
     "use_attributes": "feed item attributes to CARCA", "use_context": "feed time features to CARCA",
-    "model": "carca or sasrec", "encoding": "positional encoding (fastpe.ENCODINGS)",
+    "model": "the recommender",
+    "encoding": "positional encoding: " + ", ".join(ENCODINGS) + " (or rmha-<k> for any clipping distance k)",
+    "rope_base": "RoPE frequency base: 1000, the study's value for histories of tens of items (the "
+                 "RotaryMultiheadAttention module alone defaults to 10000, the RoPE paper's value for long texts)",
     "causal": "causal self-attention (default: CARCA bidirectional, SASRec causal)",
-    "residual": "self-attention residual: mul (CARCA's default) or add (SASRec's default)",
+    "device": "auto (CUDA when available), cpu, cuda or cuda:<index>",
+    "residual": "self-attention residual: mul or add (default: CARCA mul, SASRec add)",
     "cross_residual": "CARCA cross-attention residual: mul, add or none",
     "backend": "fastpe backend: auto (fused kernels on GPU), torch, triton, cuda, reference",
     "target": "training targets: all (every position; causal only), prefix (one held-out next item), auto",
@@ -47,23 +56,20 @@ HELP = {
     "cuda_graphs": "capture the whole training step in a CUDA graph (CUDA only)",
     "threads": "torch CPU threads (0: torch's default)",
     "benchmark_steps": "after training, time this many steps in each step mode (eager, compiled, graphed)",
-    "progress": "progress bars", "out_dir": "output folder (default runs/<timestamp>)",
-    "resume": "continue the run in --out-dir", "stop_after_epochs": "stop after this many epochs (testing resumption)",
+    "progress": "progress bars (default: on when stderr is a terminal)",
+    "out_dir": "output folder (default runs/<command>-<timestamp>)",
+    "resume": "continue the run in --out-dir (needs --out-dir)",
+    "restart": "discard the run in --out-dir (checkpoints, metrics, summary) and start it again",
+    "stop_after_epochs": "stop after this many epochs (testing resumption)",
 }
-OPTIONAL_TYPES = {"causal": bool, "residual": str, "data_root": str, "out_dir": str}
-
-
-def _parse_synthetic(text: str) -> dict:
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"--synthetic: expected key=value, got {part!r}")
-        out[key.strip()] = float(value) if "." in value else int(value)
-    return out
+OPTIONAL_TYPES = {"causal": bool, "residual": str, "data_root": str, "out_dir": str, "columns": str}
+# Options whose default is not a plain value: the help text says it.
+DEFAULT_IN_HELP = {"data", "data_root", "out_dir", "causal", "residual", "cutoffs", "progress", "columns"}
 
 
 def add_config_options(parser: argparse.ArgumentParser, skip=()) -> None:
+    """One option per :class:`TrainConfig` field; every value is checked as it is parsed
+    (:mod:`fastpe.train.validation`), so a bad one stops the command before anything is read."""
     for f in fields(TrainConfig):
         if f.name in skip:
             continue
@@ -71,16 +77,23 @@ def add_config_options(parser: argparse.ArgumentParser, skip=()) -> None:
         default = f.default if f.default is not MISSING else f.default_factory()
         kind = OPTIONAL_TYPES.get(f.name, type(default))
         help_text = HELP.get(f.name, "")
+        shown = "" if f.name in DEFAULT_IN_HELP else f" (default {default})"
         if f.name == "synthetic":
-            parser.add_argument(flag, type=_parse_synthetic, default=None, help=help_text)
+            parser.add_argument(flag, type=validation.synthetic_options, default=None, help=help_text)
         elif f.name == "cutoffs":
-            parser.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",") if x.strip()), default=None,
-                                help=help_text + " (default 10)")
+            parser.add_argument(flag, type=validation.cutoff_list, default=None, help=help_text + " (default 10)")
+        elif f.name == "encoding":
+            parser.add_argument(flag, type=validation.encoding_name, default=None, help=help_text + shown)
+        elif f.name == "columns":
+            parser.add_argument(flag, type=validation.column_list, default=None, help=help_text)
         elif kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{help_text} (default {default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text + shown)
+        elif f.name in validation.CHOICES:
+            parser.add_argument(flag, choices=validation.CHOICES[f.name], default=None, help=help_text + shown)
         else:
-            parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default {default})")
+            parser.add_argument(flag, type=validation.option_type(f.name, kind), default=None, help=help_text + shown)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error (also FASTPE_DEBUG=1)")
 
 
 def config_from_args(args: argparse.Namespace, skip=()) -> TrainConfig:
@@ -103,10 +116,15 @@ def add_train(sub) -> None:
 def add_study(sub) -> None:
     p = sub.add_parser("study", help="every encoding over several seeds: results table, CSV, JSON and plot",
                        description=PRESET_NOTE)
-    p.add_argument("--encodings", default="all", help="'all' or a comma-separated list (default all)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds, 0..N-1 (default 2 on synthetic data, 3 otherwise)")
-    add_config_options(p, skip=("encoding", "seed", "stop_after_epochs"))
+    p.add_argument("--encodings", type=validation.encoding_list, default=None,
+                   help="'all' or a comma-separated list, each name once (default all)")
+    p.add_argument("--seeds", type=validation.positive_int("the number of seeds"), default=None,
+                   help="number of seeds, 0..N-1 (default 2 on synthetic data, 3 otherwise)")
+    add_config_options(p, skip=STUDY_SKIPS)
     p.set_defaults(run=run_study_command)
+
+
+STUDY_SKIPS = ("encoding", "seed", "stop_after_epochs")
 
 
 def run_train(args) -> int:
@@ -114,6 +132,10 @@ def run_train(args) -> int:
     from fastpe.train.trainer import train
 
     cfg = config_from_args(args)
+    validation.check_config(cfg)
+    if cfg.resume and not (Path(cfg.out_dir) / "last.pt").exists():
+        raise FileNotFoundError(f"--resume: {Path(cfg.out_dir) / 'last.pt'} does not exist, there is no run to "
+                                "continue (without --resume a new run starts there)")
     summary = train(cfg)
     if not distributed.is_main():  # several processes (torchrun): the first one reports
         return 0
@@ -131,18 +153,23 @@ def run_train(args) -> int:
             for name, source in (("valid", summary["valid"]), ("test", summary["test"]),
                                  ("popularity (test)", summary["popularity_test"]))]
     print(format_table(rows))
+    users = summary["users"]
+    print(f"users: {users['evaluated']} evaluated, {users['not_evaluated']} not evaluated (fewer than 3 interactions)")
     print("throughput (seq/s): " + json.dumps(summary["throughput_seq_per_s"]))
     print(f"outputs: {Path(summary['out_dir'])}")
     return 0
 
 
 def run_study_command(args) -> int:
+    from fastpe.nn.factory import ENCODINGS
     from fastpe.train import distributed
-    from fastpe.train.study import parse_encodings, run_study
+    from fastpe.train.study import run_study
 
-    cfg = config_from_args(args, skip=("encoding", "seed", "stop_after_epochs"))
+    cfg = config_from_args(args, skip=STUDY_SKIPS)
+    encodings = args.encodings or list(ENCODINGS)
+    validation.check_study(cfg, encodings)  # every encoding before the first run
     seeds = args.seeds if args.seeds is not None else (2 if cfg.data == "synthetic" else 3)
-    result = run_study(cfg, parse_encodings(args.encodings), list(range(seeds)), cfg.out_dir, resume=cfg.resume)
+    result = run_study(cfg, encodings, list(range(seeds)), cfg.out_dir, resume=cfg.resume)
     if not distributed.is_main():
         return 0
     print(f"\n{result['dataset']}; {cfg.model}; test metrics, mean ± std over {seeds} seeds; wall time "

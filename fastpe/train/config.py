@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-# Fields that may change between a run and its resumption. Only ``epochs`` changes what is computed
-# (more epochs continue training; with the cosine schedule the remaining decay is stretched).
-RESUMABLE_CHANGES = {"epochs", "resume", "progress", "out_dir", "benchmark_steps", "stop_after_epochs", "threads",
-                     "patience", "data_root"}
+# Options that only change how the run is evaluated and reported: a resumed run may change them.
+# ``valid_users`` changes the per-epoch validation set, so epochs before and after the change were
+# selected on different users (the resumed run says so).
+EVALUATION_ONLY = {"full_ranking", "full_ranking_users", "exclude_history", "cutoffs", "valid_users", "eval_batch_size"}
+
+# Fields that may change between a run and its resumption. Of the training options only ``epochs``
+# changes what is computed (more epochs continue training; with the cosine schedule the remaining
+# decay is stretched).
+RESUMABLE_CHANGES = {"epochs", "resume", "restart", "progress", "out_dir", "benchmark_steps", "stop_after_epochs",
+                     "threads", "patience", "data_root"} | EVALUATION_ONLY
 
 
 @dataclass
@@ -16,6 +22,7 @@ class TrainConfig:
     data: str = "synthetic"
     data_root: str | None = None
     data_format: str = "auto"
+    columns: str | None = None  # pairs files: the role of each column, e.g. "user,item,rating,timestamp"
     synthetic: dict = field(default_factory=dict)
     use_attributes: bool = True
     use_context: bool = True
@@ -69,6 +76,7 @@ class TrainConfig:
     progress: bool = True
     out_dir: str | None = None
     resume: bool = False
+    restart: bool = False  # discard the run in out_dir (checkpoints, metrics, summary) and start again
     stop_after_epochs: int = 0  # stop (as if interrupted) after this many epochs in this process
 
     def to_dict(self) -> dict:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fastpe.data.split import EvalSet, Split, eval_set, sample_eval_negatives
 from fastpe.train import distributed
@@ -94,12 +95,13 @@ class PopularityScorer:
 @torch.no_grad()
 def evaluate(scorer, stage: StageData, n_items: int, cutoffs=(10,), sampled: bool = True, full: bool = False,
              exclude_history: bool = True, batch_size: int = 256, device="cpu",
-             sharded: bool = False) -> dict[str, float]:
+             sharded: bool = False, progress: str | None = None) -> dict[str, float]:
     """Metrics ``{"sampled_hit@10": ..., "full_ndcg@10": ...}`` of a scorer on one stage.
 
     ``sharded``: under data-parallel training every process calls this with the same model and
     scores a contiguous block of whole batches (the batches one process would score, so the same
     numbers); the per-user ranks are gathered in order and every process gets the same metrics.
+    ``progress``: show a progress bar with this title.
     """
     device = torch.device(device)
     model = getattr(scorer, "model", None)
@@ -118,7 +120,7 @@ def evaluate(scorer, stage: StageData, n_items: int, cutoffs=(10,), sampled: boo
     sampled_out, full_out = [], []
     all_items = torch.arange(1, n_items + 1, device=device)
     try:
-        for start in starts:
+        for start in tqdm(starts, desc=progress, disable=progress is None, leave=False, dynamic_ncols=True):
             rows = np.arange(start, min(start + batch_size, n_users))
             if sampled:
                 cands = torch.as_tensor(stage.candidates[rows], device=device)

@@ -18,6 +18,7 @@ group; only the first process logs and writes.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -30,22 +31,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fastpe.data import load_dataset
+from fastpe.data import leave_one_out, load_dataset
 from fastpe.demo import format_table
-from fastpe.nn.factory import ENCODINGS
 from fastpe.train import distributed
-from fastpe.train.checkpoint import atomic_write_text
+from fastpe.train import validation
+from fastpe.train.checkpoint import atomic_write_text, json_text
 from fastpe.train.config import TrainConfig
+from fastpe.train.lock import FolderLock
 from fastpe.train.trainer import resolve_device, train
 
 
 def parse_encodings(spec: str) -> list[str]:
-    if spec.strip().lower() == "all":
-        return list(ENCODINGS)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    if not names:
-        raise ValueError("--encodings: give 'all' or a comma-separated list of encodings")
-    return names
+    """``all`` or a comma-separated list; an unknown or repeated name raises ``ValueError``."""
+    try:
+        return validation.encoding_list(spec)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"--encodings: {exc}") from None
 
 
 def metric_keys(cutoffs) -> list[str]:
@@ -61,12 +62,16 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def _number(value) -> float:
+    return math.nan if value is None else value
+
+
 def run_row(summary: dict, cutoffs) -> dict:
     row = {"encoding": summary["encoding"], "seed": summary["seed"]}
+    for key in metric_keys(cutoffs):  # null in a summary.json (no user to average over) reads as NaN
+        row[f"test_{key}"] = _number(summary["test"].get(key))
     for key in metric_keys(cutoffs):
-        row[f"test_{key}"] = summary["test"].get(key, math.nan)
-    for key in metric_keys(cutoffs):
-        row[f"valid_{key}"] = summary["valid"].get(key, math.nan)
+        row[f"valid_{key}"] = _number(summary["valid"].get(key))
     row.update({
         "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
         "train_seq_per_s": summary["train_seq_per_s"], "train_seconds": summary["train_seconds"],
@@ -136,7 +141,8 @@ def plot(rows: list[dict], encodings: list[str], cutoffs, popularity: dict | Non
 
 def plot_curves(histories: list[tuple[str, list[dict]]], encodings: list[str], select_metric: str, path: Path,
                 title: str) -> None:
-    """Training loss and validation ``select_metric`` per epoch: one line per run, one colour per encoding."""
+    """Training loss and validation ``select_metric`` per epoch: one line per run, one colour per
+    encoding, one line style per seed (the k-th run of an encoding in ``histories``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,19 +150,20 @@ def plot_curves(histories: list[tuple[str, list[dict]]], encodings: list[str], s
 
     colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(encodings)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    labelled = set()
+    styles = ["-", "--", ":", "-."]
+    seen: dict[str, int] = {}
     for encoding, history in histories:
         epochs = [h["epoch"] for h in history]
-        label = None if encoding in labelled else encoding
-        labelled.add(encoding)
-        axes[0].plot(epochs, [h["loss"] for h in history], color=colours[encoding], linewidth=1, label=label)
-        axes[1].plot(epochs, [h.get(f"valid_{select_metric}", math.nan) for h in history], color=colours[encoding],
-                     linewidth=1)
+        k = seen[encoding] = seen.get(encoding, -1) + 1
+        line = {"color": colours[encoding], "linestyle": styles[k % len(styles)], "linewidth": 1,
+                "marker": None if k < len(styles) else "o", "markersize": 2}
+        axes[0].plot(epochs, [h["loss"] for h in history], label=f"{encoding} #{k + 1}", **line)
+        axes[1].plot(epochs, [_number(h.get(f"valid_{select_metric}")) for h in history], **line)
     axes[0].set_title("training loss", fontsize=10)
     axes[1].set_title(f"validation {select_metric}", fontsize=10)
     for ax in axes:
         ax.set_xlabel("epoch")
-    axes[0].legend(fontsize=7, ncol=2)
+    axes[0].legend(fontsize=6, ncol=2, title="encoding #seed", title_fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -183,9 +190,31 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
     out = Path(out_dir) if out_dir else distributed.from_main(
         Path("runs") / f"study-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out, "fastpe study") if main else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _run_study(base, encodings, seeds, out, resume, log, data, main, lock)
+    except KeyboardInterrupt as exc:
+        # The interrupted run keeps its last complete epoch; --resume on the study continues it.
+        raise validation.RunInterrupted(out, f"finished runs are kept in {out}; the run in progress: "
+                                              f"{getattr(exc, 'detail', 'not started')}") from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_study(base, encodings, seeds, out, resume, log, data, main, lock) -> dict:
+    if lock is not None and lock.note:
+        log(f"note: {lock.note}")
     started = time.perf_counter()
-    data = data if data is not None else load_dataset(base.data, base.data_root, base.data_format, base.synthetic)
+    data = data if data is not None else load_dataset(base.data, base.data_root, base.data_format, base.synthetic,
+                                                               base.columns)
     log(f"study: {data.describe()}; model {base.model}; {len(encodings)} encodings x {len(seeds)} seeds -> {out}")
+    for note in data.notes:
+        log(f"data: {note}")
+    for warning in validation.check_data(leave_one_out(data), base):  # before the first run
+        log(warning)
     rows, histories, popularity, reused = [], [], None, 0
     jobs = [(e, s) for e in encodings for s in seeds]
     bar = tqdm(jobs, desc="study", disable=not (base.progress and main), dynamic_ncols=True)
@@ -232,7 +261,7 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
                 writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
-        atomic_write_text(json.dumps(result, indent=2), out / "runs.json")
+        atomic_write_text(json_text(result), out / "runs.json")
         if rows:
             plot(rows, encodings, base.cutoffs, popularity, out / "plot.png",
                  f"{data.name}, {base.model}: test metrics over {len(seeds)} seeds")

@@ -28,16 +28,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastpe.backends import resolve_backend
 from fastpe.data import leave_one_out, load_dataset
 from fastpe.data.readers import InteractionData
 from fastpe.data.split import Split, epoch_batches, n_batches
 from fastpe.models import build_model
+from fastpe.ops import _dispatch as dispatch
 from fastpe.train import checkpoint as ckpt
 from fastpe.train import distributed
-from fastpe.train.config import TrainConfig
+from fastpe.train.config import EVALUATION_ONLY, TrainConfig
 from fastpe.train.evaluate import ModelScorer, PopularityScorer, evaluate, prepare_stage
+from fastpe.train.lock import FolderLock
 from fastpe.train.steps import STEPS, sampled_bce_loss
+from fastpe.train.validation import RunInterrupted, TrainingDiverged, check_config, check_data
 
 
 def resolve_device(name: str) -> torch.device:
@@ -149,6 +151,7 @@ class RunState:
     history: list = field(default_factory=list)
     train_seconds: float = 0.0
     train_sequences: int = 0
+    epoch_seconds: list = field(default_factory=list)  # [epoch, train s, validation s] (metrics.jsonl)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -171,18 +174,30 @@ def _batch_tensors(batch, device, use_context: bool):
             _move(batch.target_context, device) if ctx else None)
 
 
-def resolved_backends(device: torch.device) -> str:
-    """The backends ``auto`` resolves to on ``device``, e.g. ``"torch"`` or ``"relative_attention=cuda, ..."``."""
-    ops = ("relative_attention", "rotary", "rotatory_add", "concat_projection")
-    names = {op: resolve_backend("auto", op, device) for op in ops}
-    distinct = set(names.values())
-    return distinct.pop() if len(distinct) == 1 else ", ".join(f"{k}={v}" for k, v in names.items())
+def short_candidates_warning(stage, eval_negatives: int) -> list[str]:
+    """Users whose history covers most of the catalogue get fewer sampled negatives than asked."""
+    short = int((stage.candidates[:, 1:] == 0).any(axis=1).sum())
+    if not short or short == len(stage.candidates):  # all short: check_data's warning says it already
+        return []
+    return [f"warning: {short} of {len(stage.candidates)} evaluated users have fewer than --eval-negatives "
+            f"{eval_negatives} items they never interacted with; their sampled candidates are fewer, which makes "
+            "their sampled metrics easier"]
+
+
+def _metric_name(key: str) -> str:
+    """``ndcg@10`` -> ``NDCG@10``, ``hit@10`` -> ``HR@10``."""
+    return key.replace("ndcg", "NDCG").replace("hit", "HR").replace("mrr", "MRR")
+
+
+# The files of a run in its folder (what --restart removes).
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "config.json")
 
 
 class Run:
     """Everything one training run holds; ``Run(cfg).execute()`` trains and returns the summary."""
 
     def __init__(self, cfg: TrainConfig, data: InteractionData | None = None, log=print):
+        check_config(cfg)  # every option, before anything is read
         self.cfg = cfg
         self.log = log
         if cfg.threads:
@@ -203,10 +218,10 @@ class Run:
             self.rows = distributed.local_rows(cfg.batch_size, self.world, self.rank)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         torch.manual_seed(cfg.seed)
-        self.data = data if data is not None else load_dataset(cfg.data, cfg.data_root, cfg.data_format, cfg.synthetic)
+        self.data = data if data is not None else load_dataset(cfg.data, cfg.data_root, cfg.data_format, cfg.synthetic,
+                                                               cfg.columns)
         self.split = leave_one_out(self.data)
-        if len(self.split.train_users()) == 0:
-            raise ValueError(f"{self.data.name}: no user has 2 training interactions; nothing to train on")
+        self.warnings = check_data(self.split, cfg)
         self.causal, _ = model_defaults(cfg)
         self.mode = target_mode(cfg, self.causal)
         torch.manual_seed(cfg.seed)
@@ -227,16 +242,27 @@ class Run:
         else:
             torch.cuda.manual_seed(cfg.seed + 7919)
         self.valid = prepare_stage(self.split, "valid", cfg.max_len, cfg.eval_negatives, cfg.eval_seed, cfg.valid_users)
+        self.warnings += short_candidates_warning(self.valid, cfg.eval_negatives)
         self.state = RunState()
+        self.saved_epoch = 0  # the epoch last.pt holds
         # The default name holds the start time: the first process's, so that all write and read one folder.
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else distributed.from_main(default_out_dir())
         self.use_context = cfg.use_context and self.split.context is not None and cfg.model.lower() == "carca"
         self.select = cfg.select_metric
-        allowed = [f"{kind}_{m}" for kind in ("sampled", "full") for m in
-                   [f"{name}@{k}" for k in cfg.cutoffs for name in ("hit", "ndcg")] + ["mrr"]]
-        if self.select not in allowed:
-            raise ValueError(f"select_metric must be one of {', '.join(allowed)} (cutoffs {list(cfg.cutoffs)}), "
-                             f"got {self.select!r}")
+        self.describe()
+
+    def describe(self) -> None:
+        """Say what is about to run, before the first step: the data, the model, where the outputs go."""
+        cfg = self.cfg
+        self.log(f"data: {self.data.describe()}")
+        for note in self.data.notes:
+            self.log(f"data: {note}")
+        parameters = sum(p.numel() for p in self.model.parameters())
+        self.log(f"model: {cfg.model} + {cfg.encoding}, {parameters:,} parameters, device {self.device}, "
+                 f"{cfg.epochs} epochs x {self.steps_per_epoch} steps of {cfg.batch_size}")
+        self.log(f"output: {self.out_dir}")
+        for warning in self.warnings:
+            self.log(warning)
 
     # ----------------------------------------------------------------------------------- steps
     def loss_fn(self, items, context, targets, target_context, n_targets=None):
@@ -283,17 +309,51 @@ class Run:
         }
 
     def restore(self, path: Path) -> None:
-        saved = ckpt.load(path, self.device)
+        try:
+            saved = ckpt.load(path, self.device, keys=("config", "model", "optimizer", "schedule", "rng", "state"))
+        except ckpt.CorruptCheckpointError as exc:
+            raise ckpt.CorruptCheckpointError(f"{exc}; it cannot be resumed. {self.best_note()}Start the run again "
+                                              "with --restart, or use another --out-dir") from exc
         old = TrainConfig.from_dict(saved["config"])
         diffs = old.differences(self.cfg)
         if diffs:
-            raise ValueError(f"{path}: cannot resume, the configuration differs: {'; '.join(diffs)}")
+            raise ValueError(f"{path}: cannot resume, options that change training differ from the saved run: "
+                             f"{'; '.join(diffs)} (saved != given)")
+        changed = [k for k in sorted(EVALUATION_ONLY) if saved["config"].get(k) != self.cfg.to_dict()[k]]
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.schedule.load_state_dict(saved["schedule"])
         ckpt.restore_rng_state(saved["rng"], self.rng, self.sampler)
         self.state = RunState(**saved["state"])
+        self.saved_epoch = self.state.epoch
         self.log(f"resumed {path} after epoch {self.state.epoch}")
+        if changed:
+            self.log("evaluation options changed on resumption: " + ", ".join(
+                f"{k} {saved['config'].get(k)!r} -> {self.cfg.to_dict()[k]!r}" for k in changed)
+                + (" (epochs before and after were validated on different users)" if "valid_users" in changed else ""))
+
+    def best_note(self) -> str:
+        best = self.out_dir / "best.pt"
+        try:
+            epoch = ckpt.load(best, "cpu", keys=("model",)).get("epoch")
+        except (OSError, ckpt.CorruptCheckpointError):
+            return ""
+        return f"{best} (the weights of epoch {epoch}, the best so far) is intact. "
+
+    def prepare_folder(self) -> None:
+        """After taking the lock: resume, restart or refuse a folder that holds a run."""
+        cfg, last = self.cfg, self.out_dir / "last.pt"
+        if cfg.restart:
+            removed = [name for name in RUN_FILES if (self.out_dir / name).exists()]
+            for name in removed:
+                (self.out_dir / name).unlink()
+            if removed:
+                self.log(f"--restart: removed {', '.join(removed)} from {self.out_dir}")
+        if last.exists():
+            if not cfg.resume:
+                raise FileExistsError(f"{self.out_dir} already holds a run (last.pt); pass --resume to continue it, "
+                                      "--restart to start it again, or choose another --out-dir")
+            self.restore(last)
 
     # ---------------------------------------------------------------------------------- training
     def train_epoch(self, step, epoch: int) -> float:
@@ -305,6 +365,7 @@ class Run:
             # resumed run with as many processes continues exactly.
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, self.rank, epoch]).generate_state(1)[0]))
         total = torch.zeros((), device=self.device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first step with a non-finite loss
         count = 0
         sequences = 0  # of the global batch: the throughput counts every process's sequences
         bar = tqdm(total=self.steps_per_epoch, desc=f"{cfg.encoding} epoch {epoch + 1}/{cfg.epochs}", leave=False,
@@ -315,43 +376,82 @@ class Run:
             self.schedule.apply()
             loss = step(*self.batch_tensors(batch))
             total += loss
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), count, first_bad)
             count += 1
             bar.update(1)
             if count % 50 == 0:  # reading the loss syncs: only now and then, between steps
+                self.check_finite(first_bad, epoch)
                 bar.set_postfix(loss=f"{float(total) / count:.4f}")
         if self.world > 1:  # each process's loss is its share of the global mean, times the world size
             total = distributed.all_reduce_sum(total) / self.world
         mean_loss = float(total) / max(count, 1)  # also waits for the device
+        self.check_finite(first_bad, epoch)
         self.state.train_seconds += time.perf_counter() - start
         self.state.train_sequences += sequences
         bar.close()
         return mean_loss
 
-    def evaluate_stage(self, stage, sampled=True, full=False, model=None) -> dict:
+    def check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
+        bad = int(first_bad)
+        if bad >= 0:
+            step = epoch * self.steps_per_epoch + bad
+            raise TrainingDiverged(
+                f"training diverged: the loss is not finite at epoch {epoch + 1}, step {bad + 1} of "
+                f"{self.steps_per_epoch} (step {step + 1} of the run), learning rate {self.schedule.value(step):.3g} "
+                f"(--lr {self.cfg.lr:g}); the learning rate is the likely cause: lower --lr, or add --clip-grad 1.0 "
+                "or more --warmup-steps")
+
+    def evaluate_stage(self, stage, sampled=True, full=False, model=None, progress: str | None = None) -> dict:
         scorer = ModelScorer(model or self.model, stage, self.device, self.amp_dtype)
-        return evaluate(scorer, stage, self.split.n_items, self.cfg.cutoffs, sampled, full, self.cfg.exclude_history,
-                        self.cfg.eval_batch_size, self.device, sharded=True)
+        try:
+            return evaluate(scorer, stage, self.split.n_items, self.cfg.cutoffs, sampled, full,
+                            self.cfg.exclude_history, self.cfg.eval_batch_size, self.device, sharded=True,
+                            progress=progress if self.cfg.progress and self.main else None)
+        except ValueError as exc:
+            if "NaN" not in str(exc):
+                raise
+            raise TrainingDiverged(f"the model's scores are NaN after epoch {self.state.epoch}: training diverged "
+                                   f"(--lr {self.cfg.lr:g}); lower --lr, or add --clip-grad 1.0") from None
 
     def execute(self) -> dict:
+        lock = None
+        if self.main:
+            cfg = self.cfg
+            lock = FolderLock(self.out_dir, f"fastpe train ({cfg.model} + {cfg.encoding}, seed {cfg.seed})")
+            lock.acquire()
+            if lock.note:
+                self.log(f"note: {lock.note}")
+        try:
+            return self.train_and_test()
+        except KeyboardInterrupt:
+            kept = (f"{self.out_dir / 'last.pt'} keeps epoch {self.saved_epoch} (the epoch in progress is not saved)"
+                    if self.saved_epoch else f"no epoch was complete, {self.out_dir} holds no checkpoint")
+            raise RunInterrupted(self.out_dir, kept) from None
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def train_and_test(self) -> dict:
         cfg = self.cfg
-        last, best = self.out_dir / "last.pt", self.out_dir / "best.pt"
-        if last.exists():
-            if not cfg.resume:
-                raise FileExistsError(f"{self.out_dir} already holds a run (last.pt); pass --resume to continue it "
-                                      "or choose another --out-dir")
-            self.restore(last)
+        best = self.out_dir / "best.pt"
+        self.prepare_folder()
         distributed.barrier()  # every process has looked at the folder before the first one writes to it
         if self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_text(json.dumps(cfg.to_dict(), indent=2), self.out_dir / "config.json")
         step = self.make_step(self.step_kind())
         full_select = self.select.startswith("full_")
-        key = self.select.split("_", 1)[1]
+        kind, key = self.select.split("_", 1)
+        cutoff = cfg.cutoffs[0] if 10 not in cfg.cutoffs else 10
         epochs_here = 0
         while self.state.epoch < cfg.epochs and not self.state.stopped_early:
             epoch = self.state.epoch
+            started = time.perf_counter()
             loss = self.train_epoch(step, epoch)
-            metrics = self.evaluate_stage(self.valid, sampled=not full_select, full=full_select)
+            trained = time.perf_counter()
+            metrics = self.evaluate_stage(self.valid, sampled=not full_select, full=full_select,
+                                          progress=f"validation, epoch {epoch + 1}")
+            validated = time.perf_counter()
             value = metrics[self.select]
             improved = value > self.state.best
             if improved:
@@ -362,37 +462,54 @@ class Run:
                 self.state.bad_epochs += 1
             self.state.epoch = epoch + 1
             self.state.history.append({"epoch": epoch + 1, "loss": loss, **{f"valid_{k}": v for k, v in metrics.items()}})
+            self.state.epoch_seconds.append([epoch + 1, trained - started, validated - trained])
             if cfg.patience and self.state.bad_epochs >= cfg.patience:
                 self.state.stopped_early = True
             if self.main:
-                ckpt.atomic_save(self.checkpoint(), last)
-                ckpt.atomic_write_text("".join(json.dumps(h) + "\n" for h in self.state.history),
-                                       self.out_dir / "metrics.jsonl")
+                ckpt.atomic_save(self.checkpoint(), self.out_dir / "last.pt")
+                self.saved_epoch = self.state.epoch
+                ckpt.atomic_write_text(self.metrics_lines(), self.out_dir / "metrics.jsonl")
             distributed.barrier()  # no process reads best.pt or stops before this epoch's files are complete
-            self.log(f"epoch {epoch + 1}: loss {loss:.4f}, valid {key} {value:.4f}{' (best)' if improved else ''}")
+            others = [name for name in (f"hit@{cutoff}", f"ndcg@{cutoff}")
+                      if name != key and f"{kind}_{name}" in metrics]
+            shown = ", ".join(f"{_metric_name(name)} {metrics[f'{kind}_{name}']:.4f}" for name in others)
+            self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, valid {kind} {_metric_name(key)} {value:.4f}"
+                     f"{' (best)' if improved else ''}{', ' + shown if shown else ''}; {validated - started:.1f} s "
+                     f"(train {trained - started:.1f} s, validation {validated - trained:.1f} s)")
             epochs_here += 1
             if cfg.stop_after_epochs and epochs_here >= cfg.stop_after_epochs and self.state.epoch < cfg.epochs:
                 return {"interrupted": True, "epoch": self.state.epoch, "out_dir": str(self.out_dir)}
         return self.finish(best)
 
+    def metrics_lines(self) -> str:
+        """metrics.jsonl: one line per epoch, the history plus the epoch's train and validation seconds."""
+        seconds = {e: {"train_seconds": t, "valid_seconds": v} for e, t, v in self.state.epoch_seconds}
+        return "".join(ckpt.json_text({**entry, **seconds.get(entry["epoch"], {})}, indent=None) + "\n"
+                       for entry in self.state.history)
+
     # ------------------------------------------------------------------------------- final report
     def finish(self, best_path: Path) -> dict:
         cfg = self.cfg
         if best_path.exists():
-            self.model.load_state_dict(ckpt.load(best_path, self.device)["model"])
+            self.model.load_state_dict(ckpt.load(best_path, self.device, keys=("model",))["model"])
         start = time.perf_counter()
         metrics = {}
         popularity = {}
         pop_scorer = PopularityScorer(self.split, self.device)
+        dispatch.RAN.clear()
         for name in ("valid", "test"):
             stage = prepare_stage(self.split, name, cfg.max_len, cfg.eval_negatives, cfg.eval_seed)
             # Full ranking costs users x items scores: optionally on a fixed random subset of users.
             subset = cfg.full_ranking_users and cfg.full_ranking_users < len(stage.data.targets)
-            metrics[name] = self.evaluate_stage(stage, True, cfg.full_ranking and not subset)
+            full_users = (cfg.full_ranking_users if subset else len(stage.data.targets)) if cfg.full_ranking else 0
+            self.log(f"evaluating {name} (best epoch {self.state.best_epoch}): {len(stage.data.targets)} users, each "
+                     f"its item among 1 + {cfg.eval_negatives} sampled candidates"
+                     + (f"; {full_users} users against all {self.split.n_items} items" if full_users else ""))
+            metrics[name] = self.evaluate_stage(stage, True, cfg.full_ranking and not subset, progress=f"{name}")
             if cfg.full_ranking and subset:
                 few = prepare_stage(self.split, name, cfg.max_len, cfg.eval_negatives, cfg.eval_seed,
                                     cfg.full_ranking_users)
-                metrics[name].update(self.evaluate_stage(few, False, True))
+                metrics[name].update(self.evaluate_stage(few, False, True, progress=f"{name}, full ranking"))
             if name == "test":
                 popularity = evaluate(pop_scorer, stage, self.split.n_items, cfg.cutoffs, True,
                                       cfg.full_ranking and not subset, cfg.exclude_history, cfg.eval_batch_size,
@@ -401,6 +518,7 @@ class Run:
                     popularity.update(evaluate(pop_scorer, few, self.split.n_items, cfg.cutoffs, False, True,
                                                cfg.exclude_history, cfg.eval_batch_size, self.device, sharded=True))
         valid_metrics, test_metrics = metrics["valid"], metrics["test"]
+        ran = dict(sorted(dispatch.RAN.items()))  # what the evaluation of this model called
         eval_seconds = time.perf_counter() - start
         throughput = {self.step_kind(): self.state.train_sequences / max(self.state.train_seconds, 1e-9)}
         if cfg.benchmark_steps and self.world == 1:
@@ -417,7 +535,8 @@ class Run:
             "seed": cfg.seed,
             "device": str(self.device),
             "world_size": self.world,
-            "backend": resolved_backends(self.device) if cfg.backend == "auto" else cfg.backend,
+            "backend": ", ".join(sorted(set(ran.values()))) or "none (no fused op in this model)",
+            "backends": ran,
             "step": self.step_kind(),
             "threads": torch.get_num_threads(),
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
@@ -431,6 +550,10 @@ class Run:
             "eval_seconds": eval_seconds,
             "train_seq_per_s": throughput[self.step_kind()],
             "throughput_seq_per_s": throughput,
+            "users": {"total": self.data.n_users, "evaluated": len(self.split.eval_users),
+                      "not_evaluated": self.data.n_users - len(self.split.eval_users)},
+            "data_notes": list(self.data.notes),
+            "warnings": list(self.warnings),
             "full_ranking_users": (min(cfg.full_ranking_users, len(self.split.eval_users)) if cfg.full_ranking_users
                                    else len(self.split.eval_users)) if cfg.full_ranking else 0,
             "valid": valid_metrics,
@@ -440,7 +563,7 @@ class Run:
             "out_dir": str(self.out_dir),
         }
         if self.main:
-            ckpt.atomic_write_text(json.dumps(summary, indent=2), self.out_dir / "summary.json")
+            ckpt.atomic_write_text(ckpt.json_text(summary), self.out_dir / "summary.json")
         distributed.barrier()
         return summary
 
