@@ -290,24 +290,35 @@ def plan_forward(x, table, weight, bias, positions):
 
 
 # tokens one backward group streams at least: fewer groups, fewer float32 partials to sum
-MIN_GROUP_TOKENS = 256
+MIN_GROUP_TOKENS = 128
 # tokens of one backward chunk: every gathered element costs a 64-bit pointer register
 CHUNK_TOKENS = 32
 
 
 def bwd_config(b, L, d_out, next_cols, rows, pos_kind, device):
-    """Tiles and token groups of the backward kernel: about one program per SM, each streaming
-    at least ``MIN_GROUP_TOKENS`` tokens in chunks of 32 (8 batches x 4 positions when the
-    positions are shared, so that ``G``'s per-position partials stay few)."""
+    """Tiles and token groups of the backward kernel. A group is ``block_l`` positions of a
+    range of batches, streamed in chunks of 32 tokens; the position block is the one (4
+    preferred) whose groups fill the program slots of their waves best (the kernel runs one
+    8-warp program per SM) with the smallest tail, at least ``MIN_GROUP_TOKENS`` tokens per group."""
     sms = _launch.num_sms(device)
     block_o = max(16, min(MAX_FUSED_DOUT, _launch.next_pow2(d_out)))
     block_c = max(16, min(128, 8192 // block_o, _launch.next_pow2(next_cols)))  # acc: at most 32 fp32 per thread
-    block_l = min(4, _launch.next_pow2(L)) if pos_kind != 2 else min(16, _launch.next_pow2(L))
-    block_b = max(1, CHUNK_TOKENS // block_l)
     tiles = triton.cdiv(d_out, block_o) * triton.cdiv(next_cols, block_c)
-    groups = max(1, min(sms // tiles or 1, triton.cdiv(b * L, MIN_GROUP_TOKENS)))
-    if pos_kind == 2:  # keep the per-group [rows, d_out] partials under ~64 MiB
-        groups = max(1, min(groups, (64 << 20) // (4 * rows * d_out)))
+    max_groups = max(1, sms // tiles)
+    if pos_kind == 2:  # keep the per-group [rows, d_out] partials of G under ~64 MiB
+        max_groups = max(1, min(max_groups, (64 << 20) // (4 * rows * d_out)))
+    max_groups = max(1, min(max_groups, triton.cdiv(b * L, MIN_GROUP_TOKENS)))
+    best = None
+    for block_l in dict.fromkeys(min(c, _launch.next_pow2(L)) for c in (4, 8, 2, 16, 1)):
+        block_b = max(1, CHUNK_TOKENS // block_l)
+        l_blocks = triton.cdiv(L, block_l)
+        splits = max(1, min(triton.cdiv(b, block_b), max_groups // l_blocks))
+        splits = triton.cdiv(b, triton.cdiv(triton.cdiv(b, splits), block_b) * block_b)  # as plan_backward rounds
+        groups = l_blocks * splits
+        used = groups / (triton.cdiv(groups, max_groups) * max_groups)  # share of the waves' program slots
+        if best is None or used > best[0]:
+            best = (used, block_l, block_b, groups)
+    _, block_l, block_b, groups = best
     warps = 8 if block_o * block_c >= 64 * 128 else 4
     return _launch.knobs("concat_bwd", block_o=block_o, block_c=block_c, block_l=block_l, block_b=block_b,
                          groups=groups, block_r=max(16, min(64, _launch.next_pow2(rows))), num_warps=warps, num_stages=2)
