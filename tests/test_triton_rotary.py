@@ -70,8 +70,9 @@ def test_rotary_transposed_view_and_repeated_positions(pos_kind):
 @pytest.mark.parametrize("pos_kind", ["none", "1d", "padded"])
 def test_rotary_several_batch_and_position_blocks(dtype, pos_kind):
     """Blocks of 2 batches x 4 positions: ragged last blocks on both grid axes, one angle-gradient
-    partial row per (batch block, position) or per token, one head masked off, head size 90."""
-    with launch_cfg().override("rotary", block_b=2, block_l=4):
+    partial row per (batch block, position) or per token, one head masked off, head size 90;
+    explicit positions reduced over 3-4 ranges of partial rows (the last ragged)."""
+    with launch_cfg().override("rotary", block_b=2, block_l=4), launch_cfg().override("rotary_reduce", key_splits=4, block_r=16):
         check_rotary(5, 11, 3, 90, dtype, False, pos_kind)
 
 
@@ -120,7 +121,7 @@ def test_angle_gradients_are_bitwise_reproducible(pos_kind):
     x, angles = _inputs(6, 10, 2, 16, rows=12, gen=gen)
     positions = positions_for(pos_kind, 6, 10, 12, gen)
     grads = []
-    with launch_cfg().override("rotary", block_b=2, block_l=4):  # several partial rows per angle
+    with launch_cfg().override("rotary", block_b=2, block_l=4), launch_cfg().override("rotary_reduce", key_splits=4, block_r=16):
         for _ in range(2):
             xs, a = x.detach().float().requires_grad_(), angles.detach().float().requires_grad_()
             out = rotary(xs, a, positions=positions, backend="triton") + rotatory(xs[:, :, 0], a, positions=positions, backend="triton")[:, :, None]
@@ -131,7 +132,7 @@ def test_angle_gradients_are_bitwise_reproducible(pos_kind):
 
 def test_poisoned_buffers_are_all_written(monkeypatch):
     monkeypatch.setattr(launch_cfg(), "POISON", True)
-    with launch_cfg().override("rotary", block_b=2, block_l=4):
+    with launch_cfg().override("rotary", block_b=2, block_l=4), launch_cfg().override("rotary_reduce", key_splits=4, block_r=16):
         check_rotary(5, 9, 3, 14, torch.float32, False, "none")
         check_rotary(5, 9, 3, 14, torch.float32, True, "2d", transposed=True)
         check_rotary(5, 9, 1, 14, torch.float16, True, "padded")

@@ -15,11 +15,12 @@ Each pair is loaded as one ``[.., 2]`` vector (both layouts) and split in regist
 ``cos``/``sin`` are computed once per (position, pair) and broadcast over the tile's batches
 and heads when positions are shared by the batch. ``x`` may have any strides.
 
-Angle gradients are reduced deterministically in two launches: the backward kernel sums ``g``
-over heads and its batch block into one float32 partial row per (batch block, position), or
-per token when every sequence has its own positions; a second kernel sums the partials in a
-fixed order into the angle rows (directly for default positions, or through a one-hot matrix
-product when explicit positions may repeat).
+Angle gradients are reduced deterministically: the backward kernel sums ``g`` over heads and
+its batch block into one float32 partial row per (batch block, position), or per token when
+every sequence has its own positions; a second kernel sums the partials in a fixed order into
+the angle rows: directly for default positions (one launch), or for explicit positions, which
+may repeat, by one-hot matrix products over ranges of the partial rows, one range per program
+along a third grid axis, followed by a launch of the same kernel that sums the ranges.
 """
 from __future__ import annotations
 
@@ -113,24 +114,31 @@ def _rot_kernel(
 
 @triton.jit
 def _angle_grad_reduce_kernel(
-    PART, POS, OUT, NCHUNK, L, P, spb, spl, soc, sor,
+    PART, POS, OUT, NCHUNK, L, P, KEYS_PER_SPLIT, spb, spl, soc, sor, sos,
     C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     """``OUT[p, c] = sum over partial rows (chunk, l) whose position is p`` in a fixed order.
 
     ``PART [NCHUNK, L, C]`` float32. Without positions, row ``(chunk, l)`` belongs to ``p = l``
-    (``BLOCK_R`` chunks are summed per step); with them, to ``POS[chunk * spb + l * spl]`` and
-    ``BLOCK_R`` rows at a time are gathered by a one-hot product.
+    (``BLOCK_R`` chunks are summed per step). With them, to ``POS[chunk * spb + l * spl]``:
+    ``BLOCK_R`` rows at a time are gathered by a one-hot product, and the flattened rows are
+    split into ranges of ``KEYS_PER_SPLIT`` (grid axis 2), each summed into its own
+    ``OUT + split * sos``, so that many programs share the scan (the splits are then summed
+    by a second launch of this kernel without positions).
     """
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
+    out = OUT
     if HAS_POS:
+        split = tl.program_id(2)
+        out += split.to(tl.int64) * sos
         acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-        n_rows = NCHUNK * L
-        for r0 in range(0, n_rows, BLOCK_R):
+        r_lo = split * KEYS_PER_SPLIT
+        r_hi = tl.minimum(NCHUNK * L, r_lo + KEYS_PER_SPLIT)
+        for r0 in range(r_lo, r_hi, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
-            r_mask = offs_r < n_rows
+            r_mask = offs_r < r_hi
             idx = tl.load(POS + (offs_r // L) * spb + (offs_r % L) * spl, mask=r_mask, other=-1)
             onehot = (idx[None, :] == offs_p[:, None]).to(tl.float32)
             tile = tl.load(PART + offs_r[:, None] * C + offs_c[None, :], mask=r_mask[:, None] & c_mask[None, :], other=0.0)
@@ -144,7 +152,7 @@ def _angle_grad_reduce_kernel(
             ptrs = PART + (offs_ch[:, None, None] * L + offs_p[None, :, None]) * C + offs_c[None, None, :]
             acc3 += tl.load(ptrs, mask=(offs_ch < NCHUNK)[:, None, None] & pc_mask[None, :, :], other=0.0)
         total = tl.sum(acc3, axis=0)
-    tl.store(OUT + offs_p[:, None] * sor + offs_c[None, :] * soc, total.to(OUT.dtype.element_ty),
+    tl.store(out + offs_p[:, None] * sor + offs_c[None, :] * soc, total.to(OUT.dtype.element_ty),
              mask=(offs_p < P)[:, None] & c_mask[None, :])
 
 
@@ -214,22 +222,47 @@ def _plan(mode, x4, dy4, y4, angles, positions, interleaved, need_partials):
     return [launch], partial, pos, spb, spl
 
 
+def _plan_sum(partial, out):
+    """``out[p] = sum over chunks of partial[chunk, p]`` (rows past the partial's get zeros)."""
+    chunks, L, half = partial.shape
+    rows = out.shape[0]
+    # [chunks x rows x pairs] loads summed over chunks, at most 4096 values at a time
+    block_c = min(64, _launch.next_pow2(half))
+    block_p = 8
+    block_r = max(1, min(_launch.next_pow2(chunks), 4096 // (block_p * block_c)))
+    args = dict(PART=partial, POS=partial, OUT=out, NCHUNK=chunks, L=L, P=rows, KEYS_PER_SPLIT=0,
+                spb=0, spl=0, soc=out.stride(1), sor=out.stride(0), sos=0)
+    constexprs = dict(C=half, BLOCK_P=block_p, BLOCK_R=block_r, BLOCK_C=block_c, HAS_POS=False)
+    return Launch(_angle_grad_reduce_kernel, (triton.cdiv(rows, block_p), triton.cdiv(half, block_c)), args, constexprs)
+
+
 def _plan_reduce(partial, pos, spb, spl, angles):
-    """Sum the partial angle gradients into ``dangles`` shaped like ``angles``."""
+    """Launches summing the partial angle gradients into ``dangles`` shaped like ``angles``."""
     chunks, L, half = partial.shape
     rows = angles.shape[0]
     out = _launch.empty(angles.shape, angles.dtype, angles.device)
-    if pos is not None:  # one-hot products: every dot dimension at least 16
-        block_c = max(16, min(64, _launch.next_pow2(half)))
-        block_p, block_r = 16, 64
-    else:  # [chunks x rows x pairs] loads summed over chunks, at most 4096 values at a time
-        block_c = min(64, _launch.next_pow2(half))
-        block_p = 8
-        block_r = max(1, min(_launch.next_pow2(chunks), 4096 // (block_p * block_c)))
-    args = dict(PART=partial, POS=pos if pos is not None else partial, OUT=out, NCHUNK=chunks, L=L, P=rows,
-                spb=spb, spl=spl, soc=out.stride(1), sor=out.stride(0))
-    constexprs = dict(C=half, BLOCK_P=block_p, BLOCK_R=block_r, BLOCK_C=block_c, HAS_POS=pos is not None)
-    return out, Launch(_angle_grad_reduce_kernel, (triton.cdiv(rows, block_p), triton.cdiv(half, block_c)), args, constexprs)
+    if pos is None:
+        return out, [_plan_sum(partial, out)]
+    # explicit positions: one-hot products (every dot dimension at least 16) over ranges of the
+    # partial rows, enough ranges for two programs per SM, then a sum over the ranges
+    block_c = max(16, min(64, _launch.next_pow2(half)))
+    block_p = 16
+    keys = chunks * L
+    tiles = triton.cdiv(rows, block_p) * triton.cdiv(half, block_c)
+    cfg = _launch.knobs("rotary_reduce", block_r=64, key_splits=max(1, min(triton.cdiv(keys, 8 * 64),
+                                                                         2 * _launch.num_sms(angles.device) // tiles)))
+    block_r = cfg["block_r"]
+    per_split = triton.cdiv(triton.cdiv(keys, cfg["key_splits"]), block_r) * block_r
+    splits = triton.cdiv(keys, per_split)
+    target = out if splits == 1 else _launch.empty((splits, rows, half), torch.float32, angles.device)
+    args = dict(PART=partial, POS=pos, OUT=target, NCHUNK=chunks, L=L, P=rows, KEYS_PER_SPLIT=per_split,
+                spb=spb, spl=spl, soc=target.stride(-1), sor=target.stride(-2), sos=target.stride(0) if splits > 1 else 0)
+    constexprs = dict(C=half, BLOCK_P=block_p, BLOCK_R=block_r, BLOCK_C=block_c, HAS_POS=True)
+    launches = [Launch(_angle_grad_reduce_kernel, (triton.cdiv(rows, block_p), triton.cdiv(half, block_c), splits),
+                       args, constexprs)]
+    if splits > 1:
+        launches.append(_plan_sum(target, out))
+    return out, launches
 
 
 def plan_rotary_forward(x, angles, positions, interleaved):
@@ -245,7 +278,7 @@ def plan_rotary_backward(dy, x, angles, positions, interleaved, need_dangles=Tru
     dangles = None
     if need_dangles:
         dangles, reduce = _plan_reduce(partial, pos, spb, spl, angles)
-        launches.append(reduce)
+        launches += reduce
     return dx, dangles, launches
 
 
@@ -259,4 +292,4 @@ def plan_rotatory_forward(x, angles, positions):
 def plan_rotatory_backward(dy, angles, positions):
     launches, partial, pos, spb, spl = _plan(ADD_BWD, None, dy.unsqueeze(2), None, angles, positions, True, need_partials=True)
     dangles, reduce = _plan_reduce(partial, pos, spb, spl, angles)
-    return dangles, launches + [reduce]
+    return dangles, launches + reduce
