@@ -90,6 +90,16 @@ def test_poisoned_buffers_are_all_written(monkeypatch):
         check(torch.float16, "padded", False, 3, 13, 20, 10, 18)
 
 
+@pytest.mark.parametrize("pos_kind", ["none", "2d"])
+def test_empty_batch_gives_zero_weight_table_and_bias_gradients(monkeypatch, pos_kind):
+    monkeypatch.setattr(launch_cfg(), "POISON", True)
+    inputs, positions = concat_inputs(0, 5, 8, 4, 3, True, pos_kind, device=DEVICE)
+    leaves = [t.detach().float().requires_grad_() for t in inputs]
+    concat_projection(*leaves, positions=positions, backend="triton").sum().backward()
+    for leaf in leaves[1:]:
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf))
+
+
 def test_autocast_dtype_is_used():
     inputs, _ = concat_inputs(2, 3, 4, 2, 3, False, "none", device=DEVICE)
     x, t, w = (i.detach().float() for i in inputs)

@@ -143,6 +143,16 @@ def test_poisoned_buffers_are_all_written(monkeypatch):
         assert_matches_reference(fn, ref, (x, angles), torch.float32, ["x", "angles"])
 
 
+@pytest.mark.parametrize("pos_kind", ["none", "1d", "2d"])
+def test_empty_batch_gives_zero_angle_gradients(monkeypatch, pos_kind):
+    monkeypatch.setattr(launch_cfg(), "POISON", True)
+    x = torch.zeros(0, 5, 2, 8, device=DEVICE, requires_grad=True)
+    angles = torch.randn(6, 4, device=DEVICE, requires_grad=True)
+    positions = positions_for(pos_kind, 0, 5, 6, torch.Generator().manual_seed(0))
+    rotary(x, angles, positions=positions, backend="triton").sum().backward()
+    assert torch.equal(angles.grad, torch.zeros_like(angles))
+
+
 def test_unsupported_dtype_raises():
     with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
         rotary(torch.zeros(1, 2, 1, 4, dtype=torch.float64, device=DEVICE), torch.zeros(2, 2, dtype=torch.float64, device=DEVICE), backend="triton")

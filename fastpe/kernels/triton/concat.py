@@ -313,7 +313,7 @@ def bwd_config(b, L, d_out, next_cols, rows, pos_kind, device):
         block_b = max(1, CHUNK_TOKENS // block_l)
         l_blocks = triton.cdiv(L, block_l)
         splits = max(1, min(triton.cdiv(b, block_b), max_groups // l_blocks))
-        splits = triton.cdiv(b, triton.cdiv(triton.cdiv(b, splits), block_b) * block_b)  # as plan_backward rounds
+        splits = max(1, triton.cdiv(b, max(1, triton.cdiv(triton.cdiv(b, splits), block_b)) * block_b))  # as plan_backward
         groups = l_blocks * splits
         used = groups / (triton.cdiv(groups, max_groups) * max_groups)  # share of the waves' program slots
         if best is None or used > best[0]:
@@ -337,7 +337,7 @@ def plan_backward(dy, x, table, weight, positions, has_bias, need_dx=True, need_
     block_l, block_b = cfg["block_l"], cfg["block_b"]
     l_blocks = triton.cdiv(L, block_l)
     splits = max(1, min(triton.cdiv(b, block_b), triton.cdiv(cfg["groups"], l_blocks)))
-    per_group = triton.cdiv(triton.cdiv(b, splits), block_b) * block_b
+    per_group = max(1, triton.cdiv(triton.cdiv(b, splits), block_b)) * block_b
     splits = triton.cdiv(b, per_group)
     groups = splits * l_blocks
     fuse_dx = need_dx and d_out <= cfg["block_o"]

@@ -252,8 +252,8 @@ def _plan_reduce(partial, pos, spb, spl, angles):
     cfg = _launch.knobs("rotary_reduce", block_r=64, key_splits=max(1, min(triton.cdiv(keys, 8 * 64),
                                                                          2 * _launch.num_sms(angles.device) // tiles)))
     block_r = cfg["block_r"]
-    per_split = triton.cdiv(triton.cdiv(keys, cfg["key_splits"]), block_r) * block_r
-    splits = triton.cdiv(keys, per_split)
+    per_split = max(1, triton.cdiv(triton.cdiv(keys, cfg["key_splits"]), block_r)) * block_r
+    splits = max(1, triton.cdiv(keys, per_split))  # one (empty) range still writes the zeros
     target = out if splits == 1 else _launch.empty((splits, rows, half), torch.float32, angles.device)
     args = dict(PART=partial, POS=pos, OUT=target, NCHUNK=chunks, L=L, P=rows, KEYS_PER_SPLIT=per_split,
                 spb=spb, spl=spl, soc=target.stride(-1), sor=target.stride(-2), sos=target.stride(0) if splits > 1 else 0)
