@@ -63,7 +63,7 @@ def _rot_kernel(
     else:
         col5 = p5 + j5 * HALF
     mask5 = (bl_mask[:, :, None, None, None] & (offs_h < H)[None, None, :, None, None]
-             & p_mask[None, None, None, :, None] & (j5 < 2))
+             & p_mask[None, None, None, :, None] & (j5 < 2))  # (j5 < 2): broadcast over the pair axis
 
     if POS_KIND == 2:
         rows = tl.load(POS + offs_b[:, None] * spb + offs_l[None, :] * spl, mask=bl_mask, other=0)
