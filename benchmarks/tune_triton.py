@@ -14,7 +14,7 @@ Usage (on a CUDA machine)::
     python benchmarks/tune_triton.py [--quick] [--dtype bf16]
 
 Copy the winners into the config functions (``fwd_config``/``bwd_config`` in ``rmha.py``,
-``_config`` in ``rotations.py``, ``plan_gemm``/``wgrad_config`` in ``concat.py``).
+``_config`` in ``rotations.py``, ``plan_gemm``/``bwd_config`` in ``concat.py``).
 """
 
 from __future__ import annotations
@@ -100,9 +100,9 @@ def rotary(dtype, quick):
         x = torch.randn(b, h, L, d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
         angles = torch.randn(L, d // 2, device="cuda", dtype=dtype, requires_grad=True)
         base = bench(lambda: x.clone())
-        grids = {"rotary": {"block_l": [1, 2, 4, 8, 16, 32], "b_per_prog": [1, 4, 16, 64], "num_warps": [2, 4, 8]}}
+        grids = {"rotary": {"block_b": [4, 8, 16, 32], "block_l": [1, 2, 4, 8, 16], "num_warps": [2, 4, 8]}}
         if quick:
-            grids = {"rotary": {"block_l": [4, 16], "b_per_prog": [4, 16]}}
+            grids = {"rotary": {"block_b": [8, 16], "block_l": [2, 4, 8]}}
         sweep(f"rotary B={b} L={L} h={h} D={d} {dtype} (vs clone)",
               lambda: fwd_bwd(lambda: rot(x, angles, backend="triton"), x, angles), grids, base)
         x3 = torch.randn(b, L, h * d, device="cuda", dtype=dtype, requires_grad=True)
@@ -123,10 +123,10 @@ def concat(dtype, quick):
         base = bench(fwd_bwd(lambda: lin(x), x))
         grids = {
             "concat_gemm": {"block_m": [32, 64, 128], "block_n": [32, 64, 128], "num_warps": [4, 8], "num_stages": [2, 3]},
-            "concat_wgrad": {"block_k": [32, 64, 128], "splits": [16, 64, 128, 256], "num_warps": [4, 8]},
+            "concat_bwd": {"groups": [32, 66, 132, 264], "block_l": [2, 4, 8], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
         }
         if quick:
-            grids = {"concat_gemm": {"block_m": [64, 128]}, "concat_wgrad": {"splits": [64, 256]}}
+            grids = {"concat_gemm": {"block_m": [64, 128]}, "concat_bwd": {"groups": [66, 132, 264]}}
         sweep(f"concat-projection B={b} L={L} d={d} {dtype} (vs Linear(d, d))",
               lambda: fwd_bwd(lambda: concat_projection(x, table, weight, bias, backend="triton"), x, table, weight, bias),
               grids, base)

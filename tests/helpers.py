@@ -80,7 +80,7 @@ def randn(*shape, dtype=torch.float32, device="cpu", gen=None, requires_grad=Tru
 
 def concat_inputs(b, L, d_in, d_pos, d_out, bias, pos_kind, device="cpu", rows=None, seed=None):
     """Float64 ``[x, table, weight(, bias)]`` leaves on ``device`` and positions of ``pos_kind``
-    ("none", "1d", "2d", "repeated") for concat-projection tests; ``rows`` table rows (L + 2)."""
+    ("none", "1d", "2d", "repeated", "padded") for concat-projection tests; ``rows`` table rows (L + 2)."""
     gen = torch.Generator().manual_seed(L if seed is None else seed)
     rows = L + 2 if rows is None else rows
     inputs = [
@@ -95,6 +95,8 @@ def concat_inputs(b, L, d_in, d_pos, d_out, bias, pos_kind, device="cpu", rows=N
         "1d": torch.randint(0, rows, (L,), generator=gen),
         "2d": torch.randint(0, rows, (b, L), generator=gen),
         "repeated": torch.zeros(b, L, dtype=torch.int64),
+        # left-padded sequences: padding tokens at row 0, items at 1..length
+        "padded": (torch.arange(L)[None, :] - (L - torch.randint(0, L + 1, (b,), generator=gen))[:, None] + 1).clamp(min=0),
     }[pos_kind]
     inputs = [t.detach().to(device).requires_grad_() for t in inputs]
     return inputs, None if positions is None else positions.to(device)

@@ -33,13 +33,25 @@ def test_matches_reference(dtype, pos_kind, bias, b, L, d_in, d_pos, d_out):
     check(dtype, pos_kind, bias, b, L, d_in, d_pos, d_out)
 
 
-def test_many_blocks_and_splits():
-    """Several GEMM tiles in every direction and several split-K partials."""
+# Backward tiles small enough that tiny shapes reach every path: two d_out tiles (dx as its own
+# GEMM), two concat-column tiles (the second holds the last x columns and the table's), 4
+# position blocks x 3 batch splits (the last ragged) = 12 token groups, 3 table-row blocks.
+SMALL_BWD = dict(block_o=16, block_c=16, block_l=2, block_b=2, groups=12, block_r=16)
+
+
+@pytest.mark.parametrize("dtype,pos_kind", [(torch.float32, "none"), (torch.float16, "1d"),
+                                            (torch.float32, "2d"), (torch.float16, "padded")])
+def test_many_blocks_and_splits(dtype, pos_kind):
     cfg = launch_cfg()
-    with cfg.override("concat_gemm", block_m=16, block_n=16, block_k=16), \
-            cfg.override("concat_wgrad", block_o=16, block_c=16, block_k=16, splits=3):
-        check(torch.float32, "2d", True, 3, 13, 40, 20, 36)
-        check(torch.float32, "none", True, 3, 13, 40, 20, 36)
+    with cfg.override("concat_gemm", block_m=16, block_n=16, block_k=16), cfg.override("concat_bwd", **SMALL_BWD):
+        check(dtype, pos_kind, True, 5, 7, 20, 8, 20, rows=37)
+
+
+@pytest.mark.parametrize("pos_kind", ["none", "1d", "2d"])
+def test_fused_dx_with_several_groups(pos_kind):
+    """d_out within one tile (dx written by the backward kernel), token groups over batches and positions."""
+    with launch_cfg().override("concat_bwd", block_l=2, block_b=2, groups=6, block_r=16):
+        check(torch.float32, pos_kind, True, 5, 9, 30, 14, 18)
 
 
 def test_non_contiguous_x_and_only_some_gradients():
@@ -59,7 +71,7 @@ def test_weight_table_bias_gradients_are_bitwise_reproducible():
     inputs, positions = concat_inputs(4, 9, 16, 8, 12, True, "2d", device=DEVICE)
     cfg = launch_cfg()
     grads = []
-    with cfg.override("concat_wgrad", block_k=16, splits=3):
+    with cfg.override("concat_bwd", block_l=2, block_b=2, groups=4):
         for _ in range(2):
             leaves = [t.detach().float().requires_grad_() for t in inputs]
             y = concat_projection(*leaves, positions=positions, backend="triton")
@@ -71,9 +83,21 @@ def test_weight_table_bias_gradients_are_bitwise_reproducible():
 
 def test_poisoned_buffers_are_all_written(monkeypatch):
     monkeypatch.setattr(launch_cfg(), "POISON", True)
-    with launch_cfg().override("concat_wgrad", block_k=16, splits=3):
-        check(torch.float32, "none", True, 3, 13, 20, 10, 18)
-        check(torch.float32, "2d", True, 3, 13, 20, 10, 18)
+    with launch_cfg().override("concat_bwd", **SMALL_BWD):
+        for pos_kind in ("none", "1d", "2d"):
+            check(torch.float32, pos_kind, True, 3, 13, 20, 10, 18)
+    with launch_cfg().override("concat_bwd", block_l=2, block_b=2, groups=4):
+        check(torch.float16, "padded", False, 3, 13, 20, 10, 18)
+
+
+@pytest.mark.parametrize("pos_kind", ["none", "2d"])
+def test_empty_batch_gives_zero_weight_table_and_bias_gradients(monkeypatch, pos_kind):
+    monkeypatch.setattr(launch_cfg(), "POISON", True)
+    inputs, positions = concat_inputs(0, 5, 8, 4, 3, True, pos_kind, device=DEVICE)
+    leaves = [t.detach().float().requires_grad_() for t in inputs]
+    concat_projection(*leaves, positions=positions, backend="triton").sum().backward()
+    for leaf in leaves[1:]:
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf))
 
 
 def test_autocast_dtype_is_used():

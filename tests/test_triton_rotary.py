@@ -26,6 +26,9 @@ def positions_for(kind, b, L, rows, gen):
         return torch.randint(0, rows, (L,), generator=gen).to(DEVICE)
     if kind == "repeated":  # every token at one position: the angle gradient of one row sums all
         return torch.full((b, L), rows - 1, dtype=torch.int64, device=DEVICE)
+    if kind == "padded":  # left-padded sequences: padding tokens at row 0, items at 1..length
+        lengths = torch.randint(0, L + 1, (b,), generator=gen)
+        return (torch.arange(L)[None, :] - (L - lengths)[:, None] + 1).clamp(min=0).to(DEVICE)
     return torch.randint(0, rows, (b, L), generator=gen).to(DEVICE)
 
 
@@ -58,9 +61,19 @@ def test_rotary_matches_reference(dtype, interleaved, pos_kind, b, L, h, D):
     check_rotary(b, L, h, D, dtype, interleaved, pos_kind)
 
 
-@pytest.mark.parametrize("pos_kind", ["none", "repeated"])
+@pytest.mark.parametrize("pos_kind", ["none", "repeated", "padded"])
 def test_rotary_transposed_view_and_repeated_positions(pos_kind):
     check_rotary(3, 9, 2, 8, torch.float32, True, pos_kind, transposed=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("pos_kind", ["none", "1d", "padded"])
+def test_rotary_several_batch_and_position_blocks(dtype, pos_kind):
+    """Blocks of 2 batches x 4 positions: ragged last blocks on both grid axes, one angle-gradient
+    partial row per (batch block, position) or per token, one head masked off, head size 90;
+    explicit positions reduced over 3-4 ranges of partial rows (the last ragged)."""
+    with launch_cfg().override("rotary", block_b=2, block_l=4), launch_cfg().override("rotary_reduce", key_splits=4, block_r=16):
+        check_rotary(5, 11, 3, 90, dtype, False, pos_kind)
 
 
 def test_rotary_output_keeps_the_layout_of_a_transposed_input():
@@ -81,7 +94,7 @@ def test_rotary_3d_input():
 
 @pytest.mark.parametrize("mode", ["add", "rotate"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("pos_kind", ["none", "1d", "2d", "repeated"])
+@pytest.mark.parametrize("pos_kind", ["none", "1d", "2d", "repeated", "padded"])
 def test_rotatory_matches_reference(mode, dtype, pos_kind):
     gen = torch.Generator().manual_seed(5)
     x, angles = _inputs(3, 11, 30, rows=20, gen=gen)
@@ -108,7 +121,7 @@ def test_angle_gradients_are_bitwise_reproducible(pos_kind):
     x, angles = _inputs(6, 10, 2, 16, rows=12, gen=gen)
     positions = positions_for(pos_kind, 6, 10, 12, gen)
     grads = []
-    with launch_cfg().override("rotary", block_l=4, b_per_prog=2):  # several partial rows per angle
+    with launch_cfg().override("rotary", block_b=2, block_l=4), launch_cfg().override("rotary_reduce", key_splits=4, block_r=16):
         for _ in range(2):
             xs, a = x.detach().float().requires_grad_(), angles.detach().float().requires_grad_()
             out = rotary(xs, a, positions=positions, backend="triton") + rotatory(xs[:, :, 0], a, positions=positions, backend="triton")[:, :, None]
@@ -119,14 +132,25 @@ def test_angle_gradients_are_bitwise_reproducible(pos_kind):
 
 def test_poisoned_buffers_are_all_written(monkeypatch):
     monkeypatch.setattr(launch_cfg(), "POISON", True)
-    with launch_cfg().override("rotary", block_l=4, b_per_prog=2):
+    with launch_cfg().override("rotary", block_b=2, block_l=4), launch_cfg().override("rotary_reduce", key_splits=4, block_r=16):
         check_rotary(5, 9, 3, 14, torch.float32, False, "none")
         check_rotary(5, 9, 3, 14, torch.float32, True, "2d", transposed=True)
+        check_rotary(5, 9, 1, 14, torch.float16, True, "padded")
         gen = torch.Generator().manual_seed(2)
         x, angles = _inputs(5, 9, 14, rows=12, gen=gen)
         fn = lambda x, a: rotatory(x, a, backend="triton")  # noqa: E731
         ref = lambda x, a: rotatory(x, a, backend="reference")  # noqa: E731
         assert_matches_reference(fn, ref, (x, angles), torch.float32, ["x", "angles"])
+
+
+@pytest.mark.parametrize("pos_kind", ["none", "1d", "2d"])
+def test_empty_batch_gives_zero_angle_gradients(monkeypatch, pos_kind):
+    monkeypatch.setattr(launch_cfg(), "POISON", True)
+    x = torch.zeros(0, 5, 2, 8, device=DEVICE, requires_grad=True)
+    angles = torch.randn(6, 4, device=DEVICE, requires_grad=True)
+    positions = positions_for(pos_kind, 0, 5, 6, torch.Generator().manual_seed(0))
+    rotary(x, angles, positions=positions, backend="triton").sum().backward()
+    assert torch.equal(angles.grad, torch.zeros_like(angles))
 
 
 def test_unsupported_dtype_raises():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 MAX_HEAD_DIM = 256
 MAX_BUCKETS = 129  # 2k+1 buckets are gathered with an unrolled loop: keep k <= 64
-MAX_TABLE_ROWS = 4096  # the one-hot columns of the weight-gradient GEMM grow with the table
+MAX_TABLE_ROWS = 4096  # per-sequence positions: a [rows, d_out] partial of the table gradient per token group
 
 
 def unsupported_reason(op: str, *args) -> str | None:

@@ -144,6 +144,7 @@ def concat_variants():
         (torch.float16, "1d", False, False, (128, 75, 90, 90, 90)),
         (torch.float32, "2d", True, False, (256, 200, 64, 32, 64)),
         (torch.float32, "none", True, True, (256, 200, 64, 32, 64)),
+        (torch.bfloat16, "2d", True, False, (64, 50, 160, 48, 192)),  # d_out over one tile: dx as its own GEMM
     ]:
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -1,18 +1,26 @@
 """Concat-projection ``Linear(concat(x, table[p]))`` in Triton, never building the concat.
 
-    y = x Wx^T + T[p],   T = table Wp^T + b   (one row per table row, computed once per call)
+    y = [x | table[p]] W^T + b
 
-Forward: a small GEMM for ``T`` (table rows x d_pos x d_out, float32), then one GEMM over the
-tokens whose epilogue adds ``T[p]`` (bias included).
+Forward: one GEMM over the tokens whose left operand is gathered on the fly (``x`` columns,
+then the token's table row), bias in the epilogue. One launch, as for ``nn.Linear``.
 
-Backward, with ``S`` the one-hot ``[tokens, table rows]`` position matrix:
+Backward: two launches. With ``G = S^T dy`` the ``[table rows, d_out]`` segment sum of ``dy``
+over the tokens at each position (``S`` the one-hot position matrix, never built):
 
-    dx = dy Wx,   [dWx | dWp | dT^T | db] = dy^T [x | table[p] | S | 1],   dtable = dT Wp
+    dx = dy Wx,   dW = dy^T [x | table[p]],   db = 1^T dy,   dtable = G Wp
 
-The second line is a single split-K GEMM over the tokens whose right operand is assembled on
-the fly (``x``, gathered table rows, the one-hot columns and a ones column; ``[tokens, *]`` is
-never materialised), followed by a fixed-order reduction of the split partials: the weight,
-bias and table gradients are reductions over the batch made deterministic without atomics.
+1. ``_bwd_kernel``: the tokens are split into groups (a block of positions x a range of
+   batches); each program streams its group once, writes ``dx`` for its tokens (``dy`` is in
+   registers already) and one float32 partial of ``dW``, ``db`` and ``G`` per group (split-K
+   over the tokens). ``G``'s partial is a plain sum over the group's batches per position when
+   the positions are shared by the batch (default or ``[L]``), or a one-hot product per block
+   of table rows when every sequence has its own positions.
+2. ``_bwd_finish_kernel``: all its programs run at once: most sum one slice of the ``dW``/``db``
+   partials in a fixed order; the others sum the ``G`` partials of a block of table rows and
+   multiply by ``Wp`` into ``dtable``. Deterministic, no atomics.
+
+``dx`` needs all of ``d_out`` in one tile; above 128 output features it is a separate GEMM.
 """
 
 from __future__ import annotations
@@ -25,108 +33,198 @@ from fastpe.kernels.triton import _launch
 from fastpe.kernels.triton._launch import Launch
 from fastpe.kernels.triton._limits import MAX_TABLE_ROWS
 
+MAX_FUSED_DOUT = 128  # widest d_out whose dx the backward kernel writes itself
+
+
+@triton.jit
+def _token_rows(POS, b, l, spb, spl, mask, POS_KIND: tl.constexpr):
+    """Table row of token (b, l): ``l``, ``POS[l]`` or ``POS[b, l]``."""
+    if POS_KIND == 0:
+        return l
+    elif POS_KIND == 1:
+        return tl.load(POS + l * spl, mask=mask, other=0)
+    else:
+        return tl.load(POS + b * spb + l * spl, mask=mask, other=0)
 
 
 @triton.jit
 def _gemm_kernel(
-    A, Bm, C, ROWT, POS, BIAS,
-    M, MA, N, K, L,
-    sam, sak, sbk, sbn, scm, scn, srr, srn, spb, spl,
+    A, TAB, POS, Bm, BIAS, C,
+    M, L, KA, K, N,
+    sam, sak, str_, stc, spb, spl, sbk, sbn, scm, scn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ROW_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+    POS_KIND: tl.constexpr, HAS_TAB: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """``C = A @ B (+ ROWT[row(m)]) (+ BIAS)``; rows ``m >= MA`` of A read as zeros.
-
-    ROW_MODE 0: no row term; 1: row ``m % L``; 2: row ``POS[(m // L) * spb + (m % L) * spl]``.
-    """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    am_mask = offs_m < MA
+    """``C = [A | TAB[row(m)]] @ B (+ BIAS)``: columns ``k < KA`` of the left operand come from
+    ``A [M, KA]``, the rest from the token's table row (token ``m`` is ``(m // L, m % L)``)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
     n_mask = offs_n < N
+    if HAS_TAB:
+        rows = _token_rows(POS, offs_m // L, offs_m % L, spb, spl, m_mask, POS_KIND)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        a = tl.load(A + offs_m[:, None] * sam + offs_k[None, :] * sak, mask=am_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(Bm + offs_k[:, None] * sbk + offs_n[None, :] * sbn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a = tl.load(A + offs_m[:, None] * sam + offs_k[None, :] * sak, mask=m_mask[:, None] & (offs_k < KA)[None, :], other=0.0)
+        if HAS_TAB:
+            in_tab = (offs_k >= KA) & (offs_k < K)
+            t = tl.load(TAB + rows[:, None] * str_ + (offs_k - KA)[None, :] * stc, mask=m_mask[:, None] & in_tab[None, :], other=0.0)
+            a += t.to(a.dtype)
+        b = tl.load(Bm + offs_k[:, None] * sbk + offs_n[None, :] * sbn, mask=(offs_k < K)[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PREC)
-    m_mask = offs_m < M
-    if ROW_MODE == 1:
-        rows = offs_m % L
-        acc += tl.load(ROWT + rows[:, None] * srr + offs_n[None, :] * srn, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-    if ROW_MODE == 2:
-        rows = tl.load(POS + (offs_m // L) * spb + (offs_m % L) * spl, mask=m_mask, other=0)
-        acc += tl.load(ROWT + rows[:, None] * srr + offs_n[None, :] * srn, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(C + offs_m[:, None] * scm + offs_n[None, :] * scn, acc.to(C.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
-def _wgrad_kernel(
-    DY, X, TAB, POS, PART,
-    M, L, DOUT, DIN, DPOS, ROWS, NEXT, K_PER_SPLIT,
-    sdm, sdn, sxm, sxk, str_, stc, spb, spl,
-    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_POS: tl.constexpr, DOT_PREC: tl.constexpr,
+def _bwd_kernel(
+    DY, X, TAB, POS, W, DX, PART_W, PART_G,
+    B, L, DOUT, DIN, NEXT, ROWS, BATCHES_PER_GROUP, L_BLOCKS,
+    sdm, sdn, sxm, sxk, str_, stc, spb, spl, swo, swi, sxo_m, sxo_k,
+    BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, POS_KIND: tl.constexpr, FUSE_DX: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One split of ``dy^T [x | table[p] | onehot(p) | 1]``: partial ``[DOUT, NEXT]`` float32."""
-    pid_o = tl.program_id(0)
+    """One (token group, concat-column tile, d_out tile): partial ``dy^T [x | table[p]]``
+    ``[BLOCK_O, BLOCK_C]`` into ``PART_W[group]``, and with the first column tile ``db`` (column
+    ``NEXT``) and ``G`` into ``PART_G``; ``dx`` for the tile's x columns when ``FUSE_DX``.
+
+    Token group ``g``: positions ``[lb * BLOCK_L, +BLOCK_L)`` (``lb = g % L_BLOCKS``) of batches
+    ``[s * BATCHES_PER_GROUP, +BATCHES_PER_GROUP)`` (``s = g // L_BLOCKS``), ``BLOCK_B`` at a time.
+    ``PART_G``: ``[groups // L_BLOCKS, L, DOUT]`` per-position sums over the group's batches
+    (POS_KIND 0, 1), or ``[groups, ROWS, DOUT]`` per table row (POS_KIND 2).
+    """
+    group = tl.program_id(0)
     pid_c = tl.program_id(1)
-    split = tl.program_id(2)
+    pid_o = tl.program_id(2)
+    lb = group % L_BLOCKS
+    split = group // L_BLOCKS
+    BLOCK_M: tl.constexpr = BLOCK_B * BLOCK_L
+    offs_r = tl.arange(0, BLOCK_M)
+    l = lb * BLOCK_L + offs_r % BLOCK_L
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     o_mask = offs_o < DOUT
     is_x = offs_c < DIN
-    is_t = (offs_c >= DIN) & (offs_c < DIN + DPOS)
-    is_s = (offs_c >= DIN + DPOS) & (offs_c < DIN + DPOS + ROWS)
-    is_one = offs_c == DIN + DPOS + ROWS
-    dt = DY.dtype.element_ty
+    is_t = (offs_c >= DIN) & (offs_c < NEXT)
+    b_lo = split * BATCHES_PER_GROUP
+    b_hi = tl.minimum(B, b_lo + BATCHES_PER_GROUP)
+    first_tile = pid_c == 0
+    has_x = pid_c * BLOCK_C < DIN
+    if FUSE_DX:  # Wx[o, c] for this tile's x columns: dx = dy @ Wx
+        wx = tl.load(W + offs_o[:, None] * swo + offs_c[None, :] * swi, mask=o_mask[:, None] & is_x[None, :], other=0.0)
+
     acc = tl.zeros([BLOCK_O, BLOCK_C], tl.float32)
-    k_lo = split * K_PER_SPLIT
-    k_hi = tl.minimum(M, k_lo + K_PER_SPLIT)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_hi
-        a = tl.load(DY + offs_k[None, :] * sdm + offs_o[:, None] * sdn, mask=o_mask[:, None] & k_mask[None, :], other=0.0)
-        if HAS_POS:
-            rows = tl.load(POS + (offs_k // L) * spb + (offs_k % L) * spl, mask=k_mask, other=0)
-        else:
-            rows = offs_k % L
-        xb = tl.load(X + offs_k[:, None] * sxm + offs_c[None, :] * sxk, mask=k_mask[:, None] & is_x[None, :], other=0.0)
-        tb = tl.load(TAB + rows[:, None] * str_ + (offs_c - DIN)[None, :] * stc, mask=k_mask[:, None] & is_t[None, :], other=0.0)
-        onehot = (rows[:, None] == (offs_c - DIN - DPOS)[None, :]) & is_s[None, :]
-        ext = xb.to(tl.float32) + tb.to(tl.float32) + tl.where(onehot | is_one[None, :], 1.0, 0.0)
-        ext = tl.where(k_mask[:, None], ext, 0.0)
-        acc = tl.dot(a, ext.to(dt), acc, input_precision=DOT_PREC)
-    part = PART + split.to(tl.int64) * DOUT * NEXT
-    tl.store(part + offs_o[:, None] * NEXT + offs_c[None, :], acc, mask=o_mask[:, None] & (offs_c < NEXT)[None, :])
+    acc_db = tl.zeros([BLOCK_O], tl.float32)
+    acc_g = tl.zeros([BLOCK_O, BLOCK_L], tl.float32)
+    for b0 in range(b_lo, b_hi, BLOCK_B):
+        b = b0 + offs_r // BLOCK_L
+        valid = (b < b_hi) & (l < L)
+        m = b * L + l
+        dy_t = tl.load(DY + m[None, :] * sdm + offs_o[:, None] * sdn, mask=o_mask[:, None] & valid[None, :], other=0.0)
+        rows = _token_rows(POS, b, l, spb, spl, valid, POS_KIND)
+        xb = tl.load(X + m[:, None] * sxm + offs_c[None, :] * sxk, mask=valid[:, None] & is_x[None, :], other=0.0)
+        tb = tl.load(TAB + rows[:, None] * str_ + (offs_c - DIN)[None, :] * stc, mask=valid[:, None] & is_t[None, :], other=0.0)
+        ext = xb + tb.to(xb.dtype)
+        acc = tl.dot(dy_t, ext.to(dy_t.dtype), acc, input_precision=DOT_PREC)
+        if FUSE_DX:
+            if has_x:
+                dx = tl.dot(tl.trans(dy_t), wx.to(dy_t.dtype), input_precision=DOT_PREC)
+                tl.store(DX + m[:, None] * sxo_m + offs_c[None, :] * sxo_k, dx.to(DX.dtype.element_ty),
+                         mask=valid[:, None] & is_x[None, :])
+        if first_tile:
+            dy_f = dy_t.to(tl.float32)
+            acc_db += tl.sum(dy_f, axis=1)
+            if POS_KIND != 2:  # positions shared by the batch: sum this chunk's batches per position
+                acc_g += tl.sum(tl.reshape(dy_f, (BLOCK_O, BLOCK_B, BLOCK_L)), axis=1)
+
+    part = PART_W + group.to(tl.int64) * DOUT * (NEXT + 1)
+    tl.store(part + offs_o[:, None] * (NEXT + 1) + offs_c[None, :], acc, mask=o_mask[:, None] & (offs_c < NEXT)[None, :])
+    if first_tile:
+        tl.store(part + offs_o * (NEXT + 1) + NEXT, acc_db, mask=o_mask)
+        if POS_KIND != 2:
+            offs_l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
+            part_g = PART_G + split.to(tl.int64) * L * DOUT
+            tl.store(part_g + offs_l[None, :] * DOUT + offs_o[:, None], acc_g, mask=o_mask[:, None] & (offs_l < L)[None, :])
+        else:  # per-sequence positions: one-hot products per block of table rows (a second pass over dy)
+            part_g = PART_G + group.to(tl.int64) * ROWS * DOUT
+            for r0 in range(0, ROWS, BLOCK_R):
+                offs_t = r0 + tl.arange(0, BLOCK_R)
+                acc_t = tl.zeros([BLOCK_R, BLOCK_O], tl.float32)
+                for b0 in range(b_lo, b_hi, BLOCK_B):
+                    b = b0 + offs_r // BLOCK_L
+                    valid = (b < b_hi) & (l < L)
+                    rows = tl.load(POS + b * spb + l * spl, mask=valid, other=-1)
+                    dy = tl.load(DY + (b * L + l)[:, None] * sdm + offs_o[None, :] * sdn, mask=valid[:, None] & o_mask[None, :], other=0.0)
+                    onehot = (offs_t[:, None] == rows[None, :]).to(dy.dtype)
+                    acc_t = tl.dot(onehot, dy, acc_t, input_precision=DOT_PREC)
+                tl.store(part_g + offs_t[:, None] * DOUT + offs_o[None, :], acc_t, mask=(offs_t < ROWS)[:, None] & o_mask[None, :])
 
 
 @triton.jit
-def _wgrad_reduce_kernel(
-    PART, DW, DT, DB, SPLITS, DOUT, DIN, DPOS, ROWS, NEXT,
-    sdwo, sdwc, sdtr, sdto,
-    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _bwd_finish_kernel(
+    PART_W, PART_G, POS, W, DW, DB, DT,
+    GROUPS, G_PARTS, DOUT, DIN, NEXT, L, ROWS, TROWS, DPOS, N_W_PROGS, DP_TILES,
+    spl, swo, swi, sdwo, sdwc, sdtr, sdtc,
+    BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SG: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, POS_KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    """Sum the split partials in order; columns go to dW, dT (transposed) and db."""
-    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (offs_o < DOUT)[:, None] & (offs_c < NEXT)[None, :]
-    acc = tl.zeros([BLOCK_O, BLOCK_C], tl.float32)
-    for s in range(0, SPLITS):
-        acc += tl.load(PART + s * DOUT * NEXT + offs_o[:, None] * NEXT + offs_c[None, :], mask=mask, other=0.0)
-    w_cols = DIN + DPOS
-    tl.store(DW + offs_o[:, None] * sdwo + offs_c[None, :] * sdwc, acc.to(DW.dtype.element_ty), mask=mask & (offs_c < w_cols)[None, :])
-    r = offs_c - w_cols
-    tl.store(DT + r[None, :] * sdtr + offs_o[:, None] * sdto, acc.to(DT.dtype.element_ty),
-             mask=mask & ((offs_c >= w_cols) & (offs_c < w_cols + ROWS))[None, :])
-    if HAS_BIAS:
-        last = (offs_c == w_cols + ROWS)[None, :]
-        db = tl.sum(tl.where(last & mask, acc, 0.0), axis=1)
-        tl.store(DB + offs_o, db.to(DB.dtype.element_ty), mask=(offs_o < DOUT) & (tl.program_id(1) == (w_cols + ROWS) // BLOCK_C))
+    """Programs ``< N_W_PROGS``: ``BLOCK_E`` elements of ``[dW | db]`` summed over the groups.
+    The others: a ``[BLOCK_T, BLOCK_D]`` tile of ``dtable = G Wp`` with ``G`` summed from its
+    ``G_PARTS`` partials (and for ``[L]`` positions gathered from positions by a one-hot product);
+    table rows no token uses get zeros."""
+    pid = tl.program_id(0)
+    if pid < N_W_PROGS:
+        width = NEXT + 1
+        offs_e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+        e_mask = offs_e < DOUT * width
+        sums = tl.zeros([BLOCK_S, BLOCK_E], tl.float32)
+        for g0 in range(0, GROUPS, BLOCK_S):
+            offs_s = g0 + tl.arange(0, BLOCK_S)
+            ptrs = PART_W + offs_s[:, None].to(tl.int64) * (DOUT * width) + offs_e[None, :]
+            sums += tl.load(ptrs, mask=(offs_s < GROUPS)[:, None] & e_mask[None, :], other=0.0)
+        total = tl.sum(sums, axis=0)
+        o = offs_e // width
+        c = offs_e % width
+        tl.store(DW + o * sdwo + c * sdwc, total.to(DW.dtype.element_ty), mask=e_mask & (c < NEXT))
+        if HAS_BIAS:
+            tl.store(DB + o, total.to(DB.dtype.element_ty), mask=e_mask & (c == NEXT))
+    else:
+        t = pid - N_W_PROGS
+        offs_t = (t // DP_TILES) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_d = (t % DP_TILES) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < DPOS
+        acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        for o0 in range(0, DOUT, BLOCK_O):
+            offs_o = o0 + tl.arange(0, BLOCK_O)
+            o_mask = offs_o < DOUT
+            if POS_KIND == 1:  # G = onehot(POS)^T H, H[l] = sum of the partials of position l
+                g = tl.zeros([BLOCK_T, BLOCK_O], tl.float32)
+                for k0 in range(0, L, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    k_mask = offs_k < L
+                    h = tl.zeros([BLOCK_K, BLOCK_O], tl.float32)
+                    for s in range(0, G_PARTS):
+                        h += tl.load(PART_G + (s * L + offs_k[:, None]) * DOUT + offs_o[None, :],
+                                     mask=k_mask[:, None] & o_mask[None, :], other=0.0)
+                    rows = tl.load(POS + offs_k * spl, mask=k_mask, other=-1)
+                    onehot = (offs_t[:, None] == rows[None, :]).to(tl.float32)
+                    g = tl.dot(onehot, h, g, input_precision="ieee")
+            else:  # partial rows are table rows already (rows past ROWS: unused, zero)
+                g3 = tl.zeros([BLOCK_SG, BLOCK_T, BLOCK_O], tl.float32)
+                tile_mask = (offs_t < ROWS)[:, None] & o_mask[None, :]
+                for s0 in range(0, G_PARTS, BLOCK_SG):
+                    offs_s = s0 + tl.arange(0, BLOCK_SG)
+                    ptrs = PART_G + ((offs_s[:, None, None].to(tl.int64) * ROWS + offs_t[None, :, None]) * DOUT
+                                     + offs_o[None, None, :])
+                    g3 += tl.load(ptrs, mask=(offs_s < G_PARTS)[:, None, None] & tile_mask[None, :, :], other=0.0)
+                g = tl.sum(g3, axis=0)
+            wp = tl.load(W + offs_o[:, None] * swo + (DIN + offs_d)[None, :] * swi, mask=o_mask[:, None] & d_mask[None, :], other=0.0)
+            acc = tl.dot(g, wp.to(tl.float32), acc, input_precision=DOT_PREC)
+        tl.store(DT + offs_t[:, None] * sdtr + offs_d[None, :] * sdtc, acc.to(DT.dtype.element_ty),
+                 mask=(offs_t < TROWS)[:, None] & d_mask[None, :])
 
 
 def _check(x: torch.Tensor, table: torch.Tensor, positions) -> None:
@@ -147,37 +245,37 @@ def _rows_2d(t: torch.Tensor) -> torch.Tensor:
 
 
 def _pos_args(positions):
+    """(tensor or None, batch stride, position stride, POS_KIND)."""
     if positions is None:
-        return None, 0, 0
+        return None, 0, 0, 0
     if positions.dim() == 1:
-        return positions, 0, positions.stride(0)
-    return positions, positions.stride(0), positions.stride(1)
+        return positions, 0, positions.stride(0), 1
+    return positions, positions.stride(0), positions.stride(1), 2
 
 
-def plan_gemm(a, b, out, *, rows_valid=None, rowterm=None, positions=None, length=1, bias=None, dot_dtype=None):
-    """``out[:M] = a @ b (+ rowterm[row(m)]) (+ bias)``; ``a [MA, K]``, ``b [K, N]``, ``out [M, N]``
-    (views with any strides). Rows of ``out`` beyond ``a``'s get only the epilogue (zeros here)."""
+def plan_gemm(a, b, out, *, table=None, positions=None, length=1, bias=None):
+    """``out = [a | table[row(m)]] @ b (+ bias)``; ``a [M, KA]``, ``b [K, N]``, ``out [M, N]``
+    (views with any strides); without ``table``, ``K = KA``."""
     m, n = out.shape
-    ma, k = a.shape
+    ka = a.shape[1]
+    k = b.shape[0]
     cfg = _launch.knobs(
         "concat_gemm",
         block_m=64 if m >= 64 else max(16, _launch.next_pow2(m)),
         block_n=max(16, min(128, _launch.next_pow2(n))),
         block_k=max(16, min(64, _launch.next_pow2(k))),
-        num_warps=4, num_stages=3,
+        num_warps=8, num_stages=2,
     )
-    pos, spb, spl = _pos_args(positions)
-    row_mode = 0 if rowterm is None else (1 if pos is None else 2)
+    pos, spb, spl, pos_kind = _pos_args(positions)
     args = dict(
-        A=a, Bm=b, C=out, ROWT=rowterm if rowterm is not None else out, POS=pos if pos is not None else out,
-        BIAS=bias if bias is not None else out, M=m, MA=ma, N=n, K=k, L=length,
-        sam=a.stride(0), sak=a.stride(1), sbk=b.stride(0), sbn=b.stride(1), scm=out.stride(0), scn=out.stride(1),
-        srr=rowterm.stride(0) if rowterm is not None else 0, srn=rowterm.stride(1) if rowterm is not None else 0,
-        spb=spb, spl=spl,
+        A=a, TAB=table if table is not None else a, POS=pos if pos is not None else a, Bm=b,
+        BIAS=bias if bias is not None else out, C=out, M=m, L=length, KA=ka, K=k, N=n,
+        sam=a.stride(0), sak=a.stride(1), str_=table.stride(0) if table is not None else 0,
+        stc=table.stride(1) if table is not None else 0, spb=spb, spl=spl,
+        sbk=b.stride(0), sbn=b.stride(1), scm=out.stride(0), scn=out.stride(1),
     )
-    constexprs = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-                      ROW_MODE=row_mode, HAS_BIAS=bias is not None,
-                      DOT_PREC=_launch.dot_precision(dot_dtype or a.dtype))
+    constexprs = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], POS_KIND=pos_kind,
+                      HAS_TAB=table is not None, HAS_BIAS=bias is not None, DOT_PREC=_launch.dot_precision(a.dtype))
     grid = (triton.cdiv(m, cfg["block_m"]), triton.cdiv(n, cfg["block_n"]))
     return Launch(_gemm_kernel, grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -186,76 +284,104 @@ def plan_forward(x, table, weight, bias, positions):
     _check(x, table, positions)
     b, L, d_in = x.shape
     d_out = weight.shape[0]
-    rows = L if positions is None else table.shape[0]
-    w_x = weight[:, :d_in]
-    w_p = weight[:, d_in:]
-    # T = table[:rows] Wp^T + b, float32 so the epilogue adds it without double rounding
-    pos_term = _launch.empty((rows, d_out), torch.float32, x.device)
-    t_launch = plan_gemm(table[:rows], w_p.t(), pos_term, bias=bias, dot_dtype=x.dtype)
     y = _launch.empty((b, L, d_out), x.dtype, x.device)
-    y_launch = plan_gemm(_rows_2d(x), w_x.t(), y.view(b * L, d_out), rowterm=pos_term, positions=positions, length=L)
-    return y, [t_launch, y_launch]
+    launch = plan_gemm(_rows_2d(x), weight.t(), y.view(b * L, d_out), table=table, positions=positions, length=L, bias=bias)
+    return y, [launch]
 
 
-def wgrad_config(m, d_out, next_cols, device):
+# tokens one backward group streams at least: fewer groups, fewer float32 partials to sum
+MIN_GROUP_TOKENS = 128
+# tokens of one backward chunk: every gathered element costs a 64-bit pointer register
+CHUNK_TOKENS = 32
+
+
+def bwd_config(b, L, d_out, next_cols, rows, pos_kind, device):
+    """Tiles and token groups of the backward kernel. A group is ``block_l`` positions of a
+    range of batches, streamed in chunks of 32 tokens; the position block is the one (4
+    preferred) whose groups fill the program slots of their waves best (the kernel runs one
+    8-warp program per SM) with the smallest tail, at least ``MIN_GROUP_TOKENS`` tokens per group."""
     sms = _launch.num_sms(device)
-    block_o = max(16, min(64, _launch.next_pow2(d_out)))
-    block_c = max(16, min(64, _launch.next_pow2(next_cols)))
-    block_k = 32 if m < 4096 else 64
+    block_o = max(16, min(MAX_FUSED_DOUT, _launch.next_pow2(d_out)))
+    block_c = max(16, min(128, 8192 // block_o, _launch.next_pow2(next_cols)))  # acc: at most 32 fp32 per thread
     tiles = triton.cdiv(d_out, block_o) * triton.cdiv(next_cols, block_c)
-    splits = max(1, min(triton.cdiv(m, block_k), (4 * sms) // tiles or 1))
-    # keep the float32 partials under ~32 MiB
-    splits = max(1, min(splits, (32 << 20) // (4 * d_out * next_cols)))
-    return _launch.knobs("concat_wgrad", block_o=block_o, block_c=block_c, block_k=block_k, splits=splits,
-                         num_warps=4, num_stages=2)
+    max_groups = max(1, sms // tiles)
+    if pos_kind == 2:  # keep the per-group [rows, d_out] partials of G under ~64 MiB
+        max_groups = max(1, min(max_groups, (64 << 20) // (4 * rows * d_out)))
+    max_groups = max(1, min(max_groups, triton.cdiv(b * L, MIN_GROUP_TOKENS)))
+    best = None
+    for block_l in dict.fromkeys(min(c, _launch.next_pow2(L)) for c in (4, 8, 2, 16, 1)):
+        block_b = max(1, CHUNK_TOKENS // block_l)
+        l_blocks = triton.cdiv(L, block_l)
+        splits = max(1, min(triton.cdiv(b, block_b), max_groups // l_blocks))
+        splits = max(1, triton.cdiv(b, max(1, triton.cdiv(triton.cdiv(b, splits), block_b)) * block_b))  # as plan_backward
+        groups = l_blocks * splits
+        used = groups / (triton.cdiv(groups, max_groups) * max_groups)  # share of the waves' program slots
+        if best is None or used > best[0]:
+            best = (used, block_l, block_b, groups)
+    _, block_l, block_b, groups = best
+    warps = 8 if block_o * block_c >= 64 * 128 else 4
+    return _launch.knobs("concat_bwd", block_o=block_o, block_c=block_c, block_l=block_l, block_b=block_b,
+                         groups=groups, block_r=max(16, min(64, _launch.next_pow2(rows))), num_warps=warps, num_stages=2)
 
 
 def plan_backward(dy, x, table, weight, positions, has_bias, need_dx=True, need_w=True, need_table=True):
     """Gradients ``(dx, dtable, dweight, dbias)`` (None where not needed) and their launches."""
     b, L, d_in = x.shape
     d_out, d_pos = weight.shape[0], table.shape[1]
+    next_cols = d_in + d_pos
+    pos, spb, spl, pos_kind = _pos_args(positions)
     rows = L if positions is None else table.shape[0]
     m = b * L
-    dy2 = _rows_2d(dy)
+    dy2, x2 = _rows_2d(dy), _rows_2d(x)
+    cfg = bwd_config(b, L, d_out, next_cols, rows, pos_kind, x.device)
+    block_l, block_b = cfg["block_l"], cfg["block_b"]
+    l_blocks = triton.cdiv(L, block_l)
+    splits = max(1, min(triton.cdiv(b, block_b), triton.cdiv(cfg["groups"], l_blocks)))
+    per_group = max(1, triton.cdiv(triton.cdiv(b, splits), block_b)) * block_b
+    splits = triton.cdiv(b, per_group)
+    groups = splits * l_blocks
+    fuse_dx = need_dx and d_out <= cfg["block_o"]
+
     launches = []
-    dx = dtable = dweight = dbias = None
-    if need_dx:
-        dx = _launch.empty((b, L, d_in), x.dtype, x.device)
+    dx = _launch.empty((b, L, d_in), x.dtype, x.device) if need_dx else None
+    if need_dx and not fuse_dx:
         launches.append(plan_gemm(dy2, weight[:, :d_in], dx.view(m, d_in)))
-    if need_w or need_table or has_bias:
-        next_cols = d_in + d_pos + rows + 1
-        cfg = wgrad_config(m, d_out, next_cols, x.device)
-        per_split = triton.cdiv(triton.cdiv(m, cfg["splits"]), cfg["block_k"]) * cfg["block_k"]
-        splits = triton.cdiv(m, per_split)
-        partial = _launch.empty((splits, d_out, next_cols), torch.float32, x.device)
-        pos, spb, spl = _pos_args(positions)
-        x2 = _rows_2d(x)
-        args = dict(
-            DY=dy2, X=x2, TAB=table, POS=pos if pos is not None else table, PART=partial,
-            M=m, L=L, DOUT=d_out, DIN=d_in, DPOS=d_pos, ROWS=rows, NEXT=next_cols, K_PER_SPLIT=per_split,
-            sdm=dy2.stride(0), sdn=dy2.stride(1), sxm=x2.stride(0), sxk=x2.stride(1),
-            str_=table.stride(0), stc=table.stride(1), spb=spb, spl=spl,
-        )
-        constexprs = dict(BLOCK_O=cfg["block_o"], BLOCK_C=cfg["block_c"], BLOCK_K=cfg["block_k"],
-                          HAS_POS=pos is not None, DOT_PREC=_launch.dot_precision(x.dtype))
-        grid = (triton.cdiv(d_out, cfg["block_o"]), triton.cdiv(next_cols, cfg["block_c"]), splits)
-        launches.append(Launch(_wgrad_kernel, grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-        dweight = _launch.empty((d_out, d_in + d_pos), weight.dtype, x.device)
-        dt = _launch.empty((rows, d_out), x.dtype, x.device)
-        dbias = _launch.empty((d_out,), weight.dtype, x.device) if has_bias else None
-        block_o = max(16, min(32, _launch.next_pow2(d_out)))
-        block_c = max(16, min(128, _launch.next_pow2(next_cols)))
-        r_args = dict(
-            PART=partial, DW=dweight, DT=dt, DB=dbias if dbias is not None else dweight, SPLITS=splits,
-            DOUT=d_out, DIN=d_in, DPOS=d_pos, ROWS=rows, NEXT=next_cols,
-            sdwo=dweight.stride(0), sdwc=dweight.stride(1), sdtr=dt.stride(0), sdto=dt.stride(1),
-        )
-        launches.append(Launch(_wgrad_reduce_kernel, (triton.cdiv(d_out, block_o), triton.cdiv(next_cols, block_c)),
-                               r_args, dict(BLOCK_O=block_o, BLOCK_C=block_c, HAS_BIAS=has_bias)))
-        if need_table:
-            dtable = _launch.empty(table.shape, table.dtype, x.device)
-            # rows of the table beyond the used ones (default positions) get zeros
-            launches.append(plan_gemm(dt, weight[:, d_in:], dtable))
-        if not need_w:
-            dweight = None
-    return dx, dtable, dweight, dbias, launches
+    part_w = _launch.empty((groups, d_out, next_cols + 1), torch.float32, x.device)
+    g_parts = groups if pos_kind == 2 else splits
+    part_g = _launch.empty((g_parts, rows if pos_kind == 2 else L, d_out), torch.float32, x.device)
+    dx2 = dx.view(m, d_in) if dx is not None else x2
+    args = dict(
+        DY=dy2, X=x2, TAB=table, POS=pos if pos is not None else table, W=weight, DX=dx2, PART_W=part_w, PART_G=part_g,
+        B=b, L=L, DOUT=d_out, DIN=d_in, NEXT=next_cols, ROWS=rows, BATCHES_PER_GROUP=per_group, L_BLOCKS=l_blocks,
+        sdm=dy2.stride(0), sdn=dy2.stride(1), sxm=x2.stride(0), sxk=x2.stride(1), str_=table.stride(0),
+        stc=table.stride(1), spb=spb, spl=spl, swo=weight.stride(0), swi=weight.stride(1),
+        sxo_m=dx2.stride(0), sxo_k=dx2.stride(1),
+    )
+    constexprs = dict(BLOCK_B=block_b, BLOCK_L=block_l, BLOCK_O=cfg["block_o"], BLOCK_C=cfg["block_c"],
+                      BLOCK_R=cfg["block_r"], POS_KIND=pos_kind, FUSE_DX=fuse_dx, DOT_PREC=_launch.dot_precision(x.dtype))
+    grid = (groups, triton.cdiv(next_cols, cfg["block_c"]), triton.cdiv(d_out, cfg["block_o"]))
+    launches.append(Launch(_bwd_kernel, grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+
+    dweight = _launch.empty((d_out, next_cols), weight.dtype, x.device)
+    dbias = _launch.empty((d_out,), weight.dtype, x.device) if has_bias else None
+    dtable = _launch.empty(table.shape, table.dtype, x.device) if need_table else None
+    block_e, block_s = 128, 16
+    n_w = triton.cdiv(d_out * (next_cols + 1), block_e)
+    block_t = 16
+    block_d = max(16, min(64, _launch.next_pow2(d_pos)))
+    block_o = max(16, min(64, _launch.next_pow2(d_out)))
+    dp_tiles = triton.cdiv(d_pos, block_d)
+    n_t = triton.cdiv(table.shape[0], block_t) * dp_tiles if need_table else 0
+    f_args = dict(
+        PART_W=part_w, PART_G=part_g, POS=pos if pos is not None else part_g, W=weight, DW=dweight,
+        DB=dbias if dbias is not None else dweight, DT=dtable if dtable is not None else dweight,
+        GROUPS=groups, G_PARTS=g_parts, DOUT=d_out, DIN=d_in, NEXT=next_cols, L=L, ROWS=rows if pos_kind != 1 else L,
+        TROWS=table.shape[0], DPOS=d_pos, N_W_PROGS=n_w, DP_TILES=dp_tiles,
+        spl=spl, swo=weight.stride(0), swi=weight.stride(1), sdwo=dweight.stride(0), sdwc=dweight.stride(1),
+        sdtr=dtable.stride(0) if dtable is not None else 0, sdtc=dtable.stride(1) if dtable is not None else 0,
+    )
+    f_constexprs = dict(BLOCK_E=block_e, BLOCK_S=block_s, BLOCK_SG=max(1, 2048 // (block_t * block_o)), BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_D=block_d,
+                        BLOCK_K=max(16, min(64, _launch.next_pow2(L))), POS_KIND=pos_kind, HAS_BIAS=has_bias,
+                        DOT_PREC=_launch.dot_precision(x.dtype))
+    launches.append(Launch(_bwd_finish_kernel, (n_w + n_t,), f_args, f_constexprs, num_warps=4))
+    return dx, dtable, dweight if need_w else None, dbias, launches

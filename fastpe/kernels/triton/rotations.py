@@ -8,16 +8,20 @@ One kernel family, four modes (``theta = angles[pos(b, l), m]``, pair ``m`` = ``
 * ``ADD_FWD``: ``y[2j] = x[2j] + (-1)^j sin``, ``y[2j+1] = x[2j+1] + cos``;
 * ``ADD_BWD``: ``g = (-1)^j dy[2j] cos - dy[2j+1] sin`` (``dx = dy`` needs no kernel).
 
-A program owns a block of positions and a chunk of the batch and holds all heads and pairs of
-them; ``cos``/``sin`` are computed once per (position, pair) and reused across heads (and across
-the batch chunk when positions are shared by the batch). ``x`` may have any strides.
+A program owns one tile of ``[batches x positions x heads x pairs]`` and makes a single pass
+over it: one load of every operand, no loop, so all of its batches are in flight at once and
+the grid (batch blocks x position blocks) has enough programs to keep every SM streaming.
+Each pair is loaded as one ``[.., 2]`` vector (both layouts) and split in registers.
+``cos``/``sin`` are computed once per (position, pair) and broadcast over the tile's batches
+and heads when positions are shared by the batch. ``x`` may have any strides.
 
-Angle gradients are reduced deterministically in two steps: the backward kernel sums ``g``
-over heads and its batch chunk into one partial row per (chunk, position); a second kernel sums
-the partials in a fixed order into the angle rows (directly for default positions, or through a
-one-hot matrix product when explicit positions may repeat).
+Angle gradients are reduced deterministically: the backward kernel sums ``g`` over heads and
+its batch block into one float32 partial row per (batch block, position), or per token when
+every sequence has its own positions; a second kernel sums the partials in a fixed order into
+the angle rows: directly for default positions (one launch), or for explicit positions, which
+may repeat, by one-hot matrix products over ranges of the partial rows, one range per program
+along a third grid axis, followed by a launch of the same kernel that sums the ranges.
 """
-
 from __future__ import annotations
 
 import torch
@@ -37,95 +41,104 @@ def _rot_kernel(
     sdb, sdl, sdh, sdd,
     syb, syl, syh, syd,
     sar, sac, spb, spl,
-    B, L, H, B_PER_PROG,
-    HALF: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
-    INTERLEAVED: tl.constexpr, MODE: tl.constexpr, HAS_POS: tl.constexpr, POS_PER_BATCH: tl.constexpr,
+    B, L, H,
+    HALF: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr, INTERLEAVED: tl.constexpr, MODE: tl.constexpr, POS_KIND: tl.constexpr,
 ):
-    chunk = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
-    pid_l = tl.program_id(1)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    """POS_KIND 0: position ``l``; 1: ``POS[l * spl]`` (shared by the batch); 2: ``POS[b * spb + l * spl]``."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # axis 0: the large one (1 and 2 stop at 65535)
+    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_h = tl.arange(0, BLOCK_H)
     offs_p = tl.arange(0, BLOCK_P)
-    l_mask = offs_l < L
-    lp_mask = l_mask[:, None] & (offs_p < HALF)[None, :]
-    mask3 = lp_mask[:, None, :] & (offs_h < H)[None, :, None]
+    bl_mask = (offs_b < B)[:, None] & (offs_l < L)[None, :]
+    p_mask = offs_p < HALF
+    # [B, L, H, P, 2] tile: the last axis is the pair (a, b), split after one vector load
+    b5 = offs_b[:, None, None, None, None]
+    l5 = offs_l[None, :, None, None, None]
+    h5 = offs_h[None, None, :, None, None]
+    j5 = tl.arange(0, 2)[None, None, None, None, :]
+    p5 = offs_p[None, None, None, :, None]
     if INTERLEAVED:
-        col_a = 2 * offs_p
-        col_b = 2 * offs_p + 1
+        col5 = 2 * p5 + j5
     else:
-        col_a = offs_p
-        col_b = offs_p + HALF
-    # (-1)^j for the additive code
-    sign = 1.0 - 2.0 * (offs_p % 2).to(tl.float32)
+        col5 = p5 + j5 * HALF
+    mask5 = (bl_mask[:, :, None, None, None] & (offs_h < H)[None, None, :, None, None]
+             & p_mask[None, None, None, :, None] & (j5 < 2))  # (j5 < 2): broadcast over the pair axis
 
-    b0 = chunk * B_PER_PROG
-    rows = offs_l
-    if HAS_POS:
-        rows = tl.load(POS + b0 * spb + offs_l * spl, mask=l_mask, other=0)
-    theta = tl.load(ANG + rows[:, None] * sar + offs_p[None, :] * sac, mask=lp_mask, other=0.0).to(tl.float32)
-    cos = tl.cos(theta)[:, None, :]
-    sin = tl.sin(theta)[:, None, :]
-    gacc = tl.zeros([BLOCK_L, BLOCK_P], tl.float32)
-
-    for b in range(b0, tl.minimum(B, b0 + B_PER_PROG)):
-        if POS_PER_BATCH:
-            rows = tl.load(POS + b * spb + offs_l * spl, mask=l_mask, other=0)
-            theta = tl.load(ANG + rows[:, None] * sar + offs_p[None, :] * sac, mask=lp_mask, other=0.0).to(tl.float32)
-            cos = tl.cos(theta)[:, None, :]
-            sin = tl.sin(theta)[:, None, :]
-        base3 = b * sxb + offs_l[:, None, None] * sxl + offs_h[None, :, None] * sxh
-        out3 = b * syb + offs_l[:, None, None] * syl + offs_h[None, :, None] * syh
-        dy3 = b * sdb + offs_l[:, None, None] * sdl + offs_h[None, :, None] * sdh
-        if MODE == 0:
-            xa = tl.load(X + base3 + col_a[None, None, :] * sxd, mask=mask3, other=0.0).to(tl.float32)
-            xb = tl.load(X + base3 + col_b[None, None, :] * sxd, mask=mask3, other=0.0).to(tl.float32)
-            tl.store(Y + out3 + col_a[None, None, :] * syd, (xa * cos - xb * sin).to(Y.dtype.element_ty), mask=mask3)
-            tl.store(Y + out3 + col_b[None, None, :] * syd, (xa * sin + xb * cos).to(Y.dtype.element_ty), mask=mask3)
-        elif MODE == 1:
-            xa = tl.load(X + base3 + col_a[None, None, :] * sxd, mask=mask3, other=0.0).to(tl.float32)
-            xb = tl.load(X + base3 + col_b[None, None, :] * sxd, mask=mask3, other=0.0).to(tl.float32)
-            ga = tl.load(DY + dy3 + col_a[None, None, :] * sdd, mask=mask3, other=0.0).to(tl.float32)
-            gb = tl.load(DY + dy3 + col_b[None, None, :] * sdd, mask=mask3, other=0.0).to(tl.float32)
-            tl.store(Y + out3 + col_a[None, None, :] * syd, (ga * cos + gb * sin).to(Y.dtype.element_ty), mask=mask3)
-            tl.store(Y + out3 + col_b[None, None, :] * syd, (gb * cos - ga * sin).to(Y.dtype.element_ty), mask=mask3)
-            g = gb * (xa * cos - xb * sin) - ga * (xa * sin + xb * cos)
-            gacc += tl.sum(g, axis=1)
-        elif MODE == 2:
-            xa = tl.load(X + base3 + col_a[None, None, :] * sxd, mask=mask3, other=0.0).to(tl.float32)
-            xb = tl.load(X + base3 + col_b[None, None, :] * sxd, mask=mask3, other=0.0).to(tl.float32)
-            tl.store(Y + out3 + col_a[None, None, :] * syd, (xa + sign[None, None, :] * sin).to(Y.dtype.element_ty), mask=mask3)
-            tl.store(Y + out3 + col_b[None, None, :] * syd, (xb + cos).to(Y.dtype.element_ty), mask=mask3)
+    if POS_KIND == 2:
+        rows = tl.load(POS + offs_b[:, None] * spb + offs_l[None, :] * spl, mask=bl_mask, other=0)
+        theta = tl.load(ANG + rows[:, :, None] * sar + offs_p[None, None, :] * sac,
+                        mask=bl_mask[:, :, None] & p_mask[None, None, :], other=0.0).to(tl.float32)
+        theta = theta[:, :, None, :]  # [B, L, 1, P]
+    else:
+        l_mask = offs_l < L
+        if POS_KIND == 1:
+            rows = tl.load(POS + offs_l * spl, mask=l_mask, other=0)
         else:
-            ga = tl.load(DY + dy3 + col_a[None, None, :] * sdd, mask=mask3, other=0.0).to(tl.float32)
-            gb = tl.load(DY + dy3 + col_b[None, None, :] * sdd, mask=mask3, other=0.0).to(tl.float32)
-            g = sign[None, None, :] * ga * cos - gb * sin
-            gacc += tl.sum(g, axis=1)
+            rows = offs_l
+        theta = tl.load(ANG + rows[:, None] * sar + offs_p[None, :] * sac,
+                        mask=l_mask[:, None] & p_mask[None, :], other=0.0).to(tl.float32)
+        theta = theta[None, :, None, :]  # [1, L, 1, P]: computed once, shared by batches and heads
+    cos = tl.cos(theta)
+    sin = tl.sin(theta)
+
+    if MODE != 3:
+        x = tl.load(X + b5 * sxb + l5 * sxl + h5 * sxh + col5 * sxd, mask=mask5, other=0.0).to(tl.float32)
+        xa, xb = tl.split(x)
+    if MODE == 1 or MODE == 3:
+        dy = tl.load(DY + b5 * sdb + l5 * sdl + h5 * sdh + col5 * sdd, mask=mask5, other=0.0).to(tl.float32)
+        ga, gb = tl.split(dy)
+    if MODE == 0:
+        out = tl.join(xa * cos - xb * sin, xa * sin + xb * cos)
+    elif MODE == 1:
+        out = tl.join(ga * cos + gb * sin, gb * cos - ga * sin)
+        g = gb * (xa * cos - xb * sin) - ga * (xa * sin + xb * cos)
+    elif MODE == 2:
+        sign = 1.0 - 2.0 * (offs_p % 2).to(tl.float32)  # (-1)^j
+        out = tl.join(xa + sign[None, None, None, :] * sin, xb + cos)
+    else:
+        sign = 1.0 - 2.0 * (offs_p % 2).to(tl.float32)
+        g = sign[None, None, None, :] * ga * cos - gb * sin
+    if MODE != 3:
+        tl.store(Y + b5 * syb + l5 * syl + h5 * syh + col5 * syd, out.to(Y.dtype.element_ty), mask=mask5)
 
     if MODE == 1 or MODE == 3:
-        part = PART + (chunk * L + offs_l[:, None]) * HALF + offs_p[None, :]
-        tl.store(part, gacc, mask=lp_mask)
+        g = tl.sum(g, axis=2)  # over heads: [B, L, P]
+        if POS_KIND == 2:  # one partial row per token
+            part = PART + ((offs_b[:, None] * L + offs_l[None, :]) * HALF)[:, :, None] + offs_p[None, None, :]
+            tl.store(part, g, mask=bl_mask[:, :, None] & p_mask[None, None, :])
+        else:  # one partial row per (batch block, position)
+            part = PART + ((tl.program_id(0) * L + offs_l) * HALF)[:, None] + offs_p[None, :]
+            tl.store(part, tl.sum(g, axis=0), mask=(offs_l < L)[:, None] & p_mask[None, :])
 
 
 @triton.jit
 def _angle_grad_reduce_kernel(
-    PART, POS, OUT, NCHUNK, L, P, spb, spl, soc, sor,
+    PART, POS, OUT, NCHUNK, L, P, KEYS_PER_SPLIT, spb, spl, soc, sor, sos,
     C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     """``OUT[p, c] = sum over partial rows (chunk, l) whose position is p`` in a fixed order.
 
     ``PART [NCHUNK, L, C]`` float32. Without positions, row ``(chunk, l)`` belongs to ``p = l``
-    (``BLOCK_R`` chunks are summed per step); with them, to ``POS[chunk * spb + l * spl]`` and
-    ``BLOCK_R`` rows at a time are gathered by a one-hot product.
+    (``BLOCK_R`` chunks are summed per step). With them, to ``POS[chunk * spb + l * spl]``:
+    ``BLOCK_R`` rows at a time are gathered by a one-hot product, and the flattened rows are
+    split into ranges of ``KEYS_PER_SPLIT`` (grid axis 2), each summed into its own
+    ``OUT + split * sos``, so that many programs share the scan (the splits are then summed
+    by a second launch of this kernel without positions).
     """
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
+    out = OUT
     if HAS_POS:
+        split = tl.program_id(2)
+        out += split.to(tl.int64) * sos
         acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-        n_rows = NCHUNK * L
-        for r0 in range(0, n_rows, BLOCK_R):
+        r_lo = split * KEYS_PER_SPLIT
+        r_hi = tl.minimum(NCHUNK * L, r_lo + KEYS_PER_SPLIT)
+        for r0 in range(r_lo, r_hi, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
-            r_mask = offs_r < n_rows
+            r_mask = offs_r < r_hi
             idx = tl.load(POS + (offs_r // L) * spb + (offs_r % L) * spl, mask=r_mask, other=-1)
             onehot = (idx[None, :] == offs_p[:, None]).to(tl.float32)
             tile = tl.load(PART + offs_r[:, None] * C + offs_c[None, :], mask=r_mask[:, None] & c_mask[None, :], other=0.0)
@@ -139,7 +152,7 @@ def _angle_grad_reduce_kernel(
             ptrs = PART + (offs_ch[:, None, None] * L + offs_p[None, :, None]) * C + offs_c[None, None, :]
             acc3 += tl.load(ptrs, mask=(offs_ch < NCHUNK)[:, None, None] & pc_mask[None, :, :], other=0.0)
         total = tl.sum(acc3, axis=0)
-    tl.store(OUT + offs_p[:, None] * sor + offs_c[None, :] * soc, total.to(OUT.dtype.element_ty),
+    tl.store(out + offs_p[:, None] * sor + offs_c[None, :] * soc, total.to(OUT.dtype.element_ty),
              mask=(offs_p < P)[:, None] & c_mask[None, :])
 
 
@@ -149,75 +162,107 @@ def _check(x: torch.Tensor, name: str) -> None:
     _launch.check_int32_indexing("rotary/rotatory", x)
 
 
-def _config(b, L, h, half, device, per_batch_partials):
-    """Tiles of (positions x heads x pairs); batch chunks of up to ~32 per grid column, positions
-    split over enough programs to fill the card. Few chunks keep the angle-gradient partials
-    (one row per chunk and position) small, so their reduction is one short pass."""
+# Elements of one program's tile (pairs count twice): 32 fp32 values per thread at 4 warps
+TILE_ELEMENTS = 4096
+
+
+def _config(b, L, h, half, device):
+    """Block sizes of the ``[batches x positions]`` tile: about ``TILE_ELEMENTS`` elements, as
+    many batches as reach 16 (the angle-gradient partials shrink with them), halved until the
+    grid has two full waves on the card."""
     sms = _launch.num_sms(device)
-    block_h = _launch.next_pow2(h)
-    block_p = _launch.next_pow2(half)
-    chunks = b if per_batch_partials else min(b, 32)
-    l_programs = max(1, triton.cdiv(2 * sms, chunks))
-    block_l = max(1, min(_launch.next_pow2(triton.cdiv(L, l_programs)), max(1, 2048 // (block_h * block_p))))
-    cfg = _launch.knobs("rotary", block_l=block_l, b_per_prog=triton.cdiv(b, chunks), num_warps=4)
-    if per_batch_partials:
-        cfg["b_per_prog"] = 1
-    return cfg
+    per_token = 2 * _launch.next_pow2(h) * _launch.next_pow2(half)
+    tokens = max(1, TILE_ELEMENTS // per_token)
+    while True:
+        block_b = min(_launch.next_pow2(b), 16, tokens)
+        block_l = min(_launch.next_pow2(L), max(1, tokens // block_b))
+        block_b = min(_launch.next_pow2(b), max(block_b, tokens // block_l))
+        if tokens == 1 or triton.cdiv(b, block_b) * triton.cdiv(L, block_l) >= 2 * sms:
+            break
+        tokens //= 2
+    return _launch.knobs("rotary", block_b=block_b, block_l=block_l, num_warps=4)
 
 
-def _positions(positions, b, L, device):
-    """(tensor, batch stride, position stride, per_batch) for the kernels."""
+def _positions(positions):
+    """(tensor, batch stride, position stride, POS_KIND) for the kernels."""
     if positions is None:
-        return None, 0, 0, False
+        return None, 0, 0, 0
     if positions.dim() == 1:
-        return positions, 0, positions.stride(0), False
-    return positions, positions.stride(0), positions.stride(1), True
+        return positions, 0, positions.stride(0), 1
+    return positions, positions.stride(0), positions.stride(1), 2
 
 
 def _plan(mode, x4, dy4, y4, angles, positions, interleaved, need_partials):
-    """x4/dy4/y4: [B, L, H, D] views (any strides); returns (launches, partial or None, cfg)."""
+    """x4/dy4/y4: [B, L, H, D] views (any strides); returns (launches, partial, pos, spb, spl)."""
     ref = x4 if x4 is not None else dy4
     b, L, h, d = ref.shape
     half = d // 2
-    pos, spb, spl, per_batch = _positions(positions, b, L, ref.device)
-    cfg = _config(b, L, h, half, ref.device, per_batch_partials=per_batch and need_partials)
-    block_l, bpp = cfg["block_l"], cfg["b_per_prog"]
-    if per_batch:
-        bpp = 1 if need_partials else bpp
-    chunks = triton.cdiv(b, bpp)
-    partial = _launch.empty((chunks, L, half), torch.float32, ref.device) if need_partials else None
-    dummy = ref
+    pos, spb, spl, pos_kind = _positions(positions)
+    cfg = _config(b, L, h, half, ref.device)
+    block_b, block_l = cfg["block_b"], cfg["block_l"]
+    chunks = triton.cdiv(b, block_b)
+    partial = None
+    if need_partials:  # per token with per-sequence positions, else per (batch block, position)
+        partial = _launch.empty((b if pos_kind == 2 else chunks, L, half), torch.float32, ref.device)
     xs = x4.stride() if x4 is not None else (0, 0, 0, 0)
     ds = dy4.stride() if dy4 is not None else (0, 0, 0, 0)
     ys = y4.stride() if y4 is not None else (0, 0, 0, 0)
     args = dict(
-        X=x4 if x4 is not None else dummy, DY=dy4 if dy4 is not None else dummy, Y=y4 if y4 is not None else dummy,
+        X=x4 if x4 is not None else ref, DY=dy4 if dy4 is not None else ref, Y=y4 if y4 is not None else ref,
         ANG=angles, POS=pos if pos is not None else angles, PART=partial if partial is not None else angles,
         sxb=xs[0], sxl=xs[1], sxh=xs[2], sxd=xs[3], sdb=ds[0], sdl=ds[1], sdh=ds[2], sdd=ds[3],
         syb=ys[0], syl=ys[1], syh=ys[2], syd=ys[3], sar=angles.stride(0), sac=angles.stride(1),
-        spb=spb, spl=spl, B=b, L=L, H=h, B_PER_PROG=bpp,
+        spb=spb, spl=spl, B=b, L=L, H=h,
     )
     constexprs = dict(
-        HALF=half, BLOCK_L=block_l, BLOCK_H=_launch.next_pow2(h), BLOCK_P=_launch.next_pow2(half),
-        INTERLEAVED=bool(interleaved), MODE=mode, HAS_POS=pos is not None, POS_PER_BATCH=per_batch,
+        HALF=half, BLOCK_B=block_b, BLOCK_L=block_l, BLOCK_H=_launch.next_pow2(h), BLOCK_P=_launch.next_pow2(half),
+        INTERLEAVED=bool(interleaved), MODE=mode, POS_KIND=pos_kind,
     )
-    return [Launch(_rot_kernel, (chunks, triton.cdiv(L, block_l)), args, constexprs, num_warps=cfg["num_warps"])], partial, pos, spb, spl
+    launch = Launch(_rot_kernel, (chunks, triton.cdiv(L, block_l)), args, constexprs, num_warps=cfg["num_warps"])
+    return [launch], partial, pos, spb, spl
+
+
+def _plan_sum(partial, out):
+    """``out[p] = sum over chunks of partial[chunk, p]`` (rows past the partial's get zeros)."""
+    chunks, L, half = partial.shape
+    rows = out.shape[0]
+    # [chunks x rows x pairs] loads summed over chunks, at most 4096 values at a time
+    block_c = min(64, _launch.next_pow2(half))
+    block_p = 8
+    block_r = max(1, min(_launch.next_pow2(chunks), 4096 // (block_p * block_c)))
+    args = dict(PART=partial, POS=partial, OUT=out, NCHUNK=chunks, L=L, P=rows, KEYS_PER_SPLIT=0,
+                spb=0, spl=0, soc=out.stride(1), sor=out.stride(0), sos=0)
+    constexprs = dict(C=half, BLOCK_P=block_p, BLOCK_R=block_r, BLOCK_C=block_c, HAS_POS=False)
+    return Launch(_angle_grad_reduce_kernel, (triton.cdiv(rows, block_p), triton.cdiv(half, block_c)), args, constexprs)
 
 
 def _plan_reduce(partial, pos, spb, spl, angles):
-    """Sum the partial angle gradients into ``dangles`` shaped like ``angles``."""
+    """Launches summing the partial angle gradients into ``dangles`` shaped like ``angles``."""
     chunks, L, half = partial.shape
     rows = angles.shape[0]
     out = _launch.empty(angles.shape, angles.dtype, angles.device)
+    if pos is None:
+        return out, [_plan_sum(partial, out)]
+    # explicit positions: one-hot products (every dot dimension at least 16) over ranges of the
+    # partial rows, enough ranges for two programs per SM, then a sum over the ranges
     block_c = max(16, min(64, _launch.next_pow2(half)))
-    if pos is not None:
-        block_p, block_r = 16, 64
-    else:
-        block_p, block_r = 8, max(1, min(32, _launch.next_pow2(chunks)))
-    args = dict(PART=partial, POS=pos if pos is not None else partial, OUT=out, NCHUNK=chunks, L=L, P=rows,
-                spb=spb, spl=spl, soc=out.stride(1), sor=out.stride(0))
-    constexprs = dict(C=half, BLOCK_P=block_p, BLOCK_R=block_r, BLOCK_C=block_c, HAS_POS=pos is not None)
-    return out, Launch(_angle_grad_reduce_kernel, (triton.cdiv(rows, block_p), triton.cdiv(half, block_c)), args, constexprs)
+    block_p = 16
+    keys = chunks * L
+    tiles = triton.cdiv(rows, block_p) * triton.cdiv(half, block_c)
+    cfg = _launch.knobs("rotary_reduce", block_r=64, key_splits=max(1, min(triton.cdiv(keys, 8 * 64),
+                                                                         2 * _launch.num_sms(angles.device) // tiles)))
+    block_r = cfg["block_r"]
+    per_split = max(1, triton.cdiv(triton.cdiv(keys, cfg["key_splits"]), block_r)) * block_r
+    splits = max(1, triton.cdiv(keys, per_split))  # one (empty) range still writes the zeros
+    target = out if splits == 1 else _launch.empty((splits, rows, half), torch.float32, angles.device)
+    args = dict(PART=partial, POS=pos, OUT=target, NCHUNK=chunks, L=L, P=rows, KEYS_PER_SPLIT=per_split,
+                spb=spb, spl=spl, soc=target.stride(-1), sor=target.stride(-2), sos=target.stride(0) if splits > 1 else 0)
+    constexprs = dict(C=half, BLOCK_P=block_p, BLOCK_R=block_r, BLOCK_C=block_c, HAS_POS=True)
+    launches = [Launch(_angle_grad_reduce_kernel, (triton.cdiv(rows, block_p), triton.cdiv(half, block_c), splits),
+                       args, constexprs)]
+    if splits > 1:
+        launches.append(_plan_sum(target, out))
+    return out, launches
 
 
 def plan_rotary_forward(x, angles, positions, interleaved):
@@ -233,7 +278,7 @@ def plan_rotary_backward(dy, x, angles, positions, interleaved, need_dangles=Tru
     dangles = None
     if need_dangles:
         dangles, reduce = _plan_reduce(partial, pos, spb, spl, angles)
-        launches.append(reduce)
+        launches += reduce
     return dx, dangles, launches
 
 
@@ -247,4 +292,4 @@ def plan_rotatory_forward(x, angles, positions):
 def plan_rotatory_backward(dy, angles, positions):
     launches, partial, pos, spb, spl = _plan(ADD_BWD, None, dy.unsqueeze(2), None, angles, positions, True, need_partials=True)
     dangles, reduce = _plan_reduce(partial, pos, spb, spl, angles)
-    return dangles, launches + [reduce]
+    return dangles, launches + reduce
