@@ -72,7 +72,7 @@ def personal_time_steps(timestamps: torch.Tensor, time_unit: torch.Tensor | None
     since_first = torch.where(valid, t - torch.where(valid.any(dim=1, keepdim=True), first, 0), 0).double()
     if time_unit is None:
         ordered = since_first.masked_fill(~valid, float("inf")).sort(dim=1).values
-        gaps = ordered.diff(dim=1, append=ordered.new_full((len(ordered), 1), float("inf")))  # L = 1 gives one gap
+        gaps = ordered.diff(dim=1, append=torch.full_like(ordered[:, :1], float("inf")))  # L = 1 gives one gap
         gaps = gaps.masked_fill(~(gaps > 0) | gaps.isinf(), float("inf")).amin(dim=1)  # inf - inf = NaN: dropped too
         time_unit = torch.where(gaps.isinf(), 1.0, gaps)
     return torch.round(since_first / time_unit.double()[:, None]).long()

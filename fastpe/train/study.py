@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from fastpe.data import load_dataset
 from fastpe.demo import format_table
-from fastpe.nn.factory import ENCODINGS
+from fastpe.nn.factory import ENCODINGS, needs_timestamps
 from fastpe.train import distributed
 from fastpe.train.checkpoint import atomic_write_text
 from fastpe.train.config import TrainConfig
@@ -185,6 +185,9 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     data = data if data is not None else load_dataset(base.data, base.data_root, base.data_format, base.synthetic)
+    timed = [e for e in encodings if needs_timestamps(e)]
+    if timed and data.timestamps is None:  # say so before any run trains
+        raise ValueError(f"encodings {', '.join(timed)} need timestamps, and the data set {data.name!r} has none")
     log(f"study: {data.describe()}; model {base.model}; {len(encodings)} encodings x {len(seeds)} seeds -> {out}")
     rows, histories, popularity, reused = [], [], None, 0
     jobs = [(e, s) for e in encodings for s in seeds]
