@@ -23,13 +23,16 @@ from pathlib import Path
 import torch
 
 BACKENDS = ("reference", "torch", "triton", "cuda")
-OPS = ("relative_attention", "rotary", "rotatory_add", "concat_projection", "time_interval_attention")
+OPS = ("relative_attention", "rotary", "rotatory_add", "concat_projection", "time_interval_attention",
+       "bucketed_attention")
 
 # Ops the fused kernels do not cover yet: an explicit fused backend says so (before looking for the
 # kernels, which may not even import here), and "auto" runs the torch composition.
 NOT_FUSED_YET = {
     "time_interval_attention": "time-interval (TiSASRec) attention has no fused kernels yet; use backend='torch' "
                                "(or 'auto', which picks it)",
+    "bucketed_attention": "relative attention with given bucket ids has no fused kernels yet; use backend='torch' "
+                          "(or 'auto', which picks it)",
 }
 
 

@@ -16,7 +16,11 @@ import torch.nn.functional as F
 from fastpe._masks import combined_bias, masked_softmax, relative_buckets
 from fastpe._validation import _is_tracing, check_float, check_same_device
 from fastpe.ops._dispatch import implementation
-from fastpe.reference.relative_attention import relative_attention_reference, time_interval_attention_reference
+from fastpe.reference.relative_attention import (
+    bucketed_attention_reference,
+    relative_attention_reference,
+    time_interval_attention_reference,
+)
 
 
 def bucketed_attention_torch(
@@ -227,6 +231,48 @@ def relative_attention(
                                                dropout_p, "2k+1")
     args = (query, key, value, rel_k, rel_v, kpm, bias, bool(is_causal), float(dropout_p), scale)
     return _run("relative_attention", backend, need_weights, relative_attention_reference, relative_attention_torch,
+                args)
+
+
+def bucketed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rel_k: torch.Tensor,
+    rel_v: torch.Tensor,
+    buckets: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    backend: str = "auto",
+    need_weights: bool = False,
+):
+    """The relative-attention family with the bucket of every (query, key) pair given:
+    ``s_ij = q_i . (k_j + rel_k[b_ij]) * scale``, ``o_i = sum_j P_ij (v_j + rel_v[b_ij])``.
+
+    For code that already holds the bucket ids, e.g. TiSASRec's ``[B, L, L]`` interval matrices.
+    ``buckets``: integers in ``[0, R)`` of shape ``[Lq, Lk]`` (shared by the batch) or ``[B, Lq, Lk]``;
+    ``rel_k, rel_v``: ``[R, dh]`` or ``[h, R, dh]``. Other arguments as :func:`relative_attention`;
+    backends "auto" (torch), "reference" and "torch".
+    """
+    rel_k, rel_v, kpm, bias = _check_attention(query, key, value, rel_k, rel_v, key_padding_mask, attn_mask,
+                                               dropout_p, "R", buckets=buckets)
+    b, _, lq, _ = query.shape
+    lk = key.shape[2]
+    if not isinstance(buckets, torch.Tensor) or buckets.is_floating_point() or buckets.is_complex() \
+            or buckets.dtype == torch.bool:
+        raise TypeError("buckets: expected an integer tensor of bucket ids")
+    if tuple(buckets.shape) not in ((lq, lk), (b, lq, lk)):
+        raise ValueError(f"buckets: expected shape [Lq={lq}, Lk={lk}] or [B={b}, {lq}, {lk}], got {tuple(buckets.shape)}")
+    if buckets.numel() and not _is_tracing():
+        lo, hi = int(buckets.min()), int(buckets.max())
+        if lo < 0 or hi >= rel_k.shape[-2]:
+            raise ValueError(f"buckets: ids must lie in [0, {rel_k.shape[-2] - 1}] (the tables' rows), got [{lo}, {hi}]")
+    args = (query, key, value, rel_k, rel_v, buckets.long(), kpm, bias, bool(is_causal), float(dropout_p), scale)
+    return _run("bucketed_attention", backend, need_weights, bucketed_attention_reference, bucketed_attention_torch,
                 args)
 
 
