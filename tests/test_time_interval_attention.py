@@ -212,3 +212,29 @@ def test_bad_inputs_are_named():
         time_interval_attention(q, k[:, :, :3], v[:, :, :3], rk, rv, t)
     with pytest.raises(ValueError, match="rel_v: expected head size 4"):
         time_interval_attention(q, k, v, rk, rv[:, :3], t)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_bucketed_attention_with_given_ids_matches_reference(shared):
+    from fastpe.ops import bucketed_attention
+
+    b, h, L = 3, 2, 10
+    q, k, v, rk, rv, _, _ = tisas_inputs(b, h, L, 5, span=6, per_head=True)
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 7, (L, L) if shared else (b, L, L), generator=gen, dtype=torch.int32)
+    masks = make_masks("padding+causal", b, h, L, L)
+
+    def run(backend):
+        return lambda q, k, v, rk, rv: bucketed_attention(q, k, v, rk, rv, ids, backend=backend, **masks)
+
+    assert_matches_reference(run("torch"), run("reference"), (q, k, v, rk, rv), torch.float32, NAMES[:5])
+    # The time-interval op is this op with its own ids.
+    t = random_times(b, L)
+    given = time_interval_buckets_reference(t, None, None, 6)
+    torch.testing.assert_close(bucketed_attention(q, k, v, rk, rv, given), time_interval_attention(q, k, v, rk, rv, t))
+    with pytest.raises(ValueError, match=r"buckets: ids must lie in \[0, 6\]"):
+        bucketed_attention(q, k, v, rk, rv, ids + 1)
+    with pytest.raises(TypeError, match="buckets: expected an integer tensor"):
+        bucketed_attention(q, k, v, rk, rv, ids.float())
+    with pytest.raises(fastpe.BackendUnavailableError, match="no fused kernels yet"):
+        bucketed_attention(q, k, v, rk, rv, ids, backend="triton")
