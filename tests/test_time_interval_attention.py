@@ -1,6 +1,8 @@
 """Time-interval (TiSASRec) attention: the bucket function and the torch backend against the
 float64 reference written from the formula, outputs and every gradient."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -238,3 +240,24 @@ def test_bucketed_attention_with_given_ids_matches_reference(shared):
         bucketed_attention(q, k, v, rk, rv, ids.float())
     with pytest.raises(fastpe.BackendUnavailableError, match="no fused kernels yet"):
         bucketed_attention(q, k, v, rk, rv, ids, backend="triton")
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_batch_chunks_and_float_mask_gradient_match_reference(monkeypatch, per_head):
+    # Tiny chunks: every batch row is its own chunk, forward and backward.
+    ops = importlib.import_module("fastpe.ops.relative_attention")  # the module, not the function of that name
+    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 1)
+    b, h, L = 4, 2, 9
+    inputs = tisas_inputs(b, h, L, 3, span=12, per_head=per_head)
+    masks = make_masks("padding+causal", b, h, L, L)
+    t = random_times(b, L, seed=6)
+    gen = torch.Generator().manual_seed(8)
+    for shape in ((b, 1, L, L), (1, h, L, L)):
+        bias = randn(*shape, gen=gen, dtype=torch.float64)
+
+        def run(backend, bias=bias):
+            return lambda *x: time_interval_attention(*x[:5], t, pos_k=x[5], pos_v=x[6], attn_mask=x[7],
+                                                      key_padding_mask=masks["key_padding_mask"], is_causal=True,
+                                                      backend=backend)
+
+        assert_matches_reference(run("torch"), run("reference"), (*inputs, bias), torch.float64, NAMES + ["attn_mask"])

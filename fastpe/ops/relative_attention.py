@@ -23,29 +23,148 @@ from fastpe.reference.relative_attention import (
 )
 
 
+def _times_table(x: torch.Tensor, table: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """``x [B, h, L, c]`` times a per-head table ``[Ht, R, c]`` (``transpose``: ``x @ table^T``, giving
+    ``[B, h, L, R]``) or ``[Ht, R, c']`` (``x @ table``). One 2-D GEMM for a shared table: a matmul
+    that broadcasts the table over the batch runs its backward as slow strided batched GEMMs."""
+    b, h, length, _ = x.shape
+    if table.shape[0] == 1:
+        matrix = table[0].t() if transpose else table[0]
+        return (x.reshape(b * h * length, -1) @ matrix).view(b, h, length, -1)
+    return torch.einsum("bhlc,hrc->bhlr" if transpose else "bhlr,hrc->bhlc", x, table)
+
+
+def _table_gradient(x: torch.Tensor, y: torch.Tensor, heads: int) -> torch.Tensor:
+    """``sum over the batch (and the heads, for a shared table) of x^T @ y``: ``x [c, h, L, R]``,
+    ``y [c, h, L, C]`` -> ``[Ht, R, C]``."""
+    if heads == 1:
+        return (x.reshape(-1, x.shape[-1]).t() @ y.reshape(-1, y.shape[-1])).unsqueeze(0)
+    return torch.einsum("bhlr,bhlc->hrc", x, y)
+
+
+# Rows of the batch handled at once: their [rows, h, Lq, max(R, Lk)] temporaries stay near this
+# many elements (4 MiB in fp32), so wide tables (TiSASRec: R = 257 > L) and the [B, L, L] bucket
+# ids never exist for the whole batch at once.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _row_chunks(batch: int, per_row: int):
+    if _is_tracing():  # one chunk: no loop whose length depends on a traced batch size
+        yield slice(0, batch)
+        return
+    rows = max(1, _CHUNK_ELEMENTS // max(per_row, 1))
+    for start in range(0, batch, rows):
+        yield slice(start, min(start + rows, batch))
+
+
+def _bucket_ids(buckets: torch.Tensor, time_span: int, rows: slice, shape: tuple) -> torch.Tensor:
+    """The int64 ids of batch ``rows``, expanded (a view) to ``shape = [c, h, Lq, Lk]``:
+    ``buckets`` holds ids ``[Lq, Lk]`` / ``[B, Lq, Lk]``, or, with ``time_span >= 0``, the
+    personal time steps ``tau [B, L]`` from which the ids are computed here."""
+    if time_span >= 0:
+        return time_interval_buckets(buckets[rows], time_span)[:, None].expand(shape)
+    return (buckets if buckets.dim() == 2 else buckets[rows][:, None]).expand(shape)
+
+
+def _rows_of(bias: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return bias if bias is None or bias.shape[0] == 1 else bias[rows]
+
+
+class _BucketedAttention(torch.autograd.Function):
+    """The relative-attention family's torch backend, batch chunk by batch chunk.
+
+    Keeps for the backward pass only the probabilities ``[B, h, Lq, Lk]`` (and the dropout mask),
+    not the bucket ids, the logits or any ``[B, h, Lq, R]`` table: the backward recomputes the ids
+    per chunk (from ``tau [B, L]`` for time intervals) and reduces the table gradients over the
+    chunks in a fixed order (deterministic)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rel_k, rel_v, attn_bias, key_padding_mask, is_causal, buckets, time_span, dropout_p,
+                scale):
+        b, h, lq, _ = q.shape
+        lk, n_buckets = k.shape[2], rel_k.shape[-2]
+        keep = None
+        if dropout_p > 0.0:  # as F.dropout draws it, so a seed gives the reference's mask
+            keep = torch.empty(b, h, lq, lk, dtype=q.dtype, device=q.device).bernoulli_(1.0 - dropout_p).bool()
+        parts_p, parts_o = [], []
+        for rows in _row_chunks(b, h * lq * max(n_buckets, lk)):
+            qc = q[rows]
+            ids = _bucket_ids(buckets, time_span, rows, (qc.shape[0], h, lq, lk))
+            scores = (qc @ k[rows].transpose(-1, -2) + _times_table(qc, rel_k, transpose=True).gather(-1, ids)) * scale
+            kpm = None if key_padding_mask is None else key_padding_mask[rows]
+            bias = combined_bias(kpm, _rows_of(attn_bias, rows), is_causal, lq, lk, scores.dtype, scores.device)
+            probs = masked_softmax(scores, bias)
+            parts_p.append(probs)
+            if keep is not None:
+                probs = probs * keep[rows] / (1.0 - dropout_p)
+            bucket_probs = torch.zeros(*probs.shape[:3], n_buckets, dtype=probs.dtype, device=probs.device)
+            bucket_probs.scatter_add_(-1, ids, probs)
+            parts_o.append(probs @ v[rows] + _times_table(bucket_probs, rel_v, transpose=False))
+        probs = parts_p[0] if len(parts_p) == 1 else torch.cat(parts_p)
+        out = parts_o[0] if len(parts_o) == 1 else torch.cat(parts_o)
+        ctx.save_for_backward(q, k, v, rel_k, rel_v, attn_bias, buckets, probs, keep)
+        ctx.time_span, ctx.dropout_p, ctx.scale = time_span, dropout_p, scale
+        weights = probs if keep is None else probs * keep / (1.0 - dropout_p)
+        ctx.mark_non_differentiable(weights)
+        return out, weights
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_weights):
+        q, k, v, rel_k, rel_v, attn_bias, buckets, probs, keep = ctx.saved_tensors
+        b, h, lq, _ = q.shape
+        lk, n_buckets = k.shape[2], rel_k.shape[-2]
+        grad_out = grad_out.to(q.dtype)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        d_rel_k, d_rel_v = torch.zeros_like(rel_k), torch.zeros_like(rel_v)
+        d_bias = None
+        if attn_bias is not None and ctx.needs_input_grad[5]:
+            d_bias = torch.zeros(attn_bias.shape, dtype=q.dtype, device=q.device)
+        for rows in _row_chunks(b, h * lq * max(n_buckets, lk)):
+            go, p = grad_out[rows], probs[rows]
+            ids = _bucket_ids(buckets, ctx.time_span, rows, p.shape)
+            dropped = p if keep is None else p * keep[rows] / (1.0 - ctx.dropout_p)
+            # Value side: o = P v + (bucket sums of P) rel_v.
+            d_dropped = go @ v[rows].transpose(-1, -2) + _times_table(go, rel_v, transpose=True).gather(-1, ids)
+            dv[rows] = dropped.transpose(-1, -2) @ go
+            bucket_probs = torch.zeros(*p.shape[:3], n_buckets, dtype=p.dtype, device=p.device)
+            d_rel_v += _table_gradient(bucket_probs.scatter_add_(-1, ids, dropped), go, rel_v.shape[0])
+            d_probs = d_dropped if keep is None else d_dropped * keep[rows] / (1.0 - ctx.dropout_p)
+            # Softmax (rows with no allowed key have P = 0, hence zero gradients).
+            d_scores = p * (d_probs - (d_probs * p).sum(dim=-1, keepdim=True))
+            if d_bias is not None:
+                if attn_bias.shape[0] == 1:
+                    d_bias += d_scores.sum_to_size(attn_bias.shape)
+                else:
+                    d_bias[rows] = d_scores.sum_to_size(p.shape[0], *attn_bias.shape[1:])
+            d_scores = d_scores * ctx.scale
+            # Key side: s = q k^T + gather(q rel_k^T).
+            d_table = torch.zeros(*p.shape[:3], n_buckets, dtype=p.dtype, device=p.device).scatter_add_(-1, ids, d_scores)
+            dq[rows] = d_scores @ k[rows] + _times_table(d_table, rel_k, transpose=False)
+            dk[rows] = d_scores.transpose(-1, -2) @ q[rows]
+            d_rel_k += _table_gradient(d_table, q[rows], rel_k.shape[0])
+        return dq, dk, dv, d_rel_k, d_rel_v, d_bias, None, None, None, None, None, None
+
+
+def _bucketed(q, k, v, rel_k, rel_v, buckets, time_span, key_padding_mask, attn_bias, is_causal, dropout_p, scale,
+              return_weights):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out, weights = _BucketedAttention.apply(q, k, v, rel_k, rel_v, attn_bias, key_padding_mask, bool(is_causal),
+                                            buckets, time_span, float(dropout_p), float(scale))
+    return (out, weights) if return_weights else out
+
+
 def bucketed_attention_torch(
     q, k, v, rel_k, rel_v, buckets, key_padding_mask=None, attn_bias=None, is_causal=False, dropout_p=0.0,
     scale=None, return_weights=False,
 ):
-    """The relative-attention family for any bucket function (``buckets`` ``[Lq, Lk]`` shared by
-    the batch, or ``[B, Lq, Lk]``), never building ``[B, h, Lq, Lk, dh]``: the key term is one dot
+    """The relative-attention family for any bucket ids (``buckets`` ``[Lq, Lk]`` shared by the
+    batch, or ``[B, Lq, Lk]``), never building ``[B, h, Lq, Lk, dh]``: the key term is one dot
     product per table row gathered into the logits, the value term the per-row bucket sums of the
-    probabilities times the value table."""
-    b, h, lq, _ = q.shape
-    lk = k.shape[-2]
-    n_buckets = rel_k.shape[-2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    # A view over heads (and over the batch for position buckets): no [B, h, Lq, Lk] copy.
-    index = (buckets if buckets.dim() == 2 else buckets[:, None]).expand(b, h, lq, lk)
-    q_rel = q @ rel_k.transpose(-1, -2)  # [B, h, Lq, R]
-    scores = (q @ k.transpose(-1, -2) + q_rel.gather(-1, index)) * scale
-    bias = combined_bias(key_padding_mask, attn_bias, is_causal, lq, lk, scores.dtype, scores.device)
-    probs = masked_softmax(scores, bias)
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p)
-    bucket_probs = torch.zeros(b, h, lq, n_buckets, dtype=probs.dtype, device=probs.device).scatter_add(-1, index, probs)
-    out = probs @ v + bucket_probs @ rel_v
-    return (out, probs) if return_weights else out
+    probabilities times the value table (see :class:`_BucketedAttention`). The returned weights
+    carry no gradient."""
+    return _bucketed(q, k, v, rel_k, rel_v, buckets, -1, key_padding_mask, attn_bias, is_causal, dropout_p, scale,
+                     return_weights)
 
 
 def relative_attention_torch(
@@ -54,8 +173,8 @@ def relative_attention_torch(
 ):
     """RMHA-k: buckets ``clamp(j - i, -k, k) + k``, ``2k+1`` dot products per query row."""
     buckets = relative_buckets(q.shape[-2], k.shape[-2], (rel_k.shape[-2] - 1) // 2, q.device)
-    return bucketed_attention_torch(q, k, v, rel_k, rel_v, buckets, key_padding_mask, attn_bias, is_causal,
-                                    dropout_p, scale, return_weights)
+    return _bucketed(q, k, v, rel_k, rel_v, buckets, -1, key_padding_mask, attn_bias, is_causal, dropout_p, scale,
+                     return_weights)
 
 
 def personal_time_steps(timestamps: torch.Tensor, time_unit: torch.Tensor | None,
@@ -92,13 +211,12 @@ def time_interval_attention_torch(
     dropout_p=0.0, scale=None, return_weights=False,
 ):
     """TiSASRec's attention without the ``[B, L, L, d]`` interval tensors: the interval buckets
-    come from the ``[B, L]`` timestamps; the ``[B, L, L]`` int64 bucket ids are the one pairwise
-    tensor (the gather and the scatter need an index of that shape, and autograd keeps it for
-    their backward: 8 bytes per pair against the 4 * h bytes per pair of every score tensor)."""
+    come from the per-position time steps ``tau [B, L]``, computed once; the int64 bucket ids
+    (which the gather and the scatter index with) exist for one chunk of the batch at a time and
+    are recomputed from ``tau`` in the backward pass rather than kept."""
     tau = personal_time_steps(timestamps, time_unit, key_padding_mask)
-    buckets = time_interval_buckets(tau, rel_k.shape[-2] - 1)
-    return bucketed_attention_torch(q, k, v, rel_k, rel_v, buckets, key_padding_mask, attn_bias, is_causal,
-                                    dropout_p, scale, return_weights)
+    return _bucketed(q, k, v, rel_k, rel_v, tau, rel_k.shape[-2] - 1, key_padding_mask, attn_bias, is_causal,
+                     dropout_p, scale, return_weights)
 
 
 def _as_head_tables(table: torch.Tensor, name: str, heads: int, head_dim: int, rows: str = "2k+1") -> torch.Tensor:
