@@ -42,17 +42,18 @@ def _table_gradient(x: torch.Tensor, y: torch.Tensor, heads: int) -> torch.Tenso
     return torch.einsum("bhlr,bhlc->hrc", x, y)
 
 
-# Rows of the batch handled at once: their [rows, h, Lq, max(R, Lk)] temporaries stay near this
-# many elements (4 MiB in fp32), so wide tables (TiSASRec: R = 257 > L) and the [B, L, L] bucket
-# ids never exist for the whole batch at once.
-_CHUNK_ELEMENTS = 1 << 20
+# Rows of the batch handled at once: their [rows, h, Lq, max(R, Lk)] temporaries stay near a
+# quarter of the probabilities the backward keeps (and at least this many elements, so that small
+# problems are not cut into tiny pieces). Wide tables (TiSASRec: R = 257 > L) and the [B, L, L]
+# bucket ids thus never exist for the whole batch at once.
+_CHUNK_ELEMENTS = 1 << 16
 
 
-def _row_chunks(batch: int, per_row: int):
+def _row_chunks(batch: int, per_row: int, kept: int):
     if _is_tracing():  # one chunk: no loop whose length depends on a traced batch size
         yield slice(0, batch)
         return
-    rows = max(1, _CHUNK_ELEMENTS // max(per_row, 1))
+    rows = max(1, max(kept // 4, _CHUNK_ELEMENTS) // max(per_row, 1))
     for start in range(0, batch, rows):
         yield slice(start, min(start + rows, batch))
 
@@ -87,7 +88,7 @@ class _BucketedAttention(torch.autograd.Function):
         if dropout_p > 0.0:  # as F.dropout draws it, so a seed gives the reference's mask
             keep = torch.empty(b, h, lq, lk, dtype=q.dtype, device=q.device).bernoulli_(1.0 - dropout_p).bool()
         parts_p, parts_o = [], []
-        for rows in _row_chunks(b, h * lq * max(n_buckets, lk)):
+        for rows in _row_chunks(b, h * lq * max(n_buckets, lk), b * h * lq * lk):
             qc = q[rows]
             ids = _bucket_ids(buckets, time_span, rows, (qc.shape[0], h, lq, lk))
             scores = (qc @ k[rows].transpose(-1, -2) + _times_table(qc, rel_k, transpose=True).gather(-1, ids)) * scale
@@ -120,7 +121,7 @@ class _BucketedAttention(torch.autograd.Function):
         d_bias = None
         if attn_bias is not None and ctx.needs_input_grad[5]:
             d_bias = torch.zeros(attn_bias.shape, dtype=q.dtype, device=q.device)
-        for rows in _row_chunks(b, h * lq * max(n_buckets, lk)):
+        for rows in _row_chunks(b, h * lq * max(n_buckets, lk), b * h * lq * lk):
             go, p = grad_out[rows], probs[rows]
             ids = _bucket_ids(buckets, ctx.time_span, rows, p.shape)
             dropped = p if keep is None else p * keep[rows] / (1.0 - ctx.dropout_p)
