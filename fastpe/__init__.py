@@ -21,7 +21,7 @@ from fastpe.nn import (
     input_encoding,
     positional_encoding,
 )
-from fastpe.ops import concat_projection, relative_attention, rotary, rotatory, time_interval_attention
+from fastpe.ops import bucketed_attention, concat_projection, relative_attention, rotary, rotatory, time_interval_attention
 from fastpe.serialization import load, save
 
 __version__ = "0.1.0"
@@ -42,6 +42,7 @@ __all__ = [
     "TimeIntervalMultiheadAttention",
     "attention_layer",
     "available_backends",
+    "bucketed_attention",
     "concat_projection",
     "encoding_kind",
     "input_encoding",
