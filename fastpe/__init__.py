@@ -15,12 +15,13 @@ from fastpe.nn import (
     RotaryMultiheadAttention,
     RotatoryEncoding,
     SinusoidalEncoding,
+    TimeIntervalMultiheadAttention,
     attention_layer,
     encoding_kind,
     input_encoding,
     positional_encoding,
 )
-from fastpe.ops import concat_projection, relative_attention, rotary, rotatory
+from fastpe.ops import bucketed_attention, concat_projection, relative_attention, rotary, rotatory, time_interval_attention
 from fastpe.serialization import load, save
 
 __version__ = "0.1.0"
@@ -38,8 +39,10 @@ __all__ = [
     "RotaryMultiheadAttention",
     "RotatoryEncoding",
     "SinusoidalEncoding",
+    "TimeIntervalMultiheadAttention",
     "attention_layer",
     "available_backends",
+    "bucketed_attention",
     "concat_projection",
     "encoding_kind",
     "input_encoding",
@@ -49,4 +52,5 @@ __all__ = [
     "rotary",
     "rotatory",
     "save",
+    "time_interval_attention",
 ]

@@ -23,7 +23,17 @@ from pathlib import Path
 import torch
 
 BACKENDS = ("reference", "torch", "triton", "cuda")
-OPS = ("relative_attention", "rotary", "rotatory_add", "concat_projection")
+OPS = ("relative_attention", "rotary", "rotatory_add", "concat_projection", "time_interval_attention",
+       "bucketed_attention")
+
+# Ops the fused kernels do not cover yet: an explicit fused backend says so (before looking for the
+# kernels, which may not even import here), and "auto" runs the torch composition.
+NOT_FUSED_YET = {
+    "time_interval_attention": "time-interval (TiSASRec) attention has no fused kernels yet; use backend='torch' "
+                               "(or 'auto', which picks it)",
+    "bucketed_attention": "relative attention with given bucket ids has no fused kernels yet; use backend='torch' "
+                          "(or 'auto', which picks it)",
+}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -143,6 +153,11 @@ resolve_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]
 def _resolve(backend: str, op: str, device: torch.device, klass: str = "any") -> str:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    if op in NOT_FUSED_YET:
+        if backend in FUSED_BACKENDS:
+            raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run: {NOT_FUSED_YET[op]}")
+        if backend == "auto":
+            return "torch"
     if backend == "auto":
         for candidate in _auto_order(op, device, klass):
             if unavailable_reason(candidate, device) is None and _implemented(op, candidate):

@@ -27,6 +27,9 @@ def attention_layers() -> dict[str, torch.nn.Module]:
         "rope-angles-interleaved": fastpe.RotaryMultiheadAttention(D, H, learnable="angles", interleaved=True, max_len=MAX_LEN),
         "rope-frequencies": fastpe.RotaryMultiheadAttention(D, H, learnable="frequencies"),
         "mha-seq-first": fastpe.MultiheadAttention(D, H, batch_first=False),
+        "tisas-5": fastpe.TimeIntervalMultiheadAttention(D, H, time_span=5, max_len=MAX_LEN),
+        "tisas-3-shared-days": fastpe.TimeIntervalMultiheadAttention(D, H, time_span=3, max_len=MAX_LEN, time_unit=2.0,
+                                                                     per_head_tables=False, position_tables=False),
     }
 
 
@@ -43,9 +46,15 @@ def left_padding(batch: int = B, length: int = L, fully_padded_row: bool = True)
     return mask
 
 
+def timestamps(batch: int, length: int) -> torch.Tensor:
+    """Int [B, L] times with uneven gaps that differ per sequence (for time-aware layers)."""
+    return torch.arange(length)[None, :] ** 2 * torch.arange(1, batch + 1)[:, None]
+
+
 def call(module: torch.nn.Module, x: torch.Tensor, pad: torch.Tensor, need_weights: bool = False) -> torch.Tensor:
     """Run any zoo module on ``x [B, L, D]`` with padding ``pad``: encodings get it as padding_mask,
-    attention layers as key_padding_mask plus a causal mask (seq-first layers get ``x`` transposed)."""
+    attention layers as key_padding_mask plus a causal mask (seq-first layers get ``x`` transposed,
+    time-aware layers :func:`timestamps`)."""
     if module.kind == "input":
         return module(x, padding_mask=pad)
     length = x.shape[1]
@@ -53,7 +62,8 @@ def call(module: torch.nn.Module, x: torch.Tensor, pad: torch.Tensor, need_weigh
     seq_first = not module.batch_first
     if seq_first:
         x = x.transpose(0, 1)
-    out, _ = module(x, x, x, key_padding_mask=pad, need_weights=need_weights, attn_mask=causal, is_causal=True)
+    extra = {"timestamps": timestamps(x.shape[0], length)} if getattr(module, "needs_timestamps", False) else {}
+    out, _ = module(x, x, x, key_padding_mask=pad, need_weights=need_weights, attn_mask=causal, is_causal=True, **extra)
     return out.transpose(0, 1) if seq_first else out
 
 

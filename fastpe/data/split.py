@@ -115,6 +115,7 @@ class Batch:
     targets: np.ndarray  # [B, T] int64
     context: np.ndarray | None = None  # [B, L, C] float32
     target_context: np.ndarray | None = None  # [B, T, C] float32
+    times: np.ndarray | None = None  # [B, L] float64 timestamps of the items (0 at padding)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -124,7 +125,7 @@ class Batch:
         def cut(a):
             return None if a is None else a[start:stop]
 
-        return Batch(cut(self.items), cut(self.targets), cut(self.context), cut(self.target_context))
+        return Batch(cut(self.items), cut(self.targets), cut(self.context), cut(self.target_context), cut(self.times))
 
 
 def training_examples(split: Split, users: np.ndarray, max_len: int, mode: str, rng: np.random.Generator) -> Batch:
@@ -134,13 +135,16 @@ def training_examples(split: Split, users: np.ndarray, max_len: int, mode: str, 
     at every position. ``mode="prefix"`` (bidirectional encoders, which must not see the target):
     one random cut per user, input = the items before the cut, target = the item at the cut.
     """
-    items, targets, ctx, tctx = [], [], [], []
+    items, targets, ctx, tctx, times = [], [], [], [], []
+    stamps = split.data.timestamps
     for u in users:
         seq = split.train_sequence(u)
         c = split.context[u][: len(seq)] if split.context is not None else None
         if mode == "all":
             items.append(seq[:-1])
             targets.append(seq[1:])
+            if stamps is not None:
+                times.append(stamps[u][: len(seq) - 1])
             if c is not None:
                 ctx.append(c[:-1])
                 tctx.append(c[1:])
@@ -148,6 +152,8 @@ def training_examples(split: Split, users: np.ndarray, max_len: int, mode: str, 
             cut = int(rng.integers(1, len(seq)))
             items.append(seq[:cut])
             targets.append(seq[cut:cut + 1])
+            if stamps is not None:
+                times.append(stamps[u][:cut])
             if c is not None:
                 ctx.append(c[:cut])
                 tctx.append(c[cut:cut + 1])
@@ -158,6 +164,8 @@ def training_examples(split: Split, users: np.ndarray, max_len: int, mode: str, 
     if split.context is not None:
         batch.context = pad_left(ctx, max_len, 0.0, np.float32)
         batch.target_context = pad_left(tctx, width, 0.0, np.float32)
+    if stamps is not None:
+        batch.times = pad_left(times, max_len, 0.0, np.float64)
     return batch
 
 
@@ -172,7 +180,8 @@ def pad_batch(batch: Batch, size: int) -> Batch:
     def grow(a):
         return None if a is None else np.concatenate([a, np.zeros((extra, *a.shape[1:]), dtype=a.dtype)])
 
-    return Batch(grow(batch.items), grow(batch.targets), grow(batch.context), grow(batch.target_context))
+    return Batch(grow(batch.items), grow(batch.targets), grow(batch.context), grow(batch.target_context),
+                 grow(batch.times))
 
 
 def epoch_batches(split: Split, batch_size: int, max_len: int, mode: str, rng: np.random.Generator,
@@ -200,11 +209,13 @@ class EvalSet:
     target_context: np.ndarray | None  # [U, C]
     history: list[np.ndarray]  # per user, the items before the target (the full profile, untruncated)
     known: list[np.ndarray]  # per user, every item the user interacted with
+    times: np.ndarray | None = None  # [U, L] float64 timestamps of the profiles (0 at padding)
 
 
 def eval_set(split: Split, stage: str, max_len: int, users: np.ndarray | None = None) -> EvalSet:
     users = split.eval_users if users is None else np.asarray(users)
-    items, targets, ctx, tctx, history, known = [], [], [], [], [], []
+    items, targets, ctx, tctx, history, known, times = [], [], [], [], [], [], []
+    stamps = split.data.timestamps
     for u in users:
         seq = split.data.sequences[u]
         t = split.stage_index(stage, u)
@@ -212,12 +223,15 @@ def eval_set(split: Split, stage: str, max_len: int, users: np.ndarray | None = 
         known.append(seq)
         items.append(seq[:t])
         targets.append(seq[t])
+        if stamps is not None:
+            times.append(stamps[u][:t])
         if split.context is not None:
             ctx.append(split.context[u][:t])
             tctx.append(split.context[u][t])
     c = pad_left(ctx, max_len, 0.0, np.float32) if split.context is not None else None
     tc = np.stack(tctx).astype(np.float32) if split.context is not None and len(tctx) else None
-    return EvalSet(users, pad_left(items, max_len), np.asarray(targets, dtype=np.int64), c, tc, history, known)
+    ts = pad_left(times, max_len, 0.0, np.float64) if stamps is not None else None
+    return EvalSet(users, pad_left(items, max_len), np.asarray(targets, dtype=np.int64), c, tc, history, known, ts)
 
 
 def sample_eval_negatives(eval_data: EvalSet, n_items: int, n_negatives: int, rng: np.random.Generator):

@@ -5,6 +5,9 @@
   adapter never imports it).
 * :mod:`fastpe.integrations.sasrec`: ``patch(model, encoding)`` for SASRec.pytorch-style models
   built on ``torch.nn.MultiheadAttention``.
+* :mod:`fastpe.integrations.tisasrec`: ``patch(model)`` for TiSASRec.pytorch-style models: their
+  time-interval attention without the ``[B, L, L, d]`` tensors, same weights (it leaves the
+  position embeddings alone; the two above replace them as described next).
 
 Both replace the model's absolute position embedding (an ``nn.Embedding`` called with position
 ids and added to the item embeddings) by a module of :mod:`fastpe.integrations.position` that

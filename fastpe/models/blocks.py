@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from fastpe.nn.factory import _canonical, attention_layer, encoding_kind, input_encoding
+from fastpe.nn.factory import _canonical, attention_layer, encoding_kind, input_encoding, needs_timestamps
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "leakyrelu": lambda: nn.LeakyReLU(0.2)}
 
@@ -29,6 +29,8 @@ def build_encoding(name: str, d_model: int, max_len: int, reverse: bool = True, 
         options = {"backend": backend}
         if key == "rope":
             options["base"] = rope_base
+        if needs_timestamps(key):
+            options["max_len"] = max_len
     else:
         enc_options = {"reverse": reverse}
         if key.startswith("rotatory") or key.endswith("+con"):
@@ -141,9 +143,11 @@ class EncoderBlock(nn.Module):
                                  nn.Linear(ffn_dim, d_model))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, padding: torch.Tensor, causal: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding: torch.Tensor, causal: bool,
+                timestamps: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm1(x)
-        a, _ = self.attention(h, h, h, key_padding_mask=padding, need_weights=False, is_causal=causal)
+        extra = {"timestamps": timestamps} if getattr(self.attention, "needs_timestamps", False) else {}
+        a, _ = self.attention(h, h, h, key_padding_mask=padding, need_weights=False, is_causal=causal, **extra)
         a = self.dropout(a)
         x = h * a if self.residual == "mul" else x + a
         x = x + self.dropout(self.ffn(self.norm2(x)))
@@ -158,6 +162,7 @@ class SequenceEncoder(nn.Module):
                  reverse: bool = True):
         super().__init__()
         self.encoding_name = encoding
+        self.needs_timestamps = needs_timestamps(encoding)
         self.causal = causal
         self.max_len = max_len
         self.positional, make_attention = build_encoding(encoding, d_model, max_len, reverse, rope_base, backend)
@@ -167,11 +172,14 @@ class SequenceEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding: torch.Tensor, timestamps: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[1] > self.max_len:
             raise ValueError(f"sequence length {x.shape[1]} exceeds max_len={self.max_len}")
+        if self.needs_timestamps and timestamps is None:
+            raise ValueError(f"the {self.encoding_name!r} encoding needs the timestamps [B, L] of the sequence "
+                             "(timestamps=...; the data set must have them)")
         x = self.dropout(self.positional(x, padding_mask=padding))
         for block in self.blocks:
-            x = block(x, padding, self.causal)
+            x = block(x, padding, self.causal, timestamps)
         return self.norm(x).masked_fill(padding.unsqueeze(-1), 0.0)
 

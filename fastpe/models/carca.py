@@ -60,11 +60,18 @@ class CARCA(nn.Module):
     def context_dim(self) -> int:
         return self.items.context_dim
 
+    @property
+    def needs_timestamps(self) -> bool:
+        """Whether ``encode`` needs the interactions' timestamps (the tisas encoding)."""
+        return self.encoder.needs_timestamps
+
     def encode(self, items: torch.Tensor, context: torch.Tensor | None = None,
-               padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Profile ``[B, L, d]`` and its padding mask ``[B, L]`` (True = padding, default ``items == 0``)."""
+               padding_mask: torch.Tensor | None = None,
+               timestamps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Profile ``[B, L, d]`` and its padding mask ``[B, L]`` (True = padding, default ``items == 0``).
+        ``timestamps [B, L]``: the time of each interaction, for time-aware encodings (tisas)."""
         padding = items == 0 if padding_mask is None else padding_mask
-        return self.encoder(self.items(items, context), padding), padding
+        return self.encoder(self.items(items, context), padding, timestamps), padding
 
     def score(self, profile: torch.Tensor, padding: torch.Tensor, candidates: torch.Tensor,
               candidate_context: torch.Tensor | None = None, per_position: bool = False,
@@ -112,6 +119,7 @@ class CARCA(nn.Module):
         """The per-item part of every candidate's representation, for ``score(item_table=...)``."""
         return self.items.item_table()
 
-    def forward(self, items, context, candidates, candidate_context=None, per_position: bool = False):
-        profile, padding = self.encode(items, context)
+    def forward(self, items, context, candidates, candidate_context=None, per_position: bool = False,
+                timestamps=None):
+        profile, padding = self.encode(items, context, timestamps=timestamps)
         return self.score(profile, padding, candidates, candidate_context, per_position)

@@ -41,10 +41,16 @@ class SASRec(nn.Module):
         self.encoder = SequenceEncoder(encoding, d_model, n_blocks, n_heads, dropout, max_len, causal, residual,
                                        ffn_mult * d_model, activation, rope_base, backend)
 
+    @property
+    def needs_timestamps(self) -> bool:
+        """Whether ``encode`` needs the interactions' timestamps (the tisas encoding)."""
+        return self.encoder.needs_timestamps
+
     def encode(self, items: torch.Tensor, context: torch.Tensor | None = None,
-               padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               padding_mask: torch.Tensor | None = None,
+               timestamps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         padding = items == 0 if padding_mask is None else padding_mask
-        return self.encoder(self.items(items), padding), padding
+        return self.encoder(self.items(items), padding, timestamps), padding
 
     def score(self, profile: torch.Tensor, padding: torch.Tensor, candidates: torch.Tensor,
               candidate_context: torch.Tensor | None = None, per_position: bool = False,
@@ -67,6 +73,7 @@ class SASRec(nn.Module):
         """The item embeddings the scores are dot products with, for ``score(item_table=...)``."""
         return self.items.embedding.weight
 
-    def forward(self, items, context, candidates, candidate_context=None, per_position: bool = False):
-        profile, padding = self.encode(items, context)
+    def forward(self, items, context, candidates, candidate_context=None, per_position: bool = False,
+                timestamps=None):
+        profile, padding = self.encode(items, context, timestamps=timestamps)
         return self.score(profile, padding, candidates, candidate_context, per_position)

@@ -1,6 +1,11 @@
 """Drop-in ``nn.Module``s: positional encodings and self-attention layers."""
 
-from fastpe.nn.attention import MultiheadAttention, RelativeMultiheadAttention, RotaryMultiheadAttention
+from fastpe.nn.attention import (
+    MultiheadAttention,
+    RelativeMultiheadAttention,
+    RotaryMultiheadAttention,
+    TimeIntervalMultiheadAttention,
+)
 from fastpe.nn.encodings import (
     ConcatEncoding,
     LearntEncoding,
@@ -22,6 +27,7 @@ __all__ = [
     "RotaryMultiheadAttention",
     "RotatoryEncoding",
     "SinusoidalEncoding",
+    "TimeIntervalMultiheadAttention",
     "attention_layer",
     "encoding_kind",
     "input_encoding",

@@ -10,6 +10,8 @@ is 0), and a sequence that is all padding (``key_padding_mask`` all True) gets o
 * :class:`MultiheadAttention`: no positional terms (the encoder for input-side encodings).
 * :class:`RelativeMultiheadAttention`: RMHA-k, relative keys and values (``rmha-4``).
 * :class:`RotaryMultiheadAttention`: RoPE on queries and keys (``rope``).
+* :class:`TimeIntervalMultiheadAttention`: TiSASRec's time-interval keys and values plus absolute
+  position keys and values (``tisas``); its forward also takes ``timestamps [B, L]``.
 
 ``need_weights=True`` (PyTorch's default) needs the attention matrix and so runs the plain
 PyTorch path; pass ``need_weights=False`` to use the fused kernels.
@@ -25,7 +27,7 @@ from torch import nn
 
 from fastpe._validation import check_float
 from fastpe.nn.encodings import sinusoidal_angles
-from fastpe.ops import relative_attention, rotary
+from fastpe.ops import relative_attention, rotary, time_interval_attention
 from fastpe.ops.attention import attention
 
 
@@ -150,12 +152,19 @@ class _MultiheadAttentionBase(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ):
+        return self._forward(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                             is_causal)
+
+    def _forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal,
+                 **extra):
+        # ``extra``: per-position inputs a layer needs besides q, k, v ([B, L] tensors, e.g. timestamps).
         self._check_inputs(query, key, value)
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
+            extra = {name: t.unsqueeze(0) for name, t in extra.items()}
         elif not self.batch_first:
             if query is key and key is value:
                 query = key = value = query.transpose(0, 1)
@@ -163,7 +172,7 @@ class _MultiheadAttentionBase(nn.Module):
                 query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         q, k, v = (self._heads(t) for t in self._project(query, key, value))
         dropout_p = self.dropout if self.training else 0.0
-        out, weights = self._attend(q, k, v, key_padding_mask, attn_mask, is_causal, dropout_p, need_weights)
+        out, weights = self._attend(q, k, v, key_padding_mask, attn_mask, is_causal, dropout_p, need_weights, **extra)
         b, _, lq, _ = out.shape
         out = self.out_proj(out.transpose(1, 2).reshape(b, lq, self.embed_dim))
         if key_padding_mask is not None and key_padding_mask.dtype == torch.bool:
@@ -329,4 +338,126 @@ class RotaryMultiheadAttention(_MultiheadAttentionBase):
         return result if need_weights else (result, None)
 
 
-__all__ = ["MultiheadAttention", "RelativeMultiheadAttention", "RotaryMultiheadAttention"]
+class TimeIntervalMultiheadAttention(_MultiheadAttentionBase):
+    """TiSASRec (Li, Wang and McAuley, WSDM 2020): self-attention with learned key and value
+    vectors for the clipped time interval between two interactions, plus learned absolute-position
+    key and value tables::
+
+        r_ij = min(|round((t_i - t_first)/u) - round((t_j - t_first)/u)|, K)
+        s_ij = q_i . (k_j + position_key[j] + time_key[r_ij]) / sqrt(dh)
+        o_i  = sum_j softmax(s)_ij (v_j + position_value[j] + time_value[r_ij])
+
+    ``forward(..., timestamps=t)`` takes the times ``[B, L]`` (``[L]`` unbatched) of the
+    sequence; ``u`` is ``time_unit``: ``"user"`` (the paper: each sequence's smallest nonzero
+    interval, 1 when all are equal) or a fixed positive number in the timestamps' unit (1 for
+    times already in TiSASRec's units). Padding positions' timestamps are never read.
+    ``time_span`` is K (TiSASRec's default 256). Interval tables are one pair per head
+    (``[h, K+1, dh]``, TiSASRec's layout: its ``[K+1, d]`` embeddings split by head) or shared
+    (``per_head_tables=False``); ``position_tables=False`` drops the absolute-position terms.
+    Position ``j`` is the index in the (left-padded) window, ``max_len`` rows. Self-attention only.
+    Never builds ``[B, L, L, d]``: see :func:`fastpe.ops.time_interval_attention`.
+    """
+
+    needs_timestamps = True
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = True,
+        device=None,
+        dtype=None,
+        time_span: int = 256,
+        time_unit: str | float = "user",
+        max_len: int = 512,
+        per_head_tables: bool = True,
+        position_tables: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__(embed_dim, num_heads, dropout, bias, kdim, vdim, batch_first, device, dtype)
+        if isinstance(time_span, bool) or not isinstance(time_span, int) or time_span < 0:
+            raise ValueError(f"time_span must be an integer >= 0, got {time_span!r}")
+        if time_unit != "user" and not (isinstance(time_unit, (int, float)) and not isinstance(time_unit, bool)
+                                        and math.isfinite(time_unit) and time_unit > 0):
+            raise ValueError(f"time_unit must be 'user' or a positive number, got {time_unit!r}")
+        if max_len <= 0:
+            raise ValueError(f"max_len must be positive, got {max_len}")
+        self.time_span = time_span
+        self.time_unit = time_unit
+        self.max_len = max_len
+        self.per_head_tables = per_head_tables
+        self.position_tables = position_tables
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        rows = (num_heads, time_span + 1, self.head_dim) if per_head_tables else (time_span + 1, self.head_dim)
+        self.time_key = nn.Parameter(torch.empty(rows, **factory))
+        self.time_value = nn.Parameter(torch.empty(rows, **factory))
+        if position_tables:
+            self.position_key = nn.Parameter(torch.empty(num_heads, max_len, self.head_dim, **factory))
+            self.position_value = nn.Parameter(torch.empty(num_heads, max_len, self.head_dim, **factory))
+        else:
+            self.register_parameter("position_key", None)
+            self.register_parameter("position_value", None)
+        self.reset_time_tables()
+
+    def reset_time_tables(self) -> None:
+        # Small compared with q and k so that training starts close to plain attention.
+        for table in (self.time_key, self.time_value, self.position_key, self.position_value):
+            if table is not None:
+                nn.init.normal_(table, std=1.0 / math.sqrt(self.head_dim))
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, time_span={self.time_span}, time_unit={self.time_unit!r}, "
+                f"max_len={self.max_len}, per_head_tables={self.per_head_tables}, position_tables={self.position_tables}")
+
+    def config(self) -> dict:
+        return {
+            **super().config(), "time_span": self.time_span, "time_unit": self.time_unit, "max_len": self.max_len,
+            "per_head_tables": self.per_head_tables, "position_tables": self.position_tables, "backend": self.backend,
+        }
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        timestamps: torch.Tensor | None = None,
+    ):
+        if timestamps is None:
+            raise ValueError("TimeIntervalMultiheadAttention needs timestamps=[B, L] (the time of every position)")
+        if not isinstance(timestamps, torch.Tensor):
+            raise TypeError(f"timestamps: expected a torch.Tensor, got {type(timestamps).__name__}")
+        if timestamps.dim() != query.dim() - 1:
+            raise ValueError(f"timestamps: expected {'[L]' if query.dim() == 2 else '[B, L]'} for a query of shape "
+                             f"{tuple(query.shape)}, got {tuple(timestamps.shape)}")
+        return self._forward(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                             is_causal, timestamps=timestamps)
+
+    def _positions(self, table: torch.Tensor | None, length: int) -> torch.Tensor | None:
+        if table is None:
+            return None
+        if length > self.max_len:
+            raise ValueError(f"sequence length {length} exceeds the configured maximum max_len={self.max_len}")
+        return table[:, :length]
+
+    def _attend(self, q, k, v, key_padding_mask, attn_mask, is_causal, dropout_p, need_weights, timestamps=None):
+        length = k.shape[2]
+        result = time_interval_attention(
+            q, k, v, self.time_key, self.time_value, timestamps, time_unit=self.time_unit,
+            pos_k=self._positions(self.position_key, length), pos_v=self._positions(self.position_value, length),
+            key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p,
+            backend=self.backend, need_weights=need_weights,
+        )
+        return result if need_weights else (result, None)
+
+
+__all__ = ["MultiheadAttention", "RelativeMultiheadAttention", "RotaryMultiheadAttention", "TimeIntervalMultiheadAttention"]

@@ -65,7 +65,10 @@ class ModelScorer:
         ctx = _tensor(None if d.context is None else d.context[rows], self.device)
         tctx = _tensor(None if d.target_context is None else d.target_context[rows][:, None, :], self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
-            profile, padding = self.model.encode(items, ctx)
+            times = {}
+            if getattr(self.model, "needs_timestamps", False):
+                times["timestamps"] = _tensor(d.times[rows], self.device)
+            profile, padding = self.model.encode(items, ctx, **times)
             # Many candidates per user (full ranking): gather per-item terms computed once.
             table = None
             if candidates.shape[1] > self.eval_table_threshold:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 def sampled_bce_loss(model, items, context, targets, target_context, n_items: int, n_negatives: int,
                      generator: torch.Generator | None, per_position: bool, n_targets: torch.Tensor | None = None,
-                     shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+                     shard: tuple[int, int] = (0, 1), timestamps: torch.Tensor | None = None) -> torch.Tensor:
     """Binary cross-entropy of each target against ``n_negatives`` uniformly sampled items.
 
     targets ``[B, T]`` (0 = no target). Negatives are drawn on the targets' device from
@@ -37,7 +37,8 @@ def sampled_bce_loss(model, items, context, targets, target_context, n_items: in
     if world > 1:
         negatives = negatives[rank * b:(rank + 1) * b]
     candidates = torch.cat([targets.unsqueeze(-1), negatives], dim=-1)
-    logits = model(items, context, candidates, target_context, per_position).float()
+    times = {} if timestamps is None else {"timestamps": timestamps}  # [B, L], for time-aware encodings (tisas)
+    logits = model(items, context, candidates, target_context, per_position, **times).float()
     has_target = targets != 0
     seen = torch.cat([items, targets], dim=1)
     clash = (negatives.unsqueeze(-1) == seen[:, None, None, :]).any(dim=-1)

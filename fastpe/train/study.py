@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from fastpe.data import leave_one_out, load_dataset
 from fastpe.demo import format_table
+from fastpe.nn.factory import needs_timestamps
 from fastpe.train import distributed
 from fastpe.train import validation
 from fastpe.train.checkpoint import atomic_write_text, json_text
@@ -209,7 +210,10 @@ def _run_study(base, encodings, seeds, out, resume, log, data, main, lock) -> di
         log(f"note: {lock.note}")
     started = time.perf_counter()
     data = data if data is not None else load_dataset(base.data, base.data_root, base.data_format, base.synthetic,
-                                                               base.columns)
+                                                      base.columns)
+    timed = [e for e in encodings if needs_timestamps(e)]
+    if timed and data.timestamps is None:  # say so before any run trains
+        raise ValueError(f"encodings {', '.join(timed)} need timestamps, and the data set {data.name!r} has none")
     log(f"study: {data.describe()}; model {base.model}; {len(encodings)} encodings x {len(seeds)} seeds -> {out}")
     for note in data.notes:
         log(f"data: {note}")

@@ -32,6 +32,7 @@ from fastpe.data import leave_one_out, load_dataset
 from fastpe.data.readers import InteractionData
 from fastpe.data.split import Split, epoch_batches, n_batches
 from fastpe.models import build_model
+from fastpe.nn.factory import needs_timestamps
 from fastpe.ops import _dispatch as dispatch
 from fastpe.train import checkpoint as ckpt
 from fastpe.train import distributed
@@ -168,10 +169,13 @@ def _move(a, device):
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
-def _batch_tensors(batch, device, use_context: bool):
+def _batch_tensors(batch, device, use_context: bool, use_times: bool = False):
+    """``(items, context, targets, target_context)``; with ``use_times`` also ``(None, timestamps)``,
+    so that the step's ``loss_fn(*tensors)`` gets them as ``n_targets=None, timestamps=...``."""
     ctx = use_context and batch.context is not None
-    return (_move(batch.items, device), _move(batch.context, device) if ctx else None, _move(batch.targets, device),
-            _move(batch.target_context, device) if ctx else None)
+    tensors = (_move(batch.items, device), _move(batch.context, device) if ctx else None, _move(batch.targets, device),
+               _move(batch.target_context, device) if ctx else None)
+    return (*tensors, None, _move(batch.times, device)) if use_times else tensors
 
 
 def short_candidates_warning(stage, eval_negatives: int) -> list[str]:
@@ -222,6 +226,9 @@ class Run:
                                                                cfg.columns)
         self.split = leave_one_out(self.data)
         self.warnings = check_data(self.split, cfg)
+        self.use_times = needs_timestamps(cfg.encoding)
+        if self.use_times and self.data.timestamps is None:
+            raise ValueError(f"encoding {cfg.encoding!r} needs timestamps, and the data set {self.data.name!r} has none")
         self.causal, _ = model_defaults(cfg)
         self.mode = target_mode(cfg, self.causal)
         torch.manual_seed(cfg.seed)
@@ -265,18 +272,20 @@ class Run:
             self.log(warning)
 
     # ----------------------------------------------------------------------------------- steps
-    def loss_fn(self, items, context, targets, target_context, n_targets=None):
+    def loss_fn(self, items, context, targets, target_context, n_targets=None, timestamps=None):
         return sampled_bce_loss(self.train_model, items, context, targets, target_context, self.split.n_items,
                                 self.cfg.negatives, self.sampler, self.mode == "all", n_targets,
-                                (self.rank, self.world))
+                                (self.rank, self.world), timestamps)
 
     def batch_tensors(self, batch) -> tuple:
         """The step's inputs: the batch, or with several processes this process's rows of it and the
         global batch's number of targets (known to every process from the same global batch)."""
         if self.world == 1:
-            return _batch_tensors(batch, self.device, self.use_context)
+            return _batch_tensors(batch, self.device, self.use_context, self.use_times)
         n_targets = np.asarray(max(int((batch.targets != 0).sum()), 1), dtype=np.float32)
-        return (*_batch_tensors(batch.rows(*self.rows), self.device, self.use_context), _move(n_targets, self.device))
+        rows = batch.rows(*self.rows)
+        times = (_move(rows.times, self.device),) if self.use_times else ()
+        return (*_batch_tensors(rows, self.device, self.use_context), _move(n_targets, self.device), *times)
 
     def make_step(self, kind: str, model=None, optimizer=None):
         model = model or self.model
@@ -284,10 +293,10 @@ class Run:
         if model is self.model:
             loss_fn = self.loss_fn
         else:
-            def loss_fn(items, context, targets, target_context):
+            def loss_fn(items, context, targets, target_context, n_targets=None, timestamps=None):
                 return sampled_bce_loss(model, items, context, targets, target_context, self.split.n_items,
                                         self.cfg.negatives, None if kind == "graphed" else self.sampler,
-                                        self.mode == "all")
+                                        self.mode == "all", timestamps=timestamps)
         if kind == "graphed" and self.cfg.compile:
             loss_fn = torch.compile(loss_fn, dynamic=False, backend=self.cfg.compile_backend)
         options = {"compile_backend": self.cfg.compile_backend} if kind == "compiled" else {}
@@ -574,7 +583,7 @@ class Run:
         warmup = 5
         batches = []
         for batch in epoch_batches(self.split, cfg.batch_size, cfg.max_len, self.mode, rng, max(1, cfg.samples_per_user)):
-            batches.append(_batch_tensors(batch, self.device, self.use_context))
+            batches.append(_batch_tensors(batch, self.device, self.use_context, self.use_times))
             if len(batches) == warmup + steps:
                 break
         while len(batches) < warmup + steps:
