@@ -9,17 +9,17 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from fastpe.train.config import TrainConfig
+from fastpe.train.presets import DEFAULT_PRESET, PRESETS, deviations_text, get_preset, preset_help
 
-# Without --data the commands run on the built-in synthetic set with these small settings, so that
-# the whole study (every encoding, 2 seeds) finishes in a few minutes on a 2-core CPU.
-# One thread: at this size a second thread gains nothing and suffers most when the CPU is shared.
-SYNTHETIC_PRESET = {
-    "d_model": 32, "n_blocks": 1, "max_len": 16, "epochs": 12, "lr": 5e-3, "dropout": 0.1,
-    "samples_per_user": 10, "warmup_steps": 20, "threads": 1,
-}
+# Without --data and --preset the commands run on the built-in synthetic set with the small "demo"
+# settings, so that the whole study (every encoding, 2 seeds) finishes in about 3 minutes on a
+# 2-core CPU. One thread: at this size a second thread gains nothing and suffers most when the CPU
+# is shared.
+SYNTHETIC_PRESET = PRESETS[DEFAULT_PRESET].config
 
-PRESET_NOTE = ("On the synthetic data (no --data) options not given take these values instead of the defaults "
-               "shown below: " + ", ".join(f"{k}={v}" for k, v in SYNTHETIC_PRESET.items()) + ".")
+PRESET_NOTE = (f"On the synthetic data (no --data) without --preset, options not given take the values of the "
+               f"'{DEFAULT_PRESET}' preset instead of the defaults shown below: "
+               + ", ".join(f"{k}={v}" for k, v in SYNTHETIC_PRESET.items()) + ".")
 
 HELP = {
     "data": "'synthetic' (default), ml-100k, beauty, sports, beauty-pairs, wikipedia, or a path",
@@ -31,6 +31,8 @@ HELP = {
     "causal": "causal self-attention (default: CARCA bidirectional, SASRec causal)",
     "residual": "self-attention residual: mul (CARCA's default) or add (SASRec's default)",
     "cross_residual": "CARCA cross-attention residual: mul, add or none",
+    "next_slot": "CARCA: append a learned slot for the item to predict after the most recent item, so that "
+                 "encodings acting only inside self-attention (rope, rmha-k) reach the readout",
     "backend": "fastpe backend: auto (fused kernels on GPU), torch, triton, cuda, reference",
     "target": "training targets: all (every position; causal only), prefix (one held-out next item), auto",
     "samples_per_user": "training examples per user and epoch",
@@ -83,10 +85,23 @@ def add_config_options(parser: argparse.ArgumentParser, skip=()) -> None:
             parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default {default})")
 
 
+def preset_name(args: argparse.Namespace) -> str | None:
+    """The preset in force: ``--preset``, else the demo on the synthetic data, else none."""
+    name = getattr(args, "preset", None)
+    if name is None and (getattr(args, "data", None) or "synthetic") == "synthetic":
+        name = DEFAULT_PRESET
+    return name
+
+
+def given_options(args: argparse.Namespace, skip=()) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+            if f.name not in skip and getattr(args, f.name, None) is not None}
+
+
 def config_from_args(args: argparse.Namespace, skip=()) -> TrainConfig:
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-             if f.name not in skip and getattr(args, f.name, None) is not None}
-    values = dict(SYNTHETIC_PRESET) if given.get("data", "synthetic") == "synthetic" else {}
+    given = given_options(args, skip)
+    name = preset_name(args)
+    values = dict(get_preset(name).config) if name else {}
     if "synthetic" in given:
         given["synthetic"] = {**values.get("synthetic", {}), **given["synthetic"]}
     values.update(given)
@@ -94,8 +109,14 @@ def config_from_args(args: argparse.Namespace, skip=()) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def add_preset_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=list(PRESETS), default=None, metavar="NAME",
+                        help="start from a named configuration; options given override it. " + preset_help())
+
+
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train and evaluate one configuration", description=PRESET_NOTE)
+    add_preset_option(p)
     add_config_options(p)
     p.set_defaults(run=run_train)
 
@@ -105,6 +126,16 @@ def add_study(sub) -> None:
                        description=PRESET_NOTE)
     p.add_argument("--encodings", default="all", help="'all' or a comma-separated list (default all)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds, 0..N-1 (default 2 on synthetic data, 3 otherwise)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="runs trained at once, one process each: threads split among them on a CPU (each run gets "
+                        "--threads, default cores / jobs), one GPU each on a multi-GPU machine. Default 0: fill the "
+                        "machine (one run per GPU; on a CPU cores / --threads, or 1 without --threads). With "
+                        "--executor ray and no --address: the CPUs of the local Ray instance (0: all)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: this machine (default); ray: each run a Ray task (pip install 'fastpe[ray]')")
+    p.add_argument("--address", default=None,
+                   help="with --executor ray: the Ray cluster to join (e.g. head:6379 or auto; default a local instance)")
+    add_preset_option(p)
     add_config_options(p, skip=("encoding", "seed", "stop_after_epochs"))
     p.set_defaults(run=run_study_command)
 
@@ -115,6 +146,9 @@ def run_train(args) -> int:
 
     cfg = config_from_args(args)
     summary = train(cfg)
+    name = preset_name(args)
+    if name and distributed.is_main() and not summary.get("interrupted"):
+        (Path(summary["out_dir"]) / "preset.md").write_text(deviations_text(name, given_options(args)) + "\n")
     if not distributed.is_main():  # several processes (torchrun): the first one reports
         return 0
     if summary.get("interrupted"):
@@ -140,13 +174,25 @@ def run_study_command(args) -> int:
     from fastpe.train import distributed
     from fastpe.train.study import parse_encodings, run_study
 
-    cfg = config_from_args(args, skip=("encoding", "seed", "stop_after_epochs"))
+    skip = ("encoding", "seed", "stop_after_epochs")
+    cfg = config_from_args(args, skip=skip)
     seeds = args.seeds if args.seeds is not None else (2 if cfg.data == "synthetic" else 3)
-    result = run_study(cfg, parse_encodings(args.encodings), list(range(seeds)), cfg.out_dir, resume=cfg.resume)
+    if args.address and args.executor != "ray":
+        raise ValueError("--address is for --executor ray")
+    jobs = args.jobs
+    if jobs == 0 and args.executor == "local":
+        from fastpe.train.executors import auto_jobs
+
+        jobs = 1 if distributed.launched() else auto_jobs(cfg, len(parse_encodings(args.encodings)) * seeds)
+    name = preset_name(args)
+    notes = deviations_text(name, given_options(args, skip)) if name else ""
+    result = run_study(cfg, parse_encodings(args.encodings), list(range(seeds)), cfg.out_dir, resume=cfg.resume,
+                       jobs=jobs, executor=args.executor, address=args.address, notes=notes)
     if not distributed.is_main():
         return 0
     print(f"\n{result['dataset']}; {cfg.model}; test metrics, mean ± std over {seeds} seeds; wall time "
           f"{result['wall_seconds']:.0f} s")
     print(result["text"])
+    print(result["reading"])
     print(f"outputs: {result['out_dir']}/ (results.md, runs.csv, runs.json, plot.png, curves.png)")
     return 0

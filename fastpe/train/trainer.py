@@ -80,6 +80,9 @@ def target_mode(cfg: TrainConfig, causal: bool) -> str:
 
 def make_model(cfg: TrainConfig, split: Split) -> torch.nn.Module:
     causal, residual = model_defaults(cfg)
+    if cfg.next_slot and cfg.model.lower() != "carca":
+        raise ValueError("next_slot is a CARCA option; SASRec already reads its most recent position")
+    options = {"next_slot": True} if cfg.next_slot else {}
     features = None
     if cfg.use_attributes and split.data.item_features is not None and split.data.item_features.shape[1]:
         features = torch.as_tensor(split.data.item_features)
@@ -88,7 +91,7 @@ def make_model(cfg: TrainConfig, split: Split) -> torch.nn.Module:
         dropout=cfg.dropout, max_len=cfg.max_len, encoding=cfg.encoding, item_features=features,
         context_dim=split.context_dim if cfg.use_context else 0, causal=causal, residual=residual,
         cross_residual=cfg.cross_residual, ffn_mult=cfg.ffn_mult, activation=cfg.activation,
-        rope_base=cfg.rope_base, backend=cfg.backend,
+        rope_base=cfg.rope_base, backend=cfg.backend, **options,
     )
 
 
