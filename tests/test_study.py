@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import replace
 
 import pytest
 
@@ -51,7 +50,7 @@ def test_study_writes_table_reading_csv_json_and_plots(study):
     text = open(f"{out}/results.md").read()
     for word in ("| none", "| learnt", "| popularity", "| ceiling, order-aware", "| ceiling, order-blind",
                  "sampled ndcg@10", "sampled hit@1", "± ", "train seq/s", "wall time", "2 processes",
-                 "Reading (test sampled_ndcg@10", "runs converged"):
+                 "Reading (test sampled_ndcg@10", "runs converged", "CPU time of the runs"):
         assert word in text, word
     with open(f"{out}/runs.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -59,6 +58,7 @@ def test_study_writes_table_reading_csv_json_and_plots(study):
     saved = json.load(open(f"{out}/runs.json"))
     assert saved["runs"] == result["runs"] and saved["popularity_test"]["sampled_ndcg@10"] > 0
     assert saved["references"]["ceiling, order-blind"]["sampled_hit@1"] < 0.5
+    assert all(r["cpu_seconds"] > 0 and r["train_seq_per_s"] > 0 for r in result["runs"])
     for image in ("plot.png", "curves.png"):
         assert open(f"{out}/{image}", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -206,4 +206,4 @@ def test_study_rejects_bad_executor_options(tmp_path):
     with pytest.raises(ValueError, match="executor"):
         run_study(TINY, ["none"], [0], tmp_path, executor="spark")
     with pytest.raises(ValueError, match="jobs"):
-        run_study(replace(TINY), ["none"], [0], tmp_path, jobs=0)
+        run_study(TINY, ["none"], [0], tmp_path, jobs=0)

@@ -77,7 +77,8 @@ def run_row(summary: dict, cutoffs) -> dict:
     row.update({
         "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
         "train_seq_per_s": summary["train_seq_per_s"], "train_seconds": summary["train_seconds"],
-        "eval_seconds": summary["eval_seconds"], "step": summary["step"], "backend": summary["backend"],
+        "eval_seconds": summary["eval_seconds"], "cpu_seconds": summary.get("cpu_seconds", math.nan),
+        "step": summary["step"], "backend": summary["backend"],
         "device": summary["device"], "world_size": summary.get("world_size", 1),  # absent before data parallelism
         "parameters": summary["parameters"],
     })
@@ -125,6 +126,7 @@ def reading(rows: list[dict], encodings: list[str], metric: str, baseline: str =
     runs converged."""
     done = sum(converged(r) for r in rows)
     tail = f"{done} of {len(rows)} runs converged (best validation epoch before the last, or early stopping)."
+
     def values(name):
         return [r[f"test_{metric}"] for r in rows if r["encoding"] == name and not math.isnan(r[f"test_{metric}"])]
     base = values(baseline)
@@ -255,10 +257,10 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
              f"{jobs} processes" if jobs > 1 else "one process")
     log(f"study: {data.describe()}; model {base.model}; {len(encodings)} encodings x {len(seeds)} seeds -> {out} "
         f"({where})")
-    jobs_list = [(e, s) for e in encodings for s in seeds]
+    pairs = [(e, s) for e in encodings for s in seeds]
     summaries: dict[int, dict] = {}
     todo, configs = [], []
-    for index, (encoding, seed) in enumerate(jobs_list):
+    for index, (encoding, seed) in enumerate(pairs):
         run_dir = out / "runs" / encoding / f"seed{seed}"
         if resume and (run_dir / "summary.json").exists():
             summaries[index] = json.loads((run_dir / "summary.json").read_text())
@@ -273,7 +275,7 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
         finished = executors.run_local(configs, data, jobs)
     else:
         finished = executors.run_sequential(configs, data, train)
-    bar = tqdm(total=len(jobs_list), initial=reused, desc="study", disable=not (base.progress and main),
+    bar = tqdm(total=len(pairs), initial=reused, desc="study", disable=not (base.progress and main),
                dynamic_ncols=True)
     k = 10 if 10 in base.cutoffs else base.cutoffs[0]
     for position, summary in finished:
@@ -284,9 +286,10 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
             summary_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(json.dumps(summary, indent=2), summary_path)
         row = run_row(summary, base.cutoffs)
-        line = (f"{row['encoding']:>12} seed {row['seed']}: test sampled NDCG@{k} {row[f'test_sampled_ndcg@{k}']:.4f}, "
-                f"full NDCG@{k} {row[f'test_full_ndcg@{k}']:.4f} (best epoch {row['best_epoch']} of "
-                f"{row['epochs_run']}, {row['train_seq_per_s']:.0f} seq/s)")
+        full = row[f"test_full_ndcg@{k}"]
+        line = (f"{row['encoding']:>12} seed {row['seed']}: test sampled NDCG@{k} {row[f'test_sampled_ndcg@{k}']:.4f}"
+                + ("" if math.isnan(full) else f", full NDCG@{k} {full:.4f}")
+                + f" (best epoch {row['best_epoch']} of {row['epochs_run']}, {row['train_seq_per_s']:.0f} seq/s)")
         bar.update(1)
         if base.progress:
             bar.write(line)
@@ -310,7 +313,8 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
               f"{', history excluded' if base.exclude_history else ''}.\n\n"
               f"Machine: {platform.node() or 'unknown'}, {platform.processor() or platform.machine()}, "
               f"torch {torch.__version__}, {base.threads or torch.get_num_threads()} threads; device {rows[0]['device'] if rows else '-'}; "
-              f"wall time {wall:.0f} s ({where}){_reuse_note(reused, len(jobs_list), rows)}.\n\n")
+              f"wall time {wall:.0f} s ({where}){_reuse_note(reused, len(pairs), rows)}; CPU time of the runs "
+              f"{sum(r['cpu_seconds'] for r in rows):.0f} s (all threads: with one thread per run, their time on idle cores).\n\n")
     config = {k: v for k, v in base.to_dict().items() if k not in ("encoding", "seed", "out_dir", "resume", "progress")}
     result = {"data": data.name, "dataset": data.describe(), "model": base.model, "encodings": encodings, "seeds": seeds,
               "config": config, "wall_seconds": wall, "popularity_test": popularity, "references": references,

@@ -152,6 +152,7 @@ class RunState:
     history: list = field(default_factory=list)
     train_seconds: float = 0.0
     train_sequences: int = 0
+    cpu_seconds: float = 0.0  # CPU time of this run's processes (all threads): its cost on an idle machine
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -335,8 +336,14 @@ class Run:
         return evaluate(scorer, stage, self.split.n_items, self.cfg.cutoffs, sampled, full, self.cfg.exclude_history,
                         self.cfg.eval_batch_size, self.device, sharded=True)
 
+    def charge_cpu(self) -> None:
+        now = time.process_time()
+        self.state.cpu_seconds += now - self.cpu_mark
+        self.cpu_mark = now
+
     def execute(self) -> dict:
         cfg = self.cfg
+        self.cpu_mark = time.process_time()
         last, best = self.out_dir / "last.pt", self.out_dir / "best.pt"
         if last.exists():
             if not cfg.resume:
@@ -364,6 +371,7 @@ class Run:
             else:
                 self.state.bad_epochs += 1
             self.state.epoch = epoch + 1
+            self.charge_cpu()
             self.state.history.append({"epoch": epoch + 1, "loss": loss, **{f"valid_{k}": v for k, v in metrics.items()}})
             if cfg.patience and self.state.bad_epochs >= cfg.patience:
                 self.state.stopped_early = True
@@ -405,6 +413,7 @@ class Run:
                                                cfg.exclude_history, cfg.eval_batch_size, self.device, sharded=True))
         valid_metrics, test_metrics = metrics["valid"], metrics["test"]
         eval_seconds = time.perf_counter() - start
+        self.charge_cpu()
         throughput = {self.step_kind(): self.state.train_sequences / max(self.state.train_seconds, 1e-9)}
         if cfg.benchmark_steps and self.world == 1:
             throughput.update(self.benchmark(cfg.benchmark_steps))
@@ -431,6 +440,7 @@ class Run:
             "best_epoch": self.state.best_epoch,
             "stopped_early": self.state.stopped_early,
             "train_seconds": self.state.train_seconds,
+            "cpu_seconds": self.state.cpu_seconds,
             "eval_seconds": eval_seconds,
             "train_seq_per_s": throughput[self.step_kind()],
             "throughput_seq_per_s": throughput,
