@@ -128,14 +128,20 @@ def get_preset(name: str) -> Preset:
         raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}") from None
 
 
-def deviations_text(name: str, changed: dict) -> str:
-    """Markdown: the preset, the options that override it, and every deviation from the paper."""
+# Options that change where or how fast a run executes, not what it computes.
+_EXECUTION = {"out_dir", "resume", "progress", "threads", "data_root", "device", "backend", "benchmark_steps"}
+
+
+def deviations_text(name: str, given: dict) -> str:
+    """Markdown: the preset, the options given on the command line (those that change the preset's
+    values are deviations from the paper too), and every deviation of fastpe's run from the paper."""
     preset = get_preset(name)
     lines = [f"Preset `{name}`: {preset.description}."]
-    overridden = {k: v for k, v in changed.items() if k in preset.config and preset.config[k] != v}
-    if overridden:
-        lines.append("Changed from the preset on the command line: "
-                     + ", ".join(f"{k}={v!r} (preset {preset.config[k]!r})" for k, v in overridden.items()) + ".")
+    chosen = {k: v for k, v in given.items() if k not in _EXECUTION}
+    if chosen:
+        lines.append("Options given on the command line: " + ", ".join(
+            f"{k}={v!r}" + (f" (preset {preset.config[k]!r})" if k in preset.config and preset.config[k] != v else "")
+            for k, v in chosen.items()) + ".")
     if preset.deviations:
         lines.append("Deviations from the paper:")
         lines.extend(f"- {text}" for text in preset.deviations)

@@ -90,12 +90,14 @@ def aggregate(rows: list[dict], encodings: list[str], cutoffs, popularity: dict 
     """One row per encoding: ``mean ± std`` over seeds of the test metrics and the throughput;
     then the popularity baseline and any ``references`` (name -> metrics, e.g. ceilings)."""
     table = []
+    # Metrics no run computed (full ranking switched off) get no column.
+    keys = [key for key in metric_keys(cutoffs) if not rows or any(not math.isnan(r[f"test_{key}"]) for r in rows)]
     for name in encodings:
         mine = [r for r in rows if r["encoding"] == name]
         if not mine:
             continue
         line = {"encoding": name, "runs": str(len(mine))}
-        for key in metric_keys(cutoffs):
+        for key in keys:
             mean, std = _mean_std([r[f"test_{key}"] for r in mine])
             # One run has no spread: print its value alone rather than a misleading "± 0".
             cell = f"{mean:.4f} ± {std:.4f}" if len(mine) > 1 else f"{mean:.4f}"
@@ -106,7 +108,7 @@ def aggregate(rows: list[dict], encodings: list[str], cutoffs, popularity: dict 
         table.append(line)
     for name, metrics in {**({"popularity": popularity} if popularity else {}), **(references or {})}.items():
         line = {"encoding": name, "runs": "-"}
-        for key in metric_keys(cutoffs):
+        for key in keys:
             line[key.replace("sampled_", "sampled ").replace("full_", "full ")] = f"{metrics.get(key, math.nan):.4f}"
         line["train seq/s"] = "-"
         line["step, backend"] = "-"
@@ -309,8 +311,9 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
     header = (f"# fastpe study: {data.name}, {base.model}\n\n"
               f"{data.describe()}. {len(encodings)} encodings x {len(seeds)} seeds (seeds {', '.join(map(str, seeds))}); "
               f"test metrics of the checkpoint selected on validation ({base.select_metric}), mean ± std over seeds. "
-              f"Sampled: the positive among {base.eval_negatives} negatives, ties counted against it; full: all items"
-              f"{', history excluded' if base.exclude_history else ''}.\n\n"
+              f"Sampled: the positive among {base.eval_negatives} negatives, ties counted against it"
+              + (f"; full: all items{', history excluded' if base.exclude_history else ''}" if base.full_ranking
+                 else "") + ".\n\n"
               f"Machine: {platform.node() or 'unknown'}, {platform.processor() or platform.machine()}, "
               f"torch {torch.__version__}, {base.threads or torch.get_num_threads()} threads; device {rows[0]['device'] if rows else '-'}; "
               f"wall time {wall:.0f} s ({where}){_reuse_note(reused, len(pairs), rows)}; CPU time of the runs "
