@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -212,3 +213,15 @@ def test_study_rejects_bad_executor_options(tmp_path):
         run_study(TINY, ["none"], [0], tmp_path, executor="spark")
     with pytest.raises(ValueError, match="jobs"):
         run_study(TINY, ["none"], [0], tmp_path, jobs=0)
+
+
+def test_default_jobs_fill_the_cores_with_runs_of_the_given_threads(monkeypatch):
+    from fastpe.train import executors
+
+    monkeypatch.setattr(executors.os, "cpu_count", lambda: 8)
+    cpu = replace(TINY, device="cpu")
+    assert executors.auto_jobs(replace(cpu, threads=1), runs=18) == 8
+    assert executors.auto_jobs(replace(cpu, threads=4), runs=18) == 2
+    assert executors.auto_jobs(replace(cpu, threads=1), runs=3) == 3
+    assert executors.auto_jobs(replace(cpu, threads=0), runs=18) == 1  # torch's own threads use every core
+    assert executors.threads_per_run(replace(cpu, threads=0), jobs=4) == 2
