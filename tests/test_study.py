@@ -177,6 +177,11 @@ def test_study_with_a_preset_writes_its_deviations(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "Preset `carca-beauty`" in text and "Deviations from the paper:" in text and "held-out next item" in text
     assert "epochs=1 (preset 1801)" in text and "data='synthetic' (preset 'beauty')" in text
+    run = tmp_path / "train"
+    assert main(["train", "--preset", "sasrec", "--synthetic", "n_users=30", "--epochs", "1", "--d-model", "8",
+                 "--no-full-ranking", "--no-progress", "--out-dir", str(run)]) == 0
+    assert "Preset `sasrec`" in (run / "preset.md").read_text()
+    assert json.loads((run / "config.json").read_text())["activation"] == "relu"
 
 
 def test_reading_names_the_encodings_beyond_two_standard_errors():

@@ -146,9 +146,8 @@ def run_train(args) -> int:
 
     cfg = config_from_args(args)
     summary = train(cfg)
-    name = preset_name(args)
-    if name and distributed.is_main() and not summary.get("interrupted"):
-        (Path(summary["out_dir"]) / "preset.md").write_text(deviations_text(name, given_options(args)) + "\n")
+    if args.preset and distributed.is_main() and not summary.get("interrupted"):  # a paper's configuration
+        (Path(summary["out_dir"]) / "preset.md").write_text(deviations_text(args.preset, given_options(args)) + "\n")
     if not distributed.is_main():  # several processes (torchrun): the first one reports
         return 0
     if summary.get("interrupted"):
