@@ -93,6 +93,34 @@ def test_bidirectional_profile_is_order_blind_without_encoding_but_not_with_one(
             assert not torch.allclose(model(rev, rctx, cands, cctx)[3], model(items, ctx, cands, cctx)[3], atol=1e-4), encoding
 
 
+@pytest.mark.parametrize("encoding", fastpe.ENCODINGS)
+def test_next_slot_keeps_none_order_blind_and_lets_every_encoding_see_order(encoding):
+    # The slot sits after the most recent item; without an encoding it is one more set member.
+    items, ctx, cands, cctx = batch()
+    items[3] = torch.arange(1, L + 1)
+    rev, rctx = items.clone(), ctx.clone()
+    rev[3], rctx[3] = items[3].flip(0), ctx[3].flip(0)
+    model = carca(encoding, next_slot=True)
+    with torch.no_grad():
+        out = model(items, ctx, cands, cctx)
+        assert out.shape == (4, 1, 7) and torch.isfinite(out).all()
+        profile, padding = model.encode(items, ctx)
+        assert profile.shape == (4, L + 1, D) and not padding[:, -1].any()
+        flipped = model(rev, rctx, cands, cctx)[3]
+    if encoding == "none":
+        torch.testing.assert_close(flipped, out[3], atol=1e-5, rtol=1e-5)
+    else:
+        assert not torch.allclose(flipped, out[3], atol=1e-4), encoding
+
+
+def test_next_slot_needs_a_bidirectional_encoder_and_a_length_within_max_len():
+    with pytest.raises(ValueError, match="bidirectional"):
+        carca("rope", causal=True, next_slot=True)
+    model = carca("rope", next_slot=True)
+    with pytest.raises(ValueError, match="max_len"):
+        model.encode(torch.ones(1, L + 1, dtype=torch.long), torch.rand(1, L + 1, 6))
+
+
 def test_causal_per_position_scores_do_not_see_the_future():
     model = carca("rope", causal=True)
     items, ctx, _, _ = batch()

@@ -8,6 +8,13 @@ Scoring: each candidate item (embedded with the same fusion and the context of t
 candidate's own representation (CARCA's multiplicative residual; "add"/"none" optional) and a
 linear layer gives one logit per candidate.
 
+``next_slot=True`` appends a learned vector after the most recent item, a slot for the item to
+predict (as BERT4Rec's mask token at the end of the sequence). It goes through the encoder with a
+position like any item, so an encoding that acts only inside self-attention (``rope``, ``rmha-k``)
+can gather "the item two steps back" into it; candidates, still without a position, find the slot
+by its content. Without the slot such encodings reshape the profile's attention but the
+position-free cross-attention cannot tell which profile row is the most recent.
+
 Batches are left-padded (most recent item last), item id 0 is padding; a fully padded profile
 gives finite logits.
 """
@@ -41,8 +48,12 @@ class CARCA(nn.Module):
         activation: str = "gelu",
         rope_base: float = 1000.0,
         backend: str = "auto",
+        next_slot: bool = False,
     ):
         super().__init__()
+        if next_slot and causal:
+            raise ValueError("next_slot is for a bidirectional encoder: a causal one reads every position's own "
+                             "next item")
         if cross_residual not in ("mul", "add", "none"):
             raise ValueError(f"cross_residual must be 'mul', 'add' or 'none', got {cross_residual!r}")
         self.n_items = n_items
@@ -50,8 +61,10 @@ class CARCA(nn.Module):
         self.causal = causal
         self.cross_residual = cross_residual
         self.items = ItemRepresentation(n_items, d_model, item_features, context_dim, fusion_dim)
-        self.encoder = SequenceEncoder(encoding, d_model, n_blocks, n_heads, dropout, max_len, causal, residual,
-                                       ffn_mult * d_model, activation, rope_base, backend)
+        self.next_slot = nn.Parameter(torch.randn(d_model)) if next_slot else None
+        self.max_len = max_len
+        self.encoder = SequenceEncoder(encoding, d_model, n_blocks, n_heads, dropout, max_len + int(next_slot), causal,
+                                       residual, ffn_mult * d_model, activation, rope_base, backend)
         # Plain attention: candidates are not part of the sequence and get no positional code.
         self.cross = MultiheadAttention(d_model, n_heads, dropout)
         self.out = nn.Linear(d_model, 1)
@@ -71,7 +84,15 @@ class CARCA(nn.Module):
         """Profile ``[B, L, d]`` and its padding mask ``[B, L]`` (True = padding, default ``items == 0``).
         ``timestamps [B, L]``: the time of each interaction, for time-aware encodings (tisas)."""
         padding = items == 0 if padding_mask is None else padding_mask
-        return self.encoder(self.items(items, context), padding, timestamps), padding
+        x = self.items(items, context)
+        if self.next_slot is not None:
+            if items.shape[1] > self.max_len:
+                raise ValueError(f"sequence length {items.shape[1]} exceeds max_len={self.max_len}")
+            x = torch.cat([x, self.next_slot.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
+            padding = torch.cat([padding, padding.new_zeros(padding.shape[0], 1)], dim=1)
+            if timestamps is not None:  # the slot comes after the most recent interaction, at its time
+                timestamps = torch.cat([timestamps, timestamps[:, -1:]], dim=1)
+        return self.encoder(x, padding, timestamps), padding
 
     def score(self, profile: torch.Tensor, padding: torch.Tensor, candidates: torch.Tensor,
               candidate_context: torch.Tensor | None = None, per_position: bool = False,

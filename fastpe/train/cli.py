@@ -11,17 +11,17 @@ from pathlib import Path
 from fastpe.nn.factory import ENCODINGS
 from fastpe.train import validation
 from fastpe.train.config import TrainConfig
+from fastpe.train.presets import DEFAULT_PRESET, PRESETS, deviations_text, get_preset, preset_help
 
-# Without --data the commands run on the built-in synthetic set with these small settings, so that
-# the whole study (every encoding, 2 seeds) finishes in a few minutes on a 2-core CPU.
-# One thread: at this size a second thread gains nothing and suffers most when the CPU is shared.
-SYNTHETIC_PRESET = {
-    "d_model": 32, "n_blocks": 1, "max_len": 16, "epochs": 12, "lr": 5e-3, "dropout": 0.1,
-    "samples_per_user": 10, "warmup_steps": 20, "threads": 1,
-}
+# Without --data and --preset the commands run on the built-in synthetic set with the small "demo"
+# settings, so that the whole study (every encoding, 2 seeds) finishes in about 3 minutes on a
+# 2-core CPU. One thread: at this size a second thread gains nothing and suffers most when the CPU
+# is shared.
+SYNTHETIC_PRESET = PRESETS[DEFAULT_PRESET].config
 
-PRESET_NOTE = ("On the synthetic data (no --data) options not given take these values instead of the defaults "
-               "shown below: " + ", ".join(f"{k}={v}" for k, v in SYNTHETIC_PRESET.items()) + ".")
+PRESET_NOTE = (f"On the synthetic data (no --data) without --preset, options not given take the values of the "
+               f"'{DEFAULT_PRESET}' preset instead of the defaults shown below: "
+               + ", ".join(f"{k}={v}" for k, v in SYNTHETIC_PRESET.items()) + ".")
 
 HELP = {
     "data": "'synthetic' (default), ml-100k, beauty, sports, beauty-pairs, wikipedia, or a path",
@@ -40,6 +40,8 @@ HELP = {
     "device": "auto (CUDA when available), cpu, cuda or cuda:<index>",
     "residual": "self-attention residual: mul or add (default: CARCA mul, SASRec add)",
     "cross_residual": "CARCA cross-attention residual: mul, add or none",
+    "next_slot": "CARCA: append a learned slot for the item to predict after the most recent item, so that "
+                 "encodings acting only inside self-attention (rope, rmha-k) reach the readout",
     "backend": "fastpe backend: auto (fused kernels on GPU), torch, triton, cuda, reference",
     "target": "training targets: all (every position; causal only), prefix (one held-out next item), auto",
     "samples_per_user": "training examples per user and epoch",
@@ -96,10 +98,23 @@ def add_config_options(parser: argparse.ArgumentParser, skip=()) -> None:
                         help="show the traceback of an error (also FASTPE_DEBUG=1)")
 
 
+def preset_name(args: argparse.Namespace) -> str | None:
+    """The preset in force: ``--preset``, else the demo on the synthetic data, else none."""
+    name = getattr(args, "preset", None)
+    if name is None and (getattr(args, "data", None) or "synthetic") == "synthetic":
+        name = DEFAULT_PRESET
+    return name
+
+
+def given_options(args: argparse.Namespace, skip=()) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+            if f.name not in skip and getattr(args, f.name, None) is not None}
+
+
 def config_from_args(args: argparse.Namespace, skip=()) -> TrainConfig:
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-             if f.name not in skip and getattr(args, f.name, None) is not None}
-    values = dict(SYNTHETIC_PRESET) if given.get("data", "synthetic") == "synthetic" else {}
+    given = given_options(args, skip)
+    name = preset_name(args)
+    values = dict(get_preset(name).config) if name else {}
     if "synthetic" in given:
         given["synthetic"] = {**values.get("synthetic", {}), **given["synthetic"]}
     values.update(given)
@@ -107,8 +122,14 @@ def config_from_args(args: argparse.Namespace, skip=()) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def add_preset_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=list(PRESETS), default=None, metavar="NAME",
+                        help="start from a named configuration; options given override it. " + preset_help())
+
+
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train and evaluate one configuration", description=PRESET_NOTE)
+    add_preset_option(p)
     add_config_options(p)
     p.set_defaults(run=run_train)
 
@@ -120,6 +141,16 @@ def add_study(sub) -> None:
                    help="'all' or a comma-separated list, each name once (default all)")
     p.add_argument("--seeds", type=validation.positive_int("the number of seeds"), default=None,
                    help="number of seeds, 0..N-1 (default 2 on synthetic data, 3 otherwise)")
+    p.add_argument("--jobs", type=validation.option_type("jobs", int), default=0,
+                   help="runs trained at once, one process each: threads split among them on a CPU (each run gets "
+                        "--threads, default cores / jobs), one GPU each on a multi-GPU machine. Default 0: fill the "
+                        "machine (one run per GPU; on a CPU cores / --threads, or 1 without --threads). With "
+                        "--executor ray and no --address: the CPUs of the local Ray instance (0: all)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: this machine (default); ray: each run a Ray task (pip install 'fastpe[ray]')")
+    p.add_argument("--address", default=None,
+                   help="with --executor ray: the Ray cluster to join (e.g. head:6379 or auto; default a local instance)")
+    add_preset_option(p)
     add_config_options(p, skip=STUDY_SKIPS)
     p.set_defaults(run=run_study_command)
 
@@ -137,6 +168,8 @@ def run_train(args) -> int:
         raise FileNotFoundError(f"--resume: {Path(cfg.out_dir) / 'last.pt'} does not exist, there is no run to "
                                 "continue (without --resume a new run starts there)")
     summary = train(cfg)
+    if args.preset and distributed.is_main() and not summary.get("interrupted"):  # a paper's configuration
+        (Path(summary["out_dir"]) / "preset.md").write_text(deviations_text(args.preset, given_options(args)) + "\n")
     if not distributed.is_main():  # several processes (torchrun): the first one reports
         return 0
     if summary.get("interrupted"):
@@ -167,13 +200,24 @@ def run_study_command(args) -> int:
 
     cfg = config_from_args(args, skip=STUDY_SKIPS)
     encodings = args.encodings or list(ENCODINGS)
+    if args.address and args.executor != "ray":
+        raise ValueError("--address is for --executor ray")
     validation.check_study(cfg, encodings)  # every encoding before the first run
     seeds = args.seeds if args.seeds is not None else (2 if cfg.data == "synthetic" else 3)
-    result = run_study(cfg, encodings, list(range(seeds)), cfg.out_dir, resume=cfg.resume)
+    jobs = args.jobs
+    if jobs == 0 and args.executor == "local":
+        from fastpe.train.executors import auto_jobs
+
+        jobs = 1 if distributed.launched() else auto_jobs(cfg, len(encodings) * seeds)
+    name = preset_name(args)
+    notes = deviations_text(name, given_options(args, STUDY_SKIPS)) if name else ""
+    result = run_study(cfg, encodings, list(range(seeds)), cfg.out_dir, resume=cfg.resume,
+                       jobs=jobs, executor=args.executor, address=args.address, notes=notes)
     if not distributed.is_main():
         return 0
     print(f"\n{result['dataset']}; {cfg.model}; test metrics, mean ± std over {seeds} seeds; wall time "
           f"{result['wall_seconds']:.0f} s")
     print(result["text"])
+    print(result["reading"])
     print(f"outputs: {result['out_dir']}/ (results.md, runs.csv, runs.json, plot.png, curves.png)")
     return 0

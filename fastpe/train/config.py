@@ -37,6 +37,7 @@ class TrainConfig:
     causal: bool | None = None  # None: the model's default (CARCA bidirectional, SASRec causal)
     residual: str | None = None  # None: CARCA "mul", SASRec "add"
     cross_residual: str = "mul"
+    next_slot: bool = False  # CARCA: a learned slot after the most recent item for the item to predict
     ffn_mult: int = 1
     activation: str = "gelu"
     rope_base: float = 1000.0

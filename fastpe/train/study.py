@@ -12,6 +12,13 @@ metrics once. The study writes, under its output folder:
 
 ``resume=True`` keeps finished runs (their ``summary.json``) and resumes interrupted ones.
 
+Runs train one after another, in a local pool of ``jobs`` processes, or as Ray tasks
+(:mod:`fastpe.train.executors`); the table is the same whichever finishes first. Under the table
+the study prints a reading: which encodings beat ``none`` by more than two standard errors of the
+difference of the means, and how many runs converged (best validation epoch before the last, or
+early stopping). On the synthetic walk task it adds the best values a model that sees order and one
+that does not can reach (:func:`fastpe.data.synthetic.walk_ceilings`).
+
 Under ``torchrun`` with several processes every run trains data parallel in the one process
 group; only the first process logs and writes.
 """
@@ -34,8 +41,7 @@ from tqdm.auto import tqdm
 from fastpe.data import leave_one_out, load_dataset
 from fastpe.demo import format_table
 from fastpe.nn.factory import needs_timestamps
-from fastpe.train import distributed
-from fastpe.train import validation
+from fastpe.train import distributed, executors, validation
 from fastpe.train.checkpoint import atomic_write_text, json_text
 from fastpe.train.config import TrainConfig
 from fastpe.train.lock import FolderLock
@@ -76,22 +82,27 @@ def run_row(summary: dict, cutoffs) -> dict:
     row.update({
         "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
         "train_seq_per_s": summary["train_seq_per_s"], "train_seconds": summary["train_seconds"],
-        "eval_seconds": summary["eval_seconds"], "step": summary["step"], "backend": summary["backend"],
+        "eval_seconds": summary["eval_seconds"], "cpu_seconds": summary.get("cpu_seconds", math.nan),
+        "step": summary["step"], "backend": summary["backend"],
         "device": summary["device"], "world_size": summary.get("world_size", 1),  # absent before data parallelism
         "parameters": summary["parameters"],
     })
     return row
 
 
-def aggregate(rows: list[dict], encodings: list[str], cutoffs, popularity: dict | None) -> list[dict]:
-    """One row per encoding: ``mean ± std`` over seeds of the test metrics and the throughput."""
+def aggregate(rows: list[dict], encodings: list[str], cutoffs, popularity: dict | None,
+              references: dict[str, dict] | None = None) -> list[dict]:
+    """One row per encoding: ``mean ± std`` over seeds of the test metrics and the throughput;
+    then the popularity baseline and any ``references`` (name -> metrics, e.g. ceilings)."""
     table = []
+    # Metrics no run computed (full ranking switched off) get no column.
+    keys = [key for key in metric_keys(cutoffs) if not rows or any(not math.isnan(r[f"test_{key}"]) for r in rows)]
     for name in encodings:
         mine = [r for r in rows if r["encoding"] == name]
         if not mine:
             continue
         line = {"encoding": name, "runs": str(len(mine))}
-        for key in metric_keys(cutoffs):
+        for key in keys:
             mean, std = _mean_std([r[f"test_{key}"] for r in mine])
             # One run has no spread: print its value alone rather than a misleading "± 0".
             cell = f"{mean:.4f} ± {std:.4f}" if len(mine) > 1 else f"{mean:.4f}"
@@ -100,14 +111,60 @@ def aggregate(rows: list[dict], encodings: list[str], cutoffs, popularity: dict 
         line["train seq/s"] = f"{mean:.0f}"
         line["step, backend"] = f"{mine[0]['step']}, {mine[0]['backend']}"
         table.append(line)
-    if popularity:
-        line = {"encoding": "popularity", "runs": "-"}
-        for key in metric_keys(cutoffs):
-            line[key.replace("sampled_", "sampled ").replace("full_", "full ")] = f"{popularity.get(key, math.nan):.4f}"
+    for name, metrics in {**({"popularity": popularity} if popularity else {}), **(references or {})}.items():
+        line = {"encoding": name, "runs": "-"}
+        for key in keys:
+            line[key.replace("sampled_", "sampled ").replace("full_", "full ")] = f"{metrics.get(key, math.nan):.4f}"
         line["train seq/s"] = "-"
         line["step, backend"] = "-"
         table.append(line)
     return table
+
+
+def converged(row: dict) -> bool:
+    """Best validation epoch before the last one run (early stopping included): the run had stopped
+    improving. A best epoch at the last epoch means it might still improve with more epochs."""
+    return 0 < row["best_epoch"] < row["epochs_run"]
+
+
+def reading(rows: list[dict], encodings: list[str], metric: str, baseline: str = "none") -> str:
+    """One line: which encodings beat ``baseline`` on test ``metric`` by more than two standard
+    errors of the difference of the means (each mean's error: std / sqrt(seeds)), and how many
+    runs converged."""
+    done = sum(converged(r) for r in rows)
+    tail = f"{done} of {len(rows)} runs converged (best validation epoch before the last, or early stopping)."
+
+    def values(name):
+        return [r[f"test_{metric}"] for r in rows if r["encoding"] == name and not math.isnan(r[f"test_{metric}"])]
+    base = values(baseline)
+    others = [e for e in encodings if e != baseline and values(e)]
+    if not base or not others:
+        return f"Reading: no `{baseline}` runs to compare with; {tail}"
+    if len(base) < 2 or any(len(values(e)) < 2 for e in others):
+        return f"Reading: one seed per encoding gives no standard error (use --seeds 2 or more); {tail}"
+    base_mean, base_std = _mean_std(base)
+    above, not_above = [], []
+    for name in others:
+        mean, std = _mean_std(values(name))
+        error = math.sqrt(std ** 2 / len(values(name)) + base_std ** 2 / len(base))
+        gap = mean - base_mean
+        (above if gap > 2 * error else not_above).append(f"{name} ({gap:+.3f} ± {error:.3f})")
+    return (f"Reading (test {metric}, difference to `{baseline}` ± its standard error over the seeds): "
+            f"beyond 2 standard errors: {', '.join(above) or 'none'}; not: {', '.join(not_above) or 'none'}. {tail}")
+
+
+def ceilings(base: TrainConfig, data, cutoffs) -> dict[str, dict]:
+    """On the synthetic walk task, the best test metrics with and without order (else nothing)."""
+    if base.data != "synthetic" or base.synthetic.get("task") != "walk":
+        return {}
+    from fastpe.data import leave_one_out
+    from fastpe.data.synthetic import walk_ceilings
+    from fastpe.train.evaluate import prepare_stage
+
+    split = leave_one_out(data)
+    stage = prepare_stage(split, "test", base.max_len, base.eval_negatives, base.eval_seed)
+    best = walk_ceilings(base.synthetic, split, stage, cutoffs, base.full_ranking, base.exclude_history)
+    return {f"ceiling, {name}": metrics for name, metrics in best.items()}
 
 
 def plot(rows: list[dict], encodings: list[str], cutoffs, popularity: dict | None, path: Path, title: str) -> None:
@@ -181,10 +238,22 @@ def _reuse_note(reused: int, total: int, rows: list[dict]) -> str:
 
 
 def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir: str | Path | None = None,
-              resume: bool = False, log=print, data=None) -> dict:
-    """Train every (encoding, seed); write and return the results (see the module docstring)."""
+              resume: bool = False, log=print, data=None, jobs: int = 1, executor: str = "local",
+              address: str | None = None, notes: str = "") -> dict:
+    """Train every (encoding, seed); write and return the results (see the module docstring).
+
+    ``jobs`` > 1 trains that many runs at once in local processes; ``executor="ray"`` runs them as
+    Ray tasks (``address``: an existing cluster, default a local instance). ``notes`` (markdown, e.g.
+    a preset's deviations from its paper) go into ``results.md`` under the table."""
+    if executor not in executors.EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(executors.EXECUTORS)}, got {executor!r}")
+    if jobs < (1 if executor == "local" else 0):
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     distributed.setup(resolve_device(base.device))  # several processes: join the group the runs share
     main = distributed.is_main()
+    if (jobs > 1 or executor == "ray") and distributed.world_size() > 1:
+        raise ValueError("--jobs and --executor ray run whole runs in parallel; under torchrun every run already "
+                         "trains data parallel: use one or the other")
     if not main:
         log = lambda *args: None  # noqa: E731
     # The default name holds the start time: the first process's, so that all use one folder.
@@ -195,7 +264,8 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
     if lock is not None:
         lock.acquire()
     try:
-        return _run_study(base, encodings, seeds, out, resume, log, data, main, lock)
+        return _run_study(base, encodings, seeds, out, resume, log, data, main, lock, jobs, executor, address,
+                          notes)
     except KeyboardInterrupt as exc:
         # The interrupted run keeps its last complete epoch; --resume on the study continues it.
         raise validation.RunInterrupted(out, f"finished runs are kept in {out}; the run in progress: "
@@ -205,7 +275,7 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
             lock.release()
 
 
-def _run_study(base, encodings, seeds, out, resume, log, data, main, lock) -> dict:
+def _run_study(base, encodings, seeds, out, resume, log, data, main, lock, jobs, executor, address, notes) -> dict:
     if lock is not None and lock.note:
         log(f"note: {lock.note}")
     started = time.perf_counter()
@@ -214,52 +284,81 @@ def _run_study(base, encodings, seeds, out, resume, log, data, main, lock) -> di
     timed = [e for e in encodings if needs_timestamps(e)]
     if timed and data.timestamps is None:  # say so before any run trains
         raise ValueError(f"encodings {', '.join(timed)} need timestamps, and the data set {data.name!r} has none")
-    log(f"study: {data.describe()}; model {base.model}; {len(encodings)} encodings x {len(seeds)} seeds -> {out}")
+    where = (f"Ray ({address or 'local instance'})" if executor == "ray" else
+             f"{jobs} processes" if jobs > 1 else "one process")
+    log(f"study: {data.describe()}; model {base.model}; {len(encodings)} encodings x {len(seeds)} seeds -> {out} "
+        f"({where})")
     for note in data.notes:
         log(f"data: {note}")
     for warning in validation.check_data(leave_one_out(data), base):  # before the first run
         log(warning)
-    rows, histories, popularity, reused = [], [], None, 0
-    jobs = [(e, s) for e in encodings for s in seeds]
-    bar = tqdm(jobs, desc="study", disable=not (base.progress and main), dynamic_ncols=True)
-    for encoding, seed in bar:
+    pairs = [(e, s) for e in encodings for s in seeds]
+    summaries: dict[int, dict] = {}
+    todo, configs = [], []
+    for index, (encoding, seed) in enumerate(pairs):
         run_dir = out / "runs" / encoding / f"seed{seed}"
-        summary_path = run_dir / "summary.json"
-        if resume and summary_path.exists():
-            summary = json.loads(summary_path.read_text())
-            reused += 1
+        if resume and (run_dir / "summary.json").exists():
+            summaries[index] = json.loads((run_dir / "summary.json").read_text())
         else:
-            cfg = replace(base, encoding=encoding, seed=seed, out_dir=str(run_dir), resume=resume, progress=False)
-            summary = train(cfg, data, log=lambda *a: None)
-        popularity = popularity or summary["popularity_test"]
+            todo.append(index)
+            configs.append(replace(base, encoding=encoding, seed=seed, out_dir=str(run_dir), resume=resume,
+                                   progress=False))
+    reused = len(summaries)
+    if executor == "ray":
+        finished = executors.run_ray(configs, data, address, jobs)
+    elif jobs > 1:
+        finished = executors.run_local(configs, data, jobs)
+    else:
+        finished = executors.run_sequential(configs, data, train)
+    bar = tqdm(total=len(pairs), initial=reused, desc="study", disable=not (base.progress and main),
+               dynamic_ncols=True)
+    k = 10 if 10 in base.cutoffs else base.cutoffs[0]
+    for position, summary in finished:
+        index = todo[position]
+        summaries[index] = summary
+        summary_path = Path(configs[position].out_dir) / "summary.json"
+        if main and not summary_path.exists():  # a run on another machine: keep its summary here
+            summary_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(json.dumps(summary, indent=2), summary_path)
         row = run_row(summary, base.cutoffs)
-        rows.append(row)
-        histories.append((encoding, summary["history"]))
-        k = base.cutoffs[0]
-        line = (f"{encoding:>12} seed {seed}: test sampled NDCG@{k} {row[f'test_sampled_ndcg@{k}']:.4f}, "
-                f"full NDCG@{k} {row[f'test_full_ndcg@{k}']:.4f} (best epoch {row['best_epoch']}, "
-                f"{row['train_seq_per_s']:.0f} seq/s)")
+        full = row[f"test_full_ndcg@{k}"]
+        line = (f"{row['encoding']:>12} seed {row['seed']}: test sampled NDCG@{k} {row[f'test_sampled_ndcg@{k}']:.4f}"
+                + ("" if math.isnan(full) else f", full NDCG@{k} {full:.4f}")
+                + f" (best epoch {row['best_epoch']} of {row['epochs_run']}, {row['train_seq_per_s']:.0f} seq/s)")
+        bar.update(1)
         if base.progress:
             bar.write(line)
         else:
             log(line)
     bar.close()
+    ordered = [summaries[i] for i in sorted(summaries)]
+    rows = [run_row(summary, base.cutoffs) for summary in ordered]
+    histories = [(summary["encoding"], summary["history"]) for summary in ordered]
+    popularity = ordered[0]["popularity_test"] if ordered else None
+    references = ceilings(base, data, base.cutoffs) if main else {}
     wall = time.perf_counter() - started
-    table = aggregate(rows, encodings, base.cutoffs, popularity)
+    table = aggregate(rows, encodings, base.cutoffs, popularity, references)
     text = format_table(table)
+    select = base.select_metric if f"test_{base.select_metric}" in (rows[0] if rows else {}) else f"sampled_ndcg@{k}"
+    read = reading(rows, encodings, select)
     header = (f"# fastpe study: {data.name}, {base.model}\n\n"
               f"{data.describe()}. {len(encodings)} encodings x {len(seeds)} seeds (seeds {', '.join(map(str, seeds))}); "
               f"test metrics of the checkpoint selected on validation ({base.select_metric}), mean ± std over seeds. "
-              f"Sampled: the positive among {base.eval_negatives} negatives, ties counted against it; full: all items"
-              f"{', history excluded' if base.exclude_history else ''}.\n\n"
+              f"Sampled: the positive among {base.eval_negatives} negatives, ties counted against it"
+              + (f"; full: all items{', history excluded' if base.exclude_history else ''}" if base.full_ranking
+                 else "") + ".\n\n"
               f"Machine: {platform.node() or 'unknown'}, {platform.processor() or platform.machine()}, "
               f"torch {torch.__version__}, {base.threads or torch.get_num_threads()} threads; device {rows[0]['device'] if rows else '-'}; "
-              f"wall time {wall:.0f} s{_reuse_note(reused, len(jobs), rows)}.\n\n")
+              f"wall time {wall:.0f} s ({where}){_reuse_note(reused, len(pairs), rows)}; CPU time of the runs "
+              f"{sum(r['cpu_seconds'] for r in rows):.0f} s (all threads: with one thread per run, their time on idle cores).\n\n")
     config = {k: v for k, v in base.to_dict().items() if k not in ("encoding", "seed", "out_dir", "resume", "progress")}
     result = {"data": data.name, "dataset": data.describe(), "model": base.model, "encodings": encodings, "seeds": seeds,
-              "config": config, "wall_seconds": wall, "popularity_test": popularity, "runs": rows, "table": table}
+              "config": config, "wall_seconds": wall, "popularity_test": popularity, "references": references,
+              "runs": rows, "table": table, "reading": read, "notes": notes}
     if main:
-        atomic_write_text(header + text + "\n\nConfiguration: `" + json.dumps(config) + "`\n", out / "results.md")
+        atomic_write_text(header + text + "\n\n" + read + "\n\n" + (notes + "\n\n" if notes else "")
+                          + "Configuration: `" + json.dumps(config) + "`\n",
+                          out / "results.md")
         if rows:
             with open(out / "runs.csv", "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

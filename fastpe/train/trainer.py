@@ -83,6 +83,9 @@ def target_mode(cfg: TrainConfig, causal: bool) -> str:
 
 def make_model(cfg: TrainConfig, split: Split) -> torch.nn.Module:
     causal, residual = model_defaults(cfg)
+    if cfg.next_slot and cfg.model.lower() != "carca":
+        raise ValueError("next_slot is a CARCA option; SASRec already reads its most recent position")
+    options = {"next_slot": True} if cfg.next_slot else {}
     features = None
     if cfg.use_attributes and split.data.item_features is not None and split.data.item_features.shape[1]:
         features = torch.as_tensor(split.data.item_features)
@@ -91,7 +94,7 @@ def make_model(cfg: TrainConfig, split: Split) -> torch.nn.Module:
         dropout=cfg.dropout, max_len=cfg.max_len, encoding=cfg.encoding, item_features=features,
         context_dim=split.context_dim if cfg.use_context else 0, causal=causal, residual=residual,
         cross_residual=cfg.cross_residual, ffn_mult=cfg.ffn_mult, activation=cfg.activation,
-        rope_base=cfg.rope_base, backend=cfg.backend,
+        rope_base=cfg.rope_base, backend=cfg.backend, **options,
     )
 
 
@@ -153,6 +156,7 @@ class RunState:
     train_seconds: float = 0.0
     train_sequences: int = 0
     epoch_seconds: list = field(default_factory=list)  # [epoch, train s, validation s] (metrics.jsonl)
+    cpu_seconds: float = 0.0  # CPU time of this run's processes (all threads): its cost on an idle machine
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -422,6 +426,11 @@ class Run:
             raise TrainingDiverged(f"the model's scores are NaN after epoch {self.state.epoch}: training diverged "
                                    f"(--lr {self.cfg.lr:g}); lower --lr, or add --clip-grad 1.0") from None
 
+    def charge_cpu(self) -> None:
+        now = time.process_time()
+        self.state.cpu_seconds += now - self.cpu_mark
+        self.cpu_mark = now
+
     def execute(self) -> dict:
         lock = None
         if self.main:
@@ -442,6 +451,7 @@ class Run:
 
     def train_and_test(self) -> dict:
         cfg = self.cfg
+        self.cpu_mark = time.process_time()
         best = self.out_dir / "best.pt"
         self.prepare_folder()
         distributed.barrier()  # every process has looked at the folder before the first one writes to it
@@ -470,6 +480,7 @@ class Run:
             else:
                 self.state.bad_epochs += 1
             self.state.epoch = epoch + 1
+            self.charge_cpu()
             self.state.history.append({"epoch": epoch + 1, "loss": loss, **{f"valid_{k}": v for k, v in metrics.items()}})
             self.state.epoch_seconds.append([epoch + 1, trained - started, validated - trained])
             if cfg.patience and self.state.bad_epochs >= cfg.patience:
@@ -529,6 +540,7 @@ class Run:
         valid_metrics, test_metrics = metrics["valid"], metrics["test"]
         ran = dict(sorted(dispatch.RAN.items()))  # what the evaluation of this model called
         eval_seconds = time.perf_counter() - start
+        self.charge_cpu()
         throughput = {self.step_kind(): self.state.train_sequences / max(self.state.train_seconds, 1e-9)}
         if cfg.benchmark_steps and self.world == 1:
             throughput.update(self.benchmark(cfg.benchmark_steps))
@@ -556,6 +568,7 @@ class Run:
             "best_epoch": self.state.best_epoch,
             "stopped_early": self.state.stopped_early,
             "train_seconds": self.state.train_seconds,
+            "cpu_seconds": self.state.cpu_seconds,
             "eval_seconds": eval_seconds,
             "train_seq_per_s": throughput[self.step_kind()],
             "throughput_seq_per_s": throughput,

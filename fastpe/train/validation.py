@@ -54,6 +54,7 @@ NUMBER_RULES = {
     "threads": ("an integer >= 0 (0: torch's default)", lambda v: v >= 0),
     "benchmark_steps": ("an integer >= 0", lambda v: v >= 0),
     "stop_after_epochs": ("an integer >= 0", lambda v: v >= 0),
+    "jobs": ("an integer >= 0 (0: fill the machine)", lambda v: v >= 0),
     "lr": ("a finite number > 0", lambda v: math.isfinite(v) and v > 0),
     "dropout": ("a number in [0, 1)", lambda v: 0 <= v < 1),
     "weight_decay": ("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0),
