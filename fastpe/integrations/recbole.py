@@ -25,7 +25,7 @@ import types
 import torch
 from torch import nn
 
-from fastpe.integrations._patching import swap_layer, swap_position_embedding
+from fastpe.integrations._patching import ROPE_BASE, PatchRecord, record_patch, swap_layer, swap_position_embedding
 from fastpe.nn import encoding_kind
 from fastpe.nn.encodings import sinusoidal_angles
 from fastpe.ops import relative_attention, rotary
@@ -81,7 +81,7 @@ class MultiHeadAttention(nn.Module):
         layer_norm_eps: float,
         encoding: str = "none",
         per_head_tables: bool = False,
-        base: float = 10000.0,
+        base: float = ROPE_BASE,
         interleaved: bool = False,
         learnable: str = "none",
         max_len: int = 512,
@@ -228,7 +228,10 @@ def patch(
             f"patch: found no RecBole attention layer in {type(model).__name__}: looked for modules of class "
             f"MultiHeadAttention (recbole.model.layers) with submodules {', '.join(_REQUIRED[:5])}"
         )
+    before = {id(p) for p in model.parameters()}
     in_attention = encoding_kind(encoding) == "attention"
+    if encoding.strip().lower() == "rope":
+        options.setdefault("base", ROPE_BASE)
     layer_options = options if in_attention else {}
     for name, old in layers:
         new = MultiHeadAttention(
@@ -236,7 +239,8 @@ def patch(
             encoding=encoding if in_attention else "none", backend=backend, **layer_options,
         )
         swap_layer(model, name, old, new)
-    swap_position_embedding(model, position_embedding, encoding, {} if in_attention else options)
+    position = swap_position_embedding(model, position_embedding, encoding, {} if in_attention else dict(options))
+    record_patch(model, PatchRecord(encoding, [n for n, _ in layers], position, dict(options)), before, position_embedding)
     return model
 
 
