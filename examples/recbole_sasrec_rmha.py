@@ -7,8 +7,12 @@ interaction file in RecBole's atomic format and trains for one epoch in seconds.
     python examples/recbole_sasrec_rmha.py                  # SASRec + rmha-4
     python examples/recbole_sasrec_rmha.py --model BERT4Rec --encoding rope
 
-The fastpe part is the one line ``patch(model, encoding)``: every RecBole attention layer becomes
-fastpe's, with its weights, and the absolute position embedding stops being added.
+``run`` follows the steps of RecBole's quick-start (``recbole.quick_start.run_recbole``: config,
+seed, dataset, data_preparation, model, Trainer, fit, evaluate with the best model). The fastpe
+part is two calls: ``patch(model, encoding)`` after the model is built and before the Trainer
+(which builds the optimizer): every RecBole attention layer becomes fastpe's, with its weights,
+and the absolute position embedding stops being added; ``safe_checkpoints(trainer)``: the best
+model is saved so that RecBole's own ``torch.load`` reads it with safe (weights-only) loading.
 """
 
 from __future__ import annotations

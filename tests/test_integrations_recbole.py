@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import fastpe
+from fastpe.integrations import NewParametersWarning, add_new_parameters
 from fastpe.integrations import recbole as adapter
 from fastpe.integrations.position import AdditivePositionEmbedding, ZeroPositionEmbedding
 from fastpe.reference import relative_attention_reference, rotary_reference
@@ -281,6 +282,21 @@ def test_patch_abs_and_rotatory_use_fastpe_tables():
     codes = patched.position_embedding(ids)
     codes.sum().backward()
     assert patched.position_embedding.encoding.angle_weight.grad is not None
+
+
+def test_patch_keeps_recbole_parameters_and_reports_new_ones():
+    model = MiniSeqRec()
+    host = dict(model.named_parameters())
+    optimizer = torch.optim.Adam(model.parameters())
+    adapter.patch(model, "rope", learnable="frequencies")
+    layer = model.trm_encoder.layer[0].multi_head_attention
+    assert layer.query.weight is host["trm_encoder.layer.0.multi_head_attention.query.weight"]
+    assert layer.base == 1000.0 and "rope (learnable=frequencies, base=1000)" in model.fastpe_patch.summary()
+    assert model.position_embedding.weight.shape == (LEN, HIDDEN)
+    with pytest.warns(NewParametersWarning, match="inv_freq"):
+        model(right_padded()).sum().backward()
+        optimizer.step()
+    assert add_new_parameters(optimizer, model) == 2
 
 
 def test_patch_errors_name_the_problem():
