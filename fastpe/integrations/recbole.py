@@ -214,8 +214,13 @@ def patch(
       ``patch(model, "learnt")`` leaves the model's function unchanged; ``abs`` and ``rotatory``
       give fastpe's table rows.
 
-    ``options`` go to the attention layer for ``rmha-k``/``rope`` (``per_head_tables``, ``base``,
-    ``interleaved``, ``learnable``, ``max_len``) and to the position table otherwise.
+    ``options`` go to the attention layer for ``rmha-k``/``rope`` (``per_head_tables``, ``base``
+    (default 1000, the study's), ``interleaved``, ``learnable``, ``max_len``) and to the position
+    table otherwise (``scale``: ``"match"`` by default, the root-mean-square of RecBole's table).
+
+    Call it before building the ``Trainer`` (which builds the optimizer): the host's Parameter
+    objects are kept, and ``model.fastpe_patch`` records the parameters the patch adds (see
+    :func:`fastpe.integrations.add_new_parameters`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: expected an nn.Module, got {type(model).__name__}")

@@ -52,8 +52,16 @@ def patch(
       ``None`` for them), so the fused kernels run even though SASRec.pytorch's call leaves
       ``need_weights`` at its default True; None leaves the calls as they are.
 
-    ``options`` go to the attention layers for ``rmha-k``/``rope`` and to the position table
-    otherwise. Layers with ``add_bias_kv`` or ``add_zero_attn`` are refused (fastpe has neither).
+    ``options`` go to the attention layers for ``rmha-k``/``rope`` (``base`` defaults to the
+    study's 1000) and to the position table otherwise (``scale``: ``"match"`` by default, the
+    root-mean-square of the table replaced; a number multiplies fastpe's unit codes). Layers with
+    ``add_bias_kv`` or ``add_zero_attn`` are refused (fastpe has neither).
+
+    Call it after the model's own initialisation (so ``"match"`` sees the initialised table) and
+    before building the optimizer: the host's Parameter objects are kept, but the parameters the
+    patch adds (``new_parameters(model)``) are unknown to an older optimizer, which warns at its
+    first step (``add_new_parameters(optimizer, model)`` fixes it). ``model.fastpe_patch``
+    records what was done; ``model.fastpe_patch.summary()`` says it in one line.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: expected an nn.Module, got {type(model).__name__}")
