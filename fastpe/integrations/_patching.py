@@ -36,9 +36,9 @@ class PatchRecord:
 
     def summary(self) -> str:
         options = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.options.items())
-        new = f"{len(self.new_parameters)} new parameters" + (f" ({', '.join(self.new_parameters[:4])}"
-                                                              f"{', ...' if len(self.new_parameters) > 4 else ''})"
-                                                              if self.new_parameters else "")
+        new = f"{len(self.new_parameters)} new parameters"
+        if self.new_parameters:
+            new += f" ({', '.join(self.new_parameters[:4])}{', ...' if len(self.new_parameters) > 4 else ''})"
         return (f"fastpe patch: {self.encoding}" + (f" ({options})" if options else "")
                 + f"; {len(self.layers)} attention layers swapped; position embedding: {self.position}; {new}")
 
