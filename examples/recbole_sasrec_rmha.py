@@ -7,8 +7,12 @@ interaction file in RecBole's atomic format and trains for one epoch in seconds.
     python examples/recbole_sasrec_rmha.py                  # SASRec + rmha-4
     python examples/recbole_sasrec_rmha.py --model BERT4Rec --encoding rope
 
-The fastpe part is the one line ``patch(model, encoding)``: every RecBole attention layer becomes
-fastpe's, with its weights, and the absolute position embedding stops being added.
+``run`` follows the steps of RecBole's quick-start (``recbole.quick_start.run_recbole``: config,
+seed, dataset, data_preparation, model, Trainer, fit, evaluate with the best model). The fastpe
+part is two calls: ``patch(model, encoding)`` after the model is built and before the Trainer
+(which builds the optimizer): every RecBole attention layer becomes fastpe's, with its weights,
+and the absolute position embedding stops being added; ``safe_checkpoints(trainer)``: the best
+model is saved so that RecBole's own ``torch.load`` reads it with safe (weights-only) loading.
 """
 
 from __future__ import annotations
@@ -21,13 +25,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
-# RecBole 1.2.1 reloads its best checkpoint with torch.load, which since torch 2.6 refuses the
-# pickled config inside it unless told otherwise.
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+import torch
 
-import torch  # noqa: E402
-
-from fastpe.integrations.recbole import patch  # noqa: E402
+from fastpe.integrations.recbole import patch, safe_checkpoints
 
 
 def write_dataset(root: Path, name: str = "tiny", users: int = 120, items: int = 60, per_user: int = 12, seed: int = 0) -> None:
@@ -68,7 +68,6 @@ def run(model_name: str = "SASRec", encoding: str = "rmha-4", workdir: str | Pat
         # RecBole 1.2.1 predates pandas 2.2 and torch 2.6: their deprecation notes are noise here.
         stack.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.*")
         config = Config(model=model_name, dataset="tiny", config_dict={
             "data_path": str(workdir), "checkpoint_dir": str(workdir / "saved"),
             "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
@@ -90,7 +89,9 @@ def run(model_name: str = "SASRec", encoding: str = "rmha-4", workdir: str | Pat
 
         patch(model, encoding)  # <- the fastpe part
 
-        trainer = Trainer(config, model)
+        # RecBole's trainer reloads its best model with torch.load: this one writes checkpoints that
+        # torch's safe (weights-only) loading reads, so no environment variable turns it off.
+        trainer = safe_checkpoints(Trainer(config, model))
         trainer.fit(train_data, valid_data, saved=True, show_progress=False)
         loss = trainer.train_loss_dict[max(trainer.train_loss_dict)]
         test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)

@@ -1,13 +1,19 @@
-"""Swap fastpe's RMHA-4 into a SASRec.pytorch-style model, train it briefly, save and reload it.
+"""Swap fastpe's RMHA-4 into SASRec.pytorch's model, train it briefly, save and reload it.
 
 No extra installs; runs in seconds on a CPU:
 
     python examples/sasrec_pytorch_swap.py                 # rmha-4
     python examples/sasrec_pytorch_swap.py --encoding rope --steps 100
 
-The model below is written the way SASRec.pytorch (pmixer) writes it: ``torch.nn.MultiheadAttention``
-on sequence-first tensors with a bool causal mask, left-padded sequences, and a learnt ``pos_emb``
-added to the scaled item embeddings. fastpe changes none of that code; ``patch`` swaps the layers.
+``SASRec`` below is python/model.py of pmixer/SASRec.pytorch (commit fde8a9c) with its arguments
+unpacked and torch tensors in place of numpy arrays: ``torch.nn.MultiheadAttention`` on
+sequence-first tensors with a bool causal mask, left-padded sequences, a learnt ``pos_emb`` of
+``maxlen + 1`` rows (position ids 1..L, 0 = padding) added to the scaled item embeddings.
+``main`` follows python/main.py step by step and shows where the one fastpe line goes: after the
+model's own initialisation (so ``patch`` matches the scale of the initialised position table and
+the init loop does not overwrite fastpe's tables) and before the optimizer is built (so the
+optimizer holds the parameters ``patch`` adds) and before a saved state dict is loaded (so a
+patched checkpoint fits).
 """
 
 from __future__ import annotations
@@ -36,15 +42,16 @@ class PointWiseFeedForward(nn.Module):
 
     def forward(self, inputs):
         outputs = self.dropout2(self.conv2(self.relu(self.dropout1(self.conv1(inputs.transpose(-1, -2))))))
-        return outputs.transpose(-1, -2) + inputs
+        return outputs.transpose(-1, -2)
 
 
 class SASRec(nn.Module):
     def __init__(self, item_num: int, hidden_units: int = 32, maxlen: int = 20, num_blocks: int = 2,
-                 num_heads: int = 2, dropout_rate: float = 0.1):
+                 num_heads: int = 2, dropout_rate: float = 0.1, norm_first: bool = False):
         super().__init__()
+        self.norm_first = norm_first
         self.item_emb = nn.Embedding(item_num + 1, hidden_units, padding_idx=0)
-        self.pos_emb = nn.Embedding(maxlen, hidden_units)
+        self.pos_emb = nn.Embedding(maxlen + 1, hidden_units, padding_idx=0)
         self.emb_dropout = nn.Dropout(dropout_rate)
         self.attention_layernorms = nn.ModuleList()
         self.attention_layers = nn.ModuleList()
@@ -59,19 +66,22 @@ class SASRec(nn.Module):
 
     def log2feats(self, log_seqs: torch.Tensor) -> torch.Tensor:
         seqs = self.item_emb(log_seqs) * self.item_emb.embedding_dim ** 0.5
-        positions = torch.arange(log_seqs.shape[1], device=log_seqs.device).expand_as(log_seqs)
-        seqs = self.emb_dropout(seqs + self.pos_emb(positions))
-        timeline_mask = log_seqs == 0
-        seqs = seqs * ~timeline_mask.unsqueeze(-1)
-        length = seqs.shape[1]
-        attention_mask = ~torch.tril(torch.ones((length, length), dtype=torch.bool, device=seqs.device))
+        poss = torch.arange(1, log_seqs.shape[1] + 1, device=log_seqs.device).expand_as(log_seqs)
+        poss = poss * (log_seqs != 0)
+        seqs = self.emb_dropout(seqs + self.pos_emb(poss))
+        tl = seqs.shape[1]
+        attention_mask = ~torch.tril(torch.ones((tl, tl), dtype=torch.bool, device=seqs.device))
         for i in range(len(self.attention_layers)):
             seqs = torch.transpose(seqs, 0, 1)
-            q = self.attention_layernorms[i](seqs)
-            mha_outputs, _ = self.attention_layers[i](q, seqs, seqs, attn_mask=attention_mask)
-            seqs = torch.transpose(q + mha_outputs, 0, 1)
-            seqs = self.forward_layers[i](self.forward_layernorms[i](seqs))
-            seqs = seqs * ~timeline_mask.unsqueeze(-1)
+            if self.norm_first:
+                x = self.attention_layernorms[i](seqs)
+                mha_outputs, _ = self.attention_layers[i](x, x, x, attn_mask=attention_mask)
+                seqs = torch.transpose(seqs + mha_outputs, 0, 1)
+                seqs = seqs + self.forward_layers[i](self.forward_layernorms[i](seqs))
+            else:
+                mha_outputs, _ = self.attention_layers[i](seqs, seqs, seqs, attn_mask=attention_mask)
+                seqs = torch.transpose(self.attention_layernorms[i](seqs + mha_outputs), 0, 1)
+                seqs = self.forward_layernorms[i](seqs + self.forward_layers[i](seqs))
         return self.last_layernorm(seqs)
 
     def forward(self, log_seqs, pos_seqs, neg_seqs):
@@ -81,6 +91,18 @@ class SASRec(nn.Module):
     def predict(self, log_seqs, item_indices):
         final = self.log2feats(log_seqs)[:, -1, :]
         return self.item_emb(item_indices).matmul(final.unsqueeze(-1)).squeeze(-1)
+
+
+def initialise(model: SASRec) -> None:
+    """python/main.py's initialisation: xavier_normal_ on every parameter it applies to, then row 0
+    (padding) of both tables zeroed."""
+    for _, param in model.named_parameters():
+        try:
+            torch.nn.init.xavier_normal_(param.data)
+        except ValueError:
+            pass  # 1-d parameters (biases, LayerNorm)
+    model.pos_emb.weight.data[0, :] = 0
+    model.item_emb.weight.data[0, :] = 0
 
 
 def synthetic_sequences(users: int, items: int, maxlen: int, seed: int = 0) -> torch.Tensor:
@@ -96,9 +118,10 @@ def synthetic_sequences(users: int, items: int, maxlen: int, seed: int = 0) -> t
     return seqs
 
 
-def train(model: SASRec, seqs: torch.Tensor, items: int, steps: int, batch: int = 64) -> list[float]:
+def train(model: SASRec, seqs: torch.Tensor, items: int, steps: int, batch: int = 64,
+          optimizer: torch.optim.Optimizer | None = None) -> list[float]:
     """SASRec's objective: binary cross-entropy of the next item against one sampled negative."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(1)
     losses = []
     model.train()
@@ -135,20 +158,25 @@ def main() -> None:
     torch.manual_seed(0)
     items, maxlen = 50, 20
     seqs = synthetic_sequences(300, items, maxlen)
-    model = SASRec(items, maxlen=maxlen)
 
-    # 1. 'learnt' keeps the model's own pos_emb: the swapped model computes exactly what it did.
+    # As python/main.py: build, initialise, patch, (load a state dict), then the optimizer.
+    model = SASRec(items, maxlen=maxlen)
+    initialise(model)
+
+    # 'learnt' keeps the model's own pos_emb: the swapped model computes exactly what it did.
     same = patch(copy.deepcopy(model), "learnt").eval()
     torch.testing.assert_close(same.predict(seqs[:8, :-1], seqs[:8, -1:]), model.eval().predict(seqs[:8, :-1], seqs[:8, -1:]))
 
-    # 2. The encoding asked for, with the fused path (the model never reads attention weights).
-    patch(model, args.encoding, need_weights=False)
+    patch(model, args.encoding, need_weights=False)  # <- the fastpe line, fused path (weights never read)
+    print(model.fastpe_patch.summary())
+    # (main.py: model.load_state_dict(torch.load(args.state_dict_path)) goes here, after patch)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98))
     start = time.perf_counter()
-    losses = train(model, seqs, items, args.steps)
+    losses = train(model, seqs, items, args.steps, optimizer=optimizer)
     print(f"{args.encoding}: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {args.steps} steps "
           f"({time.perf_counter() - start:.1f} s), HR@10 {hit_rate(model, seqs, items):.3f}")
 
-    # 3. Save with the encoding configuration; load into a freshly built (unpatched) model.
+    # Save with the encoding configuration; load into a freshly built (unpatched) model.
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sasrec.pt"
         fastpe.save(model, path)

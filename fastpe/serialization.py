@@ -6,11 +6,13 @@ read (no pickled classes)::
     {"format": "fastpe", "version": 1,
      "module": {"class": "fastpe.nn.attention.RelativeMultiheadAttention", "config": {...}} or None,
      "model_class": "mypackage.models.MyModel",
-     "submodules": {"encoder.0.attn": {"class": ..., "config": ...}, ...},
+     "submodules": {"encoder.0.attn": {"class": ..., "config": ..., "need_weights": False}, ...},
      "state_dict": {...}}
 
 Every fastpe module has ``config()`` (its constructor arguments as plain values) and
-``from_config(config)``. ``module`` is set when the saved object is itself a fastpe module; for
+``from_config(config)``; ``need_weights: False`` marks an attention layer whose calls skip the
+attention weights (the SASRec adapter's ``patch(..., need_weights=False)``), restored on load.
+``module`` is set when the saved object is itself a fastpe module; for
 any other model, ``submodules`` lists its outermost fastpe modules by name, so that loading into
 a freshly built model restores the encodings it was trained with.
 """
@@ -38,7 +40,17 @@ def _is_fastpe_module(module: nn.Module) -> bool:
 
 
 def _describe(module: nn.Module) -> dict[str, Any]:
-    return {"class": _class_path(module), "config": module.config()}
+    entry = {"class": _class_path(module), "config": module.config()}
+    if getattr(module, "fastpe_need_weights", None) is False:  # set by the SASRec adapter's patch
+        entry["need_weights"] = False
+    return entry
+
+
+def _restore_call_options(module: nn.Module, entry: dict[str, Any]) -> None:
+    if entry.get("need_weights") is False:
+        from fastpe.integrations._patching import skip_attention_weights
+
+        skip_attention_weights(module)
 
 
 def fastpe_submodules(model: nn.Module) -> dict[str, nn.Module]:
@@ -135,6 +147,7 @@ def load(
         module = _build(payload["module"], backend)
         # assign=True keeps the saved dtype (and the device chosen by map_location).
         module.load_state_dict(state, assign=True)
+        _restore_call_options(module, payload["module"])
         return module
     if model is None:
         raise ValueError(
@@ -160,6 +173,7 @@ def load(
             current = None
         if current is not None and _is_fastpe_module(current) and _class_path(current) == entry["class"] \
                 and current.config() == entry["config"] and backend is None:
+            _restore_call_options(current, entry)
             continue
         parent_name, _, _ = name.rpartition(".")
         try:
@@ -169,7 +183,9 @@ def load(
                 f"the checkpoint has a fastpe module at {name!r}, but the model passed "
                 f"({type(model).__name__}) has no submodule {parent_name!r} to hold it"
             ) from exc
-        model.set_submodule(name, _like(_build(entry, backend), current))
+        rebuilt = _like(_build(entry, backend), current)
+        _restore_call_options(rebuilt, entry)
+        model.set_submodule(name, rebuilt)
     model.load_state_dict(state)
     return model
 

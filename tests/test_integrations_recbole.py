@@ -10,6 +10,8 @@ the parts of its SASRec / BERT4Rec that patch() touches.
 import copy
 import importlib.util
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 import fastpe
+from fastpe.integrations import NewParametersWarning, add_new_parameters
 from fastpe.integrations import recbole as adapter
 from fastpe.integrations.position import AdditivePositionEmbedding, ZeroPositionEmbedding
 from fastpe.reference import relative_attention_reference, rotary_reference
@@ -260,7 +263,8 @@ def test_patch_attention_encoding(encoding):
         assert torch.equal(new.get_parameter(name), p)
     extra = set(patched.state_dict()) - set(model.state_dict())
     missing = set(model.state_dict()) - set(patched.state_dict())
-    assert missing == {"position_embedding.weight"}
+    assert not missing  # position_embedding.weight is kept, as the all-zero table it now adds
+    assert not patched.state_dict()["position_embedding.weight"].any()
     if encoding == "rmha-4":
         assert extra == {f"trm_encoder.layer.{i}.multi_head_attention.relative_{t}" for i in (0, 1) for t in ("key", "value")}
     seq = right_padded()
@@ -270,7 +274,7 @@ def test_patch_attention_encoding(encoding):
 
 
 def test_patch_abs_and_rotatory_use_fastpe_tables():
-    _, patched = patched_pair("abs")
+    _, patched = patched_pair("abs", scale=1.0)
     assert isinstance(patched.position_embedding, AdditivePositionEmbedding)
     ids = torch.arange(LEN).expand(2, LEN)
     torch.testing.assert_close(patched.position_embedding(ids)[0], fastpe.SinusoidalEncoding(HIDDEN, LEN).codes)
@@ -278,6 +282,21 @@ def test_patch_abs_and_rotatory_use_fastpe_tables():
     codes = patched.position_embedding(ids)
     codes.sum().backward()
     assert patched.position_embedding.encoding.angle_weight.grad is not None
+
+
+def test_patch_keeps_recbole_parameters_and_reports_new_ones():
+    model = MiniSeqRec()
+    host = dict(model.named_parameters())
+    optimizer = torch.optim.Adam(model.parameters())
+    adapter.patch(model, "rope", learnable="frequencies")
+    layer = model.trm_encoder.layer[0].multi_head_attention
+    assert layer.query.weight is host["trm_encoder.layer.0.multi_head_attention.query.weight"]
+    assert layer.base == 1000.0 and "rope (learnable=frequencies, base=1000)" in model.fastpe_patch.summary()
+    assert model.position_embedding.weight.shape == (LEN, HIDDEN)
+    with pytest.warns(NewParametersWarning, match="inv_freq"):
+        model(right_padded()).sum().backward()
+        optimizer.step()
+    assert add_new_parameters(optimizer, model) == 2
 
 
 def test_patch_errors_name_the_problem():
@@ -327,17 +346,63 @@ def test_real_recbole_layer_matches_adapter():
 
 
 @pytest.mark.parametrize("model_name,encoding", [("SASRec", "rmha-4"), ("BERT4Rec", "rope")])
-def test_real_recbole_models_train_through_the_example(model_name, encoding, tmp_path, monkeypatch):
+def test_real_recbole_models_fit_and_evaluate_the_best_model_safely(model_name, encoding, tmp_path, monkeypatch):
     """RecBole's own SASRec / BERT4Rec on the example's tiny generated dataset: patch(model,
-    "learnt") keeps its predictions, and the patched model trains one epoch with RecBole's
-    Trainer and evaluates (about 10 s each)."""
+    "learnt") keeps its predictions; the patched model fits one epoch with RecBole's Trainer and
+    evaluates its best checkpoint, reloaded by RecBole's own torch.load with safe (weights-only)
+    loading on (about 10 s each). Runs where RecBole is installed: in CI, through
+    test_recbole_flow_in_its_own_venv."""
     pytest.importorskip("recbole")
-    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # RecBole 1.2.1 reloads its best model
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
     path = Path(__file__).resolve().parents[1] / "examples" / "recbole_sasrec_rmha.py"
     spec = importlib.util.spec_from_file_location("recbole_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    loads = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
     result = example.run(model_name, encoding, workdir=tmp_path, check_learnt=True)
+    assert loads == [None], loads  # RecBole's one load of its best model, with torch's safe default
     assert math.isfinite(result["loss"]) and result["loss"] > 0, result
     assert set(result["test"]) == {"recall@10", "ndcg@10"}, result
     assert all(0.0 <= v <= 1.0 for v in result["test"].values()), result
+    saved = list((tmp_path / "saved").glob("*.pth"))
+    assert len(saved) == 1
+    checkpoint = real_load(saved[0], weights_only=True)
+    assert checkpoint["config"]["model"] == model_name and isinstance(checkpoint["best_valid_score"], float)
+    state = checkpoint["state_dict"]  # the patched model: no absolute position table, relative tables for rmha
+    assert not state["position_embedding.weight"].any()
+    assert any(k.endswith("relative_key") for k in state) == (encoding == "rmha-4")
+
+
+def test_safe_checkpoints_refuses_what_is_not_a_trainer():
+    with pytest.raises(TypeError, match="expected a RecBole Trainer, got Linear"):
+        adapter.safe_checkpoints(nn.Linear(2, 2))
+
+
+RECBOLE_PYTHON = os.environ.get("FASTPE_RECBOLE_PYTHON") or str(Path(__file__).resolve().parents[1] / ".venv-recbole" / "bin" / "python")
+
+
+@pytest.mark.skipif(
+    "FASTPE_RECBOLE_PYTHON" not in os.environ and not Path(RECBOLE_PYTHON).exists(),
+    reason="no RecBole venv: set FASTPE_RECBOLE_PYTHON to its python (.ci/run builds .venv-recbole from requirements-recbole.txt)",
+)
+def test_recbole_flow_in_its_own_venv():
+    """RecBole's pins (numpy<2) cannot share the main stack's venv, so the real-RecBole tests of
+    this file run there, in a subprocess: they must all pass, none skip."""
+    root = Path(__file__).resolve().parents[1]
+    assert Path(RECBOLE_PYTHON).exists(), f"FASTPE_RECBOLE_PYTHON={RECBOLE_PYTHON} does not exist"
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    result = subprocess.run(
+        [RECBOLE_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "real_recbole", str(Path(__file__))],
+        capture_output=True, text=True, env=env, cwd=root, timeout=600,
+    )
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "3 passed" in summary and "skipped" not in summary, result.stdout[-4000:]

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 import fastpe
+from fastpe.integrations import NewParametersWarning, add_new_parameters, new_parameters
 from fastpe.integrations import sasrec as adapter
 from fastpe.integrations.position import AdditivePositionEmbedding, ZeroPositionEmbedding
 from fastpe.reference import relative_attention_reference
@@ -156,18 +158,166 @@ def test_need_weights_false_takes_the_fast_path_with_the_same_result():
 
 
 def test_patch_abs_rotatory_and_padding_idx():
-    _, patched = model_pair("abs")
+    _, patched = model_pair("abs", scale=1.0)
     assert isinstance(patched.pos_emb, AdditivePositionEmbedding)
-    ids = torch.arange(MAXLEN).expand(2, MAXLEN)
-    torch.testing.assert_close(patched.pos_emb(ids)[1], fastpe.SinusoidalEncoding(E, MAXLEN).codes)
-    # Later SASRec.pytorch versions number positions 1..L with 0 = padding (padding_idx=0).
+    # SASRec.pytorch numbers positions 1..L, 0 = padding (padding_idx=0): row 0 gives zeros.
+    ids = torch.arange(MAXLEN + 1).expand(2, MAXLEN + 1)
+    codes = fastpe.SinusoidalEncoding(E, MAXLEN + 1).codes
+    torch.testing.assert_close(patched.pos_emb(ids)[1], torch.cat([torch.zeros(1, E), codes[1:]]))
     model = example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN)
-    model.pos_emb = nn.Embedding(MAXLEN + 1, E, padding_idx=0)
     adapter.patch(model, "rotatory")
     codes = model.pos_emb(torch.tensor([[0, 0, 1, 2, 3]]))
     assert torch.equal(codes[0, :2], torch.zeros(2, E)) and codes[0, 2:].abs().sum() > 0
     codes.sum().backward()
     assert model.pos_emb.encoding.angle_weight.grad is not None
+
+
+# --- placement: the patch may come before the host's init, after its optimizer ---------------
+
+
+@pytest.mark.parametrize("encoding", ["none", "learnt", "abs", "rotatory", "rmha-4", "rope"])
+def test_host_code_that_touches_pos_emb_weight_runs_after_patch(encoding):
+    """SASRec.pytorch's main.py zeroes row 0 of pos_emb.weight after building the model."""
+    model = adapter.patch(example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN), encoding)
+    example.initialise(model)  # xavier_normal_ on every parameter, then pos_emb.weight.data[0, :] = 0
+    assert model.pos_emb.weight.shape == (MAXLEN + 1, E)
+    assert not model.pos_emb.weight[0].any()
+    assert torch.isfinite(model.log2feats(left_padded())).all()
+
+
+def _step(model, optimizer):
+    seqs = left_padded()
+    pos_logits, neg_logits = model(seqs, seqs, torch.randint(1, ITEMS + 1, seqs.shape))
+    optimizer.zero_grad()
+    (pos_logits.square().mean() + neg_logits.square().mean()).backward()
+    optimizer.step()
+
+
+def test_patch_after_the_optimizer_keeps_training_the_host_weights_and_warns_about_new_ones():
+    torch.manual_seed(0)
+    model = example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN, num_heads=HEADS)
+    host = {name: p for name, p in model.named_parameters()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    adapter.patch(model, "rmha-4")
+    layer = model.attention_layers[0]
+    assert layer.in_proj_weight is host["attention_layers.0.in_proj_weight"]  # the very same Parameter
+    assert layer.out_proj.weight is host["attention_layers.0.out_proj.weight"]
+    assert model.fastpe_patch.new_parameters == [
+        f"attention_layers.{i}.relative_{t}" for i in (0, 1) for t in ("key", "value")]
+    before = layer.in_proj_weight.detach().clone()
+    with pytest.warns(NewParametersWarning, match=r"not the 4 parameters patch\(\) added .*add_new_parameters"):
+        _step(model, optimizer)
+    assert not torch.equal(layer.in_proj_weight, before)  # the old optimizer still trains the host weights
+    assert layer.relative_key.grad is not None
+    # The fix the warning names: the tables join the optimizer, which then trains them.
+    assert add_new_parameters(optimizer, model) == 4 and add_new_parameters(optimizer, model) == 0
+    table = layer.relative_key.detach().clone()
+    _step(model, optimizer)
+    assert not torch.equal(layer.relative_key, table)
+
+
+def test_no_warning_when_the_optimizer_is_built_after_patch():
+    model = adapter.patch(example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN, num_heads=HEADS), "rope",
+                          learnable="frequencies")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NewParametersWarning)
+        _step(model, optimizer)
+    assert [p for p in new_parameters(model)] == [layer.inv_freq for layer in model.attention_layers]
+    with pytest.raises(ValueError, match="was not patched by fastpe"):
+        new_parameters(nn.Linear(2, 2))
+
+
+# --- scale of the additive encodings ----------------------------------------------------------
+
+
+def _rms(table):
+    return table[1:].detach().square().mean().sqrt().item()  # row 0 = padding
+
+
+@pytest.mark.parametrize("encoding", ["abs", "rotatory"])
+def test_patch_matches_the_scale_of_the_table_it_replaces(encoding):
+    model = example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN)
+    example.initialise(model)  # xavier: rms about sqrt(2 / (rows + d)), far below the codes' 0.71
+    target = _rms(model.pos_emb.weight)
+    adapter.patch(model, encoding)
+    assert _rms(model.pos_emb.weight) == pytest.approx(target, rel=1e-5)
+    ids = torch.arange(1, MAXLEN + 1)[None]
+    assert model.pos_emb(ids).square().mean().sqrt().item() == pytest.approx(target, rel=1e-5)
+    assert model.fastpe_patch.options["scale"] == pytest.approx(target / math.sqrt(0.5), rel=1e-5)
+    unit = adapter.patch(example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN), encoding, scale=1.0)
+    assert _rms(unit.pos_emb.weight) == pytest.approx(math.sqrt(0.5), rel=1e-5)
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        adapter.patch(example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN), encoding, scale=-1.0)
+
+
+# --- saved models travel --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["none", "learnt", "abs"])
+def test_patched_state_dict_loads_into_the_unpatched_model_and_computes_the_same(encoding):
+    torch.manual_seed(0)
+    model = example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN, num_heads=HEADS)
+    example.initialise(model)
+    patched = trained(adapter.patch(copy.deepcopy(model), encoding))
+    unpatched = example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN, num_heads=HEADS).eval()
+    unpatched.load_state_dict(patched.state_dict())  # strict
+    seqs = left_padded()
+    torch.testing.assert_close(unpatched.log2feats(seqs), patched.log2feats(seqs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("encoding", ["none", "abs", "rotatory", "rmha-4"])
+def test_patched_state_dict_loads_into_a_model_patched_afresh(encoding):
+    """The fresh model's own table differs, so its matched scale does too: the saved table carries its scale."""
+    torch.manual_seed(0)
+    patched = trained(adapter.patch(example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN, num_heads=HEADS), encoding))
+    torch.manual_seed(1)
+    fresh = adapter.patch(example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN, num_heads=HEADS), encoding).eval()
+    fresh.load_state_dict(patched.state_dict())
+    seqs = left_padded()
+    torch.testing.assert_close(fresh.log2feats(seqs), patched.log2feats(seqs), rtol=1e-5, atol=1e-5)
+
+
+def test_a_learnt_table_does_not_load_silently_into_a_patched_position_module():
+    host = trained(example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN))
+    for encoding in ("none", "abs"):
+        patched = adapter.patch(example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN), encoding)
+        with pytest.raises(RuntimeError, match="load the checkpoint into the unpatched model first, then patch"):
+            patched.load_state_dict(host.state_dict())
+    # The way that works: load into the unpatched model, then patch (patch keeps every weight).
+    loaded = example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN)
+    loaded.load_state_dict(host.state_dict())
+    loaded = adapter.patch(loaded, "rmha-4").eval()
+    assert torch.equal(loaded.attention_layers[1].in_proj_weight, host.attention_layers[1].in_proj_weight)
+
+
+def test_fastpe_load_keeps_need_weights_false(tmp_path):
+    _, patched = model_pair("rmha-4", need_weights=False)
+    fastpe.save(patched, tmp_path / "m.pt")
+    fresh = fastpe.load(tmp_path / "m.pt", example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN, num_heads=HEADS))
+    x = torch.randn(MAXLEN, 2, E)
+    for layer in fresh.attention_layers:
+        assert layer(x, x, x)[1] is None and layer.fastpe_need_weights is False
+    layer = fastpe.load(tmp_path / "m.pt", fresh).attention_layers[0]  # into a model already patched: no second hook
+    assert len(layer._forward_pre_hooks) == 1
+    plain = adapter.patch(example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN, num_heads=HEADS), "rmha-4")
+    fastpe.save(plain, tmp_path / "plain.pt")
+    reloaded = fastpe.load(tmp_path / "plain.pt", example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN, num_heads=HEADS))
+    assert reloaded.attention_layers[0](x, x, x)[1] is not None
+
+
+# --- rope's base ----------------------------------------------------------------------------
+
+
+def test_rope_base_is_the_studys_and_shows_in_the_summary():
+    from fastpe.train.config import TrainConfig
+
+    model = adapter.patch(example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN, num_heads=HEADS), "rope")
+    assert TrainConfig().rope_base == 1000.0
+    assert all(layer.base == TrainConfig().rope_base for layer in model.attention_layers)
+    assert "rope (base=1000)" in model.fastpe_patch.summary()
+    model = adapter.patch(example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN, num_heads=HEADS), "rope", base=10000.0)
+    assert model.attention_layers[0].base == 10000.0 and "base=10000" in model.fastpe_patch.summary()
 
 
 def test_patch_errors_name_the_problem():
@@ -197,8 +347,6 @@ def test_patched_model_trains_compiles_and_reloads(tmp_path):
     fastpe.save(patched, tmp_path / "m.pt")
     fresh = fastpe.load(tmp_path / "m.pt", example.SASRec(ITEMS, hidden_units=E, maxlen=MAXLEN, num_heads=HEADS)).eval()
     assert fresh.attention_layers[0].learnable == "frequencies"
-    # The load restores weights and encodings, not patch()'s need_weights=False hook: the fresh
-    # model takes the need_weights=True path, equal up to rounding.
     torch.testing.assert_close(fresh.log2feats(seqs[:4, :-1]), patched.log2feats(seqs[:4, :-1]), rtol=1e-5, atol=1e-5)
 
 

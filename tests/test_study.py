@@ -141,6 +141,8 @@ def test_cli_train_and_study(tmp_path, capsys):
     assert main(["train", "--encoding", "rope", "--out-dir", str(tmp_path / "t"), *small]) == 0
     printed = capsys.readouterr().out
     assert "popularity (test)" in printed and "sampled_ndcg@10" in printed and "synthetic: 40 users" in printed
+    assert "+ rope (base 1000)" in printed  # rope's base is part of the run's summary
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["rope_base"] == 1000.0
     assert main(["study", "--encodings", "abs,rmha-4", "--seeds", "1", "--out-dir", str(tmp_path / "s"), *small]) == 0
     printed = capsys.readouterr().out
     assert "| abs" in printed and "| rmha-4" in printed and "Reading" in printed

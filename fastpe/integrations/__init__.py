@@ -11,5 +11,13 @@
 
 Both replace the model's absolute position embedding (an ``nn.Embedding`` called with position
 ids and added to the item embeddings) by a module of :mod:`fastpe.integrations.position` that
-fits the encoding.
+fits the encoding. Both keep the host's Parameter objects (an optimizer built before still trains
+them) and record what they did as ``model.fastpe_patch``; the parameters they add are listed by
+:func:`new_parameters`, :func:`add_new_parameters` puts them into an existing optimizer, and an
+optimizer that trains a patched model without them warns (:class:`NewParametersWarning`) at its
+first step.
 """
+
+from fastpe.integrations._patching import NewParametersWarning, add_new_parameters, new_parameters
+
+__all__ = ["NewParametersWarning", "add_new_parameters", "new_parameters"]

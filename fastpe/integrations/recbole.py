@@ -12,18 +12,20 @@ with ``query``/``key``/``value``/``dense`` Linear layers and an additive mask ``
 
 :class:`MultiHeadAttention` here computes exactly that layer with a fastpe encoding inside the
 attention (plain, ``rmha-k`` or ``rope``); :func:`patch` swaps it into a model, keeping the weights.
-This module never imports RecBole.
+:func:`safe_checkpoints` makes RecBole's ``Trainer`` write checkpoints that its own ``torch.load``
+reads with safe (weights-only) loading. This module never imports RecBole.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import types
 
 import torch
 from torch import nn
 
-from fastpe.integrations._patching import swap_layer, swap_position_embedding
+from fastpe.integrations._patching import ROPE_BASE, PatchRecord, record_patch, swap_layer, swap_position_embedding
 from fastpe.nn import encoding_kind
 from fastpe.nn.encodings import sinusoidal_angles
 from fastpe.ops import relative_attention, rotary
@@ -79,7 +81,7 @@ class MultiHeadAttention(nn.Module):
         layer_norm_eps: float,
         encoding: str = "none",
         per_head_tables: bool = False,
-        base: float = 10000.0,
+        base: float = ROPE_BASE,
         interleaved: bool = False,
         learnable: str = "none",
         max_len: int = 512,
@@ -212,8 +214,13 @@ def patch(
       ``patch(model, "learnt")`` leaves the model's function unchanged; ``abs`` and ``rotatory``
       give fastpe's table rows.
 
-    ``options`` go to the attention layer for ``rmha-k``/``rope`` (``per_head_tables``, ``base``,
-    ``interleaved``, ``learnable``, ``max_len``) and to the position table otherwise.
+    ``options`` go to the attention layer for ``rmha-k``/``rope`` (``per_head_tables``, ``base``
+    (default 1000, the study's), ``interleaved``, ``learnable``, ``max_len``) and to the position
+    table otherwise (``scale``: ``"match"`` by default, the root-mean-square of RecBole's table).
+
+    Call it before building the ``Trainer`` (which builds the optimizer): the host's Parameter
+    objects are kept, and ``model.fastpe_patch`` records the parameters the patch adds (see
+    :func:`fastpe.integrations.add_new_parameters`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: expected an nn.Module, got {type(model).__name__}")
@@ -226,7 +233,10 @@ def patch(
             f"patch: found no RecBole attention layer in {type(model).__name__}: looked for modules of class "
             f"MultiHeadAttention (recbole.model.layers) with submodules {', '.join(_REQUIRED[:5])}"
         )
+    before = {id(p) for p in model.parameters()}
     in_attention = encoding_kind(encoding) == "attention"
+    if encoding.strip().lower() == "rope":
+        options.setdefault("base", ROPE_BASE)
     layer_options = options if in_attention else {}
     for name, old in layers:
         new = MultiHeadAttention(
@@ -234,8 +244,68 @@ def patch(
             encoding=encoding if in_attention else "none", backend=backend, **layer_options,
         )
         swap_layer(model, name, old, new)
-    swap_position_embedding(model, position_embedding, encoding, {} if in_attention else options)
+    position = swap_position_embedding(model, position_embedding, encoding, {} if in_attention else dict(options))
+    record_patch(model, PatchRecord(encoding, [n for n, _ in layers], position, dict(options)), before, position_embedding)
     return model
 
 
-__all__ = ["MultiHeadAttention", "attention_bias", "patch"]
+def _plain(value):
+    """A copy of ``value`` built only of str/int/float/bool/None, lists and str-keyed dicts;
+    TypeError for anything else (enums, numpy scalars, classes)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict) and all(type(k) is str for k in value):
+        return {k: _plain(v) for k, v in value.items()}
+    raise TypeError(type(value).__name__)
+
+
+def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+    # RecBole 1.2.1's Trainer._save_checkpoint, writing only what weights-only loading reads: its
+    # original pickles the Config object (with a yaml Loader class and the model class inside) at
+    # pickle protocol 4, which torch.load(weights_only=True) cannot read at all.
+    if not self.config["single_spec"] and self.config["local_rank"] != 0:
+        return
+    saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+    config = {}
+    for key, value in self.config.final_config_dict.items():
+        try:
+            config[key] = _plain(value)
+        except TypeError:
+            pass  # not weights-only loadable; nothing RecBole reads back
+    state = {
+        "config": config,  # resume_checkpoint reads config["model"]
+        "epoch": int(epoch),
+        "cur_step": int(self.cur_step),
+        "best_valid_score": float(self.best_valid_score),
+        "state_dict": self.model.state_dict(),
+        "other_parameter": self.model.other_parameter(),
+        "optimizer": self.optimizer.state_dict(),
+    }
+    torch.save(state, saved_model_file)
+    if verbose:
+        self.logger.info(f"Saving current: {saved_model_file}")
+
+
+def safe_checkpoints(trainer):
+    """Make a RecBole (1.2.x) ``Trainer`` write checkpoints that load with ``weights_only=True``; returns it.
+
+    RecBole's trainer reloads its best model with ``torch.load(file)``, which under torch >= 2.6
+    loads weights only and refuses RecBole's own file (``Unsupported operand 149``: pickle
+    protocol 4, and a pickled ``Config`` holding classes). Instead of turning safe loading off
+    (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` lets any checkpoint run code), this trainer writes the
+    same checkpoint with plain values only: the state dicts, epoch, step, best score as a float,
+    and the config's plain-valued entries as a dict. ``trainer.evaluate(load_best_model=True)``
+    and ``trainer.resume_checkpoint`` then read it with torch's default safe loading; no type is
+    allow-listed. Only this trainer instance changes.
+    """
+    needed = ("config", "model", "optimizer", "saved_model_file", "_save_checkpoint", "evaluate")
+    missing = [name for name in needed if not hasattr(trainer, name)]
+    if missing:
+        raise TypeError(f"safe_checkpoints: expected a RecBole Trainer, got {type(trainer).__name__} without {missing}")
+    trainer._save_checkpoint = types.MethodType(_save_checkpoint, trainer)
+    return trainer
+
+
+__all__ = ["MultiHeadAttention", "attention_bias", "patch", "safe_checkpoints"]

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from fastpe.integrations._patching import swap_layer, swap_position_embedding
+from fastpe.integrations._patching import (
+    ROPE_BASE, PatchRecord, record_patch, skip_attention_weights, swap_layer, swap_position_embedding,
+)
 from fastpe.nn import MultiheadAttention, RelativeMultiheadAttention, RotaryMultiheadAttention, attention_layer, encoding_kind
 
 _FASTPE_LAYERS = (MultiheadAttention, RelativeMultiheadAttention, RotaryMultiheadAttention)
@@ -27,15 +29,6 @@ def multihead_attention(encoding: str, embed_dim: int, num_heads: int, dropout: 
     encodings, RMHA-k for ``rmha-<k>``, RoPE for ``rope``."""
     options.setdefault("batch_first", False)
     return attention_layer(encoding, embed_dim, num_heads, dropout, **options)
-
-
-def _skip_attention_weights(module, args, kwargs):
-    # need_weights is the 5th positional argument of nn.MultiheadAttention.forward.
-    if len(args) > 4:
-        args = (*args[:4], False, *args[5:])
-    else:
-        kwargs["need_weights"] = False
-    return args, kwargs
 
 
 def patch(
@@ -59,8 +52,16 @@ def patch(
       ``None`` for them), so the fused kernels run even though SASRec.pytorch's call leaves
       ``need_weights`` at its default True; None leaves the calls as they are.
 
-    ``options`` go to the attention layers for ``rmha-k``/``rope`` and to the position table
-    otherwise. Layers with ``add_bias_kv`` or ``add_zero_attn`` are refused (fastpe has neither).
+    ``options`` go to the attention layers for ``rmha-k``/``rope`` (``base`` defaults to the
+    study's 1000) and to the position table otherwise (``scale``: ``"match"`` by default, the
+    root-mean-square of the table replaced; a number multiplies fastpe's unit codes). Layers with
+    ``add_bias_kv`` or ``add_zero_attn`` are refused (fastpe has neither).
+
+    Call it after the model's own initialisation (so ``"match"`` sees the initialised table) and
+    before building the optimizer: the host's Parameter objects are kept, but the parameters the
+    patch adds (``new_parameters(model)``) are unknown to an older optimizer, which warns at its
+    first step (``add_new_parameters(optimizer, model)`` fixes it). ``model.fastpe_patch``
+    records what was done; ``model.fastpe_patch.summary()`` says it in one line.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: expected an nn.Module, got {type(model).__name__}")
@@ -74,7 +75,10 @@ def patch(
         raise ValueError(
             f"patch: found no attention layer in {type(model).__name__}: looked for torch.nn.MultiheadAttention modules"
         )
+    before = {id(p) for p in model.parameters()}
     in_attention = encoding_kind(encoding) == "attention"
+    if encoding.strip().lower() == "rope":
+        options.setdefault("base", ROPE_BASE)
     layer_options = options if in_attention else {}
     for name, old in layers:
         if old.bias_k is not None or old.add_zero_attn:
@@ -85,8 +89,10 @@ def patch(
         new = attention_layer(encoding if in_attention else "none", old.embed_dim, old.num_heads, old.dropout, **kwargs)
         swap_layer(model, name, old, new)
         if need_weights is False:
-            new.register_forward_pre_hook(_skip_attention_weights, with_kwargs=True)
-    swap_position_embedding(model, position_embedding, encoding, {} if in_attention else options)
+            skip_attention_weights(new)
+    position = swap_position_embedding(model, position_embedding, encoding, {} if in_attention else dict(options))
+    shown = {**options, **({"need_weights": False} if need_weights is False else {})}
+    record_patch(model, PatchRecord(encoding, [n for n, _ in layers], position, shown), before, position_embedding)
     return model
 
 

@@ -177,7 +177,8 @@ def run_train(args) -> int:
               f"{Path(summary['out_dir'])}")
         return 0
     keys = [k for k in summary["test"]]
-    print(f"{summary['dataset']}; {cfg.model} + {cfg.encoding}, best epoch {summary['best_epoch']} of "
+    rope = f" (base {summary['rope_base']:g})" if summary.get("rope_base") else ""
+    print(f"{summary['dataset']}; {cfg.model} + {cfg.encoding}{rope}, best epoch {summary['best_epoch']} of "
           f"{summary['epochs_run']}, {summary['train_seq_per_s']:.0f} train seq/s ({summary['step']}, "
           f"backend {summary['backend']}, {summary['device']})")
     from fastpe.demo import format_table

@@ -553,6 +553,7 @@ class Run:
             "dataset": self.data.describe(),
             "model": cfg.model,
             "encoding": cfg.encoding,
+            "rope_base": cfg.rope_base if cfg.encoding.strip().lower() == "rope" else None,
             "seed": cfg.seed,
             "device": str(self.device),
             "world_size": self.world,
