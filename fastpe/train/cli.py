@@ -141,7 +141,7 @@ def add_study(sub) -> None:
                    help="'all' or a comma-separated list, each name once (default all)")
     p.add_argument("--seeds", type=validation.positive_int("the number of seeds"), default=None,
                    help="number of seeds, 0..N-1 (default 2 on synthetic data, 3 otherwise)")
-    p.add_argument("--jobs", type=validation.option_type("jobs", int), default=0,
+    p.add_argument("--jobs", type=validation.positive_int("0: fill the machine", minimum=0), default=0,
                    help="runs trained at once, one process each: threads split among them on a CPU (each run gets "
                         "--threads, default cores / jobs), one GPU each on a multi-GPU machine. Default 0: fill the "
                         "machine (one run per GPU; on a CPU cores / --threads, or 1 without --threads). With "

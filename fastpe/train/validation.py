@@ -54,7 +54,6 @@ NUMBER_RULES = {
     "threads": ("an integer >= 0 (0: torch's default)", lambda v: v >= 0),
     "benchmark_steps": ("an integer >= 0", lambda v: v >= 0),
     "stop_after_epochs": ("an integer >= 0", lambda v: v >= 0),
-    "jobs": ("an integer >= 0 (0: fill the machine)", lambda v: v >= 0),
     "lr": ("a finite number > 0", lambda v: math.isfinite(v) and v > 0),
     "dropout": ("a number in [0, 1)", lambda v: 0 <= v < 1),
     "weight_decay": ("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0),
@@ -103,16 +102,18 @@ def option_type(name: str, kind: type):
     return _number(name, kind) if name in NUMBER_RULES else kind
 
 
-def positive_int(what: str):
-    """An argparse type for a positive integer option that is not a config field (e.g. --seeds)."""
+def positive_int(what: str, minimum: int = 1):
+    """An argparse type for an integer option that is not a config field (e.g. --seeds, --jobs):
+    at least ``minimum`` (1: a positive integer)."""
+    kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            value = 0
-        if value <= 0 or str(value) != text.strip().lstrip("+"):
-            raise argparse.ArgumentTypeError(f"expected a positive integer ({what}), got {text!r}")
+            value = minimum - 1
+        if value < minimum or str(value) != text.strip().lstrip("+"):
+            raise argparse.ArgumentTypeError(f"expected {kind} ({what}), got {text!r}")
         return value
 
     return parse
