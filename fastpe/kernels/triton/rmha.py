@@ -79,6 +79,66 @@ def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr,
 
 
 @triton.jit
+def _table_col(table, rcols, COL: tl.constexpr):
+    """Column ``COL`` of a per-row table ``[M, R_PAD]`` as an ``[M]`` vector."""
+    return tl.sum(tl.where(rcols[None, :] == COL, table, 0.0), axis=1)
+
+
+@triton.jit
+def _band_tile_buckets(dloc, delta, KMAX: tl.constexpr):
+    """Bucket ``clamp(j - i, -k, k) + k`` of each element of a tile, with ``dloc = j - i`` inside the
+    tile (hoisted out of the loops) and ``delta = start_n - start_m``."""
+    return tl.minimum(tl.maximum(dloc + (delta + KMAX), 0), 2 * KMAX)
+
+
+@triton.jit
+def _band_bucket_sums(x, dloc, delta, offs_m_local, rcols, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``out[i, r] = sum_j x[i, j] [bucket(i, j) == r]`` of a band tile, ``[M, R_PAD]`` float32, at O(1)
+    work per element: the inner buckets ``0 < r < 2k`` are single diagonals (one gather of ``2k - 1``
+    elements per row), the outer bucket ``0`` is a masked row sum and bucket ``2k`` the rest of the
+    row sum."""
+    col = offs_m_local[:, None] + (rcols[None, :] - KMAX - delta)  # column of j = i + r - k in the tile
+    inner_ok = (col >= 0) & (col < BLOCK_N) & (rcols[None, :] >= 1) & (rcols[None, :] < 2 * KMAX)
+    inner = tl.where(inner_ok, tl.gather(x, tl.minimum(tl.maximum(col, 0), BLOCK_N - 1), axis=1), 0.0)
+    total = tl.sum(x, axis=1)
+    left = tl.sum(tl.where(dloc <= -KMAX - delta, x, 0.0), axis=1)
+    right = total - left - tl.sum(inner, axis=1)
+    # (added, not selected: with k = 0 both outer buckets are bucket 0)
+    return inner + tl.where(rcols[None, :] == 0, left[:, None], 0.0) + tl.where(rcols[None, :] == 2 * KMAX, right[:, None], 0.0)
+
+
+@triton.jit
+def _side_bucket_sums(x, rcols, COL: tl.constexpr):
+    """Bucket sums of a tile that lies wholly outside the band: every element is in bucket ``COL``."""
+    return tl.where(rcols[None, :] == COL, tl.sum(x, axis=1)[:, None], 0.0)
+
+
+@triton.jit
+def _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM: tl.constexpr):
+    """Keys of the tile that exist and are not padding, and whether any does (a fully padded block is
+    skipped: left padding makes the first blocks of most rows in a batch all padding)."""
+    ok = n_mask
+    if HAS_KPM:
+        pad = tl.load(KPM + b * skpb + offs_n * skpn, mask=n_mask, other=1)
+        ok = ok & (pad == 0)
+    return ok, tl.max(ok.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def _masked_logits(s, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
+                   HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Mask (and bias) logits ``s`` given in log2 units."""
+    valid = col_ok[None, :]
+    if IS_CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    if HAS_BIAS:
+        bias = tl.load(BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
+                       mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        s = s + bias.to(tl.float32) * 1.4426950408889634
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
 def _buckets(offs_m, offs_n, KMAX: tl.constexpr):
     d = offs_n[None, :] - offs_m[:, None]
     return tl.minimum(tl.maximum(d, -KMAX), KMAX) + KMAX
@@ -146,6 +206,67 @@ def _logits(q_a, q_b, k_a, k_b, qr, offs_m, offs_n, m_mask, n_mask, b, h, bh,
 
 
 @triton.jit
+def _fwd_tile(acc_a, acc_b, m_i, l_i, pb, start_n, start_m, q_a, q_b, qr, qr_side, dloc, offs_m, m_mask, offs_m_local, rcols,
+              k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
+              LK, qk_scale, seed, dropout_p,
+              KMAX: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr,
+              DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
+              HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              DOT_PREC: tl.constexpr, BAND: tl.constexpr, SIDE_COL: tl.constexpr):
+    """One key block of the online softmax. ``BAND``: the block meets the band ``|j - i| < k`` and
+    every element needs its bucket; otherwise every element is in bucket ``SIDE_COL`` (0 or 2k)
+    and the relative key term is the per-row ``qr_side``."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < LK
+    col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+    if any_key:
+        k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
+        qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
+        if DB > 0:
+            qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
+        delta = start_n - start_m
+        if BAND:
+            s = qk + tl.gather(qr, _band_tile_buckets(dloc, delta, KMAX), axis=1)
+        else:
+            s = qk + qr_side[:, None]
+        s = _masked_logits(s * qk_scale, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
+                           HAS_BIAS, IS_CAUSAL)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows with no allowed key so far keep m = -inf: subtract 0 instead (p = 0, no NaN).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_DROPOUT:
+            keep = _keep_mask(seed, bh, offs_m, offs_n, dropout_p)
+            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+        p_lo = p.to(q_a.dtype)
+        v_a = _load_rows(v_base, offs_n, n_mask, svn, svd, 0, DVA, DV)
+        acc_a = tl.dot(p_lo, v_a, acc_a * alpha[:, None], input_precision=DOT_PREC)
+        if DVB > 0:
+            v_b = _load_rows(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
+            acc_b = tl.dot(p_lo, v_b, acc_b * alpha[:, None], input_precision=DOT_PREC)
+        if BAND:
+            tile_pb = _band_bucket_sums(p, dloc, delta, offs_m_local, rcols, KMAX, BLOCK_N)
+        else:
+            tile_pb = _side_bucket_sums(p, rcols, SIDE_COL)
+        pb = pb * alpha[:, None] + tile_pb
+        m_i = m_new
+    return acc_a, acc_b, m_i, l_i, pb
+
+
+@triton.jit
+def _band_key_range(start_m, hi, KMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks ``[0, lo)`` lie left of the band of query block ``start_m`` (bucket 0), blocks from
+    ``lo`` up to ``mid`` meet it, blocks from ``end`` (the first after them) to ``hi`` lie right
+    of it (bucket 2k)."""
+    lo = tl.minimum(tl.maximum(start_m - KMAX + 1, 0) // BLOCK_N * BLOCK_N, hi)
+    mid = tl.minimum(hi, start_m + BLOCK_M + KMAX - 1)
+    end = lo + tl.cdiv(tl.maximum(mid - lo, 0), BLOCK_N) * BLOCK_N
+    return lo, mid, end
+
+
+@triton.jit
 def _rmha_fwd_kernel(
     Q, K, V, RK, RV, KPM, BIAS, SEED, O, LSE,
     sqb, sqh, sqm, sqd,
@@ -169,28 +290,33 @@ def _rmha_fwd_kernel(
     h = bh % H
     dt = Q.dtype.element_ty
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_m_local = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_m_local
     m_mask = offs_m < LQ
-    offs_r = tl.arange(0, R_PAD)
-    r_mask = offs_r < R
+    rcols = tl.arange(0, R_PAD)
+    r_mask = rcols < R
+    dloc = tl.arange(0, BLOCK_N)[None, :] - offs_m_local[:, None]  # j - i inside a tile, minus start_n - start_m
     q_base = Q + b * sqb + h * sqh
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
-    # q . rk for the 2k+1 buckets: [BLOCK_M, R_PAD], once per program.
+    # q . rk for the 2k+1 buckets: [BLOCK_M, R_PAD], once per program; its outer columns serve
+    # the key blocks outside the band.
     q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH)
-    rk_a = _load_rows(RK + h * srkh, offs_r, r_mask, srkr, srkd, 0, DA, DH)
+    rk_a = _load_rows(RK + h * srkh, rcols, r_mask, srkr, srkd, 0, DA, DH)
     qr = tl.dot(q_a, tl.trans(rk_a), input_precision=DOT_PREC)
     q_b = q_a
     if DB > 0:
         q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
-        rk_b = _load_rows(RK + h * srkh, offs_r, r_mask, srkr, srkd, DA, DB, DH)
+        rk_b = _load_rows(RK + h * srkh, rcols, r_mask, srkr, srkd, DA, DB, DH)
         qr = tl.dot(q_b, tl.trans(rk_b), qr, input_precision=DOT_PREC)
+    qr_left = _table_col(qr, rcols, 0)
+    qr_right = _table_col(qr, rcols, 2 * KMAX)
 
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
-    inv_keep = 1.0 / (1.0 - dropout_p)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -200,40 +326,36 @@ def _rmha_fwd_kernel(
 
     hi = LK
     if IS_CAUSAL:
-        hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < LK
-        k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
-        s, bucket = _logits(q_a, q_b, k_a, k_b, qr, offs_m, offs_n, m_mask, n_mask, b, h, bh,
-                            KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, qk_scale,
-                            KMAX, R_PAD, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, DOT_PREC)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # Rows with no allowed key so far keep m = -inf: subtract 0 instead (p = 0, no NaN).
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if HAS_DROPOUT:
-            keep = _keep_mask(seed, bh, offs_m, offs_n, dropout_p)
-            p = tl.where(keep, p * inv_keep, 0.0)
-        v_a = _load_rows(v_base, offs_n, n_mask, svn, svd, 0, DVA, DV)
-        acc_a = tl.dot(p.to(dt), v_a, acc_a * alpha[:, None], input_precision=DOT_PREC)
-        if DVB > 0:
-            v_b = _load_rows(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
-            acc_b = tl.dot(p.to(dt), v_b, acc_b * alpha[:, None], input_precision=DOT_PREC)
-        pb = pb * alpha[:, None] + _bucket_sum(p, bucket, R, R_PAD)
-        m_i = m_new
+        hi = tl.minimum(LK, start_m + BLOCK_M)
+    lo_band, mid_band, end_band = _band_key_range(start_m, hi, KMAX, BLOCK_M, BLOCK_N)
+    for start_n in range(0, lo_band, BLOCK_N):
+        acc_a, acc_b, m_i, l_i, pb = _fwd_tile(
+            acc_a, acc_b, m_i, l_i, pb, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
+            k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
+            LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0)
+    for start_n in range(lo_band, mid_band, BLOCK_N):
+        acc_a, acc_b, m_i, l_i, pb = _fwd_tile(
+            acc_a, acc_b, m_i, l_i, pb, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
+            k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
+            LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0)
+    for start_n in range(end_band, hi, BLOCK_N):
+        acc_a, acc_b, m_i, l_i, pb = _fwd_tile(
+            acc_a, acc_b, m_i, l_i, pb, start_n, start_m, q_a, q_b, qr, qr_right, dloc, offs_m, m_mask, offs_m_local, rcols,
+            k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
+            LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX)
 
     has_key = l_i > 0.0
     inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
     pbn = (pb * inv_l[:, None]).to(dt)
     o_base = O + b * sob + h * soh
-    rv_a = _load_rows(RV + h * srvh, offs_r, r_mask, srvr, srvd, 0, DVA, DV)
+    rv_a = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, 0, DVA, DV)
     o_a = tl.dot(pbn, rv_a, acc_a * inv_l[:, None], input_precision=DOT_PREC)
     _store_rows(o_base, o_a, offs_m, m_mask, som, sod, 0, DVA, DV)
     if DVB > 0:
-        rv_b = _load_rows(RV + h * srvh, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
+        rv_b = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, DVA, DVB, DV)
         o_b = tl.dot(pbn, rv_b, acc_b * inv_l[:, None], input_precision=DOT_PREC)
         _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV)
     # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0).
