@@ -92,25 +92,36 @@ def _band_tile_buckets(dloc, delta, KMAX: tl.constexpr):
 
 
 @triton.jit
-def _band_bucket_sums(x, dloc, delta, offs_m_local, rcols, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``out[i, r] = sum_j x[i, j] [bucket(i, j) == r]`` of a band tile, ``[M, R_PAD]`` float32, at O(1)
-    work per element: the inner buckets ``0 < r < 2k`` are single diagonals (one gather of ``2k - 1``
-    elements per row), the outer bucket ``0`` is a masked row sum and bucket ``2k`` the rest of the
-    row sum."""
-    col = offs_m_local[:, None] + (rcols[None, :] - KMAX - delta)  # column of j = i + r - k in the tile
-    inner_ok = (col >= 0) & (col < BLOCK_N) & (rcols[None, :] >= 1) & (rcols[None, :] < 2 * KMAX)
-    inner = tl.where(inner_ok, tl.gather(x, tl.minimum(tl.maximum(col, 0), BLOCK_N - 1), axis=1), 0.0)
-    total = tl.sum(x, axis=1)
-    left = tl.sum(tl.where(dloc <= -KMAX - delta, x, 0.0), axis=1)
-    right = total - left - tl.sum(inner, axis=1)
-    # (added, not selected: with k = 0 both outer buckets are bucket 0)
-    return inner + tl.where(rcols[None, :] == 0, left[:, None], 0.0) + tl.where(rcols[None, :] == 2 * KMAX, right[:, None], 0.0)
+def _left_sum(x, dloc, delta, KMAX: tl.constexpr):
+    """Row sums of the elements of a band tile left of the band (bucket 0: ``j - i <= -k``)."""
+    return tl.sum(tl.where(dloc <= -KMAX - delta, x, 0.0), axis=1)
 
 
 @triton.jit
-def _side_bucket_sums(x, rcols, COL: tl.constexpr):
-    """Bucket sums of a tile that lies wholly outside the band: every element is in bucket ``COL``."""
-    return tl.where(rcols[None, :] == COL, tl.sum(x, axis=1)[:, None], 0.0)
+def _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, KPM, skpb, skpn,
+                 BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX: tl.constexpr, DH: tl.constexpr,
+                 DA: tl.constexpr, DB: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr):
+    """Masked logits (log2 units) of the diagonal ``j = i + r - k`` of the query block, ``[BLOCK_M]``,
+    and its key indices: the band path. An inner bucket holds one element per row, so its sums
+    are these elements, computed once per query block instead of looked up per tile element."""
+    offs_j = offs_m + (r - KMAX)
+    ok = (offs_j >= 0) & (offs_j < LK) & m_mask
+    if IS_CAUSAL:
+        ok = ok & (offs_j <= offs_m)
+    if HAS_KPM:
+        pad = tl.load(KPM + b * skpb + offs_j * skpn, mask=ok, other=1)
+        ok = ok & (pad == 0)
+    k_a = _load_rows(k_base, offs_j, ok, skn, skd, 0, DA, DH)
+    dot = tl.sum(q_a.to(tl.float32) * k_a.to(tl.float32), axis=1)
+    if DB > 0:
+        k_b = _load_rows(k_base, offs_j, ok, skn, skd, DA, DB, DH)
+        dot += tl.sum(q_b.to(tl.float32) * k_b.to(tl.float32), axis=1)
+    s = (dot + tl.sum(tl.where(rcols[None, :] == r, qr, 0.0), axis=1)) * qk_scale
+    if HAS_BIAS:
+        bias = tl.load(BIAS + b * sbb + h * sbh + offs_m * sbm + offs_j * sbn, mask=ok, other=0.0)
+        s = s + bias.to(tl.float32) * 1.4426950408889634
+    return tl.where(ok, s, float("-inf")), offs_j
 
 
 @triton.jit
@@ -167,11 +178,16 @@ def _bucket_sum(x, bucket, R: tl.constexpr, R_PAD: tl.constexpr):
 
 
 @triton.jit
-def _keep_mask(seed, bh, offs_m, offs_n, dropout_p):
-    """Dropout keep mask for the tile: Philox(seed; j, i, batch*head, 0), kept where u >= p."""
-    c0 = offs_n[None, :] + tl.zeros([offs_m.shape[0], offs_n.shape[0]], tl.int32)
-    c1 = offs_m[:, None] + tl.zeros([offs_m.shape[0], offs_n.shape[0]], tl.int32)
-    c2 = tl.zeros([offs_m.shape[0], offs_n.shape[0]], tl.int32) + bh
+def _keep_mask(seed, bh, offs_m, offs_n, dropout_p, ROWS: tl.constexpr = True):
+    """Dropout keep mask: Philox(seed; j, i, batch*head, 0), kept where u >= p. For the tile
+    ``offs_m x offs_n``, or (``ROWS=False``) for the elements ``(offs_m[t], offs_n[t])``."""
+    if ROWS:
+        c0 = offs_n[None, :] + tl.zeros([offs_m.shape[0], offs_n.shape[0]], tl.int32)
+        c1 = offs_m[:, None] + tl.zeros([offs_m.shape[0], offs_n.shape[0]], tl.int32)
+    else:
+        c0 = offs_n
+        c1 = offs_m
+    c2 = tl.zeros(c0.shape, tl.int32) + bh
     r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, c2, c2 * 0)
     return tl.uint_to_uniform_float(r0) >= dropout_p
 
@@ -206,7 +222,7 @@ def _logits(q_a, q_b, k_a, k_b, qr, offs_m, offs_n, m_mask, n_mask, b, h, bh,
 
 
 @triton.jit
-def _fwd_tile(acc_a, acc_b, m_i, l_i, pb, start_n, start_m, q_a, q_b, qr, qr_side, dloc, offs_m, m_mask, offs_m_local, rcols,
+def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_side, dloc, offs_m, m_mask, offs_m_local, rcols,
               k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
               LK, qk_scale, seed, dropout_p,
               KMAX: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr,
@@ -246,13 +262,16 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pb, start_n, start_m, q_a, q_b, qr, qr_sid
         if DVB > 0:
             v_b = _load_rows(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
             acc_b = tl.dot(p_lo, v_b, acc_b * alpha[:, None], input_precision=DOT_PREC)
+        # bucket 0 sums of P~ and all of P~ (bucket 2k takes the rest, the inner buckets come later)
         if BAND:
-            tile_pb = _band_bucket_sums(p, dloc, delta, offs_m_local, rcols, KMAX, BLOCK_N)
+            pl = pl * alpha + _left_sum(p, dloc, delta, KMAX)
+        elif SIDE_COL == 0:
+            pl = pl * alpha + tl.sum(p, axis=1)
         else:
-            tile_pb = _side_bucket_sums(p, rcols, SIDE_COL)
-        pb = pb * alpha[:, None] + tile_pb
+            pl = pl * alpha
+        pt = pt * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    return acc_a, acc_b, m_i, l_i, pb
+    return acc_a, acc_b, m_i, l_i, pl, pt
 
 
 @triton.jit
@@ -322,34 +341,51 @@ def _rmha_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_a = tl.zeros([BLOCK_M, DVA], tl.float32)
     acc_b = tl.zeros([BLOCK_M, DVB if DVB > 0 else 16], tl.float32)
-    pb = tl.zeros([BLOCK_M, R_PAD], tl.float32)  # bucket sums of P~ (unnormalised)
+    pl = tl.zeros([BLOCK_M], tl.float32)  # bucket 0 sums of P~ (unnormalised)
+    pt = tl.zeros([BLOCK_M], tl.float32)  # row sums of P~ (unnormalised)
 
     hi = LK
     if IS_CAUSAL:
         hi = tl.minimum(LK, start_m + BLOCK_M)
     lo_band, mid_band, end_band = _band_key_range(start_m, hi, KMAX, BLOCK_M, BLOCK_N)
     for start_n in range(0, lo_band, BLOCK_N):
-        acc_a, acc_b, m_i, l_i, pb = _fwd_tile(
-            acc_a, acc_b, m_i, l_i, pb, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
+        acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
+            acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
             HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0)
     for start_n in range(lo_band, mid_band, BLOCK_N):
-        acc_a, acc_b, m_i, l_i, pb = _fwd_tile(
-            acc_a, acc_b, m_i, l_i, pb, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
+        acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
+            acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
             HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0)
     for start_n in range(end_band, hi, BLOCK_N):
-        acc_a, acc_b, m_i, l_i, pb = _fwd_tile(
-            acc_a, acc_b, m_i, l_i, pb, start_n, start_m, q_a, q_b, qr, qr_right, dloc, offs_m, m_mask, offs_m_local, rcols,
+        acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
+            acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_right, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
             HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX)
 
     has_key = l_i > 0.0
     inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
-    pbn = (pb * inv_l[:, None]).to(dt)
+    # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0).
+    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), 0.0)
+    # bucket sums of the normalised P~: the inner buckets from the band's diagonals
+    inner = tl.zeros([BLOCK_M, R_PAD], tl.float32)
+    for r in range(1, 2 * KMAX):
+        s_d, offs_j = _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, KPM, skpb, skpn,
+                                   BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL)
+        p_d = tl.exp2(s_d - lse)
+        if HAS_DROPOUT:
+            keep_d = _keep_mask(seed, bh, offs_m, offs_j, dropout_p, ROWS=False)
+            p_d = tl.where(keep_d, p_d * (1.0 / (1.0 - dropout_p)), 0.0)
+        inner = tl.where(rcols[None, :] == r, p_d[:, None], inner)
+    left = pl * inv_l
+    right = pt * inv_l - left - tl.sum(inner, axis=1)
+    # (added, not selected: with k = 0 both outer buckets are bucket 0)
+    pbn = inner + tl.where(rcols[None, :] == 0, left[:, None], 0.0) + tl.where(rcols[None, :] == 2 * KMAX, right[:, None], 0.0)
+    pbn = pbn.to(dt)
     o_base = O + b * sob + h * soh
     rv_a = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, 0, DVA, DV)
     o_a = tl.dot(pbn, rv_a, acc_a * inv_l[:, None], input_precision=DOT_PREC)
@@ -358,8 +394,6 @@ def _rmha_fwd_kernel(
         rv_b = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, DVA, DVB, DV)
         o_b = tl.dot(pbn, rv_b, acc_b * inv_l[:, None], input_precision=DOT_PREC)
         _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV)
-    # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0).
-    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), 0.0)
     tl.store(LSE + bh * LQ + offs_m, lse, mask=m_mask)
 
 
