@@ -57,13 +57,35 @@ def plan(shape, dropout):
     return fwd, bwd
 
 
+def specialized_source(launch):
+    """The kernel as a launch compiles it: Triton's launcher turns integer arguments equal to 1 into
+    constants and marks pointers and integers divisible by 16 (which lets loads vectorize), so
+    the same is done here with its own specialization rule."""
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    from fastpe.kernels.triton.compile_check import signature_of
+
+    signature = signature_of(launch)
+    constexprs = dict(launch.constexprs)
+    attrs = {}
+    names = list(launch.kernel.arg_names)
+    for name, value in launch.args.items():
+        kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        if kind == "constexpr":
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        elif isinstance(key, str) and "D" in key:
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    return triton.compiler.ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
 def compile_launch(launch):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from fastpe.kernels.triton.compile_check import signature_of
-
-    src = triton.compiler.ASTSource(fn=launch.kernel, signature=signature_of(launch), constexprs=dict(launch.constexprs))
+    src = specialized_source(launch)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
 
