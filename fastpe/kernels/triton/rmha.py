@@ -359,18 +359,12 @@ def _rmha_fwd_kernel(
     lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), 0.0)
     # bucket sums of the normalised P~: the inner buckets from the band's diagonals
     inner = tl.zeros([BLOCK_M, R_PAD], tl.float32)
-    if KMAX <= 8:  # few diagonals: unrolled, so their bucket columns are constants
-        for r in tl.static_range(1, 2 * KMAX):
-            p_d = _diag_probs(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, bh, KPM, skpb, skpn,
-                              BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, lse, seed, dropout_p,
-                              KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
-            inner = tl.where(rcols[None, :] == r, p_d[:, None], inner)
-    else:
-        for r in range(1, 2 * KMAX):
-            p_d = _diag_probs(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, bh, KPM, skpb, skpn,
-                              BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, lse, seed, dropout_p,
-                              KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
-            inner = tl.where(rcols[None, :] == r, p_d[:, None], inner)
+    # a loop, not unrolled: unrolled diagonals load concurrently and spill at dh = 90
+    for r in range(1, 2 * KMAX):
+        p_d = _diag_probs(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, bh, KPM, skpb, skpn,
+                          BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, lse, seed, dropout_p,
+                          KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
+        inner = tl.where(rcols[None, :] == r, p_d[:, None], inner)
     left = pl * inv_l
     right = pt * inv_l - left - tl.sum(inner, axis=1)
     # (added, not selected: with k = 0 both outer buckets are bucket 0)
