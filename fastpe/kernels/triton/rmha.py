@@ -781,12 +781,13 @@ def fwd_config(b, h, lq, lk, dh, dv, device, dtype):
 
 
 def bwd_config(b, h, lq, lk, dh, dv, device, dtype):
-    """Backward mode and block sizes. ``fused`` when one key block holds the sequence and there
-    are enough (batch, head) pairs to fill the card; ``split`` otherwise."""
+    """Backward mode and block sizes. ``fused`` (one pass, dq written once) when one key block
+    holds the sequence (up to 256 keys) and there are enough (batch, head) pairs to fill the card;
+    ``split`` otherwise."""
     sms = _launch.num_sms(device)
     widest = max(_launch.pad16(dh), _launch.pad16(dv))
     whole = max(16, _launch.next_pow2(lk))
-    if whole <= 128 and b * h >= sms:
+    if whole <= 256 and b * h >= sms:
         mode, block_n = "fused", whole
         block_m = 64 if whole <= 32 else (32 if whole <= 64 else 16)
         if widest > 128:
@@ -803,7 +804,8 @@ def bwd_config(b, h, lq, lk, dh, dv, device, dtype):
         raise ValueError(f"rmha_bwd mode must be 'fused' or 'split', got {cfg['mode']!r}")
     nblk = 1 if cfg["mode"] == "fused" else max(triton.cdiv(lq, cfg["block_m"]), triton.cdiv(lk, cfg["block_n"]))
     if not cfg["num_warps"]:
-        cfg["num_warps"] = 4 if cfg["block_m"] * cfg["block_n"] <= 64 * 64 and widest <= 64 else 8
+        small = cfg["block_m"] * cfg["block_n"] <= 64 * 64 and cfg["block_n"] <= 128 and widest <= 64
+        cfg["num_warps"] = 4 if small else 8
     if not cfg["b_per_prog"]:
         # Several sequences per program when there are many: fewer partial table rows (a short
         # reduction after), and as many programs as fit the card at once (two per SM with 4 warps,
