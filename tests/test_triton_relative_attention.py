@@ -2,7 +2,9 @@
 
 On the CPU the kernels run under TRITON_INTERPRET=1 (set by conftest), where every program
 instance costs milliseconds: shapes stay small, and the multi-block code paths (online softmax
-over several key blocks, the split backward) are reached by forcing small blocks.
+over several key blocks, key blocks left of, on and right of the band |j - i| < k, skipped
+padding blocks, the split backward) are reached by forcing small blocks. The interpreter's
+bf16 tl.dot is wrong (an upstream bug), so these tests use fp32 and fp16; bf16 runs on a GPU only.
 """
 
 import functools
@@ -91,6 +93,58 @@ def test_multi_block_paths(fwd, bwd, kind):
     cfg = launch_cfg()
     with cfg.override("rmha_fwd", **fwd), cfg.override("rmha_bwd", **bwd):
         check(2, 2, 33, 33, 30, kind, kmax=2, per_head=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["padding", "padding+causal"])
+def test_key_blocks_left_of_on_and_right_of_the_band(dtype, kind, monkeypatch):
+    """16-wide blocks over 70 positions with k = 2: the forward visits key blocks wholly left of the
+    band (bucket 0), blocks meeting it (gathered buckets) and blocks wholly right of it (bucket 2k);
+    the split backward sums the buckets over several key blocks. Outputs start as NaN."""
+    cfg = launch_cfg()
+    monkeypatch.setattr(cfg, "POISON", True)
+    with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode="split", block_m=16, block_n=16):
+        check(2, 1, 70, 70, 16, kind, dtype, kmax=2)
+
+
+def test_fully_padded_key_blocks_are_skipped_for_every_left_padding_length(monkeypatch):
+    """One sequence per left-padding length 0..17 over 16-wide key blocks of 33 positions. Keys and
+    values of every fully padded block are NaN: a kernel that reads such a block (instead of
+    skipping it) turns outputs or gradients into NaN. Outputs start as NaN too."""
+    cfg = launch_cfg()
+    monkeypatch.setattr(cfg, "POISON", True)
+    L, pads = 33, list(range(18))
+    b = len(pads)
+    kpm = (torch.arange(L)[None, :] < torch.tensor(pads)[:, None]).to(DEVICE)
+    q, k, v, rk, rv = rmha_inputs(b, 1, L, L, 8, kmax=2)
+    ref = relative_attention(q, k, v, rk, rv, key_padding_mask=kpm, backend="reference")
+    dout = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, rk, rv), dout)
+    dead = torch.zeros(b, L, dtype=torch.bool)
+    for row, pad in enumerate(pads):
+        dead[row, : pad // 16 * 16] = True  # the positions of fully padded 16-blocks
+    low = [t.detach().float() for t in (q, k, v, rk, rv)]
+    for t in low[1:3]:
+        t[:, 0][dead.to(DEVICE)] = float("nan")
+    low = [t.requires_grad_() for t in low]
+    # (the split backward: with one key block per sequence there is nothing to skip)
+    with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode="split", block_m=16, block_n=16):
+        out = relative_attention(*low, key_padding_mask=kpm, backend="triton")
+        grads = torch.autograd.grad(out, low, dout.float())
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+    for name, g, r in zip(NAMES, grads, ref_grads):  # dk, dv of skipped blocks: written as 0
+        torch.testing.assert_close(g.double(), r, atol=atol, rtol=rtol, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("L", [129, 200, 256])
+def test_one_pass_backward_up_to_256_keys(L, monkeypatch):
+    """The backward that holds a whole sequence in one key block (dq written once per query block)
+    at lengths between 129 and 256, with NaN-poisoned outputs."""
+    cfg = launch_cfg()
+    monkeypatch.setattr(cfg, "POISON", True)
+    with cfg.override("rmha_bwd", mode="fused", block_m=64):
+        check(1, 1, L, L, 16, "padding+causal", kmax=4)
 
 
 @pytest.mark.parametrize("lq,lk,mode", [(5, 40, "fused"), (40, 5, "split"), (21, 40, "split")])
@@ -228,9 +282,10 @@ def _reference_with_keep(q, k, v, rk, rv, keep, p, key_padding_mask=None, attn_m
 def _keep_mask(seed, b, h, lq, lk, p, **kw):
     """The kernel's keep mask, read off its output with V = identity and zero tables."""
     q, k, _v, _rk, _rv = rmha_inputs(b, h, lq, lk, 16)
-    v = torch.eye(lk, 16, dtype=torch.float32, device=DEVICE).expand(b, h, lk, 16).contiguous()
+    dv = max(16, lk)
+    v = torch.eye(lk, dv, dtype=torch.float32, device=DEVICE).expand(b, h, lk, dv).contiguous()
     torch.manual_seed(seed)
-    out = relative_attention(q.float(), k.float(), v, torch.zeros(3, 16, device=DEVICE), torch.zeros(3, 16, device=DEVICE),
+    out = relative_attention(q.float(), k.float(), v, torch.zeros(3, 16, device=DEVICE), torch.zeros(3, dv, device=DEVICE),
                              dropout_p=p, backend="triton", **kw)
     return out[..., :lk] != 0
 
@@ -243,10 +298,12 @@ def test_dropout_is_reproducible_and_has_the_right_rate():
     assert abs(a.float().mean().item() - (1 - p)) < 0.08  # 576 draws
 
 
-@pytest.mark.parametrize("mode", ["split", "fused"])
-def test_dropout_backward_uses_the_forward_mask(mode):
-    """Outputs and all gradients equal the float64 reference fed the kernel's own keep mask."""
-    b, h, L, p = 2, 2, 12, 0.25
+@pytest.mark.parametrize("mode,L", [("split", 12), ("fused", 12), ("split", 40)])
+def test_dropout_backward_uses_the_forward_mask(mode, L):
+    """Outputs and all gradients equal the float64 reference fed the kernel's own keep mask (at L = 40
+    with k = 2 over 16-wide blocks: key blocks off the band, and the band's diagonals, which draw
+    their keep decisions apart from the tiles)."""
+    b, h, p = 2, 2, 0.25
     kw = {"key_padding_mask": masks_on_device("padding", b, h, L, L)["key_padding_mask"], "is_causal": True}
     cfg = launch_cfg()
     with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode=mode, block_m=16, block_n=16):

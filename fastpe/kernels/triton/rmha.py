@@ -25,8 +25,9 @@ summed by a second kernel in a fixed order: bitwise reproducible, no atomics.
 
 Dropout: Philox keyed by a 64-bit seed read from a device tensor (drawn from torch's
 generator by the caller, so ``torch.manual_seed`` reproduces it and a captured CUDA graph
-replays fresh randomness), counters ``(j, i, batch*head, 0)``; the backward regenerates the
-same keep mask.
+replays fresh randomness), counters ``(j // 8, i, batch*head, 0)``: one call's 128 bits are
+eight 16-bit draws for eight keys (a per-element call would cost ~50 instructions per score
+element); the backward and the band's diagonals regenerate the same keep decisions.
 
 Head sizes are padded to a multiple of 16 (as two power-of-two chunks, see
 :func:`fastpe.kernels.triton._launch.split_pow2`), never to the next power of two.
@@ -79,70 +80,195 @@ def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr,
 
 
 @triton.jit
-def _buckets(offs_m, offs_n, KMAX: tl.constexpr):
-    d = offs_n[None, :] - offs_m[:, None]
-    return tl.minimum(tl.maximum(d, -KMAX), KMAX) + KMAX
+def _table_col(table, rcols, COL: tl.constexpr):
+    """Column ``COL`` of a per-row table ``[M, R_PAD]`` as an ``[M]`` vector."""
+    return tl.sum(tl.where(rcols[None, :] == COL, table, 0.0), axis=1)
 
 
 @triton.jit
-def _bucket_gather(table, bucket, R: tl.constexpr, R_PAD: tl.constexpr):
-    """``out[i, j] = table[i, bucket[i, j]]`` for ``table [M, R_PAD]`` (R static selects)."""
-    rcols = tl.arange(0, R_PAD)
-    out = tl.zeros(bucket.shape, tl.float32)
-    for r in tl.static_range(R):
-        col = tl.sum(tl.where(rcols[None, :] == r, table, 0.0), axis=1)
-        out = tl.where(bucket == r, col[:, None], out)
-    return out
+def _band_tile_buckets(dloc, delta, KMAX: tl.constexpr):
+    """Bucket ``clamp(j - i, -k, k) + k`` of each element of a tile, with ``dloc = j - i`` inside the
+    tile (hoisted out of the loops) and ``delta = start_n - start_m``."""
+    return tl.minimum(tl.maximum(dloc + (delta + KMAX), 0), 2 * KMAX)
 
 
 @triton.jit
-def _bucket_sum(x, bucket, R: tl.constexpr, R_PAD: tl.constexpr):
-    """``out[i, r] = sum_j x[i, j] [bucket[i, j] == r]``, ``[M, R_PAD]`` float32."""
-    rcols = tl.arange(0, R_PAD)
-    out = tl.zeros([x.shape[0], R_PAD], tl.float32)
-    for r in tl.static_range(R):
-        s = tl.sum(tl.where(bucket == r, x, 0.0), axis=1)
-        out = tl.where(rcols[None, :] == r, s[:, None], out)
-    return out
+def _left_sum(x, dloc, delta, KMAX: tl.constexpr):
+    """Row sums of the elements of a band tile left of the band (bucket 0: ``j - i <= -k``)."""
+    return tl.sum(tl.where(dloc <= -KMAX - delta, x, 0.0), axis=1)
 
 
 @triton.jit
-def _keep_mask(seed, bh, offs_m, offs_n, dropout_p):
-    """Dropout keep mask for the tile: Philox(seed; j, i, batch*head, 0), kept where u >= p."""
-    c0 = offs_n[None, :] + tl.zeros([offs_m.shape[0], offs_n.shape[0]], tl.int32)
-    c1 = offs_m[:, None] + tl.zeros([offs_m.shape[0], offs_n.shape[0]], tl.int32)
-    c2 = tl.zeros([offs_m.shape[0], offs_n.shape[0]], tl.int32) + bh
-    r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, c2, c2 * 0)
-    return tl.uint_to_uniform_float(r0) >= dropout_p
-
-
-@triton.jit
-def _logits(q_a, q_b, k_a, k_b, qr, offs_m, offs_n, m_mask, n_mask, b, h, bh,
-            KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, qk_scale,
-            KMAX: tl.constexpr, R_PAD: tl.constexpr, DB: tl.constexpr,
-            HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Masked logits of one tile in log2 units, and the tile's buckets."""
-    bucket = _buckets(offs_m, offs_n, KMAX)
-    qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
+def _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, KPM, skpb, skpn,
+                 BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX: tl.constexpr, DH: tl.constexpr,
+                 DA: tl.constexpr, DB: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr):
+    """Masked logits (log2 units) of the diagonal ``j = i + r - k`` of the query block, ``[BLOCK_M]``,
+    and its key indices: the band path. An inner bucket holds one element per row, so its sums
+    are these elements, computed once per query block instead of looked up per tile element."""
+    offs_j = offs_m + (r - KMAX)
+    ok = (offs_j >= 0) & (offs_j < LK) & m_mask
+    if IS_CAUSAL:
+        ok = ok & (offs_j <= offs_m)
+    if HAS_KPM:
+        pad = tl.load(KPM + b * skpb + offs_j * skpn, mask=ok, other=1)
+        ok = ok & (pad == 0)
+    k_a = _load_rows(k_base, offs_j, ok, skn, skd, 0, DA, DH)
+    dot = tl.sum(q_a.to(tl.float32) * k_a.to(tl.float32), axis=1)
     if DB > 0:
-        qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
-    s = (qk + _bucket_gather(qr, bucket, 2 * KMAX + 1, R_PAD)) * qk_scale
-    valid = n_mask[None, :] & m_mask[:, None]
+        k_b = _load_rows(k_base, offs_j, ok, skn, skd, DA, DB, DH)
+        dot += tl.sum(q_b.to(tl.float32) * k_b.to(tl.float32), axis=1)
+    s = (dot + tl.sum(tl.where(rcols[None, :] == r, qr, 0.0), axis=1)) * qk_scale
+    if HAS_BIAS:
+        bias = tl.load(BIAS + b * sbb + h * sbh + offs_m * sbm + offs_j * sbn, mask=ok, other=0.0)
+        s = s + bias.to(tl.float32) * 1.4426950408889634
+    return tl.where(ok, s, float("-inf")), offs_j
+
+
+@triton.jit
+def _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM: tl.constexpr):
+    """Keys of the tile that exist and are not padding, and whether any does (a fully padded block is
+    skipped: left padding makes the first blocks of most rows in a batch all padding)."""
+    ok = n_mask
     if HAS_KPM:
         pad = tl.load(KPM + b * skpb + offs_n * skpn, mask=n_mask, other=1)
-        valid = valid & (pad == 0)[None, :]
+        ok = ok & (pad == 0)
+    return ok, tl.max(ok.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def _masked_logits(s, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
+                   HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Mask (and bias) logits ``s`` given in log2 units."""
+    valid = col_ok[None, :]
     if IS_CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
     if HAS_BIAS:
         bias = tl.load(BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
                        mask=m_mask[:, None] & n_mask[None, :], other=0.0)
         s = s + bias.to(tl.float32) * 1.4426950408889634
-    return tl.where(valid, s, float("-inf")), bucket
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _halves(r):
+    return (r & 0xFFFF).to(tl.float32), (r >> 16).to(tl.float32)
+
+
+@triton.jit
+def _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
+    """Dropout keep mask of the tile ``offs_m x [start_n, start_n + BLOCK_N)``. One Philox call
+    (seed; key group j // 8, i, batch*head, 0) gives 128 random bits: eight 16-bit draws, one per
+    key of the group (see :func:`_keep_elems` for which), kept where draw >= p * 2**16."""
+    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+    c0 = groups[None, :] + tl.zeros([offs_m.shape[0], BLOCK_N // 8], tl.int32)
+    c1 = offs_m[:, None] + tl.zeros([offs_m.shape[0], BLOCK_N // 8], tl.int32)
+    c2 = tl.zeros(c0.shape, tl.int32) + bh
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c2 * 0)
+    u0, u1 = _halves(r0)
+    u2, u3 = _halves(r1)
+    u4, u5 = _halves(r2)
+    u6, u7 = _halves(r3)
+    # element [..., e0, e1, e2] is u[4 e2 + 2 e1 + e0]; flattened, key 8g + 4 e0 + 2 e1 + e2
+    u = tl.join(tl.join(tl.join(u0, u1), tl.join(u2, u3)), tl.join(tl.join(u4, u5), tl.join(u6, u7)))
+    return tl.reshape(u, [offs_m.shape[0], BLOCK_N]) >= dropout_p * 65536.0
+
+
+@triton.jit
+def _keep_elems(seed, bh, offs_m, offs_j, dropout_p):
+    """The keep decisions of :func:`_keep_tile` for single elements ``(offs_m[t], offs_j[t])``."""
+    lane = offs_j & 7
+    word = ((lane & 1) << 2) | (lane & 2) | (lane >> 2)  # 3-bit reverse: which of the eight draws
+    c0 = offs_j >> 3
+    c2 = tl.zeros(c0.shape, tl.int32) + bh
+    r0, r1, r2, r3 = tl.philox(seed, c0, offs_m, c2, c2 * 0)
+    r = tl.where(word < 4, tl.where(word < 2, r0, r1), tl.where(word < 6, r2, r3))
+    u = tl.where((word & 1) == 0, r & 0xFFFF, r >> 16)
+    return u.to(tl.float32) >= dropout_p * 65536.0
 
 
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _diag_probs(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, bh, KPM, skpb, skpn,
+                BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, lse, seed, dropout_p,
+                KMAX: tl.constexpr, DH: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_KPM: tl.constexpr,
+                HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """Normalised P~ on the diagonal ``j = i + r - k``, ``[BLOCK_M]``."""
+    s_d, offs_j = _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, KPM, skpb, skpn,
+                               BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL)
+    p_d = tl.exp2(s_d - lse)
+    if HAS_DROPOUT:
+        keep_d = _keep_elems(seed, bh, offs_m, offs_j, dropout_p)
+        p_d = tl.where(keep_d, p_d * (1.0 / (1.0 - dropout_p)), 0.0)
+    return p_d
+
+
+@triton.jit
+def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_side, dloc, offs_m, m_mask, offs_m_local, rcols,
+              k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
+              LK, qk_scale, seed, dropout_p,
+              KMAX: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr,
+              DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
+              HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              DOT_PREC: tl.constexpr, BAND: tl.constexpr, SIDE_COL: tl.constexpr):
+    """One key block of the online softmax. ``BAND``: the block meets the band ``|j - i| < k`` and
+    every element needs its bucket; otherwise every element is in bucket ``SIDE_COL`` (0 or 2k)
+    and the relative key term is the per-row ``qr_side``."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < LK
+    col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+    if any_key:
+        k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
+        qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
+        if DB > 0:
+            qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
+        delta = start_n - start_m
+        if BAND:
+            s = qk + tl.gather(qr, _band_tile_buckets(dloc, delta, KMAX), axis=1)
+        else:
+            s = qk + qr_side[:, None]
+        s = _masked_logits(s * qk_scale, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
+                           HAS_BIAS, IS_CAUSAL)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows with no allowed key so far keep m = -inf: subtract 0 instead (p = 0, no NaN).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_DROPOUT:
+            keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
+            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+        p_lo = p.to(q_a.dtype)
+        v_a = _load_rows(v_base, offs_n, n_mask, svn, svd, 0, DVA, DV)
+        acc_a = tl.dot(p_lo, v_a, acc_a * alpha[:, None], input_precision=DOT_PREC)
+        if DVB > 0:
+            v_b = _load_rows(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
+            acc_b = tl.dot(p_lo, v_b, acc_b * alpha[:, None], input_precision=DOT_PREC)
+        # bucket 0 sums of P~ and all of P~ (bucket 2k takes the rest, the inner buckets come later)
+        if BAND:
+            pl = pl * alpha + _left_sum(p, dloc, delta, KMAX)
+        elif SIDE_COL == 0:
+            pl = pl * alpha + tl.sum(p, axis=1)
+        else:
+            pl = pl * alpha
+        pt = pt * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    return acc_a, acc_b, m_i, l_i, pl, pt
+
+
+@triton.jit
+def _band_key_range(start_m, hi, KMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks ``[0, lo)`` lie left of the band of query block ``start_m`` (bucket 0), blocks from
+    ``lo`` up to ``mid`` meet it, blocks from ``end`` (the first after them) to ``hi`` lie right
+    of it (bucket 2k)."""
+    lo = tl.minimum(tl.maximum(start_m - KMAX + 1, 0) // BLOCK_N * BLOCK_N, hi)
+    mid = tl.minimum(hi, start_m + BLOCK_M + KMAX - 1)
+    end = lo + tl.cdiv(tl.maximum(mid - lo, 0), BLOCK_N) * BLOCK_N
+    return lo, mid, end
 
 
 @triton.jit
@@ -169,75 +295,89 @@ def _rmha_fwd_kernel(
     h = bh % H
     dt = Q.dtype.element_ty
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_m_local = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_m_local
     m_mask = offs_m < LQ
-    offs_r = tl.arange(0, R_PAD)
-    r_mask = offs_r < R
+    rcols = tl.arange(0, R_PAD)
+    r_mask = rcols < R
+    dloc = tl.arange(0, BLOCK_N)[None, :] - offs_m_local[:, None]  # j - i inside a tile, minus start_n - start_m
     q_base = Q + b * sqb + h * sqh
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
-    # q . rk for the 2k+1 buckets: [BLOCK_M, R_PAD], once per program.
+    # q . rk for the 2k+1 buckets: [BLOCK_M, R_PAD], once per program; its outer columns serve
+    # the key blocks outside the band.
     q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH)
-    rk_a = _load_rows(RK + h * srkh, offs_r, r_mask, srkr, srkd, 0, DA, DH)
+    rk_a = _load_rows(RK + h * srkh, rcols, r_mask, srkr, srkd, 0, DA, DH)
     qr = tl.dot(q_a, tl.trans(rk_a), input_precision=DOT_PREC)
     q_b = q_a
     if DB > 0:
         q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
-        rk_b = _load_rows(RK + h * srkh, offs_r, r_mask, srkr, srkd, DA, DB, DH)
+        rk_b = _load_rows(RK + h * srkh, rcols, r_mask, srkr, srkd, DA, DB, DH)
         qr = tl.dot(q_b, tl.trans(rk_b), qr, input_precision=DOT_PREC)
+    qr_left = _table_col(qr, rcols, 0)
+    qr_right = _table_col(qr, rcols, 2 * KMAX)
 
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
-    inv_keep = 1.0 / (1.0 - dropout_p)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_a = tl.zeros([BLOCK_M, DVA], tl.float32)
     acc_b = tl.zeros([BLOCK_M, DVB if DVB > 0 else 16], tl.float32)
-    pb = tl.zeros([BLOCK_M, R_PAD], tl.float32)  # bucket sums of P~ (unnormalised)
+    pl = tl.zeros([BLOCK_M], tl.float32)  # bucket 0 sums of P~ (unnormalised)
+    pt = tl.zeros([BLOCK_M], tl.float32)  # row sums of P~ (unnormalised)
 
     hi = LK
     if IS_CAUSAL:
-        hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < LK
-        k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
-        s, bucket = _logits(q_a, q_b, k_a, k_b, qr, offs_m, offs_n, m_mask, n_mask, b, h, bh,
-                            KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, qk_scale,
-                            KMAX, R_PAD, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, DOT_PREC)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # Rows with no allowed key so far keep m = -inf: subtract 0 instead (p = 0, no NaN).
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if HAS_DROPOUT:
-            keep = _keep_mask(seed, bh, offs_m, offs_n, dropout_p)
-            p = tl.where(keep, p * inv_keep, 0.0)
-        v_a = _load_rows(v_base, offs_n, n_mask, svn, svd, 0, DVA, DV)
-        acc_a = tl.dot(p.to(dt), v_a, acc_a * alpha[:, None], input_precision=DOT_PREC)
-        if DVB > 0:
-            v_b = _load_rows(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
-            acc_b = tl.dot(p.to(dt), v_b, acc_b * alpha[:, None], input_precision=DOT_PREC)
-        pb = pb * alpha[:, None] + _bucket_sum(p, bucket, R, R_PAD)
-        m_i = m_new
+        hi = tl.minimum(LK, start_m + BLOCK_M)
+    lo_band, mid_band, end_band = _band_key_range(start_m, hi, KMAX, BLOCK_M, BLOCK_N)
+    for start_n in range(0, lo_band, BLOCK_N):
+        acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
+            acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
+            k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
+            LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0)
+    for start_n in range(lo_band, mid_band, BLOCK_N):
+        acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
+            acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
+            k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
+            LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0)
+    for start_n in range(end_band, hi, BLOCK_N):
+        acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
+            acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_right, dloc, offs_m, m_mask, offs_m_local, rcols,
+            k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
+            LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX)
 
     has_key = l_i > 0.0
     inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
-    pbn = (pb * inv_l[:, None]).to(dt)
+    # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0).
+    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), 0.0)
+    # bucket sums of the normalised P~: the inner buckets from the band's diagonals
+    inner = tl.zeros([BLOCK_M, R_PAD], tl.float32)
+    # a loop, not unrolled: unrolled diagonals load concurrently and spill at dh = 90
+    for r in range(1, 2 * KMAX):
+        p_d = _diag_probs(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, bh, KPM, skpb, skpn,
+                          BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, lse, seed, dropout_p,
+                          KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
+        inner = tl.where(rcols[None, :] == r, p_d[:, None], inner)
+    left = pl * inv_l
+    right = pt * inv_l - left - tl.sum(inner, axis=1)
+    # (added, not selected: with k = 0 both outer buckets are bucket 0)
+    pbn = inner + tl.where(rcols[None, :] == 0, left[:, None], 0.0) + tl.where(rcols[None, :] == 2 * KMAX, right[:, None], 0.0)
+    pbn = pbn.to(dt)
     o_base = O + b * sob + h * soh
-    rv_a = _load_rows(RV + h * srvh, offs_r, r_mask, srvr, srvd, 0, DVA, DV)
+    rv_a = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, 0, DVA, DV)
     o_a = tl.dot(pbn, rv_a, acc_a * inv_l[:, None], input_precision=DOT_PREC)
     _store_rows(o_base, o_a, offs_m, m_mask, som, sod, 0, DVA, DV)
     if DVB > 0:
-        rv_b = _load_rows(RV + h * srvh, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
+        rv_b = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, DVA, DVB, DV)
         o_b = tl.dot(pbn, rv_b, acc_b * inv_l[:, None], input_precision=DOT_PREC)
         _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV)
-    # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0).
-    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), 0.0)
     tl.store(LSE + bh * LQ + offs_m, lse, mask=m_mask)
 
 
@@ -272,23 +412,26 @@ def _load_query_block(q_base, do_base, o_base, lse_base, offs_m, m_mask, sqm, sq
 
 @triton.jit
 def _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
-              offs_m, offs_n, m_mask, n_mask, b, h, bh,
-              KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
-              KMAX: tl.constexpr, R_PAD: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
-              HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              DOT_PREC: tl.constexpr):
-    """Recompute one tile: returns buckets, P~ (dropped probabilities) and dS (w.r.t. q.k + q.rk)."""
-    s, bucket = _logits(q_a, q_b, k_a, k_b, qr, offs_m, offs_n, m_mask, n_mask, b, h, bh,
-                        KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, qk_scale,
-                        KMAX, R_PAD, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, DOT_PREC)
+              offs_m, offs_n, start_n, m_mask, n_mask, col_ok, dloc, delta, b, h, bh,
+              BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
+              KMAX: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
+              HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Recompute one tile: P~ (dropped probabilities) and dS (w.r.t. q.k + q.rk). The relative
+    terms of the elements are gathered from the per-row tables ``qr`` and ``dorv`` by bucket."""
+    bucket = _band_tile_buckets(dloc, delta, KMAX)
+    qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
+    if DB > 0:
+        qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
+    s = _masked_logits((qk + tl.gather(qr, bucket, axis=1)) * qk_scale, offs_m, offs_n, m_mask, n_mask, col_ok,
+                       b, h, BIAS, sbb, sbh, sbm, sbn, HAS_BIAS, IS_CAUSAL)
     p = tl.exp2(s - lse[:, None])
     # dP~_ij = dO_i . (v_j + rv[r(i,j)])
     dpt = tl.dot(do_a, tl.trans(v_a), input_precision=DOT_PREC)
     if DVB > 0:
         dpt = tl.dot(do_b, tl.trans(v_b), dpt, input_precision=DOT_PREC)
-    dpt = dpt + _bucket_gather(dorv, bucket, 2 * KMAX + 1, R_PAD)
+    dpt = dpt + tl.gather(dorv, bucket, axis=1)
     if HAS_DROPOUT:
-        keep = _keep_mask(seed, bh, offs_m, offs_n, dropout_p)
+        keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, offs_n.shape[0])
         inv_keep = 1.0 / (1.0 - dropout_p)
         p_drop = tl.where(keep, p * inv_keep, 0.0)
         dprob = tl.where(keep, dpt * inv_keep, 0.0)
@@ -296,7 +439,70 @@ def _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
         p_drop = p
         dprob = dpt
     ds = p * (dprob - di[:, None]) * scale
-    return bucket, p_drop, ds
+    return p_drop, ds
+
+
+@triton.jit
+def _diag_grad(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
+               b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
+               KMAX: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
+               DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """P~ and dS on the diagonal ``j = i + r - k``, ``[BLOCK_M]`` each."""
+    s_d, offs_j = _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, KPM, skpb, skpn,
+                               BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL)
+    p_d = tl.exp2(s_d - lse)
+    in_range = s_d > float("-inf")  # allowed keys only: padding is never read
+    v_a = _load_rows(v_base, offs_j, in_range, svn, svd, 0, DVA, DV)
+    dp_d = tl.sum(do_a.to(tl.float32) * v_a.to(tl.float32), axis=1)
+    if DVB > 0:
+        v_b = _load_rows(v_base, offs_j, in_range, svn, svd, DVA, DVB, DV)
+        dp_d += tl.sum(do_b.to(tl.float32) * v_b.to(tl.float32), axis=1)
+    dp_d += tl.sum(tl.where(rcols[None, :] == r, dorv, 0.0), axis=1)
+    if HAS_DROPOUT:
+        keep_d = _keep_elems(seed, bh, offs_m, offs_j, dropout_p)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        p_drop_d = tl.where(keep_d, p_d * inv_keep, 0.0)
+        dp_d = tl.where(keep_d, dp_d * inv_keep, 0.0)
+    else:
+        p_drop_d = p_d
+    return p_drop_d, p_d * (dp_d - di) * scale
+
+
+@triton.jit
+def _diag_grads(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
+                b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
+                KMAX: tl.constexpr, R_PAD: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
+                DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """P~ and dS on the inner diagonals of the band (the inner bucket sums), ``[BLOCK_M, R_PAD]`` each."""
+    inner_p = tl.zeros([offs_m.shape[0], R_PAD], tl.float32)
+    inner_ds = tl.zeros([offs_m.shape[0], R_PAD], tl.float32)
+    if KMAX <= 8:  # few diagonals: unrolled, so their bucket columns are constants
+        for r in tl.static_range(1, 2 * KMAX):
+            p_d, ds_d = _diag_grad(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, r, offs_m, m_mask, k_base, v_base,
+                                   skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK,
+                                   qk_scale, scale, seed, dropout_p, KMAX, DH, DV, DA, DB, DVA, DVB,
+                                   HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
+            inner_p = tl.where(rcols[None, :] == r, p_d[:, None], inner_p)
+            inner_ds = tl.where(rcols[None, :] == r, ds_d[:, None], inner_ds)
+    else:
+        for r in range(1, 2 * KMAX):
+            p_d, ds_d = _diag_grad(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, r, offs_m, m_mask, k_base, v_base,
+                                   skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK,
+                                   qk_scale, scale, seed, dropout_p, KMAX, DH, DV, DA, DB, DVA, DVB,
+                                   HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
+            inner_p = tl.where(rcols[None, :] == r, p_d[:, None], inner_p)
+            inner_ds = tl.where(rcols[None, :] == r, ds_d[:, None], inner_ds)
+    return inner_p, inner_ds
+
+
+@triton.jit
+def _bucket_table(inner, left, total, rcols, KMAX: tl.constexpr):
+    """Bucket sums ``[M, R_PAD]`` from the inner diagonals, the bucket 0 sums and the row sums."""
+    right = total - left - tl.sum(inner, axis=1)
+    # (added, not selected: with k = 0 both outer buckets are bucket 0)
+    return inner + tl.where(rcols[None, :] == 0, left[:, None], 0.0) + tl.where(rcols[None, :] == 2 * KMAX, right[:, None], 0.0)
 
 
 @triton.jit
@@ -333,6 +539,8 @@ def _rmha_bwd_kernel(
     r_mask = offs_r < R
     rk_a, rk_b = _load_split(RK + h * srkh, offs_r, r_mask, srkr, srkd, DA, DB, DH)
     rv_a, rv_b = _load_split(RV + h * srvh, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
+    offs_m_local = tl.arange(0, BLOCK_M)
+    dloc = tl.arange(0, BLOCK_N)[None, :] - offs_m_local[:, None]  # j - i inside a tile, minus start_n - start_m
 
     drk_a = tl.zeros([R_PAD, DA], tl.float32)
     drk_b = tl.zeros([R_PAD, DBX], tl.float32)
@@ -352,10 +560,11 @@ def _rmha_bwd_kernel(
         o_base = O + b * sob + h * soh
         do_base = DO + b * sdob + h * sdoh
 
-        # ---- key block pid_blk: dk, dv (and dq too when the block holds every key) ----
+        # ---- key block pid_blk: dk, dv (and dq and the table gradients too when the block holds every key) ----
         start_n = pid_blk * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < LK
+        col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
         k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
         v_a, v_b = _load_split(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
         dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
@@ -366,16 +575,19 @@ def _rmha_bwd_kernel(
         if IS_CAUSAL:
             lo = (start_n // BLOCK_M) * BLOCK_M
         hi = tl.where(start_n < LK, LQ, 0)
+        if not FUSED_DQ:
+            hi = tl.where(any_key, hi, 0)  # a fully padded key block: dk = dv = 0
         for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
+            offs_m = start_m + offs_m_local
             m_mask = offs_m < LQ
             q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
                 q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
                 rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC)
-            bucket, p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
-                                           offs_m, offs_n, m_mask, n_mask, b, h, bh,
-                                           KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
-                                           KMAX, R_PAD, DB, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
+            delta = start_n - start_m
+            p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
+                                   offs_m, offs_n, start_n, m_mask, n_mask, col_ok, dloc, delta, b, h, bh,
+                                   BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
+                                   KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
             p_lo = p_drop.to(dt)
             ds_lo = ds.to(dt)
             dv_a = tl.dot(tl.trans(p_lo), do_a, dv_a, input_precision=DOT_PREC)
@@ -384,17 +596,22 @@ def _rmha_bwd_kernel(
                 dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
             if DB > 0:
                 dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
-            # table gradients: drk[r] += sum_i dS_bucket[i, r] q_i, drv[r] += sum_i P~_bucket[i, r] dO_i
-            dsb = _bucket_sum(ds, bucket, R, R_PAD).to(dt)
-            pbt = _bucket_sum(p_drop, bucket, R, R_PAD).to(dt)
-            drk_a = tl.dot(tl.trans(dsb), q_a, drk_a, input_precision=DOT_PREC)
-            drv_a = tl.dot(tl.trans(pbt), do_a, drv_a, input_precision=DOT_PREC)
-            if DB > 0:
-                drk_b = tl.dot(tl.trans(dsb), q_b, drk_b, input_precision=DOT_PREC)
-            if DVB > 0:
-                drv_b = tl.dot(tl.trans(pbt), do_b, drv_b, input_precision=DOT_PREC)
             if FUSED_DQ:
-                # every key is in this block: dq_i = sum_j dS_ij (k_j + rk[r(i,j)]) is complete
+                # every key is in this block: the row's bucket sums and dq_i = sum_j dS_ij (k_j + rk[r(i,j)])
+                # are complete
+                inner_p, inner_ds = _diag_grads(
+                    q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
+                    b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
+                    KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
+                dsb = _bucket_table(inner_ds, _left_sum(ds, dloc, delta, KMAX), tl.sum(ds, axis=1), offs_r, KMAX).to(dt)
+                pbt = _bucket_table(inner_p, _left_sum(p_drop, dloc, delta, KMAX), tl.sum(p_drop, axis=1), offs_r, KMAX).to(dt)
+                # table gradients: drk[r] += sum_i dS_bucket[i, r] q_i, drv[r] += sum_i P~_bucket[i, r] dO_i
+                drk_a = tl.dot(tl.trans(dsb), q_a, drk_a, input_precision=DOT_PREC)
+                drv_a = tl.dot(tl.trans(pbt), do_a, drv_a, input_precision=DOT_PREC)
+                if DB > 0:
+                    drk_b = tl.dot(tl.trans(dsb), q_b, drk_b, input_precision=DOT_PREC)
+                if DVB > 0:
+                    drv_b = tl.dot(tl.trans(pbt), do_b, drv_b, input_precision=DOT_PREC)
                 dq_a = tl.dot(ds_lo, k_a, input_precision=DOT_PREC)
                 dq_a = tl.dot(dsb, rk_a, dq_a, input_precision=DOT_PREC)
                 _store_rows(DQ + b * sdqb + h * sdqh, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH)
@@ -409,17 +626,21 @@ def _rmha_bwd_kernel(
         if DVB > 0:
             _store_rows(DV_ + b * sdvb + h * sdvh, dv_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV)
 
-        # ---- query block pid_blk: dq, visiting the key blocks again ----
+        # ---- query block pid_blk: dq and the table gradients, visiting the key blocks again ----
         if not FUSED_DQ:
             start_m = pid_blk * BLOCK_M
-            offs_m = start_m + tl.arange(0, BLOCK_M)
+            offs_m = start_m + offs_m_local
             m_mask = offs_m < LQ
             q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
                 q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
                 rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC)
             dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
             dq_b = tl.zeros([BLOCK_M, DBX], tl.float32)
-            dsb_all = tl.zeros([BLOCK_M, R_PAD], tl.float32)
+            # bucket 0 sums and row sums of dS and P~ over the key blocks
+            left_ds = tl.zeros([BLOCK_M], tl.float32)
+            total_ds = tl.zeros([BLOCK_M], tl.float32)
+            left_p = tl.zeros([BLOCK_M], tl.float32)
+            total_p = tl.zeros([BLOCK_M], tl.float32)
             hi_n = LK
             if IS_CAUSAL:
                 hi_n = tl.minimum(LK, start_m + BLOCK_M)
@@ -427,22 +648,39 @@ def _rmha_bwd_kernel(
             for start_n2 in range(0, hi_n, BLOCK_N):
                 offs_n2 = start_n2 + tl.arange(0, BLOCK_N)
                 n_mask2 = offs_n2 < LK
-                k2_a, k2_b = _load_split(k_base, offs_n2, n_mask2, skn, skd, DA, DB, DH)
-                v2_a, v2_b = _load_split(v_base, offs_n2, n_mask2, svn, svd, DVA, DVB, DV)
-                bucket2, _p2, ds2 = _bwd_tile(q_a, q_b, k2_a, k2_b, v2_a, v2_b, do_a, do_b, qr, dorv, di, lse,
-                                              offs_m, offs_n2, m_mask, n_mask2, b, h, bh,
-                                              KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
-                                              KMAX, R_PAD, DB, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
-                ds2_lo = ds2.to(dt)
-                dq_a = tl.dot(ds2_lo, k2_a, dq_a, input_precision=DOT_PREC)
-                if DB > 0:
-                    dq_b = tl.dot(ds2_lo, k2_b, dq_b, input_precision=DOT_PREC)
-                dsb_all += _bucket_sum(ds2, bucket2, R, R_PAD)
-            dsb_lo = dsb_all.to(dt)
-            dq_a = tl.dot(dsb_lo, rk_a, dq_a, input_precision=DOT_PREC)
+                col_ok2, any_key2 = _key_columns(KPM, b, skpb, skpn, offs_n2, n_mask2, HAS_KPM)
+                if any_key2:
+                    k2_a, k2_b = _load_split(k_base, offs_n2, n_mask2, skn, skd, DA, DB, DH)
+                    v2_a, v2_b = _load_split(v_base, offs_n2, n_mask2, svn, svd, DVA, DVB, DV)
+                    delta2 = start_n2 - start_m
+                    p2, ds2 = _bwd_tile(q_a, q_b, k2_a, k2_b, v2_a, v2_b, do_a, do_b, qr, dorv, di, lse,
+                                        offs_m, offs_n2, start_n2, m_mask, n_mask2, col_ok2, dloc, delta2, b, h, bh,
+                                        BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
+                                        KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
+                    ds2_lo = ds2.to(dt)
+                    dq_a = tl.dot(ds2_lo, k2_a, dq_a, input_precision=DOT_PREC)
+                    if DB > 0:
+                        dq_b = tl.dot(ds2_lo, k2_b, dq_b, input_precision=DOT_PREC)
+                    left_ds += _left_sum(ds2, dloc, delta2, KMAX)
+                    total_ds += tl.sum(ds2, axis=1)
+                    left_p += _left_sum(p2, dloc, delta2, KMAX)
+                    total_p += tl.sum(p2, axis=1)
+            inner_p, inner_ds = _diag_grads(
+                q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
+                b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
+                KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
+            dsb = _bucket_table(inner_ds, left_ds, total_ds, offs_r, KMAX).to(dt)
+            pbt = _bucket_table(inner_p, left_p, total_p, offs_r, KMAX).to(dt)
+            drk_a = tl.dot(tl.trans(dsb), q_a, drk_a, input_precision=DOT_PREC)
+            drv_a = tl.dot(tl.trans(pbt), do_a, drv_a, input_precision=DOT_PREC)
+            if DB > 0:
+                drk_b = tl.dot(tl.trans(dsb), q_b, drk_b, input_precision=DOT_PREC)
+            if DVB > 0:
+                drv_b = tl.dot(tl.trans(pbt), do_b, drv_b, input_precision=DOT_PREC)
+            dq_a = tl.dot(dsb, rk_a, dq_a, input_precision=DOT_PREC)
             _store_rows(DQ + b * sdqb + h * sdqh, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH)
             if DB > 0:
-                dq_b = tl.dot(dsb_lo, rk_b, dq_b, input_precision=DOT_PREC)
+                dq_b = tl.dot(dsb, rk_b, dq_b, input_precision=DOT_PREC)
                 _store_rows(DQ + b * sdqb + h * sdqh, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH)
 
     # this program's share of the table gradients: one row of the partial buffer
@@ -529,10 +767,10 @@ def fwd_config(b, h, lq, lk, dh, dv, device, dtype):
     """Block sizes for the forward (a small table keyed on sequence and head sizes)."""
     sms = _launch.num_sms(device)
     widest = max(_launch.pad16(dh), _launch.pad16(dv))
-    block_n = min(max(16, _launch.next_pow2(lk)), 128 if widest <= 128 else 64)
+    block_n = min(max(16, _launch.next_pow2(lk)), 128 if widest <= 64 else 64)
     block_m = min(max(16, _launch.next_pow2(lq)), 64 if widest <= 128 else 32)
-    # Few (batch, head) pairs: split the queries of a sequence over more programs.
-    while block_m > 16 and b * h * triton.cdiv(lq, block_m) < 2 * sms:
+    # Fewer programs than SMs: split the queries of a sequence over more programs.
+    while block_m > 16 and b * h * triton.cdiv(lq, block_m) < sms:
         block_m //= 2
     cfg = _launch.knobs(
         "rmha_fwd", block_m=block_m, block_n=block_n,
@@ -543,12 +781,13 @@ def fwd_config(b, h, lq, lk, dh, dv, device, dtype):
 
 
 def bwd_config(b, h, lq, lk, dh, dv, device, dtype):
-    """Backward mode and block sizes. ``fused`` when one key block holds the sequence and there
-    are enough (batch, head) pairs to fill the card; ``split`` otherwise."""
+    """Backward mode and block sizes. ``fused`` (one pass, dq written once) when one key block
+    holds the sequence (up to 256 keys) and there are enough (batch, head) pairs to fill the card;
+    ``split`` otherwise."""
     sms = _launch.num_sms(device)
     widest = max(_launch.pad16(dh), _launch.pad16(dv))
     whole = max(16, _launch.next_pow2(lk))
-    if whole <= 128 and b * h >= sms:
+    if whole <= 256 and b * h >= sms:
         mode, block_n = "fused", whole
         block_m = 64 if whole <= 32 else (32 if whole <= 64 else 16)
         if widest > 128:
@@ -564,12 +803,15 @@ def bwd_config(b, h, lq, lk, dh, dv, device, dtype):
     if cfg["mode"] not in ("fused", "split"):
         raise ValueError(f"rmha_bwd mode must be 'fused' or 'split', got {cfg['mode']!r}")
     nblk = 1 if cfg["mode"] == "fused" else max(triton.cdiv(lq, cfg["block_m"]), triton.cdiv(lk, cfg["block_n"]))
-    if not cfg["b_per_prog"]:
-        # Several sequences per program when there are many (about two programs per SM): fewer
-        # partial table rows, so the reduction that follows is short.
-        cfg["b_per_prog"] = max(1, min(16, (b * h * nblk) // (2 * sms)))
     if not cfg["num_warps"]:
-        cfg["num_warps"] = 4 if cfg["block_m"] * cfg["block_n"] <= 64 * 64 and widest <= 64 else 8
+        small = cfg["block_m"] * cfg["block_n"] <= 64 * 64 and cfg["block_n"] <= 128 and widest <= 64
+        cfg["num_warps"] = 4 if small else 8
+    if not cfg["b_per_prog"]:
+        # Several sequences per program when there are many: fewer partial table rows (a short
+        # reduction after), and as many programs as fit the card at once (two per SM with 4 warps,
+        # one with 8: the kernel uses most registers), so no partial second wave.
+        slots = sms * (2 if cfg["num_warps"] <= 4 else 1)
+        cfg["b_per_prog"] = max(1, min(16, triton.cdiv(b * h * nblk, slots)))
     cfg["nblk"] = nblk
     return cfg
 
