@@ -146,7 +146,7 @@ def test_data_too_short_to_evaluate_or_too_few_items(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "warning: synthetic has 60 items, not more than --eval-negatives 100" in out.split("epoch 1/1")[0]
     assert "--eval-negatives 100" in json.loads((tmp_path / "b" / "summary.json").read_text())["warnings"][0]
-    tiny_catalogue = ["--synthetic", "n_users=30,n_items=8,min_len=4,max_len=9", *TINY[2:]]
+    tiny_catalogue = ["--synthetic", "task=lag,n_users=30,n_items=8,min_len=4,max_len=9", *TINY[2:]]
     user_error(capsys, ["train", "--out-dir", str(tmp_path / "c"), *tiny_catalogue], "8 items",
                "every metric would be 1")
 
@@ -320,7 +320,7 @@ def test_ctrl_c_keeps_the_last_epoch_and_prints_the_resume_command(tmp_path, cap
 
     monkeypatch.setattr(Run, "train_epoch", interrupted_in_epoch_3)
     out = tmp_path / "run"
-    assert interrupted_main(["train", *TINY, "--epochs", "5", "--out-dir", str(out)]) == 130
+    assert interrupted_main(["train", *TINY, "--epochs", "5", "--patience", "0", "--out-dir", str(out)]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"interrupted; {out / 'last.pt'} keeps epoch 2" in err, err
     command = err.strip().splitlines()[-1].split()

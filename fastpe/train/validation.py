@@ -169,12 +169,14 @@ def column_list(text: str) -> str:
 
 
 def synthetic_options(text: str) -> dict:
-    """``--synthetic n_users=400,lag=2``: known generator options with numeric values."""
+    """``--synthetic n_users=400,lag=2,task=walk``: known generator options; numbers, or text where
+    the generator's default is text (``task``)."""
     import inspect
 
     from fastpe.data.synthetic import synthetic_dataset
 
-    known = [p for p in inspect.signature(synthetic_dataset).parameters]
+    parameters = inspect.signature(synthetic_dataset).parameters
+    known = list(parameters)
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
@@ -183,6 +185,9 @@ def synthetic_options(text: str) -> dict:
             raise argparse.ArgumentTypeError(f"expected key=value, got {part!r}")
         if key not in known:
             raise argparse.ArgumentTypeError(f"unknown option {key!r}; expected some of {', '.join(known)}")
+        if isinstance(parameters[key].default, str):
+            out[key] = value.strip()
+            continue
         try:
             out[key] = float(value) if "." in value or "e" in value.lower() else int(value)
         except ValueError:
