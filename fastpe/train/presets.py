@@ -26,6 +26,13 @@ class Preset:
 _PUBLISHED = {"warmup_steps": 0, "schedule": "constant", "negatives": 1, "optimizer": "adam", "eval_negatives": 100,
               "weight_decay": 0.0, "samples_per_user": 1}
 
+# What the published SASRec and CARCA configurations share; each preset adds its own values.
+_SASREC = {**_PUBLISHED, "model": "sasrec", "encoding": "learnt", "d_model": 50, "max_len": 50, "n_blocks": 2,
+           "n_heads": 1, "activation": "relu", "dropout": 0.5, "lr": 1e-3, "batch_size": 128, "epochs": 201,
+           "target": "all", "residual": "add"}
+_CARCA = {**_PUBLISHED, "model": "carca", "n_blocks": 3, "batch_size": 128, "activation": "leakyrelu",
+          "residual": "mul", "target": "prefix"}
+
 _SASREC_DEVIATIONS = (
     "pre-LN blocks normalise keys and values as well as queries, and the attention residual adds the raw input "
     "(the authors' code feeds unnormalised keys and adds the normalised queries)",
@@ -67,48 +74,40 @@ PRESETS: dict[str, Preset] = {
     "sasrec": Preset(
         "SASRec as published for the Amazon data sets: d=50, L=50, 2 blocks, 1 head, ReLU, dropout 0.5, "
         "Adam lr 1e-3 betas (0.9, 0.98), batch 128, no warm-up, 201 epochs, learnt positions",
-        {**_PUBLISHED, "model": "sasrec", "encoding": "learnt", "d_model": 50, "max_len": 50, "n_blocks": 2,
-         "n_heads": 1, "activation": "relu", "dropout": 0.5, "lr": 1e-3, "batch_size": 128, "epochs": 201,
-         "target": "all", "residual": "add"},
+        _SASREC,
         _SASREC_DEVIATIONS,
     ),
     "sasrec-movielens": Preset(
         "SASRec as published for MovieLens-1M: as 'sasrec' with L=200 and dropout 0.2",
-        {**_PUBLISHED, "model": "sasrec", "encoding": "learnt", "d_model": 50, "max_len": 200, "n_blocks": 2,
-         "n_heads": 1, "activation": "relu", "dropout": 0.2, "lr": 1e-3, "batch_size": 128, "epochs": 201,
-         "target": "all", "residual": "add"},
+        {**_SASREC, "max_len": 200, "dropout": 0.2},
         _SASREC_DEVIATIONS,
     ),
     "carca-beauty": Preset(
         "CARCA as published for Amazon Beauty: d=90, L=75, 3 blocks, 1 head, dropout 0.5, lr 1e-4, batch 128, "
         "leaky ReLU, multiplicative residuals, 1801 epochs",
-        {**_PUBLISHED, "data": "beauty", "model": "carca", "d_model": 90, "max_len": 75, "n_blocks": 3, "n_heads": 1,
-         "dropout": 0.5, "lr": 1e-4, "batch_size": 128, "activation": "leakyrelu", "residual": "mul",
-         "cross_residual": "mul", "epochs": 1801, "target": "prefix"},
+        {**_CARCA, "data": "beauty", "d_model": 90, "max_len": 75, "n_heads": 1, "dropout": 0.5, "lr": 1e-4,
+         "cross_residual": "mul", "epochs": 1801},
         _CARCA_DEVIATIONS,
     ),
     "carca-games": Preset(
         "CARCA as published for Amazon Video Games (give --data): d=90, L=50, 3 blocks, 3 heads, dropout 0.5, "
         "lr 1e-4, batch 128, leaky ReLU, multiplicative residuals, 801 epochs",
-        {**_PUBLISHED, "model": "carca", "d_model": 90, "max_len": 50, "n_blocks": 3, "n_heads": 3, "dropout": 0.5,
-         "lr": 1e-4, "batch_size": 128, "activation": "leakyrelu", "residual": "mul", "cross_residual": "mul",
-         "epochs": 801, "target": "prefix"},
+        {**_CARCA, "d_model": 90, "max_len": 50, "n_heads": 3, "dropout": 0.5, "lr": 1e-4, "cross_residual": "mul",
+         "epochs": 801},
         _CARCA_DEVIATIONS,
     ),
     "carca-men": Preset(
         "CARCA as published for Amazon Men (give --data): d=390, L=35, 3 blocks, 3 heads, dropout 0.3, lr 6e-6, "
         "batch 128, leaky ReLU, no cross-attention residual, 801 epochs",
-        {**_PUBLISHED, "model": "carca", "d_model": 390, "max_len": 35, "n_blocks": 3, "n_heads": 3, "dropout": 0.3,
-         "lr": 6e-6, "batch_size": 128, "activation": "leakyrelu", "residual": "mul", "cross_residual": "none",
-         "epochs": 801, "target": "prefix"},
+        {**_CARCA, "d_model": 390, "max_len": 35, "n_heads": 3, "dropout": 0.3, "lr": 6e-6, "cross_residual": "none",
+         "epochs": 801},
         _CARCA_DEVIATIONS,
     ),
     "carca-fashion": Preset(
         "CARCA as published for Amazon Fashion (give --data): d=390, L=35, 3 blocks, 3 heads, dropout 0.3, "
         "lr 1e-5, batch 100, leaky ReLU, no cross-attention residual, 801 epochs",
-        {**_PUBLISHED, "model": "carca", "d_model": 390, "max_len": 35, "n_blocks": 3, "n_heads": 3, "dropout": 0.3,
-         "lr": 1e-5, "batch_size": 100, "activation": "leakyrelu", "residual": "mul", "cross_residual": "none",
-         "epochs": 801, "target": "prefix"},
+        {**_CARCA, "d_model": 390, "max_len": 35, "n_heads": 3, "dropout": 0.3, "lr": 1e-5, "batch_size": 100,
+         "cross_residual": "none", "epochs": 801},
         _CARCA_DEVIATIONS,
     ),
 }
