@@ -141,11 +141,16 @@ def test_data_too_short_to_evaluate_or_too_few_items(tmp_path, capsys):
     user_error(capsys, ["train", "--data", str(short), "--out-dir", str(tmp_path / "a"), *TINY[2:]],
                "every user has fewer than 3 interactions")
     assert not (tmp_path / "a" / "summary.json").exists()
-    # Every item competes in the "sampled" evaluation: said loudly, and kept in the summary.
-    assert main(["train", "--out-dir", str(tmp_path / "b"), *TINY, "--eval-negatives", "100"]) == 0
+    # Every item of a data file competes in the "sampled" evaluation: said loudly, and kept in the summary.
+    few = write(tmp_path / "few.txt", "".join(f"u{u} {(u * 7 + i) % 60}\n" for u in range(30) for i in range(6)))
+    assert main(["train", "--data", str(few), "--out-dir", str(tmp_path / "b"), *TINY[2:], "--eval-negatives", "100"]) == 0
     out = capsys.readouterr().out
-    assert "warning: synthetic has 60 items, not more than --eval-negatives 100" in out.split("epoch 1/1")[0]
+    assert "warning: few has 60 items, not more than --eval-negatives 100" in out.split("epoch 1/1")[0]
     assert "--eval-negatives 100" in json.loads((tmp_path / "b" / "summary.json").read_text())["warnings"][0]
+    # A generated catalogue is sized on purpose (the demo's): a note says what the sampled columns are.
+    assert main(["train", "--out-dir", str(tmp_path / "b2"), *TINY, "--eval-negatives", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "note: the synthetic catalogue has 60 items" in out and "warning: synthetic" not in out
     tiny_catalogue = ["--synthetic", "task=lag,n_users=30,n_items=8,min_len=4,max_len=9", *TINY[2:]]
     user_error(capsys, ["train", "--out-dir", str(tmp_path / "c"), *tiny_catalogue], "8 items",
                "every metric would be 1")

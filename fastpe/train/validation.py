@@ -297,7 +297,12 @@ def check_data(split, cfg) -> list[str]:
                          f"{max(cfg.cutoffs)}: every item would rank in the top {max(cfg.cutoffs)} and every metric "
                          "would be 1; pass smaller --cutoffs")
     warnings = []
-    if data.n_items <= cfg.eval_negatives:
+    if data.n_items <= cfg.eval_negatives and cfg.data == "synthetic":
+        # A generated catalogue is sized on purpose (the demo's 100 items): say what the columns mean.
+        warnings.append(f"note: the synthetic catalogue has {data.n_items} items, no more than the "
+                        f"{cfg.eval_negatives} evaluation negatives: the sampled metrics rank every item a user "
+                        "has not seen, so they equal the full ranking's")
+    elif data.n_items <= cfg.eval_negatives:
         warnings.append(f"warning: {data.name} has {data.n_items} items, not more than --eval-negatives "
                         f"{cfg.eval_negatives}: the 'sampled' candidates are every item a user has not seen, so the "
                         f"sampled metrics are full-ranking metrics; pass --eval-negatives {max(1, data.n_items // 2)} "
