@@ -107,6 +107,17 @@ def test_resumed_study_reuses_finished_runs(study):
     assert "6 of 6 runs reused from an earlier invocation" in open(f"{result['out_dir']}/results.md").read()
 
 
+def test_resumed_study_with_more_epochs_trains_unfinished_runs_on(tmp_path):
+    # A long study is extended in steps (--resume --epochs N): runs stopped by the epoch limit train
+    # on from their checkpoints and end where an uninterrupted study of N epochs ends.
+    straight = run_study(replace(TINY, epochs=3, patience=0), ["none"], [0], tmp_path / "straight", log=quiet)
+    run_study(replace(TINY, epochs=1, patience=0), ["none"], [0], tmp_path / "steps", log=quiet)
+    extended = run_study(replace(TINY, epochs=3, patience=0), ["none"], [0], tmp_path / "steps", resume=True,
+                         log=quiet)
+    assert [r["epochs_run"] for r in extended["runs"]] == [3]
+    assert same(metrics_of(extended), metrics_of(straight))
+
+
 def metrics_of(result):
     keep = ("encoding", "seed", "best_epoch", "epochs_run")
     return [{k: v for k, v in r.items() if k in keep or k.startswith(("test_", "valid_"))} for r in result["runs"]]

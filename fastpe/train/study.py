@@ -10,7 +10,8 @@ metrics once. The study writes, under its output folder:
 * ``curves.png``: training loss and the validation metric per epoch, every run (stability at a glance);
 * ``runs/<encoding>/seed<k>/``: each run's checkpoints, history and summary.
 
-``resume=True`` keeps finished runs (their ``summary.json``) and resumes interrupted ones.
+``resume=True`` keeps finished runs (their ``summary.json``), resumes interrupted ones, and trains on the
+runs that stopped at a smaller epoch limit without converging (a study extended with more ``--epochs``).
 
 Runs train one after another, in a local pool of ``jobs`` processes, or as Ray tasks
 (:mod:`fastpe.train.executors`); the table is the same whichever finishes first. Under the table
@@ -275,6 +276,19 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
             lock.release()
 
 
+def _finished_summary(run_dir: Path, epochs: int) -> dict | None:
+    """The summary of a run that needs no more training, else None. A run that stopped at its epoch
+    limit without converging trains on when the study is resumed with more ``--epochs`` (from its
+    ``last.pt``), so a long study can be extended as often as the machine allows."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    if summary.get("stopped_early") or summary.get("epochs_run", 0) >= epochs:
+        return summary
+    return None
+
+
 def _run_study(base, encodings, seeds, out, resume, log, data, main, lock, jobs, executor, address, notes) -> dict:
     if lock is not None and lock.note:
         log(f"note: {lock.note}")
@@ -297,8 +311,9 @@ def _run_study(base, encodings, seeds, out, resume, log, data, main, lock, jobs,
     todo, configs = [], []
     for index, (encoding, seed) in enumerate(pairs):
         run_dir = out / "runs" / encoding / f"seed{seed}"
-        if resume and (run_dir / "summary.json").exists():
-            summaries[index] = json.loads((run_dir / "summary.json").read_text())
+        summary = _finished_summary(run_dir, base.epochs) if resume else None
+        if summary is not None:
+            summaries[index] = summary
         else:
             todo.append(index)
             configs.append(replace(base, encoding=encoding, seed=seed, out_dir=str(run_dir), resume=resume,
