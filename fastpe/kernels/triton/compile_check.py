@@ -101,6 +101,38 @@ def rmha_variants():
     return launches
 
 
+def _interval_launches(b, h, L, dh, dv, dtype, masks, span=256, per_head=False):
+    from fastpe.kernels.triton import interval
+
+    q = torch.zeros(b, h, L, dh, dtype=dtype)
+    v = torch.zeros(b, h, L, dv, dtype=dtype)
+    rk = torch.zeros(h if per_head else 1, span + 1, dh, dtype=dtype)
+    rv = torch.zeros(h if per_head else 1, span + 1, dv, dtype=dtype)
+    tau = torch.zeros(b, L, dtype=torch.int32)
+    kpm = torch.zeros(b, L, dtype=torch.bool) if "padding" in masks else None
+    bias = torch.zeros(1, 1, L, L, dtype=dtype) if "bias" in masks else None
+    dropout = 0.1 if "dropout" in masks else 0.0
+    seed = torch.zeros(1, dtype=torch.int64) if dropout else None
+    causal = "causal" in masks
+    out, lse, fwd = interval.plan_forward(q, q, v, rk, rv, tau, kpm, bias, seed, causal, dropout, 0.1)
+    *_grads, bwd = interval.plan_backward(out, q, q, v, rk, rv, tau, kpm, bias, seed, out, lse, causal, dropout, 0.1)
+    return fwd + bwd
+
+
+def interval_variants():
+    """Time-interval attention: every mask feature in fp16 (one key block) and bf16 (two key
+    blocks, a two-chunk head size), fp32, K = 256 at the benchmark shapes, a small K."""
+    every = ("padding", "bias", "causal", "dropout")
+    launches = []
+    launches += _interval_launches(64, 2, 50, 30, 30, torch.float16, every)
+    launches += _interval_launches(8, 2, 200, 90, 90, torch.bfloat16, every, per_head=True)
+    launches += _interval_launches(64, 2, 50, 32, 32, torch.float32, ("padding", "causal"))
+    launches += _interval_launches(512, 2, 50, 32, 32, torch.bfloat16, ("padding", "causal"))
+    launches += _interval_launches(256, 2, 200, 64, 64, torch.bfloat16, ("padding", "causal"))
+    launches += _interval_launches(64, 2, 37, 16, 16, torch.bfloat16, ("padding",), span=4)
+    return launches
+
+
 def _positions(kind, b, L, rows, dtype=torch.int64):
     if kind == "none":
         return None
@@ -163,7 +195,7 @@ def concat_variants():
 
 
 def all_variants():
-    return rmha_variants() + rotation_variants() + concat_variants()
+    return rmha_variants() + interval_variants() + rotation_variants() + concat_variants()
 
 
 # ----------------------------------------------------------------------------------------------
