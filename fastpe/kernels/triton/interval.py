@@ -60,6 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastpe.backends import triton_interpreter_enabled
 from fastpe.kernels.triton import _launch
 from fastpe.kernels.triton._launch import Launch
 from fastpe.kernels.triton._limits import MAX_HEAD_DIM, MAX_INTERVAL_BUCKETS
@@ -72,8 +73,8 @@ from fastpe.kernels.triton.rmha import (
     _load_split,
     _masked_logits,
     _store_rows,
+    _sum_row_groups_kernel,
     _table_strides,
-    plan_sum_row_groups,
 )
 
 FIXED_BITS = 61  # fixed-point bucket sums: a row's total stays below 2**61 (int64 holds 2**63)
@@ -355,7 +356,7 @@ def _tisas_bwd_kernel(
     KT: tl.constexpr, KP: tl.constexpr, RC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    ZC: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     R: tl.constexpr = KT + 1
     WIDTH: tl.constexpr = R * (DH + DV)
@@ -377,11 +378,11 @@ def _tisas_bwd_kernel(
         tl.store(wp_rows[:, None] + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
         tl.store(wd_rows[:, None] + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
     # this program's rows of the partial table gradients, one per head: [drk (R x DH) | drv (R x DV)]
-    pcols = tl.arange(0, 256)
+    pcols = tl.arange(0, ZC)
     for hh in range(0, H):
         prow = PART + (pid.to(tl.int64) + hh * nprog) * WIDTH
-        for c0 in range(0, WIDTH, 256):
-            tl.store(prow + c0 + pcols, tl.zeros([256], tl.float32), mask=c0 + pcols < WIDTH)
+        for c0 in range(0, WIDTH, ZC):
+            tl.store(prow + c0 + pcols, tl.zeros([ZC], tl.float32), mask=c0 + pcols < WIDTH)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
@@ -559,7 +560,7 @@ def interval_steps(tau: torch.Tensor, time_span: int) -> torch.Tensor:
     A few [B, L] torch ops, no host synchronisation."""
     ordered, order = tau.sort(dim=1)
     gaps = ordered.diff(dim=1).clamp_(max=time_span + 1)
-    steps = torch.cat([torch.zeros_like(gaps[:, :1]), gaps.cumsum(dim=1)], dim=1)
+    steps = torch.cat([torch.zeros_like(ordered[:, :1]), gaps.cumsum(dim=1)], dim=1)
     return torch.empty_like(steps).scatter_(1, order, steps).to(torch.int32)
 
 
@@ -588,7 +589,9 @@ def _slots(device, num_warps: int) -> int:
 
 
 def _table_chunk(kp: int) -> int:
-    return min(kp, 64)
+    """Buckets per table GEMM: 64 keeps the [BLOCK_M, 64] tiles in registers; the interpreter takes
+    the whole table at once (it pays per operation, not per element)."""
+    return kp if triton_interpreter_enabled() else min(kp, 64)
 
 
 def fwd_config(b, h, length, dh, dv, device):
@@ -666,6 +669,28 @@ def plan_forward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout
     return out, lse, [launch]
 
 
+def plan_reduce(partial: torch.Tensor, drk: torch.Tensor, drv: torch.Tensor) -> list[Launch]:
+    """Launches summing the partial table gradients ``partial [h * programs, R (dh + dv)]`` over the
+    programs (and the heads, for a shared table) in a fixed order into ``drk [Ht, R, dh]`` and
+    ``drv [Ht, R, dv]``: the kernel of :mod:`fastpe.kernels.triton.rmha` with wider column tiles
+    (a row holds K + 1 = 257 table rows here, not 2k + 1 = 9)."""
+    c = partial.shape[1]
+    c1 = drk[0].numel()
+    spans = [(drk.shape[0], 0, c)] if drk.shape[0] == drv.shape[0] else [(drk.shape[0], 0, c1), (drv.shape[0], c1, c)]
+    wide = triton_interpreter_enabled()  # every program instance costs milliseconds there
+    launches = []
+    for groups, col0, col1 in spans:
+        rows = partial.shape[0] // groups
+        block_r = max(1, min(64, _launch.next_pow2(rows)))
+        block_c = min(4096 if wide else 64, _launch.next_pow2(max(col1 - col0, 16)))
+        launches.append(Launch(
+            _sum_row_groups_kernel, (groups, triton.cdiv(col1 - col0, block_c)),
+            dict(P=partial, OUT1=drk, OUT2=drv, ROWS_PER_OUT=rows, C=c, C1=c1, COL0=col0, COL1=col1),
+            dict(BLOCK_R=block_r, BLOCK_C=block_c), num_warps=4,
+        ))
+    return launches
+
+
 def plan_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, is_causal, dropout_p, scale):
     """Allocate ``dq, dk, dv, drk, drv``, the scratch slots and the partial table gradients; plan the
     main kernel and the fixed-order reduction of the partials."""
@@ -694,5 +719,6 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, i
         args.update({f"{prefix}{'n' if prefix in ('sdk', 'sdv') else 'm'}": t.stride(2), f"{prefix}d": t.stride(3)})
     args.update(B=b, H=h, L=length, qk_scale=float(scale) * LOG2E, scale=float(scale), dropout_p=float(dropout_p),
                 p_fixed=_p_fixed(dropout_p))
+    consts["ZC"] = 4096 if triton_interpreter_enabled() else 256  # columns zeroed per store
     main = Launch(_tisas_bwd_kernel, (programs,), args, consts, num_warps=cfg["num_warps"], num_stages=1)
-    return dq, dk, dvv, drk, drv, [main, *plan_sum_row_groups(partial, drk, drv)]
+    return dq, dk, dvv, drk, drv, [main, *plan_reduce(partial, drk, drv)]
