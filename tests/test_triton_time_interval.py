@@ -101,11 +101,30 @@ def test_time_unit_and_scale():
 @pytest.mark.parametrize("kind", ["padding", "padding+causal"])
 def test_several_key_and_query_blocks(dtype, kind, monkeypatch):
     """16-wide blocks over 40 positions: the forward's two passes (row statistics, then the
-    normalised sums), several query blocks per sequence in the backward. Outputs start as NaN."""
+    normalised sums), several query blocks per sequence in the backward, tables in 16-bucket
+    chunks (a query block builds and reads back only the chunks its elements use; a program's
+    next block must find the others clear). Outputs start as NaN."""
     cfg = launch_cfg()
     monkeypatch.setattr(cfg, "POISON", True)
-    with cfg.override("tisas_fwd", block_m=16, block_n=16), cfg.override("tisas_bwd", block_m=16, block_n=16):
+    blocks = dict(block_m=16, block_n=16, table_chunk=16)
+    with cfg.override("tisas_fwd", **blocks), cfg.override("tisas_bwd", **blocks):
         check(2, 1, 40, 16, 30, kind, dtype, seed=6)
+
+
+def test_rows_past_the_sequence_leave_the_scratch_clear():
+    """A program's query block reads back (and clears) only the table chunks its valid elements
+    use. Rows past the end of a partial block must add nothing: here the last block of sequence 0
+    uses bucket 0 only, its rows past the end (time step 0) would add to bucket 20 (chunk 1), and
+    the same program's next block (sequence 1, positions 16-31) reads chunk 1 back."""
+    L, span = 40, 30
+    t = 31 * torch.arange(L).repeat(2, 1)
+    t[0, 1] = 20  # a pair 20 apart at positions 0, 1; every other pair 0 or > 30 apart
+    t[1, 25] = t[1, 24] + 20  # positions 24, 25: bucket 20 in sequence 1's second block
+    cfg = launch_cfg()
+    blocks = dict(block_m=16, block_n=16, table_chunk=16, programs=2)
+    with cfg.override("tisas_fwd", **blocks), cfg.override("tisas_bwd", **blocks):
+        assert_matches_reference(op("triton", t.to(DEVICE), time_unit=1.0), op("reference", t.to(DEVICE), time_unit=1.0),
+                                 inputs(2, 1, L, 16, span, seed=12), torch.float32, NAMES)
 
 
 def test_poisoned_buffers_are_all_written(monkeypatch):

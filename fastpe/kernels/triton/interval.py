@@ -93,12 +93,51 @@ def _buckets(tau_m, tau_n, KT: tl.constexpr):
 
 
 @triton.jit
-def _gather(table_rows, far, bucket, KT: tl.constexpr):
+def _near(bucket, valid, KT: tl.constexpr):
+    """Elements that read (and add to) the per-row tables: below the clip, in the sequence, not padding."""
+    return (bucket < KT) & valid
+
+
+@triton.jit
+def _gather(table_rows, far, bucket, valid, KT: tl.constexpr):
     """Per-element value of a per-row bucket table: ``table_rows`` points at each row's slot row
-    (buckets ``0 .. K-1``), ``far`` is bucket ``K``."""
-    near = bucket < KT
+    (buckets ``0 .. K-1``), ``far`` is bucket ``K`` (and stands in for elements that are not
+    ``valid``: only table columns that valid elements use are written, see :func:`_chunk_range`)."""
+    near = _near(bucket, valid, KT)
     near_val = tl.load(table_rows[:, None] + bucket, mask=near, other=0.0)
     return tl.where(near, near_val, far[:, None])
+
+
+@triton.jit
+def _bucket_bounds(bucket, valid, KT: tl.constexpr):
+    """Smallest and largest bucket below the clip among the valid elements of a tile (K, -1 if none)."""
+    near = _near(bucket, valid, KT)
+    return tl.min(tl.where(near, bucket, KT)), tl.max(tl.where(near, bucket, -1))
+
+
+@triton.jit
+def _chunk_range(lo, hi, RC: tl.constexpr):
+    """The table chunks ``[c0, c1)`` (steps of RC) covering buckets ``lo .. hi``: the query block's
+    tables are built, and its bucket sums read back, only there (empty when no element is below
+    the clip). With sorted times and gaps beyond K most rows use a few buckets, not K."""
+    return lo // RC * RC, hi + 1
+
+
+@triton.jit
+def _block_range(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT: tl.constexpr, RC: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr):
+    """:func:`_chunk_range` of a query block over its keys ``[0, hi)`` (a pass over the time steps)."""
+    lo_b = KT
+    hi_b = -1
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < L
+        col_ok, _any = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+        tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
+        lo_t, hi_t = _bucket_bounds(_buckets(tau_m, tau_n, KT), m_mask[:, None] & col_ok[None, :], KT)
+        lo_b = tl.minimum(lo_b, lo_t)
+        hi_b = tl.maximum(hi_b, hi_t)
+    return _chunk_range(lo_b, hi_b, RC)
 
 
 @triton.jit
@@ -117,12 +156,13 @@ def _dot_row(x_a, x_b, base, stride_d, DA: tl.constexpr, DB: tl.constexpr, D: tl
 
 
 @triton.jit
-def _build_table(x_a, x_b, tab_rows, t_base, st_r, st_d, KT: tl.constexpr, KP: tl.constexpr, RC: tl.constexpr,
+def _build_table(x_a, x_b, tab_rows, t_base, st_r, st_d, c0, c1, KT: tl.constexpr, RC: tl.constexpr,
                  DA: tl.constexpr, DB: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Write ``x_i . t[r]`` for the buckets ``r < K`` into the slot rows; returns ``max_r |x_i . t[r]|``."""
+    """Write ``x_i . t[r]`` for the buckets of chunks ``[c0, c1)`` into the slot rows; returns
+    ``max_r |x_i . t[r]|`` over them."""
     cols = tl.arange(0, RC)
     absmax = tl.zeros([x_a.shape[0]], tl.float32)
-    for c in range(0, KP, RC):
+    for c in range(c0, c1, RC):
         rows = c + cols
         t_a = _load_rows(t_base + c * st_r, cols, rows < KT, st_r, st_d, 0, DA, D)
         xt = tl.dot(x_a, tl.trans(t_a), input_precision=DOT_PREC)
@@ -148,7 +188,7 @@ def _logits(q_a, q_b, k_a, k_b, qtab_rows, qr_far, bucket, offs_m, offs_n, m_mas
     qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
     if DB > 0:
         qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
-    s = (qk + _gather(qtab_rows, qr_far, bucket, KT)) * qk_scale
+    s = (qk + _gather(qtab_rows, qr_far, bucket, m_mask[:, None] & col_ok[None, :], KT)) * qk_scale
     return _masked_logits(s, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
                           HAS_BIAS, IS_CAUSAL)
 
@@ -166,12 +206,14 @@ def _read_back(w_rows, c, cols, BLOCK_M: tl.constexpr, RC: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(acc_a, acc_b, far, s, bucket, m_use, inv_l, start_n, offs_m, offs_n, col_ok, v_base, svn, svd, w_rows,
+def _fwd_block(acc_a, acc_b, far, s, bucket, m_use, inv_l, start_n, offs_m, m_mask, offs_n, col_ok, v_base, svn, svd,
+               w_rows,
                bh, seed, dropout_p, p_fixed, KT: tl.constexpr, BLOCK_N: tl.constexpr, DV: tl.constexpr,
                DVA: tl.constexpr, DVB: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     """Normalised P~ of one key block into ``acc += P~ V``, the fixed-point bucket sums (atomics into
-    the slot) and the clip bucket's sums."""
-    p = tl.exp2(s - m_use[:, None]) * inv_l[:, None]
+    the slot) and the clip bucket's sums. Rows past the sequence get P~ = 0: their slot rows must
+    stay clear (only the chunks valid elements use are read back and cleared)."""
+    p = tl.where(m_mask[:, None], tl.exp2(s - m_use[:, None]) * inv_l[:, None], 0.0)
     if HAS_DROPOUT:
         keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
         p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -181,7 +223,7 @@ def _fwd_block(acc_a, acc_b, far, s, bucket, m_use, inv_l, start_n, offs_m, offs
     if DVB > 0:
         v_b = _load_rows(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV)
         acc_b = tl.dot(p_lo, v_b, acc_b, input_precision=DOT_PREC)
-    near = bucket < KT
+    near = bucket < KT  # (p > 0 only at valid elements, whose buckets lie in the chunk range)
     tl.atomic_add(w_rows[:, None] + bucket, (p * p_fixed).to(tl.int64), mask=near & (p > 0.0), sem="relaxed")
     far += tl.sum(tl.where(near, 0.0, p), axis=1)
     return acc_a, acc_b, far
@@ -231,11 +273,8 @@ def _tisas_fwd_kernel(
         v_base = V + b * svb + h * svh
         tl.debug_barrier()  # the previous tile's table reads and read-back are done
         q_a, q_b = _load_split(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
-        _build_table(q_a, q_b, qtab_rows, RK + h * srkh, srkr, srkd, KT, KP, RC, DA, DB, DH, DOT_PREC)
         qr_far = _dot_row(q_a, q_b, RK + h * srkh + KT * srkr, srkd, DA, DB, DH)
-        tl.debug_barrier()  # the table is written
         tau_m = tl.load(TAU + b * stb + offs_m, mask=m_mask, other=0)
-
         hi = L
         if IS_CAUSAL:
             hi = tl.minimum(L, start_m + BLOCK_M)
@@ -246,19 +285,26 @@ def _tisas_fwd_kernel(
             offs_n = tl.arange(0, BLOCK_N)
             n_mask = offs_n < L
             col_ok, _any = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
-            k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
             tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
             bucket = _buckets(tau_m, tau_n, KT)
+            lo_b, hi_b = _bucket_bounds(bucket, m_mask[:, None] & col_ok[None, :], KT)
+            c0, c1 = _chunk_range(lo_b, hi_b, RC)
+            _build_table(q_a, q_b, qtab_rows, RK + h * srkh, srkr, srkd, c0, c1, KT, RC, DA, DB, DH, DOT_PREC)
+            tl.debug_barrier()  # the table is written
+            k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
             s = _logits(q_a, q_b, k_a, k_b, qtab_rows, qr_far, bucket, offs_m, offs_n, m_mask, n_mask, col_ok, b, h,
                         BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
             m_i = tl.max(s, axis=1)
             m_use = tl.where(m_i == float("-inf"), 0.0, m_i)  # rows with no allowed key: p = 0, no NaN
             l_i = tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
             inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
-            acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, bucket, m_use, inv_l, 0, offs_m, offs_n, col_ok,
+            acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, bucket, m_use, inv_l, 0, offs_m, m_mask, offs_n, col_ok,
                                            v_base, svn, svd, w_rows, bh, seed, dropout_p, p_fixed,
                                            KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC)
         else:
+            c0, c1 = _block_range(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT, RC, BLOCK_N, HAS_KPM)
+            _build_table(q_a, q_b, qtab_rows, RK + h * srkh, srkr, srkd, c0, c1, KT, RC, DA, DB, DH, DOT_PREC)
+            tl.debug_barrier()  # the table is written
             # pass 1: the row max and sum (online), so that pass 2 accumulates normalised P~
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -288,7 +334,7 @@ def _tisas_fwd_kernel(
                     bucket = _buckets(tau_m, tau_n, KT)
                     s = _logits(q_a, q_b, k_a, k_b, qtab_rows, qr_far, bucket, offs_m, offs_n, m_mask, n_mask, col_ok,
                                 b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
-                    acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, bucket, m_use, inv_l, start_n, offs_m, offs_n,
+                    acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, bucket, m_use, inv_l, start_n, offs_m, m_mask, offs_n,
                                                    col_ok, v_base, svn, svd, w_rows, bh, seed, dropout_p, p_fixed,
                                                    KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC)
 
@@ -296,7 +342,7 @@ def _tisas_fwd_kernel(
         lse = tl.where(l_i > 0.0, m_use + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), 0.0)
         tl.debug_barrier()  # every atomic of the block has landed
         rv_base = RV + h * srvh
-        for c in range(0, KP, RC):
+        for c in range(c0, c1, RC):
             w = (_read_back(w_rows, c, cols, BLOCK_M, RC) * inv_fixed).to(dt)
             rv_a = _load_rows(rv_base + c * srvr, cols, c + cols < KT, srvr, srvd, 0, DVA, DV)
             acc_a = tl.dot(w, rv_a, acc_a, input_precision=DOT_PREC)
@@ -435,8 +481,12 @@ def _tisas_bwd_kernel(
                 do_sq += tl.sum(do_b.to(tl.float32) * do_b.to(tl.float32), axis=1)
             lse = tl.load(LSE + bh * L + offs_m, mask=m_mask, other=0.0)
             tau_m = tl.load(TAU + b * stb + offs_m, mask=m_mask, other=0)
-            _build_table(q_a, q_b, qtab_rows, rk_base, srkr, srkd, KT, KP, RC, DA, DB, DH, DOT_PREC)
-            dorv_max = _build_table(do_a, do_b, dtab_rows, rv_base, srvr, srvd, KT, KP, RC, DVA, DVB, DV, DOT_PREC)
+            hi = L
+            if IS_CAUSAL:
+                hi = tl.minimum(L, start_m + BLOCK_M)
+            c0, c1 = _block_range(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT, RC, BLOCK_N, HAS_KPM)
+            _build_table(q_a, q_b, qtab_rows, rk_base, srkr, srkd, c0, c1, KT, RC, DA, DB, DH, DOT_PREC)
+            dorv_max = _build_table(do_a, do_b, dtab_rows, rv_base, srvr, srvd, c0, c1, KT, RC, DVA, DVB, DV, DOT_PREC)
             qr_far = _dot_row(q_a, q_b, rk_base + KT * srkr, srkd, DA, DB, DH)
             dorv_far = _dot_row(do_a, do_b, rv_base + KT * srvr, srvd, DVA, DVB, DV)
             dorv_max = tl.maximum(dorv_max, tl.abs(dorv_far))
@@ -452,9 +502,6 @@ def _tisas_bwd_kernel(
             dq_b = tl.zeros([BLOCK_M, DBX], tl.float32)
             far_p = tl.zeros([BLOCK_M], tl.float32)
             far_ds = tl.zeros([BLOCK_M], tl.float32)
-            hi = L
-            if IS_CAUSAL:
-                hi = tl.minimum(L, start_m + BLOCK_M)
             for start_n in range(0, hi, BLOCK_N):
                 offs_n = start_n + offs_nl
                 n_mask = offs_n < L
@@ -471,7 +518,7 @@ def _tisas_bwd_kernel(
                     dpt = tl.dot(do_a, tl.trans(v_a), input_precision=DOT_PREC)
                     if DVB > 0:
                         dpt = tl.dot(do_b, tl.trans(v_b), dpt, input_precision=DOT_PREC)
-                    dpt = dpt + _gather(dtab_rows, dorv_far, bucket, KT)
+                    dpt = dpt + _gather(dtab_rows, dorv_far, bucket, m_mask[:, None] & col_ok[None, :], KT)
                     if HAS_DROPOUT:
                         keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
                         p_drop = tl.where(keep, p * inv_keep, 0.0)
@@ -500,7 +547,7 @@ def _tisas_bwd_kernel(
 
             tl.debug_barrier()  # every atomic of the block has landed
             inv_ds_fixed = _pow2(-expo)
-            for c in range(0, KP, RC):
+            for c in range(c0, c1, RC):
                 rows = c + cols
                 r_ok = rows < KT
                 wp = (_read_back(wp_rows, c, cols, BLOCK_M, RC) * inv_p_fixed).to(dt)
@@ -598,25 +645,24 @@ def fwd_config(b, h, length, dh, dv, device):
     widest = max(_launch.pad16(dh), _launch.pad16(dv))
     block_n = min(max(16, _launch.next_pow2(length)), 128 if widest <= 64 else 64)
     block_m = min(max(16, _launch.next_pow2(length)), 64 if widest <= 64 else 32)
-    cfg = _launch.knobs("tisas_fwd", block_m=block_m, block_n=block_n, num_warps=4 if block_m * block_n <= 64 * 64 else 8,
-                        programs=0)
-    return cfg
+    return _launch.knobs("tisas_fwd", block_m=block_m, block_n=block_n,
+                         num_warps=4 if block_m * block_n <= 64 * 64 else 8, programs=0, table_chunk=0)
 
 
 def bwd_config(b, h, length, dh, dv, device):
     widest = max(_launch.pad16(dh), _launch.pad16(dv))
     block_n = min(max(16, _launch.next_pow2(length)), 64)
     block_m = min(max(16, _launch.next_pow2(length)), 32 if widest <= 64 else 16)
-    return _launch.knobs("tisas_bwd", block_m=block_m, block_n=block_n, num_warps=4, programs=0)
+    return _launch.knobs("tisas_bwd", block_m=block_m, block_n=block_n, num_warps=4, programs=0, table_chunk=0)
 
 
-def _constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p, block_m, block_n):
+def _constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p, cfg):
     da, db = _launch.split_pow2(q.shape[-1])
     dva, dvb = _launch.split_pow2(v.shape[-1])
     kt = rel_k.shape[-2] - 1
     kp = max(16, _launch.next_pow2(kt))
     return dict(
-        KT=kt, KP=kp, RC=_table_chunk(kp), BLOCK_M=block_m, BLOCK_N=block_n,
+        KT=kt, KP=kp, RC=min(kp, cfg["table_chunk"]) or _table_chunk(kp), BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
         DH=q.shape[-1], DV=v.shape[-1], DA=da, DB=db, DVA=dva, DVB=dvb,
         HAS_KPM=kpm is not None, HAS_BIAS=bias is not None, IS_CAUSAL=bool(is_causal),
         HAS_DROPOUT=dropout_p > 0.0, DOT_PREC=_launch.dot_precision(q.dtype),
@@ -651,7 +697,7 @@ def plan_forward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout
     b, h, length, dh = q.shape
     dv = v.shape[-1]
     cfg = fwd_config(b, h, length, dh, dv, q.device)
-    consts = _constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p, cfg["block_m"], cfg["block_n"])
+    consts = _constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p, cfg)
     num_mb = triton.cdiv(length, cfg["block_m"])
     tiles = b * h * num_mb
     programs = max(1, min(tiles, cfg["programs"] or _slots(q.device, cfg["num_warps"])))
@@ -697,7 +743,7 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, i
     b, h, length, dh = q.shape
     dv = v.shape[-1]
     cfg = bwd_config(b, h, length, dh, dv, q.device)
-    consts = _constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p, cfg["block_m"], cfg["block_n"])
+    consts = _constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p, cfg)
     programs = max(1, min(b * h, cfg["programs"] or _slots(q.device, cfg["num_warps"])))
     n_buckets = rel_k.shape[-2]
     kp = consts["KP"]
