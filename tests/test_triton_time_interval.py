@@ -312,6 +312,10 @@ def test_auto_keeps_torch_on_the_cpu_and_declines_large_spans(monkeypatch):
     from fastpe.kernels.triton import unsupported_reason
 
     assert resolve_backend("auto", "time_interval_attention", torch.device("cpu")) == "torch"
+    # on a GPU too, until a GPU run has checked and timed the kernels
+    monkeypatch.setattr("fastpe.backends._auto_order", lambda op, device, klass="any": ("triton", "torch"))
+    assert resolve_backend("auto", "time_interval_attention", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", "relative_attention", torch.device("cpu")) == "triton"  # (the interpreter)
     q = torch.zeros(1, 1, 3, 8)
     assert unsupported_reason("time_interval_attention", q, q, q, torch.zeros(1025, 8)) is None
     assert "K > 1024" in unsupported_reason("time_interval_attention", q, q, q, torch.zeros(1026, 8))

@@ -459,9 +459,9 @@ def time_interval_attention(
             ``[h, L, dh]``, added to ``key`` and ``value``.
         key_padding_mask, attn_mask, is_causal, dropout_p, scale, need_weights: as
             :func:`relative_attention`.
-        backend: "auto" (triton on a GPU, the torch composition on the CPU), "reference", "torch"
-            or "triton" (tables of at most 1025 rows, K <= 1024); "cuda" does not cover this op
-            yet and raises ``BackendUnavailableError``.
+        backend: "auto" (the torch composition, until the Triton kernels are checked and timed
+            on a GPU), "reference", "torch" or "triton" (tables of at most 1025 rows, K <= 1024);
+            "cuda" does not cover this op yet and raises ``BackendUnavailableError``.
 
     Returns ``[B, h, L, dh_v]`` (and the weights). Query rows with no allowed key give 0, never NaN.
     """

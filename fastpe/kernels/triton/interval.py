@@ -99,13 +99,12 @@ def _near(bucket, valid, KT: tl.constexpr):
 
 
 @triton.jit
-def _gather(table_rows, far, bucket, valid, KT: tl.constexpr):
-    """Per-element value of a per-row bucket table: ``table_rows`` points at each row's slot row
-    (buckets ``0 .. K-1``), ``far`` is bucket ``K`` (and stands in for elements that are not
-    ``valid``: only table columns that valid elements use are written, see :func:`_chunk_range`)."""
-    near = _near(bucket, valid, KT)
-    near_val = tl.load(table_rows[:, None] + bucket, mask=near, other=0.0)
-    return tl.where(near, near_val, far[:, None])
+def _gather(table, far, idx, near):
+    """Per-element value of a per-row bucket table in a scratch slot (``table``: the slot, ``idx``:
+    row * KP + bucket, one int32 offset per element shared by every table of the slot); ``far`` is
+    bucket ``K`` and stands in for elements that are not ``near`` (see :func:`_near`: only table
+    columns that near elements use are written, see :func:`_chunk_range`)."""
+    return tl.where(near, tl.load(table + idx, mask=near, other=0.0), far[:, None])
 
 
 @triton.jit
@@ -156,7 +155,7 @@ def _dot_row(x_a, x_b, base, stride_d, DA: tl.constexpr, DB: tl.constexpr, D: tl
 
 
 @triton.jit
-def _build_table(x_a, x_b, tab_rows, t_base, st_r, st_d, c0, c1, KT: tl.constexpr, RC: tl.constexpr,
+def _build_table(x_a, x_b, tab, t_base, st_r, st_d, c0, c1, KT: tl.constexpr, KP: tl.constexpr, RC: tl.constexpr,
                  DA: tl.constexpr, DB: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr):
     """Write ``x_i . t[r]`` for the buckets of chunks ``[c0, c1)`` into the slot rows; returns
     ``max_r |x_i . t[r]|`` over them."""
@@ -169,7 +168,7 @@ def _build_table(x_a, x_b, tab_rows, t_base, st_r, st_d, c0, c1, KT: tl.constexp
         if DB > 0:
             t_b = _load_rows(t_base + c * st_r, cols, rows < KT, st_r, st_d, DA, DB, D)
             xt = tl.dot(x_b, tl.trans(t_b), xt, input_precision=DOT_PREC)
-        tl.store(tab_rows[:, None] + rows[None, :], xt)
+        tl.store(tab + tl.arange(0, x_a.shape[0])[:, None] * KP + rows[None, :], xt)
         absmax = tl.maximum(absmax, tl.max(tl.abs(xt), axis=1))
     return absmax
 
@@ -181,22 +180,22 @@ def _pow2(e):
 
 
 @triton.jit
-def _logits(q_a, q_b, k_a, k_b, qtab_rows, qr_far, bucket, offs_m, offs_n, m_mask, n_mask, col_ok, b, h,
+def _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok, b, h,
             BIAS, sbb, sbh, sbm, sbn, qk_scale, KT: tl.constexpr, DB: tl.constexpr, HAS_BIAS: tl.constexpr,
             IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
     """Masked logits of a tile in log2 units."""
     qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
     if DB > 0:
         qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
-    s = (qk + _gather(qtab_rows, qr_far, bucket, m_mask[:, None] & col_ok[None, :], KT)) * qk_scale
+    s = (qk + _gather(qtab, qr_far, idx, near)) * qk_scale
     return _masked_logits(s, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
                           HAS_BIAS, IS_CAUSAL)
 
 
 @triton.jit
-def _read_back(w_rows, c, cols, BLOCK_M: tl.constexpr, RC: tl.constexpr):
+def _read_back(w, c, cols, KP: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.constexpr):
     """Columns ``c .. c+RC`` of the slot's fixed-point sums, cleared for the next query block."""
-    ptrs = w_rows[:, None] + c + cols[None, :]
+    ptrs = w + tl.arange(0, BLOCK_M)[:, None] * KP + c + cols[None, :]
     return tl.atomic_xchg(ptrs, tl.zeros([BLOCK_M, RC], tl.int64), sem="relaxed").to(tl.float32)
 
 
@@ -206,8 +205,8 @@ def _read_back(w_rows, c, cols, BLOCK_M: tl.constexpr, RC: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(acc_a, acc_b, far, s, bucket, m_use, inv_l, start_n, offs_m, m_mask, offs_n, col_ok, v_base, svn, svd,
-               w_rows,
+def _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, start_n, offs_m, m_mask, offs_n, col_ok, v_base, svn,
+               svd, wtab,
                bh, seed, dropout_p, p_fixed, KT: tl.constexpr, BLOCK_N: tl.constexpr, DV: tl.constexpr,
                DVA: tl.constexpr, DVB: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     """Normalised P~ of one key block into ``acc += P~ V``, the fixed-point bucket sums (atomics into
@@ -223,9 +222,8 @@ def _fwd_block(acc_a, acc_b, far, s, bucket, m_use, inv_l, start_n, offs_m, m_ma
     if DVB > 0:
         v_b = _load_rows(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV)
         acc_b = tl.dot(p_lo, v_b, acc_b, input_precision=DOT_PREC)
-    near = bucket < KT  # (p > 0 only at valid elements, whose buckets lie in the chunk range)
-    tl.atomic_add(w_rows[:, None] + bucket, (p * p_fixed).to(tl.int64), mask=near & (p > 0.0), sem="relaxed")
-    far += tl.sum(tl.where(near, 0.0, p), axis=1)
+    tl.atomic_add(wtab + idx, (p * p_fixed).to(tl.int64), mask=near & (p > 0.0), sem="relaxed")
+    far += tl.sum(tl.where(near, 0.0, p), axis=1)  # (p = 0 at elements that are not valid)
     return acc_a, acc_b, far
 
 
@@ -252,10 +250,11 @@ def _tisas_fwd_kernel(
     offs_ml = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, RC)
     # this program's scratch slot: q . rk per bucket (float32) and the fixed-point bucket sums
-    qtab_rows = QTAB + pid.to(tl.int64) * (BLOCK_M * KP) + offs_ml * KP
-    w_rows = WTAB + pid.to(tl.int64) * (BLOCK_M * KP) + offs_ml * KP
+    qtab = QTAB + pid.to(tl.int64) * (BLOCK_M * KP)
+    wtab = WTAB + pid.to(tl.int64) * (BLOCK_M * KP)
+    row_start = offs_ml[:, None] * KP  # + bucket: an element's offset in the slot's tables
     for c in range(0, KP, RC):
-        tl.store(w_rows[:, None] + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
+        tl.store(wtab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
@@ -287,23 +286,25 @@ def _tisas_fwd_kernel(
             col_ok, _any = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
             tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
             bucket = _buckets(tau_m, tau_n, KT)
+            near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
+            idx = row_start + bucket
             lo_b, hi_b = _bucket_bounds(bucket, m_mask[:, None] & col_ok[None, :], KT)
             c0, c1 = _chunk_range(lo_b, hi_b, RC)
-            _build_table(q_a, q_b, qtab_rows, RK + h * srkh, srkr, srkd, c0, c1, KT, RC, DA, DB, DH, DOT_PREC)
+            _build_table(q_a, q_b, qtab, RK + h * srkh, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC)
             tl.debug_barrier()  # the table is written
             k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
-            s = _logits(q_a, q_b, k_a, k_b, qtab_rows, qr_far, bucket, offs_m, offs_n, m_mask, n_mask, col_ok, b, h,
+            s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok, b, h,
                         BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
             m_i = tl.max(s, axis=1)
             m_use = tl.where(m_i == float("-inf"), 0.0, m_i)  # rows with no allowed key: p = 0, no NaN
             l_i = tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
             inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
-            acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, bucket, m_use, inv_l, 0, offs_m, m_mask, offs_n, col_ok,
-                                           v_base, svn, svd, w_rows, bh, seed, dropout_p, p_fixed,
+            acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, 0, offs_m, m_mask, offs_n, col_ok,
+                                           v_base, svn, svd, wtab, bh, seed, dropout_p, p_fixed,
                                            KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC)
         else:
             c0, c1 = _block_range(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT, RC, BLOCK_N, HAS_KPM)
-            _build_table(q_a, q_b, qtab_rows, RK + h * srkh, srkr, srkd, c0, c1, KT, RC, DA, DB, DH, DOT_PREC)
+            _build_table(q_a, q_b, qtab, RK + h * srkh, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC)
             tl.debug_barrier()  # the table is written
             # pass 1: the row max and sum (online), so that pass 2 accumulates normalised P~
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -316,8 +317,10 @@ def _tisas_fwd_kernel(
                     k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
                     tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
                     bucket = _buckets(tau_m, tau_n, KT)
-                    s = _logits(q_a, q_b, k_a, k_b, qtab_rows, qr_far, bucket, offs_m, offs_n, m_mask, n_mask, col_ok,
-                                b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
+                    near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
+                    s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, row_start + bucket, near, offs_m, offs_n, m_mask,
+                                n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL,
+                                DOT_PREC)
                     m_new = tl.maximum(m_i, tl.max(s, axis=1))
                     m_new_use = tl.where(m_new == float("-inf"), 0.0, m_new)
                     l_i = l_i * tl.exp2(m_i - m_new_use) + tl.sum(tl.exp2(s - m_new_use[:, None]), axis=1)
@@ -332,10 +335,13 @@ def _tisas_fwd_kernel(
                     k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
                     tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
                     bucket = _buckets(tau_m, tau_n, KT)
-                    s = _logits(q_a, q_b, k_a, k_b, qtab_rows, qr_far, bucket, offs_m, offs_n, m_mask, n_mask, col_ok,
+                    near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
+                    idx = row_start + bucket
+                    s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
                                 b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
-                    acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, bucket, m_use, inv_l, start_n, offs_m, m_mask, offs_n,
-                                                   col_ok, v_base, svn, svd, w_rows, bh, seed, dropout_p, p_fixed,
+                    acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, start_n, offs_m,
+                                                   m_mask, offs_n, col_ok, v_base, svn, svd, wtab, bh, seed, dropout_p,
+                                                   p_fixed,
                                                    KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC)
 
         # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0)
@@ -343,7 +349,7 @@ def _tisas_fwd_kernel(
         tl.debug_barrier()  # every atomic of the block has landed
         rv_base = RV + h * srvh
         for c in range(c0, c1, RC):
-            w = (_read_back(w_rows, c, cols, BLOCK_M, RC) * inv_fixed).to(dt)
+            w = (_read_back(wtab, c, cols, KP, BLOCK_M, RC) * inv_fixed).to(dt)
             rv_a = _load_rows(rv_base + c * srvr, cols, c + cols < KT, srvr, srvd, 0, DVA, DV)
             acc_a = tl.dot(w, rv_a, acc_a, input_precision=DOT_PREC)
             if DVB > 0:
@@ -416,13 +422,14 @@ def _tisas_bwd_kernel(
     cols = tl.arange(0, RC)
     # this program's scratch slot: q . rk and dO . rv per bucket, fixed-point sums of P~ and dS
     slot = pid.to(tl.int64) * (2 * BLOCK_M * KP)
-    qtab_rows = TABS + slot + offs_ml * KP
-    dtab_rows = qtab_rows + BLOCK_M * KP
-    wp_rows = WTABS + slot + offs_ml * KP
-    wd_rows = wp_rows + BLOCK_M * KP
+    qtab = TABS + slot
+    dtab = qtab + BLOCK_M * KP
+    wptab = WTABS + slot
+    wdtab = wptab + BLOCK_M * KP
+    row_start = offs_ml[:, None] * KP  # + bucket: an element's offset in each of the slot's tables
     for c in range(0, KP, RC):
-        tl.store(wp_rows[:, None] + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
-        tl.store(wd_rows[:, None] + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
+        tl.store(wptab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
+        tl.store(wdtab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
     # this program's rows of the partial table gradients, one per head: [drk (R x DH) | drv (R x DV)]
     pcols = tl.arange(0, ZC)
     for hh in range(0, H):
@@ -485,8 +492,8 @@ def _tisas_bwd_kernel(
             if IS_CAUSAL:
                 hi = tl.minimum(L, start_m + BLOCK_M)
             c0, c1 = _block_range(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT, RC, BLOCK_N, HAS_KPM)
-            _build_table(q_a, q_b, qtab_rows, rk_base, srkr, srkd, c0, c1, KT, RC, DA, DB, DH, DOT_PREC)
-            dorv_max = _build_table(do_a, do_b, dtab_rows, rv_base, srvr, srvd, c0, c1, KT, RC, DVA, DVB, DV, DOT_PREC)
+            _build_table(q_a, q_b, qtab, rk_base, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC)
+            dorv_max = _build_table(do_a, do_b, dtab, rv_base, srvr, srvd, c0, c1, KT, KP, RC, DVA, DVB, DV, DOT_PREC)
             qr_far = _dot_row(q_a, q_b, rk_base + KT * srkr, srkd, DA, DB, DH)
             dorv_far = _dot_row(do_a, do_b, rv_base + KT * srvr, srvd, DVA, DVB, DV)
             dorv_max = tl.maximum(dorv_max, tl.abs(dorv_far))
@@ -511,14 +518,16 @@ def _tisas_bwd_kernel(
                     v_a, v_b = _load_split(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV)
                     tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
                     bucket = _buckets(tau_m, tau_n, KT)
-                    s = _logits(q_a, q_b, k_a, k_b, qtab_rows, qr_far, bucket, offs_m, offs_n, m_mask, n_mask, col_ok,
+                    near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
+                    idx = row_start + bucket
+                    s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
                                 b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
                     p = tl.where(m_mask[:, None], tl.exp2(s - lse[:, None]), 0.0)
                     # dP~_ij = dO_i . (v_j + rv[r_ij])
                     dpt = tl.dot(do_a, tl.trans(v_a), input_precision=DOT_PREC)
                     if DVB > 0:
                         dpt = tl.dot(do_b, tl.trans(v_b), dpt, input_precision=DOT_PREC)
-                    dpt = dpt + _gather(dtab_rows, dorv_far, bucket, m_mask[:, None] & col_ok[None, :], KT)
+                    dpt = dpt + _gather(dtab, dorv_far, idx, near)
                     if HAS_DROPOUT:
                         keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
                         p_drop = tl.where(keep, p * inv_keep, 0.0)
@@ -537,10 +546,9 @@ def _tisas_bwd_kernel(
                         _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_b, DA, DB, DH, DOT_PREC)
                     if DVB > 0:
                         _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_b, DVA, DVB, DV, DOT_PREC)
-                    near = bucket < KT
-                    tl.atomic_add(wp_rows[:, None] + bucket, (p_drop * p_fixed).to(tl.int64),
+                    tl.atomic_add(wptab + idx, (p_drop * p_fixed).to(tl.int64),
                                   mask=near & (p_drop != 0.0), sem="relaxed")
-                    tl.atomic_add(wd_rows[:, None] + bucket, (ds * ds_fixed[:, None]).to(tl.int64),
+                    tl.atomic_add(wdtab + idx, (ds * ds_fixed[:, None]).to(tl.int64),
                                   mask=near & (ds != 0.0), sem="relaxed")
                     far_p += tl.sum(tl.where(near, 0.0, p_drop), axis=1)
                     far_ds += tl.sum(tl.where(near, 0.0, ds), axis=1)
@@ -550,8 +558,8 @@ def _tisas_bwd_kernel(
             for c in range(c0, c1, RC):
                 rows = c + cols
                 r_ok = rows < KT
-                wp = (_read_back(wp_rows, c, cols, BLOCK_M, RC) * inv_p_fixed).to(dt)
-                wd = (_read_back(wd_rows, c, cols, BLOCK_M, RC) * inv_ds_fixed[:, None]).to(dt)
+                wp = (_read_back(wptab, c, cols, KP, BLOCK_M, RC) * inv_p_fixed).to(dt)
+                wd = (_read_back(wdtab, c, cols, KP, BLOCK_M, RC) * inv_ds_fixed[:, None]).to(dt)
                 # dq_i += sum_r W_dS[i, r] rk[r]; drk[r] += sum_i W_dS[i, r] q_i; drv[r] += sum_i W_P~[i, r] dO_i
                 rk_a = _load_rows(rk_base + c * srkr, cols, r_ok, srkr, srkd, 0, DA, DH)
                 dq_a = tl.dot(wd, rk_a, dq_a, input_precision=DOT_PREC)
