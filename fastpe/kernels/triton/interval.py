@@ -28,7 +28,12 @@ The clip bucket K (often most pairs) is summed in registers instead. After the k
 program reads its slot back (atomic exchange with 0, which also clears it for the next block)
 and applies ``W`` with GEMMs: ``o += W rv``, ``dq += W_dS rk``, and per-program partial table
 gradients ``W_dS^T q``, ``W_P~^T dO`` in its own rows of a partial buffer, summed by a second
-kernel in a fixed order (deterministic, no float atomics).
+kernel in a fixed order (deterministic, no float atomics). The tables are built, and the sums
+read back, only over the 64-bucket chunks the query block's elements use (a pass over the time
+steps finds them): per query row the tables cost O(K) at most, far less when gaps are mostly
+beyond K. Rows past the end of the sequence add nothing, so the chunks a block skips stay clear.
+The fixed point costs one fp32 -> int64 conversion and one predicated 64-bit reduction per
+element below the clip (see benchmarks/results/static_sm90_tisas.md for the instruction counts).
 
 The alternatives weighed: a per-row sort by bucket (``tl.sort`` on packed keys) with a segmented
 scan keeps float sums but costs O(log^2 BLOCK_N) compare-exchange stages per element and a
