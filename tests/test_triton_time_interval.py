@@ -93,6 +93,23 @@ def test_attention_masks_and_bias(kind):
     check(2, 2, 10, 8, 6, kind, seed=4)
 
 
+@pytest.mark.parametrize("k_per_head", [True, False])
+def test_tables_shared_differently_and_another_value_head_size(k_per_head):
+    """One interval table per head for keys and one for all heads for values (or the other way
+    round), values of head size 24 against keys of 16: the gradients keep the tables' shapes."""
+    gen = torch.Generator().manual_seed(13)
+    b, h, L, span = 2, 3, 9, 12
+    q, k = (randn(b, h, L, 16, gen=gen, dtype=torch.float64) for _ in range(2))
+    v = randn(b, h, L, 24, gen=gen, dtype=torch.float64)
+    rk = randn(*((h, span + 1, 16) if k_per_head else (span + 1, 16)), gen=gen, dtype=torch.float64)
+    rv = randn(*((span + 1, 24) if k_per_head else (h, span + 1, 24)), gen=gen, dtype=torch.float64)
+    t = times(b, L, "mixed", span, seed=13)
+    kpm = make_masks("padding", b, h, L, L, seed=13)["key_padding_mask"].to(DEVICE)
+    leaves = [x.detach().to(DEVICE).requires_grad_() for x in (q, k, v, rk, rv)]
+    assert_matches_reference(op("triton", t, key_padding_mask=kpm), op("reference", t, key_padding_mask=kpm), leaves,
+                             torch.float32, NAMES)
+
+
 def test_time_unit_and_scale():
     check(2, 1, 12, 16, 9, "padding", time_unit=7.0, scale=0.3, seed=5)
 
@@ -269,6 +286,24 @@ def test_dropout_backward_uses_the_forward_mask(L):
             return _reference_with_keep(*x, t, keep=keep.double(), p=p, **kw)
 
         assert_matches_reference(kernel, reference, inputs(b, h, L, 16, 4, seed=11), torch.float32, NAMES)
+
+
+def test_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) sees the kernels as custom ops (forward and backward) and
+    gives the eager results; the time steps are torch ops in the graph."""
+    q, k, v, rk, rv = (x.detach().float().requires_grad_() for x in inputs(2, 1, 9, 16, 12, seed=14))
+    t = times(2, 9, "unsorted", 12, seed=14)
+    kpm = make_masks("padding", 2, 1, 9, 9, seed=14)["key_padding_mask"].to(DEVICE)
+
+    def f(*x):
+        return time_interval_attention(*x, t, key_padding_mask=kpm, is_causal=True, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out_c = compiled(q, k, v, rk, rv)
+    out_e = f(q, k, v, rk, rv)
+    torch.testing.assert_close(out_c, out_e)
+    for gc, ge in zip(torch.autograd.grad(out_c.sum(), (q, k, v, rk, rv)), torch.autograd.grad(out_e.sum(), (q, k, v, rk, rv))):
+        torch.testing.assert_close(gc, ge)
 
 
 # --------------------------------------------------------------------------------------------
