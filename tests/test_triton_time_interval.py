@@ -60,8 +60,13 @@ def op(backend, t, **kw):
     return run
 
 
+def masks_on_device(kind, b, h, L, seed=0):
+    masks = make_masks(kind, b, h, L, L, seed=seed)
+    return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in masks.items()}
+
+
 def check(b, h, L, dh, span, kind="padding", dtype=torch.float32, t_kind="mixed", per_head=False, seed=0, **kw):
-    masks = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in make_masks(kind, b, h, L, L, seed=seed).items()}
+    masks = masks_on_device(kind, b, h, L, seed)
     t = times(b, L, t_kind, span, seed)
     assert_matches_reference(op("triton", t, **masks, **kw), op("reference", t, **masks, **kw),
                              inputs(b, h, L, dh, span, per_head, seed), dtype, NAMES)
@@ -140,7 +145,8 @@ def test_rows_past_the_sequence_leave_the_scratch_clear():
     cfg = launch_cfg()
     blocks = dict(block_m=16, block_n=16, table_chunk=16, programs=2)
     with cfg.override("tisas_fwd", **blocks), cfg.override("tisas_bwd", **blocks):
-        assert_matches_reference(op("triton", t.to(DEVICE), time_unit=1.0), op("reference", t.to(DEVICE), time_unit=1.0),
+        t = t.to(DEVICE)
+        assert_matches_reference(op("triton", t, time_unit=1.0), op("reference", t, time_unit=1.0),
                                  inputs(2, 1, L, 16, span, seed=12), torch.float32, NAMES)
 
 
@@ -200,7 +206,8 @@ def test_fixed_point_sums_follow_the_gradient_scale(magnitude):
     large upstream gradients (loss scaling) keep their relative accuracy."""
     q, k, v, rk, rv = inputs(2, 1, 12, 16, 10, seed=9)
     t = times(2, 12, "mixed", 10, seed=9)
-    dout = torch.randn(2, 1, 12, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEVICE) * magnitude
+    gen = torch.Generator().manual_seed(1)
+    dout = torch.randn(2, 1, 12, 16, dtype=torch.float64, generator=gen).to(DEVICE) * magnitude
     ref = torch.autograd.grad(time_interval_attention(q, k, v, rk, rv, t, backend="reference"), (q, k, v, rk, rv), dout)
     low = [x.detach().float().requires_grad_() for x in (q, k, v, rk, rv)]
     got = torch.autograd.grad(time_interval_attention(*low, t, backend="triton"), low, dout.float())
@@ -302,7 +309,8 @@ def test_compiles_without_graph_breaks():
     out_c = compiled(q, k, v, rk, rv)
     out_e = f(q, k, v, rk, rv)
     torch.testing.assert_close(out_c, out_e)
-    for gc, ge in zip(torch.autograd.grad(out_c.sum(), (q, k, v, rk, rv)), torch.autograd.grad(out_e.sum(), (q, k, v, rk, rv))):
+    leaves = (q, k, v, rk, rv)
+    for gc, ge in zip(torch.autograd.grad(out_c.sum(), leaves), torch.autograd.grad(out_e.sum(), leaves)):
         torch.testing.assert_close(gc, ge)
 
 
@@ -339,7 +347,8 @@ def test_unsupported_inputs_raise_clear_errors():
         time_interval_attention(qf, qf, qf, big, big, t, backend="triton")
     bias = torch.zeros(3, 3, device=DEVICE, requires_grad=True)
     with pytest.raises(NotImplementedError, match="attn_mask that requires grad"):
-        time_interval_attention(qf, qf, qf, rk.detach().float(), rv.detach().float(), t, attn_mask=bias, backend="triton")
+        time_interval_attention(qf, qf, qf, rk.detach().float(), rv.detach().float(), t, attn_mask=bias,
+                                backend="triton")
 
 
 def test_auto_keeps_torch_on_the_cpu_and_declines_large_spans(monkeypatch):
@@ -367,7 +376,7 @@ def test_auto_keeps_torch_on_the_cpu_and_declines_large_spans(monkeypatch):
 def test_gpu_shapes_and_dtypes(dtype, b, h, L, dh):
     atol, rtol = TOLERANCES[dtype]
     tol = (atol * 2, rtol * 2) if dtype != torch.float32 else None
-    masks = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in make_masks("padding+causal", b, h, L, L).items()}
+    masks = masks_on_device("padding+causal", b, h, L)
     t = times(b, L, "unsorted", 256)
     assert_matches_reference(op("triton", t, **masks), op("reference", t, **masks), inputs(b, h, L, dh, 256), dtype,
                              NAMES, tol=tol)

@@ -5,10 +5,10 @@ Each op named in ``IMPLEMENTED_OPS`` is a function with the same signature as th
 The kernel modules (and triton itself) load on the first call, so that resolving a backend
 stays cheap; ``import fastpe`` never imports this package.
 
-Modules: ``rmha`` (relative attention), ``interval`` (time-interval attention), ``rotations`` (rotary, rotatory), ``concat``
-(concat-projection), ``_ops`` (autograd and ``torch.library`` custom ops), ``_launch``
-(launch records, config overrides, the NaN-poison debug switch), ``compile_check`` (compiles
-every shipped kernel variant for sm_90 without a GPU).
+Modules: ``rmha`` (relative attention), ``interval`` (time-interval attention), ``rotations``
+(rotary, rotatory), ``concat`` (concat-projection), ``_ops`` (autograd and ``torch.library``
+custom ops), ``_launch`` (launch records, config overrides, the NaN-poison debug switch),
+``compile_check`` (compiles every shipped kernel variant for sm_90 without a GPU).
 """
 
 from fastpe.kernels.triton._limits import unsupported_reason  # noqa: F401  (read by backend="auto")

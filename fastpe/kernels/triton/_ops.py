@@ -39,7 +39,8 @@ _plan_concat_forward = _launch.cached(_cat, "plan_forward")
 _plan_concat_backward = _launch.cached(_cat, "plan_backward")
 _plan_interval_forward = _launch.cached(_interval, "plan_forward")
 _plan_interval_backward = _launch.cached(_interval, "plan_backward")
-PLAN_CACHES = (_plan_rmha_forward, _plan_rmha_backward, _plan_interval_forward, _plan_interval_backward, _plan_rotary_forward, _plan_rotary_backward,
+PLAN_CACHES = (_plan_rmha_forward, _plan_rmha_backward, _plan_interval_forward, _plan_interval_backward,
+               _plan_rotary_forward, _plan_rotary_backward,
                _plan_rotatory_forward, _plan_rotatory_backward, _plan_concat_forward, _plan_concat_backward)
 
 
@@ -157,7 +158,8 @@ def relative_attention(q, k, v, rel_k, rel_v, key_padding_mask=None, attn_bias=N
 
 
 def _interval_forward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout_p, scale):
-    out, lse, launches = _plan_interval_forward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout_p, scale)
+    out, lse, launches = _plan_interval_forward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout_p,
+                                                scale)
     _launch.run(launches)
     return out, lse
 

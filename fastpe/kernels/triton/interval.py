@@ -304,7 +304,8 @@ def _tisas_fwd_kernel(
             m_use = tl.where(m_i == float("-inf"), 0.0, m_i)  # rows with no allowed key: p = 0, no NaN
             l_i = tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
             inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
-            acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, 0, offs_m, m_mask, offs_n, col_ok,
+            acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, 0, offs_m, m_mask, offs_n,
+                                           col_ok,
                                            v_base, svn, svd, wtab, bh, seed, dropout_p, p_fixed,
                                            KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC)
         else:
@@ -683,7 +684,8 @@ def _constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p, cfg):
     kt = rel_k.shape[-2] - 1
     kp = max(16, _launch.next_pow2(kt))
     return dict(
-        KT=kt, KP=kp, RC=min(kp, cfg["table_chunk"]) or _table_chunk(kp), BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+        KT=kt, KP=kp, RC=min(kp, cfg["table_chunk"]) or _table_chunk(kp),
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
         DH=q.shape[-1], DV=v.shape[-1], DA=da, DB=db, DVA=dva, DVB=dvb,
         HAS_KPM=kpm is not None, HAS_BIAS=bias is not None, IS_CAUSAL=bool(is_causal),
         HAS_DROPOUT=dropout_p > 0.0, DOT_PREC=_launch.dot_precision(q.dtype),
