@@ -23,7 +23,8 @@ integer addition is associative, so the sums are bitwise reproducible whatever o
 land in, and they are exact sums of the fp32 values (down to 2^-61 of the row's bound). The
 fixed-point scale needs a bound on the row's total: ``1/(1-p)`` for ``P~`` (a normalised row),
 and for ``dS`` the per-row bound ``2 scale (|dO_i| max_j |v_j| + max_r |dO_i . rv[r]|) / (1-p)``
-(Cauchy-Schwarz; ``|D_i| <= max_j |dP~_ij|``), made a power of two so the conversion is exact.
+(Cauchy-Schwarz; ``|D_i| <= max_j |dP~_ij|``), doubled as slack and rounded to a power of two so
+that the conversions are exact.
 The clip bucket K (often most pairs) is summed in registers instead. After the key loop the
 program reads its slot back (atomic exchange with 0, which also clears it for the next block)
 and applies ``W`` with GEMMs: ``o += W rv``, ``dq += W_dS rk``, and per-program partial table
@@ -39,7 +40,11 @@ The alternatives weighed: a per-row sort by bucket (``tl.sort`` on packed keys) 
 scan keeps float sums but costs O(log^2 BLOCK_N) compare-exchange stages per element and a
 ``[BLOCK_M, BLOCK_N]`` int64 key tile in registers; relying on sorted timestamps (buckets
 monotone on either side of the diagonal) needs an unsorted-row fallback anyway. Atomics cost one
-L2 reduction per element below the clip, no registers, and take timestamps in any order.
+L2 reduction per element below the clip, keep no sorted tile, and take timestamps in any order.
+
+Within a program, ``tl.debug_barrier`` orders the slot's table stores, the atomics and the
+read-back between its threads (the pattern of a block-wide histogram in global memory). The
+interpreter runs programs one thread at a time, so only the GPU tests (marked ``gpu``) check it.
 
 Forward: programs are persistent (one scratch slot each, so scratch is bounded by the number of
 programs, not the batch) and walk (batch*head, query block) tiles. ``P`` is normalised before
