@@ -242,7 +242,7 @@ def time_interval_attention(q, k, v, rel_k, rel_v, timestamps, time_unit=None, k
             "time_interval_attention: the triton backend does not compute gradients for a float attn_mask "
             "that requires grad; detach it or use backend='torch'"
         )
-    _interval.check_supported(q, v, rel_k)
+    _interval.check_supported(q, k, v, rel_k)
     tau = _interval.interval_steps(personal_time_steps(timestamps, time_unit, key_padding_mask), rel_k.shape[-2] - 1)
     scale = _rmha.default_scale(q, scale)
     dropout_p = float(dropout_p)

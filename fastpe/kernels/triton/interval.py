@@ -630,7 +630,7 @@ def interval_steps(tau: torch.Tensor, time_span: int) -> torch.Tensor:
     return torch.empty_like(steps).scatter_(1, order, steps).to(torch.int32)
 
 
-def check_supported(q, v, rel_k) -> None:
+def check_supported(q, k, v, rel_k) -> None:
     dh, dv = q.shape[-1], v.shape[-1]
     if max(dh, dv) > MAX_HEAD_DIM:
         raise ValueError(
@@ -646,7 +646,7 @@ def check_supported(q, v, rel_k) -> None:
         raise TypeError(
             f"time_interval_attention: the triton backend supports float16, bfloat16 and float32, got {q.dtype}"
         )
-    _launch.check_int32_indexing("time_interval_attention", q, v)
+    _launch.check_int32_indexing("time_interval_attention", q, k, v)
 
 
 def _slots(device, num_warps: int) -> int:
@@ -721,7 +721,7 @@ def _common_args(q, k, v, rel_k, rel_v, tau, kpm, bias, seed):
 def plan_forward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout_p, scale):
     """Allocate ``out [B, h, L, dv]``, ``lse [B, h, L]`` and the scratch slots; plan the launch.
     ``tau``: int32 ``[B, L]`` steps (:func:`interval_steps`); tables ``[Ht, K+1, d]``."""
-    check_supported(q, v, rel_k)
+    check_supported(q, k, v, rel_k)
     b, h, length, dh = q.shape
     dv = v.shape[-1]
     cfg = fwd_config(b, h, length, dh, dv, q.device)
