@@ -13,10 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from fastpe.backends import BackendUnavailableError, resolve_backend
-from fastpe.ops import concat_projection, relative_attention, rotary, rotatory
+from fastpe.ops import concat_projection, relative_attention, rotary, rotatory, time_interval_attention
 from fastpe.ops.concat_projection import concat_projection_torch
 from fastpe.ops.rotary import rotary_torch
-from fastpe.reference import concat_projection_reference, relative_attention_direct_port
+from fastpe.reference import (
+    concat_projection_reference,
+    relative_attention_direct_port,
+    time_interval_attention_materialized,
+    time_interval_buckets_reference,
+)
 
 
 class Unavailable(Exception):
@@ -102,6 +107,61 @@ def rmha_inputs(b, h, length, dh, dtype, device, seed, kmax=4):
     lengths = torch.randint(max(1, length // 4), length + 1, (b,), generator=gen)
     kpm = (torch.arange(length)[None, :] < (length - lengths)[:, None]).to(device)  # left padding
     return (t(b, h, length, dh), t(b, h, length, dh), t(b, h, length, dh), t(2 * kmax + 1, dh), t(2 * kmax + 1, dh), kpm)
+
+
+# ---------------------------------------------------------------- time-interval attention (TiSASRec)
+# inputs: q, k, v [B, h, L, dh]; rel_k, rel_v [K+1, dh]; timestamps [B, L]; key_padding_mask [B, L] bool
+
+# (no torch.compile baseline: its compilation alone would take this file's share of the GPU run)
+TISAS_IMPLS = ("materialized", "torch", "sdpa_no_pos", "sdpa_no_pos_masked", *FUSED)
+
+
+def _tisas_torch(q, k, v, rk, rv, t, kpm):
+    return time_interval_attention(q, k, v, rk, rv, t, key_padding_mask=kpm, is_causal=True, backend="torch")
+
+
+def tisas_impl(name: str, device: torch.device):
+    if name == "materialized":
+        # TiSASRec's public implementations: [B, L, L, dh] interval keys and values from the interval
+        # matrix, which their data sampler computes ahead (so it is computed outside the timed call here)
+        def materialized(q, k, v, rk, rv, t, kpm, _buckets={}):
+            key = (t.data_ptr(), kpm.data_ptr())
+            if key not in _buckets:
+                _buckets.clear()
+                _buckets[key] = time_interval_buckets_reference(t, None, kpm, rk.shape[0] - 1)
+            return time_interval_attention_materialized(q, k, v, rk[None], rv[None], _buckets[key], kpm, True)
+        return materialized
+    if name == "torch":
+        return _tisas_torch
+    if name == "sdpa_no_pos":
+        return lambda q, k, v, rk, rv, t, kpm: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if name == "sdpa_no_pos_masked":
+        # the floor: no positions or intervals, the same padding and causal mask
+        def sdpa_masked(q, k, v, rk, rv, t, kpm):
+            length = q.shape[-2]
+            allowed = ~kpm[:, None, None, :] & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return sdpa_masked
+    if name in FUSED:
+        check_fused(name, "time_interval_attention", device)
+        return lambda q, k, v, rk, rv, t, kpm: time_interval_attention(q, k, v, rk, rv, t, key_padding_mask=kpm,
+                                                                       is_causal=True, backend=name)
+    raise ValueError(name)
+
+
+def tisas_inputs(b, h, length, dh, dtype, device, seed, span=256):
+    """Left-padded sequences with Unix-second timestamps (gaps from minutes to months, some equal)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+
+    lengths = torch.randint(max(1, length // 4), length + 1, (b,), generator=gen)
+    kpm = (torch.arange(length)[None, :] < (length - lengths)[:, None]).to(device)
+    gaps = (torch.rand(b, length, generator=gen, dtype=torch.float64) * 12).exp().mul(60)
+    gaps = gaps.masked_fill(torch.rand(b, length, generator=gen) < 0.2, 0.0)
+    times = (1_600_000_000 + gaps.cumsum(dim=1)).round().long().to(device)
+    return (t(b, h, length, dh), t(b, h, length, dh), t(b, h, length, dh), t(span + 1, dh), t(span + 1, dh), times, kpm)
 
 
 # ---------------------------------------------------------------- rotary / Rotatory

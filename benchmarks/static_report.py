@@ -1,8 +1,8 @@
 """Static sm_90a report of every kernel fastpe launches, without a GPU.
 
-For each op (relative attention, rotary, rotatory, concat-projection), shape, dropout setting
-and direction, the op's own planners build the launches the op would issue (on small CPU
-tensors laid out as the modules lay them out, nothing is launched). Each launch is specialized
+For each op (relative attention, time-interval attention, rotary, rotatory, concat-projection),
+shape, dropout setting and direction, the op's own planners build the launches the op would issue
+(on small CPU tensors laid out as the modules lay them out, nothing is launched). Each launch is specialized
 exactly as Triton's JIT would at launch time (16-byte alignment, integer arguments equal to 1)
 and compiled for sm_90a; the CUDA kernels in ``csrc/`` are compiled with ``nvcc -Xptxas -v``.
 From the compiled artefacts alone it reads registers, spills and shared memory (ptxas), the
@@ -63,8 +63,10 @@ MACHINE = dict(
 )
 
 SHAPES = {"S1": (512, 2, 50, 32), "S2": (256, 2, 200, 64), "S3": (128, 1, 75, 90)}
-OPS = ("rmha", "rotary", "rotatory", "concat")
+OPS = ("rmha", "tisas", "rotary", "rotatory", "concat")
+ATTENTION_OPS = ("rmha", "tisas")  # score-tile kernels, with and without dropout
 KMAX = 4  # RMHA-4
+TIME_SPAN = 256  # TiSASRec's K: interval tables of K + 1 rows
 DROPOUT_P = 0.1
 CUDA_SOURCES = {  # csrc file -> ops whose kernels it holds (a file not listed counts for every op)
     "relative_attention_fwd.cu": ("rmha",), "relative_attention_bwd.cu": ("rmha",),
@@ -94,22 +96,29 @@ def _heads_view(t, b, length, h, dh):
 
 def plan_op(op, dims, dtype, dropout):
     """{direction: [Launch]} and the baseline {direction: (name, bytes, flops)} of one problem."""
-    from fastpe.kernels.triton import concat, rmha, rotations
+    from fastpe.kernels.triton import concat, interval, rmha, rotations
 
     b, h, length, dh = dims
     d = h * dh
     size = dtype.itemsize
-    if op == "rmha":
+    if op in ATTENTION_OPS:
         # self-attention: q, k, v are head views of one [B, L, 3d] projection
         q, k, v = (_heads_view(t, b, length, h, dh) for t in torch.zeros(b, length, 3 * d, dtype=dtype).chunk(3, dim=-1))
-        rel_k, rel_v = torch.zeros(1, 2 * KMAX + 1, dh, dtype=dtype), torch.zeros(1, 2 * KMAX + 1, dh, dtype=dtype)
+        rows = 2 * KMAX + 1 if op == "rmha" else TIME_SPAN + 1
+        rel_k, rel_v = torch.zeros(1, rows, dh, dtype=dtype), torch.zeros(1, rows, dh, dtype=dtype)
         kpm = torch.zeros(b, length, dtype=torch.bool)
         p = DROPOUT_P if dropout else 0.0
         seed = torch.zeros(1, dtype=torch.int64) if dropout else None
         scale = 1.0 / math.sqrt(dh)
-        out, lse, fwd = rmha.plan_forward(q, k, v, rel_k, rel_v, kpm, None, seed, False, p, scale)
         dout = _heads_view(torch.zeros(b, length, d, dtype=dtype), b, length, h, dh)  # grad of out.transpose(1, 2)
-        *_grads, bwd = rmha.plan_backward(dout, q, k, v, rel_k, rel_v, kpm, None, seed, out, lse, False, p, scale)
+        if op == "rmha":
+            out, lse, fwd = rmha.plan_forward(q, k, v, rel_k, rel_v, kpm, None, seed, False, p, scale)
+            *_grads, bwd = rmha.plan_backward(dout, q, k, v, rel_k, rel_v, kpm, None, seed, out, lse, False, p, scale)
+        else:
+            tau = torch.zeros(b, length, dtype=torch.int32)  # the int32 time steps the op computes
+            out, lse, fwd = interval.plan_forward(q, k, v, rel_k, rel_v, tau, kpm, None, seed, False, p, scale)
+            *_grads, bwd = interval.plan_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, None, seed, out, lse, False,
+                                                  p, scale)
         per_tensor = b * h * length * dh * size
         flops = 4 * b * h * length * length * dh  # S = QK^T, O = PV; the backward does 2.5x that
         baseline = {"fwd": ("SDPA", 4 * per_tensor + b * length, flops),  # q, k, v, mask -> o
@@ -418,7 +427,7 @@ def launch_record(op, shape_name, dims, dtype, dropout, direction, index, launch
     b, h, length, dh = dims
     ctas = math.prod(launch.grid)
     consts = launch.constexprs
-    score_tile = op == "rmha" and "BLOCK_M" in consts and "BLOCK_N" in consts
+    score_tile = op in ATTENTION_OPS and "BLOCK_M" in consts and "BLOCK_N" in consts
     threads = launch.num_warps * 32
     per_thread = consts["BLOCK_M"] * consts["BLOCK_N"] / threads if score_tile else None
     ctas_per_sm = occupancy(analysis["registers"], analysis["shared_bytes"], launch.num_warps)
@@ -533,7 +542,7 @@ def build(ops, shapes, dropouts, dtype, cuda, jobs, log=print):
     problems = []  # (op, shape name, dims, dropout, {direction: launches}, baseline)
     for shape_name, dims in shapes:
         for op in ops:
-            for dropout in (dropouts if op == "rmha" else (False,)):  # only attention has dropout
+            for dropout in (dropouts if op in ATTENTION_OPS else (False,)):  # only attention has dropout
                 launches, baseline = plan_op(op, dims, dtype, dropout)
                 problems.append((op, shape_name, dims, dropout, launches, baseline))
     keys, unique = [], {}

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from fastpe.kernels.triton import _launch  # noqa: E402
-from fastpe.kernels.triton import concat, rmha, rotations  # noqa: E402
+from fastpe.kernels.triton import concat, interval, rmha, rotations  # noqa: E402
 
 
 def rmha_args(b=3, h=2, length=21, dh=30, dropout=0.1):
@@ -28,6 +28,20 @@ def rmha_bwd_args(b=3, h=2, length=21, dh=30):
     out, lse = torch.randn(b, h, length, dh), torch.randn(b, h, length)
     dout = torch.randn(b, length, h, dh).transpose(1, 2)
     return (dout, q, k, v, rk, rv, kpm, bias, seed, out, lse, causal, p, scale)
+
+
+def tisas_args():
+    q, k, v, _rk, _rv, kpm, bias, seed, causal, p, scale = rmha_args()
+    rk, rv = torch.randn(1, 257, 30), torch.randn(1, 257, 30)
+    tau = torch.randint(0, 500, (3, 21), dtype=torch.int32)
+    return (q, k, v, rk, rv, tau, kpm, bias, seed, causal, p, scale)
+
+
+def tisas_bwd_args():
+    q, k, v, rk, rv, tau, kpm, bias, seed, causal, p, scale = tisas_args()
+    out, lse = torch.randn(3, 2, 21, 30), torch.randn(3, 2, 21)
+    dout = torch.randn(3, 21, 2, 30).transpose(1, 2)
+    return (dout, q, k, v, rk, rv, tau, kpm, bias, seed, out, lse, causal, p, scale)
 
 
 def rotary_args():
@@ -55,6 +69,8 @@ def concat_bwd_args():
 PLANNERS = {
     "rmha_fwd": (rmha, "plan_forward", rmha_args),
     "rmha_bwd": (rmha, "plan_backward", rmha_bwd_args),
+    "tisas_fwd": (interval, "plan_forward", tisas_args),
+    "tisas_bwd": (interval, "plan_backward", tisas_bwd_args),
     "rotary_fwd": (rotations, "plan_rotary_forward", rotary_args),
     "rotary_bwd": (rotations, "plan_rotary_backward", rotary_bwd_args),
     "rotatory_fwd": (rotations, "plan_rotatory_forward", lambda: rotatory_args()),
@@ -202,6 +218,13 @@ def _op_runs():
         kpm = torch.arange(13)[None, :] >= torch.tensor([[13], [9]])
         return ops.relative_attention(q, k, v, rk, rv, key_padding_mask=kpm, backend=backend), (q, k, v, rk, rv)
 
+    def tisas_run(seed, backend):
+        q, k, v, rk, rv = inputs(seed, (2, 1, 13, 16), (2, 1, 13, 16), (2, 1, 13, 16), (1, 257, 16), (1, 257, 16))
+        kpm = torch.arange(13)[None, :] < torch.tensor([[0], [4]])
+        t = torch.randint(0, 10**6, (2, 13), generator=torch.Generator().manual_seed(seed))
+        out = ops.time_interval_attention(q, k, v, rk, rv, t, key_padding_mask=kpm, backend=backend)
+        return out, (q, k, v, rk, rv)
+
     def rotary_run(seed, backend):
         x, angles = inputs(seed, (2, 13, 2, 16), (13, 8))
         return ops.rotary(x, angles, backend=backend), (x, angles)
@@ -214,10 +237,10 @@ def _op_runs():
         x, table, weight, bias = inputs(seed, (2, 13, 16), (13, 16), (16, 32), (16,))
         return ops.concat_projection(x, table, weight, bias, backend=backend), (x, table, weight, bias)
 
-    return {"rmha": rmha_run, "rotary": rotary_run, "rotatory": rotatory_run, "concat": concat_run}
+    return {"rmha": rmha_run, "tisas": tisas_run, "rotary": rotary_run, "rotatory": rotatory_run, "concat": concat_run}
 
 
-@pytest.mark.parametrize("op", ["rmha", "rotary", "rotatory", "concat"])
+@pytest.mark.parametrize("op", ["rmha", "tisas", "rotary", "rotatory", "concat"])
 def test_ops_reuse_their_plans_and_stay_correct(op):
     """A repeated call shape of every Triton op plans nothing; its results (fresh inputs through
     the cached plan) match the torch backend, outputs and every gradient."""

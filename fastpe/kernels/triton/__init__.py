@@ -5,15 +5,16 @@ Each op named in ``IMPLEMENTED_OPS`` is a function with the same signature as th
 The kernel modules (and triton itself) load on the first call, so that resolving a backend
 stays cheap; ``import fastpe`` never imports this package.
 
-Modules: ``rmha`` (relative attention), ``rotations`` (rotary, rotatory), ``concat``
-(concat-projection), ``_ops`` (autograd and ``torch.library`` custom ops), ``_launch``
-(launch records, config overrides, the NaN-poison debug switch), ``compile_check`` (compiles
-every shipped kernel variant for sm_90 without a GPU).
+Modules: ``rmha`` (relative attention), ``interval`` (time-interval attention), ``rotations``
+(rotary, rotatory), ``concat`` (concat-projection), ``_ops`` (autograd and ``torch.library``
+custom ops), ``_launch`` (launch records, config overrides, the NaN-poison debug switch),
+``compile_check`` (compiles every shipped kernel variant for sm_90 without a GPU).
 """
 
 from fastpe.kernels.triton._limits import unsupported_reason  # noqa: F401  (read by backend="auto")
 
-IMPLEMENTED_OPS: tuple[str, ...] = ("relative_attention", "rotary", "rotatory_add", "concat_projection")
+IMPLEMENTED_OPS: tuple[str, ...] = ("relative_attention", "time_interval_attention", "rotary", "rotatory_add",
+                                    "concat_projection")
 
 
 def relative_attention(q, k, v, rel_k, rel_v, key_padding_mask=None, attn_bias=None, is_causal=False,
@@ -21,6 +22,13 @@ def relative_attention(q, k, v, rel_k, rel_v, key_padding_mask=None, attn_bias=N
     from fastpe.kernels.triton._ops import relative_attention as impl
 
     return impl(q, k, v, rel_k, rel_v, key_padding_mask, attn_bias, is_causal, dropout_p, scale)
+
+
+def time_interval_attention(q, k, v, rel_k, rel_v, timestamps, time_unit=None, key_padding_mask=None, attn_bias=None,
+                            is_causal=False, dropout_p=0.0, scale=None):
+    from fastpe.kernels.triton._ops import time_interval_attention as impl
+
+    return impl(q, k, v, rel_k, rel_v, timestamps, time_unit, key_padding_mask, attn_bias, is_causal, dropout_p, scale)
 
 
 def rotary(x, angles, positions=None, interleaved=True):

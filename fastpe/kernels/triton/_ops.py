@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 
 from fastpe.kernels.triton import _launch
+from fastpe._time_steps import personal_time_steps
 from fastpe.kernels.triton import concat as _cat
+from fastpe.kernels.triton import interval as _interval
 from fastpe.kernels.triton import rmha as _rmha
 from fastpe.kernels.triton import rotations as _rot
 
@@ -35,7 +37,10 @@ _plan_rotatory_forward = _launch.cached(_rot, "plan_rotatory_forward")
 _plan_rotatory_backward = _launch.cached(_rot, "plan_rotatory_backward")
 _plan_concat_forward = _launch.cached(_cat, "plan_forward")
 _plan_concat_backward = _launch.cached(_cat, "plan_backward")
-PLAN_CACHES = (_plan_rmha_forward, _plan_rmha_backward, _plan_rotary_forward, _plan_rotary_backward,
+_plan_interval_forward = _launch.cached(_interval, "plan_forward")
+_plan_interval_backward = _launch.cached(_interval, "plan_backward")
+PLAN_CACHES = (_plan_rmha_forward, _plan_rmha_backward, _plan_interval_forward, _plan_interval_backward,
+               _plan_rotary_forward, _plan_rotary_backward,
                _plan_rotatory_forward, _plan_rotatory_backward, _plan_concat_forward, _plan_concat_backward)
 
 
@@ -145,6 +150,110 @@ def relative_attention(q, k, v, rel_k, rel_v, key_padding_mask=None, attn_bias=N
         return _RelativeAttention.apply(q, k, v, rel_k, rel_v, key_padding_mask, bias, seed, bool(is_causal), dropout_p, scale)
     out, _lse = _rmha_forward(q, k, v, rel_k, rel_v, key_padding_mask, bias, seed, bool(is_causal), dropout_p, scale)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# time-interval attention (TiSASRec)
+# ----------------------------------------------------------------------------------------------
+
+
+def _interval_forward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout_p, scale):
+    out, lse, launches = _plan_interval_forward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout_p,
+                                                scale)
+    _launch.run(launches)
+    return out, lse
+
+
+def _interval_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, is_causal, dropout_p, scale):
+    dq, dk, dv, drk, drv, launches = _plan_interval_backward(
+        dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, is_causal, dropout_p, scale
+    )
+    _launch.run(launches)
+    return dq, dk, dv, drk, drv
+
+
+class _TimeIntervalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout_p, scale):
+        out, lse = _interval_forward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout_p, scale)
+        ctx.save_for_backward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse)
+        ctx.options = (is_causal, dropout_p, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse = ctx.saved_tensors
+        grads = _interval_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, *ctx.options)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::tisas_fwd", mutates_args=())
+def _interval_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_k: torch.Tensor, rel_v: torch.Tensor, tau: torch.Tensor,
+    kpm: torch.Tensor | None, bias: torch.Tensor | None, seed: torch.Tensor | None,
+    is_causal: bool, dropout_p: float, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _interval_forward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout_p, scale)
+
+
+@_interval_fwd_op.register_fake
+def _(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout_p, scale):
+    b, h, length, _ = q.shape
+    return q.new_empty((b, h, length, v.shape[-1])), q.new_empty((b, h, length), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::tisas_bwd", mutates_args=())
+def _interval_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_k: torch.Tensor,
+    rel_v: torch.Tensor, tau: torch.Tensor, kpm: torch.Tensor | None, bias: torch.Tensor | None,
+    seed: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, is_causal: bool, dropout_p: float, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _interval_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, is_causal, dropout_p, scale)
+
+
+@_interval_bwd_op.register_fake
+def _(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, is_causal, dropout_p, scale):
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, rel_k, rel_v))
+
+
+def _interval_setup_context(ctx, inputs, output):
+    q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout_p, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse)
+    ctx.options = (is_causal, dropout_p, scale)
+
+
+def _interval_op_backward(ctx, dout, _dlse):
+    q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse = ctx.saved_tensors
+    grads = _interval_bwd_op(dout.contiguous(), q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, *ctx.options)
+    return (*grads, None, None, None, None, None, None, None)
+
+
+_interval_fwd_op.register_autograd(_interval_op_backward, setup_context=_interval_setup_context)
+
+
+def time_interval_attention(q, k, v, rel_k, rel_v, timestamps, time_unit=None, key_padding_mask=None, attn_bias=None,
+                            is_causal=False, dropout_p=0.0, scale=None):
+    """The triton backend of :func:`fastpe.ops.time_interval_attention` (canonical masks, positions
+    already added). The per-position time steps are computed here with torch ops (int32, see
+    :func:`fastpe.kernels.triton.interval.interval_steps`); the buckets in the kernels."""
+    if attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            "time_interval_attention: the triton backend does not compute gradients for a float attn_mask "
+            "that requires grad; detach it or use backend='torch'"
+        )
+    _interval.check_supported(q, k, v, rel_k)
+    tau = _interval.interval_steps(personal_time_steps(timestamps, time_unit, key_padding_mask), rel_k.shape[-2] - 1)
+    scale = _rmha.default_scale(q, scale)
+    dropout_p = float(dropout_p)
+    seed = torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64) if dropout_p > 0.0 else None
+    bias = None if attn_bias is None else attn_bias.detach()
+    args = (q, k, v, rel_k, rel_v, tau, key_padding_mask, bias, seed, bool(is_causal), dropout_p, scale)
+    if torch.compiler.is_compiling():
+        return _interval_fwd_op(*args)[0]
+    if _needs_grad(q, k, v, rel_k, rel_v):
+        return _TimeIntervalAttention.apply(*args)
+    return _interval_forward(*args)[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -101,6 +101,34 @@ def rmha_variants():
     return launches
 
 
+def _interval_launches(b, h, L, dh, dv, dtype, masks, span=256, per_head=False):
+    from fastpe.kernels.triton import interval
+
+    q = torch.zeros(b, h, L, dh, dtype=dtype)
+    v = torch.zeros(b, h, L, dv, dtype=dtype)
+    rk = torch.zeros(h if per_head else 1, span + 1, dh, dtype=dtype)
+    rv = torch.zeros(h if per_head else 1, span + 1, dv, dtype=dtype)
+    tau = torch.zeros(b, L, dtype=torch.int32)
+    kpm = torch.zeros(b, L, dtype=torch.bool) if "padding" in masks else None
+    bias = torch.zeros(1, 1, L, L, dtype=dtype) if "bias" in masks else None
+    dropout = 0.1 if "dropout" in masks else 0.0
+    seed = torch.zeros(1, dtype=torch.int64) if dropout else None
+    causal = "causal" in masks
+    out, lse, fwd = interval.plan_forward(q, q, v, rk, rv, tau, kpm, bias, seed, causal, dropout, 0.1)
+    *_grads, bwd = interval.plan_backward(out, q, q, v, rk, rv, tau, kpm, bias, seed, out, lse, causal, dropout, 0.1)
+    return fwd + bwd
+
+
+def interval_variants():
+    """Time-interval attention, K = 256 with every mask feature: fp16 with one key block per
+    sequence, bf16 with two key blocks (the forward's two passes) and a two-chunk head size. (The
+    backward kernel takes half a minute to compile: the benchmark shapes are compiled by
+    benchmarks/static_report.py --ops tisas.)"""
+    every = ("padding", "bias", "causal", "dropout")
+    return (_interval_launches(64, 2, 50, 30, 30, torch.float16, every)
+            + _interval_launches(8, 2, 200, 90, 90, torch.bfloat16, every, per_head=True))
+
+
 def _positions(kind, b, L, rows, dtype=torch.int64):
     if kind == "none":
         return None
@@ -163,7 +191,7 @@ def concat_variants():
 
 
 def all_variants():
-    return rmha_variants() + rotation_variants() + concat_variants()
+    return rmha_variants() + interval_variants() + rotation_variants() + concat_variants()
 
 
 # ----------------------------------------------------------------------------------------------

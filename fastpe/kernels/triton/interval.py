@@ -1,0 +1,798 @@
+"""Fused time-interval attention (TiSASRec, Li, Wang and McAuley 2020) in Triton.
+
+Math (see :mod:`fastpe.reference.relative_attention`), with ``r_ij = min(|tau_i - tau_j|, K)``::
+
+    s_ij = scale * q_i . (k_j + rk[r_ij]) + bias_ij      (masked: -inf)
+    P = softmax_j(s), P~ = dropout(P)
+    o_i = sum_j P~_ij v_j + sum_r W_ir rv[r],   W_ir = sum_{j: r_ij = r} P~_ij
+
+``tau`` (the per-position time steps) comes in as ``[B, L]`` int32 (:func:`interval_steps`) and
+the bucket of every score element is computed in the kernel; no ``[L, L]`` index tensor exists.
+K is typically 256, more than the sequence length, so nothing may loop over the buckets: every
+score element costs O(1) in K.
+
+Key side: ``q_i . rk[r]`` for the K buckets below the clip is a ``[BLOCK_M, K]`` GEMM per query
+block, written to a scratch slot the program owns (L1/L2-resident) and read back per score
+element at a computed address (one load; bucket K, the clip, is a per-row vector). The backward
+does the same for ``dO_i . rv[r]``.
+
+Value side and table gradients need the per-row bucket sums ``W`` of ``P~`` (and of ``dS``):
+a scatter, which Triton lacks. Chosen: **integer atomics into the program's own scratch slot**.
+Each score element below the clip adds its value, in 64-bit fixed point, to ``W[i, r_ij]``;
+integer addition is associative, so the sums are bitwise reproducible whatever order the atomics
+land in, and they are exact sums of the fp32 values (down to 2^-61 of the row's bound). The
+fixed-point scale needs a bound on the row's total: ``1/(1-p)`` for ``P~`` (a normalised row),
+and for ``dS`` the per-row bound ``2 scale (|dO_i| max_j |v_j| + max_r |dO_i . rv[r]|) / (1-p)``
+(Cauchy-Schwarz; ``|D_i| <= max_j |dP~_ij|``), doubled as slack and rounded to a power of two so
+that the conversions are exact.
+The clip bucket K (often most pairs) is summed in registers instead. After the key loop the
+program reads its slot back (atomic exchange with 0, which also clears it for the next block)
+and applies ``W`` with GEMMs: ``o += W rv``, ``dq += W_dS rk``, and per-program partial table
+gradients ``W_dS^T q``, ``W_P~^T dO`` in its own rows of a partial buffer, summed by a second
+kernel in a fixed order (deterministic, no float atomics). The tables are built, and the sums
+read back, only over the 64-bucket chunks the query block's elements use (a pass over the time
+steps finds them): per query row the tables cost O(K) at most, far less when gaps are mostly
+beyond K. Rows past the end of the sequence add nothing, so the chunks a block skips stay clear.
+The fixed point costs one fp32 -> int64 conversion and one predicated 64-bit reduction per
+element below the clip (see benchmarks/results/static_sm90_tisas.md for the instruction counts).
+
+The alternatives weighed: a per-row sort by bucket (``tl.sort`` on packed keys) with a segmented
+scan keeps float sums but costs O(log^2 BLOCK_N) compare-exchange stages per element and a
+``[BLOCK_M, BLOCK_N]`` int64 key tile in registers; relying on sorted timestamps (buckets
+monotone on either side of the diagonal) needs an unsorted-row fallback anyway. Atomics cost one
+L2 reduction per element below the clip, keep no sorted tile, and take timestamps in any order.
+
+Within a program, ``tl.debug_barrier`` orders the slot's table stores, the atomics and the
+read-back between its threads (the pattern of a block-wide histogram in global memory). The
+interpreter runs programs one thread at a time, so only the GPU tests (marked ``gpu``) check it.
+
+Forward: programs are persistent (one scratch slot each, so scratch is bounded by the number of
+programs, not the batch) and walk (batch*head, query block) tiles. ``P`` is normalised before
+it is accumulated (fixed point needs a known bound): with one key block per sequence (the usual
+case, L <= BLOCK_N) the block's logits give the row max and sum directly; with several, a first
+pass computes them (the log-sum-exp) and a second one accumulates.
+
+Backward: persistent programs own whole (batch, head) sequences; per query block they recompute
+``P`` from the log-sum-exp, accumulate ``dq`` in registers and ``dk, dv`` in float32 rows of
+the sequence (load-add-store by the owning program: deterministic), and the bucket sums as above.
+
+Fully padded key blocks are skipped, padded keys and values are never read (they may hold NaN),
+rows with no allowed key give output 0 and zero gradients. Dropout: the Philox scheme of
+:mod:`fastpe.kernels.triton.rmha` (the backward regenerates the forward's keep decisions).
+Head sizes are padded to a multiple of 16 as two power-of-two chunks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastpe.backends import triton_interpreter_enabled
+from fastpe.kernels.triton import _launch
+from fastpe.kernels.triton._launch import Launch
+from fastpe.kernels.triton._limits import MAX_HEAD_DIM, MAX_INTERVAL_BUCKETS
+from fastpe.kernels.triton.rmha import (
+    LOG2E,
+    _bias_strides,
+    _keep_tile,
+    _key_columns,
+    _load_rows,
+    _load_split,
+    _masked_logits,
+    _store_rows,
+    _sum_row_groups_kernel,
+    _table_strides,
+)
+
+FIXED_BITS = 61  # fixed-point bucket sums: a row's total stays below 2**61 (int64 holds 2**63)
+_FIXED_BITS = tl.constexpr(FIXED_BITS)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers (inlined into the kernels)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _buckets(tau_m, tau_n, KT: tl.constexpr):
+    """``min(|tau_i - tau_j|, K)`` of a tile (int32 steps, see :func:`interval_steps`)."""
+    return tl.minimum(tl.abs(tau_m[:, None] - tau_n[None, :]), KT)
+
+
+@triton.jit
+def _near(bucket, valid, KT: tl.constexpr):
+    """Elements that read (and add to) the per-row tables: below the clip, in the sequence, not padding."""
+    return (bucket < KT) & valid
+
+
+@triton.jit
+def _gather(table, far, idx, near):
+    """Per-element value of a per-row bucket table in a scratch slot (``table``: the slot, ``idx``:
+    row * KP + bucket, one int32 offset per element shared by every table of the slot); ``far`` is
+    bucket ``K`` and stands in for elements that are not ``near`` (see :func:`_near`: only table
+    columns that near elements use are written, see :func:`_chunk_range`)."""
+    return tl.where(near, tl.load(table + idx, mask=near, other=0.0), far[:, None])
+
+
+@triton.jit
+def _bucket_bounds(bucket, valid, KT: tl.constexpr):
+    """Smallest and largest bucket below the clip among the valid elements of a tile (K, -1 if none)."""
+    near = _near(bucket, valid, KT)
+    return tl.min(tl.where(near, bucket, KT)), tl.max(tl.where(near, bucket, -1))
+
+
+@triton.jit
+def _chunk_range(lo, hi, RC: tl.constexpr):
+    """The table chunks ``[c0, c1)`` (steps of RC) covering buckets ``lo .. hi``: the query block's
+    tables are built, and its bucket sums read back, only there (empty when no element is below
+    the clip). With sorted times and gaps beyond K most rows use a few buckets, not K."""
+    return lo // RC * RC, hi + 1
+
+
+@triton.jit
+def _block_range(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT: tl.constexpr, RC: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr):
+    """:func:`_chunk_range` of a query block over its keys ``[0, hi)`` (a pass over the time steps)."""
+    lo_b = KT
+    hi_b = -1
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < L
+        col_ok, _any = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+        tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
+        lo_t, hi_t = _bucket_bounds(_buckets(tau_m, tau_n, KT), m_mask[:, None] & col_ok[None, :], KT)
+        lo_b = tl.minimum(lo_b, lo_t)
+        hi_b = tl.maximum(hi_b, hi_t)
+    return _chunk_range(lo_b, hi_b, RC)
+
+
+@triton.jit
+def _row_vector(base, stride_d, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr):
+    cols = C0 + tl.arange(0, C)
+    return tl.load(base + cols * stride_d, mask=cols < CMAX, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dot_row(x_a, x_b, base, stride_d, DA: tl.constexpr, DB: tl.constexpr, D: tl.constexpr):
+    """``x . t`` per row of ``x`` (split at DA) for one table row ``t`` at ``base``: ``[M]``."""
+    out = tl.sum(x_a.to(tl.float32) * _row_vector(base, stride_d, 0, DA, D)[None, :], axis=1)
+    if DB > 0:
+        out += tl.sum(x_b.to(tl.float32) * _row_vector(base, stride_d, DA, DB, D)[None, :], axis=1)
+    return out
+
+
+@triton.jit
+def _build_table(x_a, x_b, tab, t_base, st_r, st_d, c0, c1, KT: tl.constexpr, KP: tl.constexpr, RC: tl.constexpr,
+                 DA: tl.constexpr, DB: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Write ``x_i . t[r]`` for the buckets of chunks ``[c0, c1)`` into the slot rows; returns
+    ``max_r |x_i . t[r]|`` over them."""
+    cols = tl.arange(0, RC)
+    absmax = tl.zeros([x_a.shape[0]], tl.float32)
+    for c in range(c0, c1, RC):
+        rows = c + cols
+        t_a = _load_rows(t_base + c * st_r, cols, rows < KT, st_r, st_d, 0, DA, D)
+        xt = tl.dot(x_a, tl.trans(t_a), input_precision=DOT_PREC)
+        if DB > 0:
+            t_b = _load_rows(t_base + c * st_r, cols, rows < KT, st_r, st_d, DA, DB, D)
+            xt = tl.dot(x_b, tl.trans(t_b), xt, input_precision=DOT_PREC)
+        tl.store(tab + tl.arange(0, x_a.shape[0])[:, None] * KP + rows[None, :], xt)
+        absmax = tl.maximum(absmax, tl.max(tl.abs(xt), axis=1))
+    return absmax
+
+
+@triton.jit
+def _pow2(e):
+    """``2**e`` exactly for integer ``e`` in [-126, 127] (int32 in, float32 out)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok, b, h,
+            BIAS, sbb, sbh, sbm, sbn, qk_scale, KT: tl.constexpr, DB: tl.constexpr, HAS_BIAS: tl.constexpr,
+            IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Masked logits of a tile in log2 units."""
+    qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
+    if DB > 0:
+        qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
+    s = (qk + _gather(qtab, qr_far, idx, near)) * qk_scale
+    return _masked_logits(s, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
+                          HAS_BIAS, IS_CAUSAL)
+
+
+@triton.jit
+def _read_back(w, c, cols, KP: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.constexpr):
+    """Columns ``c .. c+RC`` of the slot's fixed-point sums, cleared for the next query block."""
+    ptrs = w + tl.arange(0, BLOCK_M)[:, None] * KP + c + cols[None, :]
+    return tl.atomic_xchg(ptrs, tl.zeros([BLOCK_M, RC], tl.int64), sem="relaxed").to(tl.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, start_n, offs_m, m_mask, offs_n, col_ok, v_base, svn,
+               svd, wtab,
+               bh, seed, dropout_p, p_fixed, KT: tl.constexpr, BLOCK_N: tl.constexpr, DV: tl.constexpr,
+               DVA: tl.constexpr, DVB: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Normalised P~ of one key block into ``acc += P~ V``, the fixed-point bucket sums (atomics into
+    the slot) and the clip bucket's sums. Rows past the sequence get P~ = 0: their slot rows must
+    stay clear (only the chunks valid elements use are read back and cleared)."""
+    p = tl.where(m_mask[:, None], tl.exp2(s - m_use[:, None]) * inv_l[:, None], 0.0)
+    if HAS_DROPOUT:
+        keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
+        p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+    p_lo = p.to(v_base.dtype.element_ty)
+    v_a = _load_rows(v_base, offs_n, col_ok, svn, svd, 0, DVA, DV)  # padded values are never read
+    acc_a = tl.dot(p_lo, v_a, acc_a, input_precision=DOT_PREC)
+    if DVB > 0:
+        v_b = _load_rows(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV)
+        acc_b = tl.dot(p_lo, v_b, acc_b, input_precision=DOT_PREC)
+    tl.atomic_add(wtab + idx, (p * p_fixed).to(tl.int64), mask=near & (p > 0.0), sem="relaxed")
+    far += tl.sum(tl.where(near, 0.0, p), axis=1)  # (p = 0 at elements that are not valid)
+    return acc_a, acc_b, far
+
+
+@triton.jit
+def _tisas_fwd_kernel(
+    Q, K, V, RK, RV, TAU, KPM, BIAS, SEED, O, LSE, QTAB, WTAB,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    srkh, srkr, srkd,
+    srvh, srvr, srvd,
+    stb, skpb, skpn,
+    sbb, sbh, sbm, sbn,
+    sob, soh, som, sod,
+    H, L, NUM_MB, N_TILES, qk_scale, dropout_p, p_fixed,
+    KT: tl.constexpr, KP: tl.constexpr, RC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ONE_KEY_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    dt = Q.dtype.element_ty
+    offs_ml = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, RC)
+    # this program's scratch slot: q . rk per bucket (float32) and the fixed-point bucket sums
+    qtab = QTAB + pid.to(tl.int64) * (BLOCK_M * KP)
+    wtab = WTAB + pid.to(tl.int64) * (BLOCK_M * KP)
+    row_start = offs_ml[:, None] * KP  # + bucket: an element's offset in the slot's tables
+    for c in range(0, KP, RC):
+        tl.store(wtab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    inv_fixed = 1.0 / p_fixed
+
+    for tile in range(pid, N_TILES, nprog):
+        bh = tile // NUM_MB
+        b = bh // H
+        h = bh % H
+        start_m = (tile % NUM_MB) * BLOCK_M
+        offs_m = start_m + offs_ml
+        m_mask = offs_m < L
+        q_base = Q + b * sqb + h * sqh
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        tl.debug_barrier()  # the previous tile's table reads and read-back are done
+        q_a, q_b = _load_split(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
+        qr_far = _dot_row(q_a, q_b, RK + h * srkh + KT * srkr, srkd, DA, DB, DH)
+        tau_m = tl.load(TAU + b * stb + offs_m, mask=m_mask, other=0)
+        hi = L
+        if IS_CAUSAL:
+            hi = tl.minimum(L, start_m + BLOCK_M)
+        acc_a = tl.zeros([BLOCK_M, DVA], tl.float32)
+        acc_b = tl.zeros([BLOCK_M, DVB if DVB > 0 else 16], tl.float32)
+        far = tl.zeros([BLOCK_M], tl.float32)
+        if ONE_KEY_BLOCK:
+            offs_n = tl.arange(0, BLOCK_N)
+            n_mask = offs_n < L
+            col_ok, _any = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+            tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
+            bucket = _buckets(tau_m, tau_n, KT)
+            near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
+            idx = row_start + bucket
+            lo_b, hi_b = _bucket_bounds(bucket, m_mask[:, None] & col_ok[None, :], KT)
+            c0, c1 = _chunk_range(lo_b, hi_b, RC)
+            _build_table(q_a, q_b, qtab, RK + h * srkh, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC)
+            tl.debug_barrier()  # the table is written
+            k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
+            s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok, b, h,
+                        BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
+            m_i = tl.max(s, axis=1)
+            m_use = tl.where(m_i == float("-inf"), 0.0, m_i)  # rows with no allowed key: p = 0, no NaN
+            l_i = tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
+            inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+            acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, 0, offs_m, m_mask, offs_n,
+                                           col_ok,
+                                           v_base, svn, svd, wtab, bh, seed, dropout_p, p_fixed,
+                                           KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC)
+        else:
+            c0, c1 = _block_range(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT, RC, BLOCK_N, HAS_KPM)
+            _build_table(q_a, q_b, qtab, RK + h * srkh, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC)
+            tl.debug_barrier()  # the table is written
+            # pass 1: the row max and sum (online), so that pass 2 accumulates normalised P~
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            for start_n in range(0, hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                n_mask = offs_n < L
+                col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+                if any_key:
+                    k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
+                    tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
+                    bucket = _buckets(tau_m, tau_n, KT)
+                    near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
+                    s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, row_start + bucket, near, offs_m, offs_n, m_mask,
+                                n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL,
+                                DOT_PREC)
+                    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                    m_new_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    l_i = l_i * tl.exp2(m_i - m_new_use) + tl.sum(tl.exp2(s - m_new_use[:, None]), axis=1)
+                    m_i = m_new
+            m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+            inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+            for start_n in range(0, hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                n_mask = offs_n < L
+                col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+                if any_key:
+                    k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
+                    tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
+                    bucket = _buckets(tau_m, tau_n, KT)
+                    near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
+                    idx = row_start + bucket
+                    s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
+                                b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
+                    acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, start_n, offs_m,
+                                                   m_mask, offs_n, col_ok, v_base, svn, svd, wtab, bh, seed, dropout_p,
+                                                   p_fixed,
+                                                   KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC)
+
+        # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0)
+        lse = tl.where(l_i > 0.0, m_use + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), 0.0)
+        tl.debug_barrier()  # every atomic of the block has landed
+        rv_base = RV + h * srvh
+        for c in range(c0, c1, RC):
+            w = (_read_back(wtab, c, cols, KP, BLOCK_M, RC) * inv_fixed).to(dt)
+            rv_a = _load_rows(rv_base + c * srvr, cols, c + cols < KT, srvr, srvd, 0, DVA, DV)
+            acc_a = tl.dot(w, rv_a, acc_a, input_precision=DOT_PREC)
+            if DVB > 0:
+                rv_b = _load_rows(rv_base + c * srvr, cols, c + cols < KT, srvr, srvd, DVA, DVB, DV)
+                acc_b = tl.dot(w, rv_b, acc_b, input_precision=DOT_PREC)
+        o_base = O + b * sob + h * soh
+        acc_a += far[:, None] * _row_vector(rv_base + KT * srvr, srvd, 0, DVA, DV)[None, :]
+        _store_rows(o_base, acc_a, offs_m, m_mask, som, sod, 0, DVA, DV)
+        if DVB > 0:
+            acc_b += far[:, None] * _row_vector(rv_base + KT * srvr, srvd, DVA, DVB, DV)[None, :]
+            _store_rows(o_base, acc_b, offs_m, m_mask, som, sod, DVA, DVB, DV)
+        tl.store(LSE + bh * L + offs_m, lse, mask=m_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _add_rows(base, rows, row_mask, stride_r, x, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr):
+    """``base[rows, C0:C0+C] += x`` (float32 rows the program owns)."""
+    cols = C0 + tl.arange(0, C)
+    ptrs = base + rows[:, None] * stride_r + cols[None, :]
+    mask = row_mask[:, None] & (cols[None, :] < CMAX)
+    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + x, mask=mask)
+
+
+@triton.jit
+def _dot_add_rows(base, rows, row_mask, stride_r, a, b_, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    """``base[rows, C0:C0+C] += a^T @ b_`` (float32 rows the program owns)."""
+    cols = C0 + tl.arange(0, C)
+    ptrs = base + rows[:, None] * stride_r + cols[None, :]
+    mask = row_mask[:, None] & (cols[None, :] < CMAX)
+    acc = tl.dot(tl.trans(a), b_, tl.load(ptrs, mask=mask, other=0.0), input_precision=DOT_PREC)
+    tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _tisas_bwd_kernel(
+    Q, K, V, RK, RV, TAU, KPM, BIAS, SEED, O, DO, LSE, DQ, DK, DV_, DKACC, DVACC, TABS, WTABS, PART,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    srkh, srkr, srkd,
+    srvh, srvr, srvd,
+    stb, skpb, skpn,
+    sbb, sbh, sbm, sbn,
+    sob, soh, som, sod,
+    sdob, sdoh, sdom, sdod,
+    sdqb, sdqh, sdqm, sdqd,
+    sdkb, sdkh, sdkn, sdkd,
+    sdvb, sdvh, sdvn, sdvd,
+    B, H, L, qk_scale, scale, dropout_p, p_fixed,
+    KT: tl.constexpr, KP: tl.constexpr, RC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ZC: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    R: tl.constexpr = KT + 1
+    WIDTH: tl.constexpr = R * (DH + DV)
+    DBX: tl.constexpr = DB if DB > 0 else 16
+    DVBX: tl.constexpr = DVB if DVB > 0 else 16
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    dt = Q.dtype.element_ty
+    offs_ml = tl.arange(0, BLOCK_M)
+    offs_nl = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, RC)
+    # this program's scratch slot: q . rk and dO . rv per bucket, fixed-point sums of P~ and dS
+    slot = pid.to(tl.int64) * (2 * BLOCK_M * KP)
+    qtab = TABS + slot
+    dtab = qtab + BLOCK_M * KP
+    wptab = WTABS + slot
+    wdtab = wptab + BLOCK_M * KP
+    row_start = offs_ml[:, None] * KP  # + bucket: an element's offset in each of the slot's tables
+    for c in range(0, KP, RC):
+        tl.store(wptab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
+        tl.store(wdtab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
+    # this program's rows of the partial table gradients, one per head: [drk (R x DH) | drv (R x DV)]
+    pcols = tl.arange(0, ZC)
+    for hh in range(0, H):
+        prow = PART + (pid.to(tl.int64) + hh * nprog) * WIDTH
+        for c0 in range(0, WIDTH, ZC):
+            tl.store(prow + c0 + pcols, tl.zeros([ZC], tl.float32), mask=c0 + pcols < WIDTH)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    inv_p_fixed = 1.0 / p_fixed
+    inv_keep = 1.0 / (1.0 - dropout_p)
+
+    for bh in range(pid, B * H, nprog):
+        b = bh // H
+        h = bh % H
+        q_base = Q + b * sqb + h * sqh
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        o_base = O + b * sob + h * soh
+        do_base = DO + b * sdob + h * sdoh
+        dkacc = DKACC + bh * L * DH  # (float32 copies of dk, dv: int32 offsets, as for dk, dv)
+        dvacc = DVACC + bh * L * DV
+        prow = PART + (pid.to(tl.int64) + h * nprog) * WIDTH
+        rk_base = RK + h * srkh
+        rv_base = RV + h * srvh
+        # the largest value norm of the sequence (for the dS bound), and zeroed dk, dv accumulators
+        vsq_max = tl.zeros([BLOCK_N], tl.float32)
+        for start_n in range(0, L, BLOCK_N):
+            offs_n = start_n + offs_nl
+            n_mask = offs_n < L
+            col_ok, _any = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+            v_a, v_b = _load_split(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV)
+            vsq = tl.sum(v_a.to(tl.float32) * v_a.to(tl.float32), axis=1)
+            if DVB > 0:
+                vsq += tl.sum(v_b.to(tl.float32) * v_b.to(tl.float32), axis=1)
+            vsq_max = tl.maximum(vsq_max, vsq)
+            _store_rows(dkacc, tl.zeros([BLOCK_N, DA], tl.float32), offs_n, n_mask, DH, 1, 0, DA, DH)
+            _store_rows(dvacc, tl.zeros([BLOCK_N, DVA], tl.float32), offs_n, n_mask, DV, 1, 0, DVA, DV)
+            if DB > 0:
+                _store_rows(dkacc, tl.zeros([BLOCK_N, DBX], tl.float32), offs_n, n_mask, DH, 1, DA, DB, DH)
+            if DVB > 0:
+                _store_rows(dvacc, tl.zeros([BLOCK_N, DVBX], tl.float32), offs_n, n_mask, DV, 1, DVA, DVB, DV)
+        vmax = tl.sqrt(tl.max(vsq_max, axis=0))
+
+        for start_m in range(0, L, BLOCK_M):
+            offs_m = start_m + offs_ml
+            m_mask = offs_m < L
+            tl.debug_barrier()  # accumulator rows, tables and read-back of the previous block are done
+            q_a, q_b = _load_split(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
+            do_a, do_b = _load_split(do_base, offs_m, m_mask, sdom, sdod, DVA, DVB, DV)
+            o_a, o_b = _load_split(o_base, offs_m, m_mask, som, sod, DVA, DVB, DV)
+            di = tl.sum(do_a.to(tl.float32) * o_a.to(tl.float32), axis=1)
+            do_sq = tl.sum(do_a.to(tl.float32) * do_a.to(tl.float32), axis=1)
+            if DVB > 0:
+                di += tl.sum(do_b.to(tl.float32) * o_b.to(tl.float32), axis=1)
+                do_sq += tl.sum(do_b.to(tl.float32) * do_b.to(tl.float32), axis=1)
+            lse = tl.load(LSE + bh * L + offs_m, mask=m_mask, other=0.0)
+            tau_m = tl.load(TAU + b * stb + offs_m, mask=m_mask, other=0)
+            hi = L
+            if IS_CAUSAL:
+                hi = tl.minimum(L, start_m + BLOCK_M)
+            c0, c1 = _block_range(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT, RC, BLOCK_N, HAS_KPM)
+            _build_table(q_a, q_b, qtab, rk_base, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC)
+            dorv_max = _build_table(do_a, do_b, dtab, rv_base, srvr, srvd, c0, c1, KT, KP, RC, DVA, DVB, DV, DOT_PREC)
+            qr_far = _dot_row(q_a, q_b, rk_base + KT * srkr, srkd, DA, DB, DH)
+            dorv_far = _dot_row(do_a, do_b, rv_base + KT * srvr, srvd, DVA, DVB, DV)
+            dorv_max = tl.maximum(dorv_max, tl.abs(dorv_far))
+            # fixed-point scale of the row's dS sums: 2**(61 - ceil(log2(bound))), bound >= sum_j |dS_ij|
+            bound = 4.0 * scale * inv_keep * (tl.sqrt(do_sq) * vmax + dorv_max)
+            ok = (bound > 0.0) & (bound < float("inf"))
+            expo = _FIXED_BITS - tl.ceil(tl.log2(tl.where(ok, bound, 1.0))).to(tl.int32)
+            expo = tl.where(ok, tl.minimum(tl.maximum(expo, -126), 126), 0)
+            ds_fixed = _pow2(expo)
+            tl.debug_barrier()  # the tables are written
+
+            dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
+            dq_b = tl.zeros([BLOCK_M, DBX], tl.float32)
+            far_p = tl.zeros([BLOCK_M], tl.float32)
+            far_ds = tl.zeros([BLOCK_M], tl.float32)
+            for start_n in range(0, hi, BLOCK_N):
+                offs_n = start_n + offs_nl
+                n_mask = offs_n < L
+                col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+                if any_key:
+                    k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
+                    v_a, v_b = _load_split(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV)
+                    tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
+                    bucket = _buckets(tau_m, tau_n, KT)
+                    near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
+                    idx = row_start + bucket
+                    s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
+                                b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
+                    p = tl.where(m_mask[:, None], tl.exp2(s - lse[:, None]), 0.0)
+                    # dP~_ij = dO_i . (v_j + rv[r_ij])
+                    dpt = tl.dot(do_a, tl.trans(v_a), input_precision=DOT_PREC)
+                    if DVB > 0:
+                        dpt = tl.dot(do_b, tl.trans(v_b), dpt, input_precision=DOT_PREC)
+                    dpt = dpt + _gather(dtab, dorv_far, idx, near)
+                    if HAS_DROPOUT:
+                        keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
+                        p_drop = tl.where(keep, p * inv_keep, 0.0)
+                        dprob = tl.where(keep, dpt * inv_keep, 0.0)
+                    else:
+                        p_drop = p
+                        dprob = dpt
+                    ds = p * (dprob - di[:, None]) * scale
+                    ds_lo = ds.to(dt)
+                    p_lo = p_drop.to(dt)
+                    dq_a = tl.dot(ds_lo, k_a, dq_a, input_precision=DOT_PREC)
+                    _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_a, 0, DA, DH, DOT_PREC)
+                    _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_a, 0, DVA, DV, DOT_PREC)
+                    if DB > 0:
+                        dq_b = tl.dot(ds_lo, k_b, dq_b, input_precision=DOT_PREC)
+                        _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_b, DA, DB, DH, DOT_PREC)
+                    if DVB > 0:
+                        _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_b, DVA, DVB, DV, DOT_PREC)
+                    tl.atomic_add(wptab + idx, (p_drop * p_fixed).to(tl.int64),
+                                  mask=near & (p_drop != 0.0), sem="relaxed")
+                    tl.atomic_add(wdtab + idx, (ds * ds_fixed[:, None]).to(tl.int64),
+                                  mask=near & (ds != 0.0), sem="relaxed")
+                    far_p += tl.sum(tl.where(near, 0.0, p_drop), axis=1)
+                    far_ds += tl.sum(tl.where(near, 0.0, ds), axis=1)
+
+            tl.debug_barrier()  # every atomic of the block has landed
+            inv_ds_fixed = _pow2(-expo)
+            for c in range(c0, c1, RC):
+                rows = c + cols
+                r_ok = rows < KT
+                wp = (_read_back(wptab, c, cols, KP, BLOCK_M, RC) * inv_p_fixed).to(dt)
+                wd = (_read_back(wdtab, c, cols, KP, BLOCK_M, RC) * inv_ds_fixed[:, None]).to(dt)
+                # dq_i += sum_r W_dS[i, r] rk[r]; drk[r] += sum_i W_dS[i, r] q_i; drv[r] += sum_i W_P~[i, r] dO_i
+                rk_a = _load_rows(rk_base + c * srkr, cols, r_ok, srkr, srkd, 0, DA, DH)
+                dq_a = tl.dot(wd, rk_a, dq_a, input_precision=DOT_PREC)
+                _dot_add_rows(prow, rows, r_ok, DH, wd, q_a, 0, DA, DH, DOT_PREC)
+                _dot_add_rows(prow + R * DH, rows, r_ok, DV, wp, do_a, 0, DVA, DV, DOT_PREC)
+                if DB > 0:
+                    rk_b = _load_rows(rk_base + c * srkr, cols, r_ok, srkr, srkd, DA, DB, DH)
+                    dq_b = tl.dot(wd, rk_b, dq_b, input_precision=DOT_PREC)
+                    _dot_add_rows(prow, rows, r_ok, DH, wd, q_b, DA, DB, DH, DOT_PREC)
+                if DVB > 0:
+                    _dot_add_rows(prow + R * DH, rows, r_ok, DV, wp, do_b, DVA, DVB, DV, DOT_PREC)
+            # the clip bucket K
+            one = tl.arange(0, 1) + KT
+            one_ok = one < R
+            dq_a += far_ds[:, None] * _row_vector(rk_base + KT * srkr, srkd, 0, DA, DH)[None, :]
+            _add_rows(prow, one, one_ok, DH, tl.sum(far_ds[:, None] * q_a.to(tl.float32), axis=0)[None, :], 0, DA, DH)
+            _add_rows(prow + R * DH, one, one_ok, DV, tl.sum(far_p[:, None] * do_a.to(tl.float32), axis=0)[None, :],
+                      0, DVA, DV)
+            dq_base = DQ + b * sdqb + h * sdqh
+            _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH)
+            if DB > 0:
+                dq_b += far_ds[:, None] * _row_vector(rk_base + KT * srkr, srkd, DA, DB, DH)[None, :]
+                _add_rows(prow, one, one_ok, DH, tl.sum(far_ds[:, None] * q_b.to(tl.float32), axis=0)[None, :],
+                          DA, DB, DH)
+                _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH)
+            if DVB > 0:
+                _add_rows(prow + R * DH, one, one_ok, DV,
+                          tl.sum(far_p[:, None] * do_b.to(tl.float32), axis=0)[None, :], DVA, DVB, DV)
+
+        tl.debug_barrier()  # the dk, dv accumulators are complete
+        for start_n in range(0, L, BLOCK_N):
+            offs_n = start_n + offs_nl
+            n_mask = offs_n < L
+            dk_a, dk_b = _load_split(dkacc, offs_n, n_mask, DH, 1, DA, DB, DH)
+            dv_a, dv_b = _load_split(dvacc, offs_n, n_mask, DV, 1, DVA, DVB, DV)
+            _store_rows(DK + b * sdkb + h * sdkh, dk_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH)
+            _store_rows(DV_ + b * sdvb + h * sdvh, dv_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV)
+            if DB > 0:
+                _store_rows(DK + b * sdkb + h * sdkh, dk_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH)
+            if DVB > 0:
+                _store_rows(DV_ + b * sdvb + h * sdvh, dv_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side: time steps, checks, configs, launch records
+# ----------------------------------------------------------------------------------------------
+
+
+def interval_steps(tau: torch.Tensor, time_span: int) -> torch.Tensor:
+    """int32 time steps ``[B, L]`` with the same clipped intervals ``min(|tau_i - tau_j|, K)`` as the
+    int64 ``tau``: per row, gaps between sorted neighbours larger than K become K + 1 (a clipped
+    interval stays clipped, the others are unchanged), so the steps stay below ``L (K + 1)``.
+    A few [B, L] torch ops, no host synchronisation."""
+    ordered, order = tau.sort(dim=1)
+    gaps = ordered.diff(dim=1).clamp_(max=time_span + 1)
+    steps = torch.cat([torch.zeros_like(ordered[:, :1]), gaps.cumsum(dim=1)], dim=1)
+    return torch.empty_like(steps).scatter_(1, order, steps).to(torch.int32)
+
+
+def check_supported(q, k, v, rel_k) -> None:
+    dh, dv = q.shape[-1], v.shape[-1]
+    if max(dh, dv) > MAX_HEAD_DIM:
+        raise ValueError(
+            f"time_interval_attention: the triton backend supports head sizes up to {MAX_HEAD_DIM}, got "
+            f"dh={dh}, dh_v={dv}; use backend='torch'"
+        )
+    if rel_k.shape[-2] > MAX_INTERVAL_BUCKETS:
+        raise ValueError(
+            f"time_interval_attention: the triton backend supports time spans K <= {MAX_INTERVAL_BUCKETS - 1} "
+            f"(tables of at most {MAX_INTERVAL_BUCKETS} rows), got {rel_k.shape[-2]} rows; use backend='torch'"
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(
+            f"time_interval_attention: the triton backend supports float16, bfloat16 and float32, got {q.dtype}"
+        )
+    _launch.check_int32_indexing("time_interval_attention", q, k, v)
+
+
+def _slots(device, num_warps: int) -> int:
+    """Persistent programs: as many as fit the card at once (each owns one scratch slot)."""
+    return _launch.num_sms(device) * (2 if num_warps <= 4 else 1)
+
+
+def _table_chunk(kp: int) -> int:
+    """Buckets per table GEMM: 64 keeps the [BLOCK_M, 64] tiles in registers; the interpreter takes
+    the whole table at once (it pays per operation, not per element)."""
+    return kp if triton_interpreter_enabled() else min(kp, 64)
+
+
+def fwd_config(b, h, length, dh, dv, device):
+    """Block sizes for the forward. One key block per sequence when it fits (up to 256 keys at
+    head sizes up to 64): the forward then needs one pass instead of two (sm_90a static counts at
+    B256 h2 L200 dh64: 123 instead of 176 instructions per score element, fewer spills)."""
+    widest = max(_launch.pad16(dh), _launch.pad16(dv))
+    whole = max(16, _launch.next_pow2(length))
+    if widest <= 64 and whole <= 256:
+        block_n = whole
+        block_m = min(64, max(16, 8192 // whole), whole)
+    else:
+        block_n = min(whole, 128 if widest <= 64 else 64)
+        block_m = min(whole, 64 if widest <= 64 else 32)
+    return _launch.knobs("tisas_fwd", block_m=block_m, block_n=block_n,
+                         num_warps=4 if block_m * block_n <= 64 * 64 else 8, programs=0, table_chunk=0)
+
+
+def bwd_config(b, h, length, dh, dv, device):
+    widest = max(_launch.pad16(dh), _launch.pad16(dv))
+    block_n = min(max(16, _launch.next_pow2(length)), 64)
+    block_m = min(max(16, _launch.next_pow2(length)), 32 if widest <= 64 else 16)
+    return _launch.knobs("tisas_bwd", block_m=block_m, block_n=block_n, num_warps=4, programs=0, table_chunk=0)
+
+
+def _constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p, cfg):
+    da, db = _launch.split_pow2(q.shape[-1])
+    dva, dvb = _launch.split_pow2(v.shape[-1])
+    kt = rel_k.shape[-2] - 1
+    kp = max(16, _launch.next_pow2(kt))
+    return dict(
+        KT=kt, KP=kp, RC=min(kp, cfg["table_chunk"]) or _table_chunk(kp),
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+        DH=q.shape[-1], DV=v.shape[-1], DA=da, DB=db, DVA=dva, DVB=dvb,
+        HAS_KPM=kpm is not None, HAS_BIAS=bias is not None, IS_CAUSAL=bool(is_causal),
+        HAS_DROPOUT=dropout_p > 0.0, DOT_PREC=_launch.dot_precision(q.dtype),
+    )
+
+
+def _p_fixed(dropout_p: float) -> float:
+    """Fixed-point scale of the P~ sums: a row of P~ sums to at most 1 / (1 - p) (twice that as slack)."""
+    return 2.0 ** (FIXED_BITS - math.ceil(math.log2(2.0 / (1.0 - dropout_p))))
+
+
+def _common_args(q, k, v, rel_k, rel_v, tau, kpm, bias, seed):
+    args = dict(
+        Q=q, K=k, V=v, RK=rel_k, RV=rel_v, TAU=tau, KPM=kpm.view(torch.uint8) if kpm is not None else q,
+        BIAS=bias if bias is not None else q, SEED=seed if seed is not None else q,
+        sqb=q.stride(0), sqh=q.stride(1), sqm=q.stride(2), sqd=q.stride(3),
+        skb=k.stride(0), skh=k.stride(1), skn=k.stride(2), skd=k.stride(3),
+        svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svd=v.stride(3),
+    )
+    args.update(zip(("srkh", "srkr", "srkd"), _table_strides(rel_k)))
+    args.update(zip(("srvh", "srvr", "srvd"), _table_strides(rel_v)))
+    args.update(stb=tau.stride(0), skpb=kpm.stride(0) if kpm is not None else 0,
+                skpn=kpm.stride(1) if kpm is not None else 0)
+    args.update(zip(("sbb", "sbh", "sbm", "sbn"), _bias_strides(bias)))
+    return args
+
+
+def plan_forward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout_p, scale):
+    """Allocate ``out [B, h, L, dv]``, ``lse [B, h, L]`` and the scratch slots; plan the launch.
+    ``tau``: int32 ``[B, L]`` steps (:func:`interval_steps`); tables ``[Ht, K+1, d]``."""
+    check_supported(q, k, v, rel_k)
+    b, h, length, dh = q.shape
+    dv = v.shape[-1]
+    cfg = fwd_config(b, h, length, dh, dv, q.device)
+    consts = _constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p, cfg)
+    num_mb = triton.cdiv(length, cfg["block_m"])
+    tiles = b * h * num_mb
+    programs = max(1, min(tiles, cfg["programs"] or _slots(q.device, cfg["num_warps"])))
+    out = _launch.empty((b, h, length, dv), q.dtype, q.device)
+    lse = _launch.empty((b, h, length), torch.float32, q.device)
+    qtab = _launch.empty((programs, cfg["block_m"], consts["KP"]), torch.float32, q.device)
+    wtab = _launch.empty((programs, cfg["block_m"], consts["KP"]), torch.int64, q.device)
+    args = _common_args(q, k, v, rel_k, rel_v, tau, kpm, bias, seed)
+    args.update(O=out, LSE=lse, QTAB=qtab, WTAB=wtab,
+                sob=out.stride(0), soh=out.stride(1), som=out.stride(2), sod=out.stride(3),
+                H=h, L=length, NUM_MB=num_mb, N_TILES=tiles, qk_scale=float(scale) * LOG2E,
+                dropout_p=float(dropout_p), p_fixed=_p_fixed(dropout_p))
+    consts["ONE_KEY_BLOCK"] = length <= cfg["block_n"]
+    launch = Launch(_tisas_fwd_kernel, (programs,), args, consts, num_warps=cfg["num_warps"], num_stages=1)
+    return out, lse, [launch]
+
+
+def plan_reduce(partial: torch.Tensor, drk: torch.Tensor, drv: torch.Tensor) -> list[Launch]:
+    """Launches summing the partial table gradients ``partial [h * programs, R (dh + dv)]`` over the
+    programs (and the heads, for a shared table) in a fixed order into ``drk [Ht, R, dh]`` and
+    ``drv [Ht, R, dv]``: the kernel of :mod:`fastpe.kernels.triton.rmha` with wider column tiles
+    (a row holds K + 1 = 257 table rows here, not 2k + 1 = 9)."""
+    c = partial.shape[1]
+    c1 = drk[0].numel()
+    spans = [(drk.shape[0], 0, c)] if drk.shape[0] == drv.shape[0] else [(drk.shape[0], 0, c1), (drv.shape[0], c1, c)]
+    wide = triton_interpreter_enabled()  # every program instance costs milliseconds there
+    launches = []
+    for groups, col0, col1 in spans:
+        rows = partial.shape[0] // groups
+        block_r = max(1, min(64, _launch.next_pow2(rows)))
+        block_c = min(4096 if wide else 64, _launch.next_pow2(max(col1 - col0, 16)))
+        launches.append(Launch(
+            _sum_row_groups_kernel, (groups, triton.cdiv(col1 - col0, block_c)),
+            dict(P=partial, OUT1=drk, OUT2=drv, ROWS_PER_OUT=rows, C=c, C1=c1, COL0=col0, COL1=col1),
+            dict(BLOCK_R=block_r, BLOCK_C=block_c), num_warps=4,
+        ))
+    return launches
+
+
+def plan_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, is_causal, dropout_p, scale):
+    """Allocate ``dq, dk, dv, drk, drv``, the scratch slots and the partial table gradients; plan the
+    main kernel and the fixed-order reduction of the partials."""
+    b, h, length, dh = q.shape
+    dv = v.shape[-1]
+    cfg = bwd_config(b, h, length, dh, dv, q.device)
+    consts = _constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p, cfg)
+    programs = max(1, min(b * h, cfg["programs"] or _slots(q.device, cfg["num_warps"])))
+    n_buckets = rel_k.shape[-2]
+    kp = consts["KP"]
+    dq = _launch.empty(q.shape, q.dtype, q.device)
+    dk = _launch.empty(k.shape, k.dtype, k.device)
+    dvv = _launch.empty(v.shape, v.dtype, v.device)
+    dk_acc = _launch.empty((b, h, length, dh), torch.float32, q.device)
+    dv_acc = _launch.empty((b, h, length, dv), torch.float32, q.device)
+    tabs = _launch.empty((programs, 2, cfg["block_m"], kp), torch.float32, q.device)
+    wtabs = _launch.empty((programs, 2, cfg["block_m"], kp), torch.int64, q.device)
+    partial = _launch.empty((h * programs, n_buckets * (dh + dv)), torch.float32, q.device)
+    drk = _launch.empty((rel_k.shape[0], n_buckets, dh), rel_k.dtype, q.device)
+    drv = _launch.empty((rel_v.shape[0], n_buckets, dv), rel_v.dtype, q.device)
+    args = _common_args(q, k, v, rel_k, rel_v, tau, kpm, bias, seed)
+    args.update(O=out, DO=dout, LSE=lse, DQ=dq, DK=dk, DV_=dvv, DKACC=dk_acc, DVACC=dv_acc, TABS=tabs, WTABS=wtabs,
+                PART=partial)
+    for prefix, t in (("so", out), ("sdo", dout), ("sdq", dq), ("sdk", dk), ("sdv", dvv)):
+        args.update({f"{prefix}b": t.stride(0), f"{prefix}h": t.stride(1)})
+        args.update({f"{prefix}{'n' if prefix in ('sdk', 'sdv') else 'm'}": t.stride(2), f"{prefix}d": t.stride(3)})
+    args.update(B=b, H=h, L=length, qk_scale=float(scale) * LOG2E, scale=float(scale), dropout_p=float(dropout_p),
+                p_fixed=_p_fixed(dropout_p))
+    consts["ZC"] = 4096 if triton_interpreter_enabled() else 256  # columns zeroed per store
+    main = Launch(_tisas_bwd_kernel, (programs,), args, consts, num_warps=cfg["num_warps"], num_stages=1)
+    return dq, dk, dvv, drk, drv, [main, *plan_reduce(partial, drk, drv)]

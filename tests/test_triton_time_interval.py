@@ -1,0 +1,392 @@
+"""Time-interval (TiSASRec) attention, triton backend: the output and all five gradients against
+the float64 reference written from the formula.
+
+On the CPU the kernels run under TRITON_INTERPRET=1 (set by conftest), where every program
+instance costs milliseconds: shapes stay small, and the multi-block paths (two-pass forward over
+several key blocks, several query blocks per sequence, skipped padding blocks) are reached by
+forcing 16-wide blocks. The interpreter's bf16 tl.dot is wrong (an upstream bug), so these tests
+use fp32 and fp16; bf16 runs on a GPU only (the tests marked gpu).
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fastpe._masks import combined_bias, masked_softmax  # noqa: E402
+from fastpe.ops import time_interval_attention  # noqa: E402
+from fastpe.ops.relative_attention import personal_time_steps, time_interval_buckets  # noqa: E402
+from fastpe.reference import time_interval_buckets_reference  # noqa: E402
+from helpers import TOLERANCES, assert_matches_reference, make_masks, randn  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the interpreter's numpy scalars
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ["q", "k", "v", "rel_k", "rel_v"]
+
+
+def launch_cfg():
+    from fastpe.kernels.triton import _launch
+
+    return _launch
+
+
+def inputs(b, h, L, dh, span, per_head=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (randn(b, h, L, dh, gen=gen, dtype=torch.float64) for _ in range(3))
+    table = (h, span + 1, dh) if per_head else (span + 1, dh)
+    rk, rv = (randn(*table, gen=gen, dtype=torch.float64) for _ in range(2))
+    return [t.detach().to(DEVICE).requires_grad_() for t in (q, k, v, rk, rv)]
+
+
+def times(b, L, kind, span, seed=0):
+    """Timestamps [B, L]: "mixed" has equal times, gaps inside and far beyond the span, in time
+    order; "unsorted" is that shuffled per row; "equal" is one time per row."""
+    gen = torch.Generator().manual_seed(seed)
+    gaps = torch.randint(0, span // 2 + 2, (b, L), generator=gen)
+    gaps = torch.where(torch.rand(b, L, generator=gen) < 0.2, 0, gaps)  # equal timestamps
+    gaps = torch.where(torch.rand(b, L, generator=gen) < 0.15, 10**6, gaps)  # far beyond the span
+    t = 1_600_000_000 + gaps.cumsum(dim=1)
+    if kind == "unsorted":
+        t = torch.gather(t, 1, torch.argsort(torch.rand(b, L, generator=gen), dim=1))
+    elif kind == "equal":
+        t = torch.full((b, L), 1_600_000_000)
+    return t.to(DEVICE)
+
+
+def op(backend, t, **kw):
+    def run(q, k, v, rk, rv):
+        return time_interval_attention(q, k, v, rk, rv, t, backend=backend, **kw)
+    return run
+
+
+def masks_on_device(kind, b, h, L, seed=0):
+    masks = make_masks(kind, b, h, L, L, seed=seed)
+    return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in masks.items()}
+
+
+def check(b, h, L, dh, span, kind="padding", dtype=torch.float32, t_kind="mixed", per_head=False, seed=0, **kw):
+    masks = masks_on_device(kind, b, h, L, seed)
+    t = times(b, L, t_kind, span, seed)
+    assert_matches_reference(op("triton", t, **masks, **kw), op("reference", t, **masks, **kw),
+                             inputs(b, h, L, dh, span, per_head, seed), dtype, NAMES)
+
+
+# --------------------------------------------------------------------------------------------
+# shapes, dtypes, timestamps, masks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,h,L,dh,span,per_head", [(2, 2, 13, 30, 256, False), (2, 1, 20, 50, 8, True),
+                                                    (1, 2, 9, 90, 40, True), (3, 1, 1, 8, 256, False)])
+def test_matches_reference_shapes(dtype, b, h, L, dh, span, per_head):
+    """Head sizes 30/50/90, one head, L = 1, K = 256 (the default) and small spans, left padding."""
+    check(b, h, L, dh, span, "padding+causal", dtype, per_head=per_head, seed=L)
+
+
+@pytest.mark.parametrize("t_kind,kind", [("mixed", "padding"), ("unsorted", "none"), ("equal", "causal"),
+                                         ("unsorted", "fully_padded"), ("mixed", "padding+causal")])
+def test_timestamps_and_masks(t_kind, kind):
+    """Equal timestamps, gaps beyond K, times in any order; with and without padding and causal
+    masking, and a fully padded sequence (output 0, finite gradients)."""
+    check(3, 2, 11, 16, 12, kind, t_kind=t_kind, per_head=True, seed=3)
+
+
+@pytest.mark.parametrize("kind", ["float_bias", "bool_3d", "float_padding"])
+def test_attention_masks_and_bias(kind):
+    check(2, 2, 10, 8, 6, kind, seed=4)
+
+
+@pytest.mark.parametrize("k_per_head", [True, False])
+def test_tables_shared_differently_and_another_value_head_size(k_per_head):
+    """One interval table per head for keys and one for all heads for values (or the other way
+    round), values of head size 24 against keys of 16: the gradients keep the tables' shapes."""
+    gen = torch.Generator().manual_seed(13)
+    b, h, L, span = 2, 3, 9, 12
+    q, k = (randn(b, h, L, 16, gen=gen, dtype=torch.float64) for _ in range(2))
+    v = randn(b, h, L, 24, gen=gen, dtype=torch.float64)
+    rk = randn(*((h, span + 1, 16) if k_per_head else (span + 1, 16)), gen=gen, dtype=torch.float64)
+    rv = randn(*((span + 1, 24) if k_per_head else (h, span + 1, 24)), gen=gen, dtype=torch.float64)
+    t = times(b, L, "mixed", span, seed=13)
+    kpm = make_masks("padding", b, h, L, L, seed=13)["key_padding_mask"].to(DEVICE)
+    leaves = [x.detach().to(DEVICE).requires_grad_() for x in (q, k, v, rk, rv)]
+    assert_matches_reference(op("triton", t, key_padding_mask=kpm), op("reference", t, key_padding_mask=kpm), leaves,
+                             torch.float32, NAMES)
+
+
+def test_time_unit_and_scale():
+    check(2, 1, 12, 16, 9, "padding", time_unit=7.0, scale=0.3, seed=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["padding", "padding+causal"])
+def test_several_key_and_query_blocks(dtype, kind, monkeypatch):
+    """16-wide blocks over 40 positions: the forward's two passes (row statistics, then the
+    normalised sums), several query blocks per sequence in the backward, tables in 16-bucket
+    chunks (a query block builds and reads back only the chunks its elements use; a program's
+    next block must find the others clear). Outputs start as NaN."""
+    cfg = launch_cfg()
+    monkeypatch.setattr(cfg, "POISON", True)
+    blocks = dict(block_m=16, block_n=16, table_chunk=16)
+    with cfg.override("tisas_fwd", **blocks), cfg.override("tisas_bwd", **blocks):
+        check(2, 1, 40, 16, 30, kind, dtype, seed=6)
+
+
+def test_rows_past_the_sequence_leave_the_scratch_clear():
+    """A program's query block reads back (and clears) only the table chunks its valid elements
+    use. Rows past the end of a partial block must add nothing: here the last block of sequence 0
+    uses bucket 0 only, its rows past the end (time step 0) would add to bucket 20 (chunk 1), and
+    the same program's next block (sequence 1, positions 16-31) reads chunk 1 back."""
+    L, span = 40, 30
+    t = 31 * torch.arange(L).repeat(2, 1)
+    t[0, 1] = 20  # a pair 20 apart at positions 0, 1; every other pair 0 or > 30 apart
+    t[1, 25] = t[1, 24] + 20  # positions 24, 25: bucket 20 in sequence 1's second block
+    cfg = launch_cfg()
+    blocks = dict(block_m=16, block_n=16, table_chunk=16, programs=2)
+    with cfg.override("tisas_fwd", **blocks), cfg.override("tisas_bwd", **blocks):
+        t = t.to(DEVICE)
+        assert_matches_reference(op("triton", t, time_unit=1.0), op("reference", t, time_unit=1.0),
+                                 inputs(2, 1, L, 16, span, seed=12), torch.float32, NAMES)
+
+
+def test_poisoned_buffers_are_all_written(monkeypatch):
+    """Every buffer the kernels fill starts as NaN (the scratch slots and partials too): an element
+    a kernel skips fails the comparison. Three programs walk tiles and sequences persistently."""
+    cfg = launch_cfg()
+    monkeypatch.setattr(cfg, "POISON", True)
+    with cfg.override("tisas_fwd", programs=3), cfg.override("tisas_bwd", programs=3):
+        check(4, 2, 21, 30, 256, "fully_padded", per_head=True, seed=7)
+
+
+def test_padded_keys_are_never_read(monkeypatch):
+    """NaN in the keys and values of padding positions (a fully padded 16-block and a partial one)
+    must not reach the output or any gradient."""
+    cfg = launch_cfg()
+    L = 37
+    kpm = torch.zeros(2, L, dtype=torch.bool)
+    kpm[0, :20] = True
+    kpm[1, :3] = True
+    kpm = kpm.to(DEVICE)
+    q, k, v, rk, rv = inputs(2, 1, L, 16, 20, seed=8)
+    t = times(2, L, "mixed", 20, seed=8)
+    ref = time_interval_attention(q, k, v, rk, rv, t, key_padding_mask=kpm, backend="reference")
+    dout = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, rk, rv), dout)
+    low = [x.detach().float() for x in (q, k, v, rk, rv)]
+    for x in low[1:3]:
+        x[:, 0][kpm] = float("nan")
+    low = [x.requires_grad_() for x in low]
+    with cfg.override("tisas_fwd", block_m=16, block_n=16), cfg.override("tisas_bwd", block_m=16, block_n=16):
+        out = time_interval_attention(*low, t, key_padding_mask=kpm, backend="triton")
+        grads = torch.autograd.grad(out, low, dout.float())
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+    for name, g, r in zip(NAMES, grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=atol * max(1.0, r.abs().max().item()), rtol=rtol,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_fully_padded_rows_are_zero_with_finite_gradients():
+    q, k, v, rk, rv = (x.detach().float() for x in inputs(2, 2, 6, 8, 256))
+    leaves = [x.requires_grad_() for x in (q, k, v, rk, rv)]
+    kpm = torch.zeros(2, 6, dtype=torch.bool, device=DEVICE)
+    kpm[1] = True
+    out = time_interval_attention(*leaves, times(2, 6, "mixed", 256), key_padding_mask=kpm, backend="triton")
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.sum().backward()
+    for leaf in leaves:
+        assert torch.isfinite(leaf.grad).all()
+    assert torch.equal(leaves[0].grad[1], torch.zeros_like(leaves[0].grad[1]))
+
+
+@pytest.mark.parametrize("magnitude", [1e-7, 1e5])
+def test_fixed_point_sums_follow_the_gradient_scale(magnitude):
+    """The bucket sums of dS are fixed point with a per-row scale from a bound on the row: tiny and
+    large upstream gradients (loss scaling) keep their relative accuracy."""
+    q, k, v, rk, rv = inputs(2, 1, 12, 16, 10, seed=9)
+    t = times(2, 12, "mixed", 10, seed=9)
+    gen = torch.Generator().manual_seed(1)
+    dout = torch.randn(2, 1, 12, 16, dtype=torch.float64, generator=gen).to(DEVICE) * magnitude
+    ref = torch.autograd.grad(time_interval_attention(q, k, v, rk, rv, t, backend="reference"), (q, k, v, rk, rv), dout)
+    low = [x.detach().float().requires_grad_() for x in (q, k, v, rk, rv)]
+    got = torch.autograd.grad(time_interval_attention(*low, t, backend="triton"), low, dout.float())
+    for name, g, r in zip(NAMES, got, ref):
+        torch.testing.assert_close(g.double(), r, atol=1e-5 * r.abs().max().item(), rtol=1e-4,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# determinism and dropout
+# --------------------------------------------------------------------------------------------
+
+
+def _grads(leaves_in, t, **kw):
+    leaves = [x.detach().clone().requires_grad_() for x in leaves_in]
+    out = time_interval_attention(*leaves, t, backend="triton", **kw)
+    out.backward(torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out))
+    return out, [leaf.grad for leaf in leaves]
+
+
+def test_table_gradients_are_bitwise_reproducible():
+    """Two programs share the batch, each sums its sequences' table gradients in its own partial
+    row; the bucket sums are integer atomics. Two runs agree bit for bit."""
+    leaves = [x.float() for x in inputs(2, 2, 12, 16, 256, seed=10)]
+    t = times(2, 12, "unsorted", 256, seed=10)
+    kpm = make_masks("padding", 2, 2, 12, 12, seed=10)["key_padding_mask"].to(DEVICE)
+    cfg = launch_cfg()
+    with cfg.override("tisas_bwd", programs=2):
+        _, g1 = _grads(leaves, t, key_padding_mask=kpm, dropout_p=0.0)
+        _, g2 = _grads(leaves, t, key_padding_mask=kpm, dropout_p=0.0)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def _reference_with_keep(q, k, v, rk, rv, t, keep, p, key_padding_mask=None, is_causal=False):
+    """The reference math with a given dropout keep mask [B, h, L, L]."""
+    L = q.shape[-2]
+    buckets = time_interval_buckets_reference(t, None, key_padding_mask, rk.shape[-2] - 1)
+    rk_ij, rv_ij = rk[buckets], rv[buckets]  # [B, L, L, dh] (tables shared by the heads)
+    scores = (q @ k.transpose(-1, -2) + torch.einsum("bhid,bijd->bhij", q, rk_ij)) / q.shape[-1] ** 0.5
+    probs = masked_softmax(scores, combined_bias(key_padding_mask, None, is_causal, L, L, q.dtype, q.device))
+    probs = probs * keep / (1 - p)
+    return probs @ v + torch.einsum("bhij,bijd->bhid", probs, rv_ij)
+
+
+def _keep_mask(seed, b, h, L, p, t, **kw):
+    """The kernel's keep mask, read off its output with V = identity and zero tables."""
+    q, k, *_ = inputs(b, h, L, 16, 4)
+    dv = max(16, L)
+    v = torch.eye(L, dv, dtype=torch.float32, device=DEVICE).expand(b, h, L, dv).contiguous()
+    torch.manual_seed(seed)
+    out = time_interval_attention(q.float(), k.float(), v, torch.zeros(5, 16, device=DEVICE),
+                                  torch.zeros(5, dv, device=DEVICE), t, dropout_p=p, backend="triton", **kw)
+    return out[..., :L] != 0
+
+
+def test_dropout_is_reproducible_and_has_the_right_rate():
+    b, h, L, p = 2, 2, 12, 0.3
+    t = times(b, L, "mixed", 4)
+    a = _keep_mask(7, b, h, L, p, t)
+    assert torch.equal(a, _keep_mask(7, b, h, L, p, t))
+    assert not torch.equal(a, _keep_mask(8, b, h, L, p, t))
+    assert abs(a.float().mean().item() - (1 - p)) < 0.08  # 576 draws
+
+
+@pytest.mark.parametrize("L", [12, 40])
+def test_dropout_backward_uses_the_forward_mask(L):
+    """Outputs and all gradients equal the float64 reference fed the kernel's own keep mask (at L = 40
+    over 16-wide blocks: the two-pass forward and several query blocks in the backward)."""
+    b, h, p = 2, 2, 0.25
+    kpm = make_masks("padding", b, h, L, L, seed=11)["key_padding_mask"].to(DEVICE)
+    kw = {"key_padding_mask": kpm, "is_causal": True}
+    t = times(b, L, "unsorted", 4, seed=11)
+    cfg = launch_cfg()
+    with cfg.override("tisas_fwd", block_m=16, block_n=16), cfg.override("tisas_bwd", block_m=16, block_n=16):
+        keep = _keep_mask(11, b, h, L, p, t, **kw)
+
+        def kernel(*x):
+            torch.manual_seed(11)  # the same seed draws the same mask
+            return time_interval_attention(*x, t, dropout_p=p, backend="triton", **kw)
+
+        def reference(*x):
+            return _reference_with_keep(*x, t, keep=keep.double(), p=p, **kw)
+
+        assert_matches_reference(kernel, reference, inputs(b, h, L, 16, 4, seed=11), torch.float32, NAMES)
+
+
+def test_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) sees the kernels as custom ops (forward and backward) and
+    gives the eager results; the time steps are torch ops in the graph."""
+    q, k, v, rk, rv = (x.detach().float().requires_grad_() for x in inputs(2, 1, 9, 16, 12, seed=14))
+    t = times(2, 9, "unsorted", 12, seed=14)
+    kpm = make_masks("padding", 2, 1, 9, 9, seed=14)["key_padding_mask"].to(DEVICE)
+
+    def f(*x):
+        return time_interval_attention(*x, t, key_padding_mask=kpm, is_causal=True, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out_c = compiled(q, k, v, rk, rv)
+    out_e = f(q, k, v, rk, rv)
+    torch.testing.assert_close(out_c, out_e)
+    leaves = (q, k, v, rk, rv)
+    for gc, ge in zip(torch.autograd.grad(out_c.sum(), leaves), torch.autograd.grad(out_e.sum(), leaves)):
+        torch.testing.assert_close(gc, ge)
+
+
+# --------------------------------------------------------------------------------------------
+# host side: time steps, errors, dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def test_int32_time_steps_keep_every_clipped_interval():
+    """Steps far beyond int32 (microsecond timestamps, unit 1), unsorted, with ties: the compressed
+    int32 steps give the same buckets as the int64 ones."""
+    from fastpe.kernels.triton.interval import interval_steps
+
+    gen = torch.Generator().manual_seed(0)
+    tau = torch.randint(0, 2**50, (4, 30), generator=gen)
+    tau[:, 10:20] = tau[:, :1] + torch.randint(0, 300, (4, 10), generator=gen)  # near neighbours, ties
+    tau[0] = 7
+    for span in (0, 1, 256):
+        steps = interval_steps(tau, span)
+        assert steps.dtype == torch.int32
+        assert torch.equal(time_interval_buckets(steps.long(), span), time_interval_buckets(tau, span))
+    assert torch.equal(interval_steps(personal_time_steps(tau, torch.ones(4, dtype=torch.float64), None), 256).long(),
+                       interval_steps(tau - tau.amin(dim=1, keepdim=True), 256).long())
+
+
+def test_unsupported_inputs_raise_clear_errors():
+    q, k, v, rk, rv = inputs(1, 1, 3, 8, 4)
+    t = times(1, 3, "mixed", 4)
+    with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
+        time_interval_attention(q, k, v, rk, rv, t, backend="triton")  # float64
+    qf = q.detach().float()
+    big = torch.zeros(1026, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"time spans K <= 1024 \(tables of at most 1025 rows\), got 1026"):
+        time_interval_attention(qf, qf, qf, big, big, t, backend="triton")
+    bias = torch.zeros(3, 3, device=DEVICE, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="attn_mask that requires grad"):
+        time_interval_attention(qf, qf, qf, rk.detach().float(), rv.detach().float(), t, attn_mask=bias,
+                                backend="triton")
+
+
+def test_auto_keeps_torch_on_the_cpu_and_declines_large_spans(monkeypatch):
+    from fastpe.backends import resolve_backend
+    from fastpe.kernels.triton import unsupported_reason
+
+    assert resolve_backend("auto", "time_interval_attention", torch.device("cpu")) == "torch"
+    # on a GPU too, until a GPU run has checked and timed the kernels
+    monkeypatch.setattr("fastpe.backends._auto_order", lambda op, device, klass="any": ("triton", "torch"))
+    assert resolve_backend("auto", "time_interval_attention", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", "relative_attention", torch.device("cpu")) == "triton"  # (the interpreter)
+    q = torch.zeros(1, 1, 3, 8)
+    assert unsupported_reason("time_interval_attention", q, q, q, torch.zeros(1025, 8)) is None
+    assert "K > 1024" in unsupported_reason("time_interval_attention", q, q, q, torch.zeros(1026, 8))
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("b,h,L,dh", [(64, 2, 50, 32), (16, 2, 200, 64), (32, 1, 75, 90), (2, 2, 300, 64)])
+def test_gpu_shapes_and_dtypes(dtype, b, h, L, dh):
+    atol, rtol = TOLERANCES[dtype]
+    tol = (atol * 2, rtol * 2) if dtype != torch.float32 else None
+    masks = masks_on_device("padding+causal", b, h, L)
+    t = times(b, L, "unsorted", 256)
+    assert_matches_reference(op("triton", t, **masks), op("reference", t, **masks), inputs(b, h, L, dh, 256), dtype,
+                             NAMES, tol=tol)
+
+
+@pytest.mark.gpu
+def test_gpu_table_gradients_are_bitwise_reproducible():
+    leaves = [x.to(torch.bfloat16) for x in inputs(256, 2, 50, 32, 256)]
+    t = times(256, 50, "mixed", 256)
+    _, g1 = _grads(leaves, t)
+    _, g2 = _grads(leaves, t)
+    for a, c in zip(g1, g2):
+        assert torch.equal(a, c)
