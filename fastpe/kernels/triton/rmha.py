@@ -475,26 +475,26 @@ def _diag_grads(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, offs_m, m_mask, 
                 KMAX: tl.constexpr, R_PAD: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
                 DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
                 IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """P~ and dS on the inner diagonals of the band (the inner bucket sums), ``[BLOCK_M, R_PAD]`` each."""
+    """P~ and dS on the inner diagonals of the band (the inner bucket sums), ``[BLOCK_M, R_PAD]`` each,
+    recomputed from q, k, v once per query block. A loop, not unrolled: unrolled diagonals load
+    their keys and values at once and spill (dh = 90); gathering them from the score tiles instead
+    costs a warp shuffle per tile column and output (more than the recomputation)."""
     inner_p = tl.zeros([offs_m.shape[0], R_PAD], tl.float32)
     inner_ds = tl.zeros([offs_m.shape[0], R_PAD], tl.float32)
-    if KMAX <= 8:  # few diagonals: unrolled, so their bucket columns are constants
-        for r in tl.static_range(1, 2 * KMAX):
-            p_d, ds_d = _diag_grad(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, r, offs_m, m_mask, k_base, v_base,
-                                   skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK,
-                                   qk_scale, scale, seed, dropout_p, KMAX, DH, DV, DA, DB, DVA, DVB,
-                                   HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
-            inner_p = tl.where(rcols[None, :] == r, p_d[:, None], inner_p)
-            inner_ds = tl.where(rcols[None, :] == r, ds_d[:, None], inner_ds)
-    else:
-        for r in range(1, 2 * KMAX):
-            p_d, ds_d = _diag_grad(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, r, offs_m, m_mask, k_base, v_base,
-                                   skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK,
-                                   qk_scale, scale, seed, dropout_p, KMAX, DH, DV, DA, DB, DVA, DVB,
-                                   HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
-            inner_p = tl.where(rcols[None, :] == r, p_d[:, None], inner_p)
-            inner_ds = tl.where(rcols[None, :] == r, ds_d[:, None], inner_ds)
+    for r in range(1, 2 * KMAX):
+        p_d, ds_d = _diag_grad(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, r, offs_m, m_mask, k_base, v_base,
+                               skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK,
+                               qk_scale, scale, seed, dropout_p, KMAX, DH, DV, DA, DB, DVA, DVB,
+                               HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
+        inner_p = tl.where(rcols[None, :] == r, p_d[:, None], inner_p)
+        inner_ds = tl.where(rcols[None, :] == r, ds_d[:, None], inner_ds)
     return inner_p, inner_ds
+
+
+@triton.jit
+def _meets_band(delta, KMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether a tile with ``delta = start_n - start_m`` holds an element with ``|j - i| < k``."""
+    return (delta < BLOCK_M + KMAX - 1) & (delta > 1 - BLOCK_N - KMAX)
 
 
 @triton.jit
@@ -506,8 +506,49 @@ def _bucket_table(inner, left, total, rcols, KMAX: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, dloc, delta,
+               KMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add one tile to a query block's row sums and bucket 0 sums of P~ and dS."""
+    tile_p = tl.sum(p, axis=1)
+    tile_ds = tl.sum(ds, axis=1)
+    total_p += tile_p
+    total_ds += tile_ds
+    if _meets_band(delta, KMAX, BLOCK_M, BLOCK_N):
+        left_p += _left_sum(p, dloc, delta, KMAX)
+        left_ds += _left_sum(ds, dloc, delta, KMAX)
+    elif delta < 0:  # wholly left of the band: bucket 0
+        left_p += tile_p
+        left_ds += tile_ds
+    return left_p, total_p, left_ds, total_ds
+
+
+@triton.jit
+def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_a, rk_b, drk_a, drk_b, drv_a, drv_b,
+                        left_p, total_p, left_ds, total_ds, inner_p, inner_ds, rcols, offs_m, m_mask, dq_base,
+                        sdqm, sdqd, dt, KMAX: tl.constexpr, DH: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                        DVB: tl.constexpr, DOT_PREC: tl.constexpr):
+    """A query block whose keys are all visited: its bucket tables give the table gradients
+    (``drk[r] += sum_i dS_bucket[i, r] q_i``, ``drv[r] += sum_i P~_bucket[i, r] dO_i``) and the
+    relative part of ``dq_i = sum_j dS_ij (k_j + rk[r(i, j)])``; dq is written once."""
+    dsb = _bucket_table(inner_ds, left_ds, total_ds, rcols, KMAX).to(dt)
+    pbt = _bucket_table(inner_p, left_p, total_p, rcols, KMAX).to(dt)
+    drk_a = tl.dot(tl.trans(dsb), q_a, drk_a, input_precision=DOT_PREC)
+    drv_a = tl.dot(tl.trans(pbt), do_a, drv_a, input_precision=DOT_PREC)
+    if DB > 0:
+        drk_b = tl.dot(tl.trans(dsb), q_b, drk_b, input_precision=DOT_PREC)
+    if DVB > 0:
+        drv_b = tl.dot(tl.trans(pbt), do_b, drv_b, input_precision=DOT_PREC)
+    dq_a = tl.dot(dsb, rk_a, dq_a, input_precision=DOT_PREC)
+    _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH)
+    if DB > 0:
+        dq_b = tl.dot(dsb, rk_b, dq_b, input_precision=DOT_PREC)
+        _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH)
+    return drk_a, drk_b, drv_a, drv_b
+
+
+@triton.jit
 def _rmha_bwd_kernel(
-    Q, K, V, RK, RV, KPM, BIAS, SEED, O, DO, LSE, DQ, DK, DV_, DTAB,
+    Q, K, V, RK, RV, KPM, BIAS, SEED, O, DO, LSE, DQ, DK, DV_, DTAB, ACC,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -524,7 +565,7 @@ def _rmha_bwd_kernel(
     KMAX: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    FUSED_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
+    FUSED_DQ: tl.constexpr, KV_IN_REGS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     R: tl.constexpr = 2 * KMAX + 1
     DBX: tl.constexpr = DB if DB > 0 else 16
@@ -550,6 +591,9 @@ def _rmha_bwd_kernel(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+    # this program's fp32 dk, dv accumulators for a whole sequence (one-pass mode, several key blocks)
+    acc_k = ACC + pid1 * LK * (DH + DV)
+    acc_v = acc_k + LK * DH
 
     b_end = tl.minimum(B, (bg + 1) * B_PER_PROG)
     for b in range(bg * B_PER_PROG, b_end):
@@ -559,75 +603,159 @@ def _rmha_bwd_kernel(
         v_base = V + b * svb + h * svh
         o_base = O + b * sob + h * soh
         do_base = DO + b * sdob + h * sdoh
+        dq_base = DQ + b * sdqb + h * sdqh
+        dk_base = DK + b * sdkb + h * sdkh
+        dv_base = DV_ + b * sdvb + h * sdvh
 
-        # ---- key block pid_blk: dk, dv (and dq and the table gradients too when the block holds every key) ----
-        start_n = pid_blk * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < LK
-        col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
-        k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
-        v_a, v_b = _load_split(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
-        dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
-        dk_b = tl.zeros([BLOCK_N, DBX], tl.float32)
-        dv_a = tl.zeros([BLOCK_N, DVA], tl.float32)
-        dv_b = tl.zeros([BLOCK_N, DVBX], tl.float32)
-        lo = 0
-        if IS_CAUSAL:
-            lo = (start_n // BLOCK_M) * BLOCK_M
-        hi = tl.where(start_n < LK, LQ, 0)
-        if not FUSED_DQ:
-            hi = tl.where(any_key, hi, 0)  # a fully padded key block: dk = dv = 0
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + offs_m_local
-            m_mask = offs_m < LQ
-            q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
-                q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
-                rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC)
-            delta = start_n - start_m
-            p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
-                                   offs_m, offs_n, start_n, m_mask, n_mask, col_ok, dloc, delta, b, h, bh,
-                                   BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
-                                   KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
-            p_lo = p_drop.to(dt)
-            ds_lo = ds.to(dt)
-            dv_a = tl.dot(tl.trans(p_lo), do_a, dv_a, input_precision=DOT_PREC)
-            dk_a = tl.dot(tl.trans(ds_lo), q_a, dk_a, input_precision=DOT_PREC)
-            if DVB > 0:
-                dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
-            if DB > 0:
-                dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
-            if FUSED_DQ:
-                # every key is in this block: the row's bucket sums and dq_i = sum_j dS_ij (k_j + rk[r(i,j)])
-                # are complete
+        if FUSED_DQ:
+            # ---- one pass: query blocks outside, key blocks inside; dq and the bucket sums of a
+            # query block are complete after its key loop, dk and dv after the last query block ----
+            offs_kv = tl.arange(0, BLOCK_N)
+            if KV_IN_REGS:  # one key block holds every key
+                dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
+                dk_b = tl.zeros([BLOCK_N, DBX], tl.float32)
+                dv_a = tl.zeros([BLOCK_N, DVA], tl.float32)
+                dv_b = tl.zeros([BLOCK_N, DVBX], tl.float32)
+            else:
+                for z in range(0, LK, BLOCK_N):
+                    rows = z + offs_kv
+                    row_ok = rows < LK
+                    _store_rows(acc_k, tl.zeros([BLOCK_N, DA], tl.float32), rows, row_ok, DH, 1, 0, DA, DH)
+                    _store_rows(acc_v, tl.zeros([BLOCK_N, DVA], tl.float32), rows, row_ok, DV, 1, 0, DVA, DV)
+                    if DB > 0:
+                        _store_rows(acc_k, tl.zeros([BLOCK_N, DBX], tl.float32), rows, row_ok, DH, 1, DA, DB, DH)
+                    if DVB > 0:
+                        _store_rows(acc_v, tl.zeros([BLOCK_N, DVBX], tl.float32), rows, row_ok, DV, 1, DVA, DVB, DV)
+            for start_m in range(0, LQ, BLOCK_M):
+                if not KV_IN_REGS:
+                    tl.debug_barrier()  # the accumulator rows written by other threads before
+                offs_m = start_m + offs_m_local
+                m_mask = offs_m < LQ
+                q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
+                    q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
+                    rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC)
+                dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
+                dq_b = tl.zeros([BLOCK_M, DBX], tl.float32)
+                left_p = tl.zeros([BLOCK_M], tl.float32)
+                total_p = tl.zeros([BLOCK_M], tl.float32)
+                left_ds = tl.zeros([BLOCK_M], tl.float32)
+                total_ds = tl.zeros([BLOCK_M], tl.float32)
+                hi_n = LK
+                if IS_CAUSAL:
+                    hi_n = tl.minimum(LK, start_m + BLOCK_M)
+                for start_n in range(0, hi_n, BLOCK_N):
+                    offs_n = start_n + offs_kv
+                    n_mask = offs_n < LK
+                    col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+                    if any_key:  # a fully padded key block: P = dS = 0, nothing to add
+                        k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
+                        v_a, v_b = _load_split(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
+                        delta = start_n - start_m
+                        p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
+                                               offs_m, offs_n, start_n, m_mask, n_mask, col_ok, dloc, delta, b, h, bh,
+                                               BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
+                                               KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
+                        p_lo = p_drop.to(dt)
+                        ds_lo = ds.to(dt)
+                        dq_a = tl.dot(ds_lo, k_a, dq_a, input_precision=DOT_PREC)
+                        if DB > 0:
+                            dq_b = tl.dot(ds_lo, k_b, dq_b, input_precision=DOT_PREC)
+                        if KV_IN_REGS:
+                            dv_a = tl.dot(tl.trans(p_lo), do_a, dv_a, input_precision=DOT_PREC)
+                            dk_a = tl.dot(tl.trans(ds_lo), q_a, dk_a, input_precision=DOT_PREC)
+                            if DVB > 0:
+                                dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
+                            if DB > 0:
+                                dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
+                        else:  # read-modify-write of this program's accumulator rows (no other program touches them)
+                            acc = _load_rows(acc_v, offs_n, n_mask, DV, 1, 0, DVA, DV)
+                            _store_rows(acc_v, tl.dot(tl.trans(p_lo), do_a, acc, input_precision=DOT_PREC),
+                                        offs_n, n_mask, DV, 1, 0, DVA, DV)
+                            acc = _load_rows(acc_k, offs_n, n_mask, DH, 1, 0, DA, DH)
+                            _store_rows(acc_k, tl.dot(tl.trans(ds_lo), q_a, acc, input_precision=DOT_PREC),
+                                        offs_n, n_mask, DH, 1, 0, DA, DH)
+                            if DVB > 0:
+                                acc = _load_rows(acc_v, offs_n, n_mask, DV, 1, DVA, DVB, DV)
+                                _store_rows(acc_v, tl.dot(tl.trans(p_lo), do_b, acc, input_precision=DOT_PREC),
+                                            offs_n, n_mask, DV, 1, DVA, DVB, DV)
+                            if DB > 0:
+                                acc = _load_rows(acc_k, offs_n, n_mask, DH, 1, DA, DB, DH)
+                                _store_rows(acc_k, tl.dot(tl.trans(ds_lo), q_b, acc, input_precision=DOT_PREC),
+                                            offs_n, n_mask, DH, 1, DA, DB, DH)
+                        left_p, total_p, left_ds, total_ds = _row_stats(
+                            p_drop, ds, left_p, total_p, left_ds, total_ds, dloc, delta, KMAX, BLOCK_M, BLOCK_N)
                 inner_p, inner_ds = _diag_grads(
                     q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
                     b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
                     KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
-                dsb = _bucket_table(inner_ds, _left_sum(ds, dloc, delta, KMAX), tl.sum(ds, axis=1), offs_r, KMAX).to(dt)
-                pbt = _bucket_table(inner_p, _left_sum(p_drop, dloc, delta, KMAX), tl.sum(p_drop, axis=1), offs_r, KMAX).to(dt)
-                # table gradients: drk[r] += sum_i dS_bucket[i, r] q_i, drv[r] += sum_i P~_bucket[i, r] dO_i
-                drk_a = tl.dot(tl.trans(dsb), q_a, drk_a, input_precision=DOT_PREC)
-                drv_a = tl.dot(tl.trans(pbt), do_a, drv_a, input_precision=DOT_PREC)
+                drk_a, drk_b, drv_a, drv_b = _finish_query_block(
+                    q_a, q_b, do_a, do_b, dq_a, dq_b, rk_a, rk_b, drk_a, drk_b, drv_a, drv_b,
+                    left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
+                    sdqm, sdqd, dt, KMAX, DH, DA, DB, DVB, DOT_PREC)
+            if KV_IN_REGS:
+                kv_ok = offs_kv < LK
+                _store_rows(dk_base, dk_a, offs_kv, kv_ok, sdkn, sdkd, 0, DA, DH)
+                _store_rows(dv_base, dv_a, offs_kv, kv_ok, sdvn, sdvd, 0, DVA, DV)
                 if DB > 0:
-                    drk_b = tl.dot(tl.trans(dsb), q_b, drk_b, input_precision=DOT_PREC)
+                    _store_rows(dk_base, dk_b, offs_kv, kv_ok, sdkn, sdkd, DA, DB, DH)
                 if DVB > 0:
-                    drv_b = tl.dot(tl.trans(pbt), do_b, drv_b, input_precision=DOT_PREC)
-                dq_a = tl.dot(ds_lo, k_a, input_precision=DOT_PREC)
-                dq_a = tl.dot(dsb, rk_a, dq_a, input_precision=DOT_PREC)
-                _store_rows(DQ + b * sdqb + h * sdqh, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH)
+                    _store_rows(dv_base, dv_b, offs_kv, kv_ok, sdvn, sdvd, DVA, DVB, DV)
+            else:
+                tl.debug_barrier()
+                for z in range(0, LK, BLOCK_N):
+                    rows = z + offs_kv
+                    row_ok = rows < LK
+                    _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DH, 1, 0, DA, DH), rows, row_ok, sdkn, sdkd, 0, DA, DH)
+                    _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DV, 1, 0, DVA, DV), rows, row_ok, sdvn, sdvd, 0, DVA, DV)
+                    if DB > 0:
+                        _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DH, 1, DA, DB, DH), rows, row_ok, sdkn, sdkd, DA, DB, DH)
+                    if DVB > 0:
+                        _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DV, 1, DVA, DVB, DV), rows, row_ok, sdvn, sdvd, DVA, DVB, DV)
+                tl.debug_barrier()  # the next sequence zeroes the accumulator rows again
+        else:
+            # ---- split, key block pid_blk: dk, dv ----
+            start_n = pid_blk * BLOCK_N
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < LK
+            col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+            k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
+            v_a, v_b = _load_split(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
+            dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
+            dk_b = tl.zeros([BLOCK_N, DBX], tl.float32)
+            dv_a = tl.zeros([BLOCK_N, DVA], tl.float32)
+            dv_b = tl.zeros([BLOCK_N, DVBX], tl.float32)
+            lo = 0
+            if IS_CAUSAL:
+                lo = (start_n // BLOCK_M) * BLOCK_M
+            hi = tl.where(start_n < LK, LQ, 0)
+            hi = tl.where(any_key, hi, 0)  # a fully padded key block: dk = dv = 0
+            for start_m in range(lo, hi, BLOCK_M):
+                offs_m = start_m + offs_m_local
+                m_mask = offs_m < LQ
+                q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
+                    q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
+                    rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC)
+                delta = start_n - start_m
+                p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
+                                       offs_m, offs_n, start_n, m_mask, n_mask, col_ok, dloc, delta, b, h, bh,
+                                       BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
+                                       KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
+                p_lo = p_drop.to(dt)
+                ds_lo = ds.to(dt)
+                dv_a = tl.dot(tl.trans(p_lo), do_a, dv_a, input_precision=DOT_PREC)
+                dk_a = tl.dot(tl.trans(ds_lo), q_a, dk_a, input_precision=DOT_PREC)
+                if DVB > 0:
+                    dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
                 if DB > 0:
-                    dq_b = tl.dot(ds_lo, k_b, input_precision=DOT_PREC)
-                    dq_b = tl.dot(dsb, rk_b, dq_b, input_precision=DOT_PREC)
-                    _store_rows(DQ + b * sdqb + h * sdqh, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH)
-        _store_rows(DK + b * sdkb + h * sdkh, dk_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH)
-        _store_rows(DV_ + b * sdvb + h * sdvh, dv_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV)
-        if DB > 0:
-            _store_rows(DK + b * sdkb + h * sdkh, dk_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH)
-        if DVB > 0:
-            _store_rows(DV_ + b * sdvb + h * sdvh, dv_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV)
+                    dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
+            _store_rows(dk_base, dk_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH)
+            _store_rows(dv_base, dv_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV)
+            if DB > 0:
+                _store_rows(dk_base, dk_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH)
+            if DVB > 0:
+                _store_rows(dv_base, dv_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV)
 
-        # ---- query block pid_blk: dq and the table gradients, visiting the key blocks again ----
-        if not FUSED_DQ:
+            # ---- split, query block pid_blk: dq and the table gradients, visiting the key blocks again ----
             start_m = pid_blk * BLOCK_M
             offs_m = start_m + offs_m_local
             m_mask = offs_m < LQ
@@ -636,11 +764,10 @@ def _rmha_bwd_kernel(
                 rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC)
             dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
             dq_b = tl.zeros([BLOCK_M, DBX], tl.float32)
-            # bucket 0 sums and row sums of dS and P~ over the key blocks
-            left_ds = tl.zeros([BLOCK_M], tl.float32)
-            total_ds = tl.zeros([BLOCK_M], tl.float32)
             left_p = tl.zeros([BLOCK_M], tl.float32)
             total_p = tl.zeros([BLOCK_M], tl.float32)
+            left_ds = tl.zeros([BLOCK_M], tl.float32)
+            total_ds = tl.zeros([BLOCK_M], tl.float32)
             hi_n = LK
             if IS_CAUSAL:
                 hi_n = tl.minimum(LK, start_m + BLOCK_M)
@@ -661,27 +788,17 @@ def _rmha_bwd_kernel(
                     dq_a = tl.dot(ds2_lo, k2_a, dq_a, input_precision=DOT_PREC)
                     if DB > 0:
                         dq_b = tl.dot(ds2_lo, k2_b, dq_b, input_precision=DOT_PREC)
-                    left_ds += _left_sum(ds2, dloc, delta2, KMAX)
-                    total_ds += tl.sum(ds2, axis=1)
-                    left_p += _left_sum(p2, dloc, delta2, KMAX)
-                    total_p += tl.sum(p2, axis=1)
-            inner_p, inner_ds = _diag_grads(
-                q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
-                b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
-                KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
-            dsb = _bucket_table(inner_ds, left_ds, total_ds, offs_r, KMAX).to(dt)
-            pbt = _bucket_table(inner_p, left_p, total_p, offs_r, KMAX).to(dt)
-            drk_a = tl.dot(tl.trans(dsb), q_a, drk_a, input_precision=DOT_PREC)
-            drv_a = tl.dot(tl.trans(pbt), do_a, drv_a, input_precision=DOT_PREC)
-            if DB > 0:
-                drk_b = tl.dot(tl.trans(dsb), q_b, drk_b, input_precision=DOT_PREC)
-            if DVB > 0:
-                drv_b = tl.dot(tl.trans(pbt), do_b, drv_b, input_precision=DOT_PREC)
-            dq_a = tl.dot(dsb, rk_a, dq_a, input_precision=DOT_PREC)
-            _store_rows(DQ + b * sdqb + h * sdqh, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH)
-            if DB > 0:
-                dq_b = tl.dot(dsb, rk_b, dq_b, input_precision=DOT_PREC)
-                _store_rows(DQ + b * sdqb + h * sdqh, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH)
+                    left_p, total_p, left_ds, total_ds = _row_stats(
+                        p2, ds2, left_p, total_p, left_ds, total_ds, dloc, delta2, KMAX, BLOCK_M, BLOCK_N)
+            if start_m < LQ:
+                inner_p, inner_ds = _diag_grads(
+                    q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
+                    b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
+                    KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
+                drk_a, drk_b, drv_a, drv_b = _finish_query_block(
+                    q_a, q_b, do_a, do_b, dq_a, dq_b, rk_a, rk_b, drk_a, drk_b, drv_a, drv_b,
+                    left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
+                    sdqm, sdqd, dt, KMAX, DH, DA, DB, DVB, DOT_PREC)
 
     # this program's share of the table gradients: one row of the partial buffer
     row = DTAB + ((h * NBG + bg) * tl.num_programs(1) + pid_blk) * (R * DH + R * DV)
@@ -781,27 +898,27 @@ def fwd_config(b, h, lq, lk, dh, dv, device, dtype):
 
 
 def bwd_config(b, h, lq, lk, dh, dv, device, dtype):
-    """Backward mode and block sizes. ``fused`` (one pass, dq written once) when one key block
-    holds the sequence (up to 256 keys) and there are enough (batch, head) pairs to fill the card;
-    ``split`` otherwise."""
+    """Backward mode and block sizes. ``fused`` (one pass: every tile's P~ and dS computed once, dq
+    written once per query block) up to 256 keys when there are enough (batch, head) pairs to fill
+    the card: a program owns whole sequences, query blocks outside, key blocks inside; dk and dv
+    stay in registers when one key block holds every key, else in a per-program fp32 buffer.
+    ``split`` otherwise (long sequences, few pairs)."""
     sms = _launch.num_sms(device)
     widest = max(_launch.pad16(dh), _launch.pad16(dv))
     whole = max(16, _launch.next_pow2(lk))
-    if whole <= 256 and b * h >= sms:
-        mode, block_n = "fused", whole
-        block_m = 64 if whole <= 32 else (32 if whole <= 64 else 16)
-        if widest > 128:
-            block_m = 16
+    if whole <= 256 and 2 * b * h >= sms:
+        mode = "fused"
+        block_n = whole if whole <= 64 else 64
+        block_m = 64
     else:
         mode = "split"
         block_n = 64 if (lk >= 128 and widest <= 64) else 32
         block_m = block_n
-    block_m = min(block_m, max(16, _launch.next_pow2(lq)))
     cfg = _launch.knobs("rmha_bwd", mode=mode, block_m=block_m, block_n=block_n, b_per_prog=0, num_warps=0, num_stages=1)
-    if cfg["mode"] == "fused":
-        cfg["block_n"] = max(cfg["block_n"], whole)
     if cfg["mode"] not in ("fused", "split"):
         raise ValueError(f"rmha_bwd mode must be 'fused' or 'split', got {cfg['mode']!r}")
+    cfg["block_m"] = min(cfg["block_m"], max(16, _launch.next_pow2(lq)))
+    cfg["block_n"] = min(cfg["block_n"], whole)
     nblk = 1 if cfg["mode"] == "fused" else max(triton.cdiv(lq, cfg["block_m"]), triton.cdiv(lk, cfg["block_n"]))
     if not cfg["num_warps"]:
         small = cfg["block_m"] * cfg["block_n"] <= 64 * 64 and cfg["block_n"] <= 128 and widest <= 64
@@ -875,13 +992,16 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_cau
     dvv = _launch.empty(v.shape, v.dtype, v.device)
     width = n_buckets * (dh + dv)
     partial = _launch.empty((h * nbg * nblk, width), torch.float32, q.device)
+    kv_in_regs = cfg["mode"] != "fused" or cfg["block_n"] >= lk
+    # one-pass mode over several key blocks: each program's dk, dv accumulators (fp32, one sequence)
+    acc = _launch.empty((h * nbg, lk * (dh + dv)) if not kv_in_regs else (1,), torch.float32, q.device)
     # rel_k and rel_v may differ in sharing (one per head or one for all heads)
     drk = _launch.empty((rel_k.shape[0], n_buckets, dh), rel_k.dtype, q.device)
     drv = _launch.empty((rel_v.shape[0], n_buckets, dv), rel_v.dtype, q.device)
     kpm_t = kpm.view(torch.uint8) if kpm is not None else q
     args = dict(
         Q=q, K=k, V=v, RK=rel_k, RV=rel_v, KPM=kpm_t, BIAS=bias if bias is not None else q,
-        SEED=seed if seed is not None else q, O=out, DO=dout, LSE=lse, DQ=dq, DK=dk, DV_=dvv, DTAB=partial,
+        SEED=seed if seed is not None else q, O=out, DO=dout, LSE=lse, DQ=dq, DK=dk, DV_=dvv, DTAB=partial, ACC=acc,
         sqb=q.stride(0), sqh=q.stride(1), sqm=q.stride(2), sqd=q.stride(3),
         skb=k.stride(0), skh=k.stride(1), skn=k.stride(2), skd=k.stride(3),
         svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svd=v.stride(3),
@@ -896,7 +1016,8 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_cau
     args.update(B=b, H=h, LQ=lq, LK=lk, B_PER_PROG=cfg["b_per_prog"], NBG=nbg,
                 qk_scale=float(scale) * LOG2E, scale=float(scale), dropout_p=float(dropout_p))
     constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
-    constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FUSED_DQ=cfg["mode"] == "fused")
+    constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FUSED_DQ=cfg["mode"] == "fused",
+                      KV_IN_REGS=kv_in_regs)
     main = Launch(_rmha_bwd_kernel, (h * nbg, nblk), args, constexprs,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dq, dk, dvv, drk, drv, [main, *plan_sum_row_groups(partial, drk, drv)]
