@@ -591,9 +591,12 @@ def _rmha_bwd_kernel(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
-    # this program's fp32 dk, dv accumulators for a whole sequence (one-pass mode, several key blocks)
-    acc_k = ACC + pid1 * LK * (DH + DV)
-    acc_v = acc_k + LK * DH
+    # this program's fp32 dk, dv accumulators for a whole sequence (one-pass mode, several key blocks);
+    # rows padded to the split head sizes: 16-byte aligned, no column masks
+    DHP: tl.constexpr = DA + DB
+    DVP: tl.constexpr = DVA + DVB
+    acc_k = ACC + pid1 * LK * (DHP + DVP)
+    acc_v = acc_k + LK * DHP
 
     b_end = tl.minimum(B, (bg + 1) * B_PER_PROG)
     for b in range(bg * B_PER_PROG, b_end):
@@ -620,12 +623,12 @@ def _rmha_bwd_kernel(
                 for z in range(0, LK, BLOCK_N):
                     rows = z + offs_kv
                     row_ok = rows < LK
-                    _store_rows(acc_k, tl.zeros([BLOCK_N, DA], tl.float32), rows, row_ok, DH, 1, 0, DA, DH)
-                    _store_rows(acc_v, tl.zeros([BLOCK_N, DVA], tl.float32), rows, row_ok, DV, 1, 0, DVA, DV)
+                    _store_rows(acc_k, tl.zeros([BLOCK_N, DA], tl.float32), rows, row_ok, DHP, 1, 0, DA, DHP)
+                    _store_rows(acc_v, tl.zeros([BLOCK_N, DVA], tl.float32), rows, row_ok, DVP, 1, 0, DVA, DVP)
                     if DB > 0:
-                        _store_rows(acc_k, tl.zeros([BLOCK_N, DBX], tl.float32), rows, row_ok, DH, 1, DA, DB, DH)
+                        _store_rows(acc_k, tl.zeros([BLOCK_N, DBX], tl.float32), rows, row_ok, DHP, 1, DA, DB, DHP)
                     if DVB > 0:
-                        _store_rows(acc_v, tl.zeros([BLOCK_N, DVBX], tl.float32), rows, row_ok, DV, 1, DVA, DVB, DV)
+                        _store_rows(acc_v, tl.zeros([BLOCK_N, DVBX], tl.float32), rows, row_ok, DVP, 1, DVA, DVB, DVP)
             for start_m in range(0, LQ, BLOCK_M):
                 if not KV_IN_REGS:
                     tl.debug_barrier()  # the accumulator rows written by other threads before
@@ -668,20 +671,20 @@ def _rmha_bwd_kernel(
                             if DB > 0:
                                 dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
                         else:  # read-modify-write of this program's accumulator rows (no other program touches them)
-                            acc = _load_rows(acc_v, offs_n, n_mask, DV, 1, 0, DVA, DV)
+                            acc = _load_rows(acc_v, offs_n, n_mask, DVP, 1, 0, DVA, DVP)
                             _store_rows(acc_v, tl.dot(tl.trans(p_lo), do_a, acc, input_precision=DOT_PREC),
-                                        offs_n, n_mask, DV, 1, 0, DVA, DV)
-                            acc = _load_rows(acc_k, offs_n, n_mask, DH, 1, 0, DA, DH)
+                                        offs_n, n_mask, DVP, 1, 0, DVA, DVP)
+                            acc = _load_rows(acc_k, offs_n, n_mask, DHP, 1, 0, DA, DHP)
                             _store_rows(acc_k, tl.dot(tl.trans(ds_lo), q_a, acc, input_precision=DOT_PREC),
-                                        offs_n, n_mask, DH, 1, 0, DA, DH)
+                                        offs_n, n_mask, DHP, 1, 0, DA, DHP)
                             if DVB > 0:
-                                acc = _load_rows(acc_v, offs_n, n_mask, DV, 1, DVA, DVB, DV)
+                                acc = _load_rows(acc_v, offs_n, n_mask, DVP, 1, DVA, DVB, DVP)
                                 _store_rows(acc_v, tl.dot(tl.trans(p_lo), do_b, acc, input_precision=DOT_PREC),
-                                            offs_n, n_mask, DV, 1, DVA, DVB, DV)
+                                            offs_n, n_mask, DVP, 1, DVA, DVB, DVP)
                             if DB > 0:
-                                acc = _load_rows(acc_k, offs_n, n_mask, DH, 1, DA, DB, DH)
+                                acc = _load_rows(acc_k, offs_n, n_mask, DHP, 1, DA, DB, DHP)
                                 _store_rows(acc_k, tl.dot(tl.trans(ds_lo), q_b, acc, input_precision=DOT_PREC),
-                                            offs_n, n_mask, DH, 1, DA, DB, DH)
+                                            offs_n, n_mask, DHP, 1, DA, DB, DHP)
                         left_p, total_p, left_ds, total_ds = _row_stats(
                             p_drop, ds, left_p, total_p, left_ds, total_ds, dloc, delta, KMAX, BLOCK_M, BLOCK_N)
                 inner_p, inner_ds = _diag_grads(
@@ -705,12 +708,12 @@ def _rmha_bwd_kernel(
                 for z in range(0, LK, BLOCK_N):
                     rows = z + offs_kv
                     row_ok = rows < LK
-                    _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DH, 1, 0, DA, DH), rows, row_ok, sdkn, sdkd, 0, DA, DH)
-                    _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DV, 1, 0, DVA, DV), rows, row_ok, sdvn, sdvd, 0, DVA, DV)
+                    _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DHP, 1, 0, DA, DHP), rows, row_ok, sdkn, sdkd, 0, DA, DH)
+                    _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DVP, 1, 0, DVA, DVP), rows, row_ok, sdvn, sdvd, 0, DVA, DV)
                     if DB > 0:
-                        _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DH, 1, DA, DB, DH), rows, row_ok, sdkn, sdkd, DA, DB, DH)
+                        _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DHP, 1, DA, DB, DHP), rows, row_ok, sdkn, sdkd, DA, DB, DH)
                     if DVB > 0:
-                        _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DV, 1, DVA, DVB, DV), rows, row_ok, sdvn, sdvd, DVA, DVB, DV)
+                        _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DVP, 1, DVA, DVB, DVP), rows, row_ok, sdvn, sdvd, DVA, DVB, DV)
                 tl.debug_barrier()  # the next sequence zeroes the accumulator rows again
         else:
             # ---- split, key block pid_blk: dk, dv ----
@@ -994,7 +997,8 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_cau
     partial = _launch.empty((h * nbg * nblk, width), torch.float32, q.device)
     kv_in_regs = cfg["mode"] != "fused" or cfg["block_n"] >= lk
     # one-pass mode over several key blocks: each program's dk, dv accumulators (fp32, one sequence)
-    acc = _launch.empty((h * nbg, lk * (dh + dv)) if not kv_in_regs else (1,), torch.float32, q.device)
+    acc = _launch.empty((h * nbg, lk * (sum(_launch.split_pow2(dh)) + sum(_launch.split_pow2(dv)))) if not kv_in_regs else (1,),
+                        torch.float32, q.device)
     # rel_k and rel_v may differ in sharing (one per head or one for all heads)
     drk = _launch.empty((rel_k.shape[0], n_buckets, dh), rel_k.dtype, q.device)
     drv = _launch.empty((rel_v.shape[0], n_buckets, dv), rel_v.dtype, q.device)
