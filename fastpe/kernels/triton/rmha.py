@@ -14,10 +14,16 @@ short sequences one block holds the whole sequence. Nothing of size ``[L, L, dh]
 
 Backward: recomputes ``P`` from the saved log-sum-exp. Two modes:
 
-* ``fused``: one key block holds all keys, so a program owns a whole (batch, head) sequence,
-  loops over query blocks and writes ``dq`` per block directly, accumulating ``dk, dv``.
+* ``fused`` (one pass, up to 256 keys): a program owns whole (batch, head) sequences, loops over
+  query blocks and, inside, over key blocks; every tile's ``P~`` and ``dS`` is computed once, and
+  ``dq`` is written once per query block. ``dk, dv`` accumulate in registers when one key block
+  holds every key, else in a per-program fp32 buffer (read-modify-write by that program only,
+  copied to ``dk, dv`` after the sequence).
 * ``split``: a program owns key block ``n`` (``dk, dv``: loop over query blocks) and query
   block ``n`` (``dq``: loop over key blocks); for long sequences or few (batch, head) pairs.
+
+The inner band buckets' sums (one element per row each) are recomputed per query block along
+the ``2k - 1`` diagonals in a loop, outside the tile loop.
 
 Relative-table gradients (``drk = sum dS_bucket^T Q``, ``drv = sum P~_bucket^T dO``) are
 accumulated per program in registers, written to a partial buffer (one row per program) and
