@@ -418,13 +418,14 @@ def _load_query_block(q_base, do_base, o_base, lse_base, offs_m, m_mask, sqm, sq
 
 @triton.jit
 def _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
-              offs_m, offs_n, start_n, m_mask, n_mask, col_ok, dloc, delta, b, h, bh,
+              offs_m, offs_n, start_n, m_mask, n_mask, col_ok, b, h, bh,
               BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
               KMAX: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
               HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     """Recompute one tile: P~ (dropped probabilities) and dS (w.r.t. q.k + q.rk). The relative
     terms of the elements are gathered from the per-row tables ``qr`` and ``dorv`` by bucket."""
-    bucket = _band_tile_buckets(dloc, delta, KMAX)
+    # j - i from the row and column indices (a hoisted [BLOCK_M, BLOCK_N] table would hold registers)
+    bucket = _band_tile_buckets(offs_n[None, :] - offs_m[:, None], 0, KMAX)
     qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
     if DB > 0:
         qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
@@ -512,7 +513,7 @@ def _bucket_table(inner, left, total, rcols, KMAX: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, dloc, delta,
+def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, offs_m, offs_n, delta,
                KMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Add one tile to a query block's row sums and bucket 0 sums of P~ and dS."""
     tile_p = tl.sum(p, axis=1)
@@ -520,8 +521,9 @@ def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, dloc, delta,
     total_p += tile_p
     total_ds += tile_ds
     if _meets_band(delta, KMAX, BLOCK_M, BLOCK_N):
-        left_p += _left_sum(p, dloc, delta, KMAX)
-        left_ds += _left_sum(ds, dloc, delta, KMAX)
+        dist = offs_n[None, :] - offs_m[:, None]
+        left_p += _left_sum(p, dist, 0, KMAX)
+        left_ds += _left_sum(ds, dist, 0, KMAX)
     elif delta < 0:  # wholly left of the band: bucket 0
         left_p += tile_p
         left_ds += tile_ds
@@ -529,27 +531,37 @@ def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, dloc, delta,
 
 
 @triton.jit
-def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_a, rk_b, drk_a, drk_b, drv_a, drv_b,
+def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                         left_p, total_p, left_ds, total_ds, inner_p, inner_ds, rcols, offs_m, m_mask, dq_base,
-                        sdqm, sdqd, dt, KMAX: tl.constexpr, DH: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-                        DVB: tl.constexpr, DOT_PREC: tl.constexpr):
+                        sdqm, sdqd, dt, KMAX: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
+                        DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, DOT_PREC: tl.constexpr):
     """A query block whose keys are all visited: its bucket tables give the table gradients
-    (``drk[r] += sum_i dS_bucket[i, r] q_i``, ``drv[r] += sum_i P~_bucket[i, r] dO_i``) and the
-    relative part of ``dq_i = sum_j dS_ij (k_j + rk[r(i, j)])``; dq is written once."""
+    (``drk[r] += sum_i dS_bucket[i, r] q_i``, ``drv[r] += sum_i P~_bucket[i, r] dO_i``, added to this
+    program's partial row ``row``, which only it touches) and the relative part of
+    ``dq_i = sum_j dS_ij (k_j + rk[r(i, j)])``; dq is written once. The tables and the partial
+    sums live in memory, not in registers across the tile loops."""
+    R: tl.constexpr = 2 * KMAX + 1
+    r_mask = rcols < R
     dsb = _bucket_table(inner_ds, left_ds, total_ds, rcols, KMAX).to(dt)
     pbt = _bucket_table(inner_p, left_p, total_p, rcols, KMAX).to(dt)
-    drk_a = tl.dot(tl.trans(dsb), q_a, drk_a, input_precision=DOT_PREC)
-    drv_a = tl.dot(tl.trans(pbt), do_a, drv_a, input_precision=DOT_PREC)
+    drv_row = row + R * DH
+    _store_rows(row, tl.dot(tl.trans(dsb), q_a, _load_rows(row, rcols, r_mask, DH, 1, 0, DA, DH), input_precision=DOT_PREC),
+                rcols, r_mask, DH, 1, 0, DA, DH)
+    _store_rows(drv_row, tl.dot(tl.trans(pbt), do_a, _load_rows(drv_row, rcols, r_mask, DV, 1, 0, DVA, DV),
+                                input_precision=DOT_PREC), rcols, r_mask, DV, 1, 0, DVA, DV)
     if DB > 0:
-        drk_b = tl.dot(tl.trans(dsb), q_b, drk_b, input_precision=DOT_PREC)
+        _store_rows(row, tl.dot(tl.trans(dsb), q_b, _load_rows(row, rcols, r_mask, DH, 1, DA, DB, DH),
+                                input_precision=DOT_PREC), rcols, r_mask, DH, 1, DA, DB, DH)
     if DVB > 0:
-        drv_b = tl.dot(tl.trans(pbt), do_b, drv_b, input_precision=DOT_PREC)
+        _store_rows(drv_row, tl.dot(tl.trans(pbt), do_b, _load_rows(drv_row, rcols, r_mask, DV, 1, DVA, DVB, DV),
+                                    input_precision=DOT_PREC), rcols, r_mask, DV, 1, DVA, DVB, DV)
+    rk_a = _load_rows(rk_base, rcols, r_mask, srkr, srkd, 0, DA, DH)
     dq_a = tl.dot(dsb, rk_a, dq_a, input_precision=DOT_PREC)
     _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH)
     if DB > 0:
+        rk_b = _load_rows(rk_base, rcols, r_mask, srkr, srkd, DA, DB, DH)
         dq_b = tl.dot(dsb, rk_b, dq_b, input_precision=DOT_PREC)
         _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH)
-    return drk_a, drk_b, drv_a, drv_b
 
 
 @triton.jit
@@ -584,15 +596,19 @@ def _rmha_bwd_kernel(
 
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
-    rk_a, rk_b = _load_split(RK + h * srkh, offs_r, r_mask, srkr, srkd, DA, DB, DH)
-    rv_a, rv_b = _load_split(RV + h * srvh, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
+    rk_base = RK + h * srkh
+    rv_base = RV + h * srvh
     offs_m_local = tl.arange(0, BLOCK_M)
-    dloc = tl.arange(0, BLOCK_N)[None, :] - offs_m_local[:, None]  # j - i inside a tile, minus start_n - start_m
 
-    drk_a = tl.zeros([R_PAD, DA], tl.float32)
-    drk_b = tl.zeros([R_PAD, DBX], tl.float32)
-    drv_a = tl.zeros([R_PAD, DVA], tl.float32)
-    drv_b = tl.zeros([R_PAD, DVBX], tl.float32)
+    # this program's share of the table gradients: one row of the partial buffer, zeroed here and
+    # added to per query block
+    row = DTAB + ((h * NBG + bg) * tl.num_programs(1) + pid_blk) * (R * DH + R * DV)
+    _store_rows(row, tl.zeros([R_PAD, DA], tl.float32), offs_r, r_mask, DH, 1, 0, DA, DH)
+    _store_rows(row + R * DH, tl.zeros([R_PAD, DVA], tl.float32), offs_r, r_mask, DV, 1, 0, DVA, DV)
+    if DB > 0:
+        _store_rows(row, tl.zeros([R_PAD, DBX], tl.float32), offs_r, r_mask, DH, 1, DA, DB, DH)
+    if DVB > 0:
+        _store_rows(row + R * DH, tl.zeros([R_PAD, DVBX], tl.float32), offs_r, r_mask, DV, 1, DVA, DVB, DV)
 
     seed = 0
     if HAS_DROPOUT:
@@ -636,10 +652,11 @@ def _rmha_bwd_kernel(
                     if DVB > 0:
                         _store_rows(acc_v, tl.zeros([BLOCK_N, DVBX], tl.float32), rows, row_ok, DVP, 1, DVA, DVB, DVP)
             for start_m in range(0, LQ, BLOCK_M):
-                if not KV_IN_REGS:
-                    tl.debug_barrier()  # the accumulator rows written by other threads before
+                tl.debug_barrier()  # accumulator and partial rows written by other threads before
                 offs_m = start_m + offs_m_local
                 m_mask = offs_m < LQ
+                rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
+                rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
                 q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
                     q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
                     rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC)
@@ -661,7 +678,7 @@ def _rmha_bwd_kernel(
                         v_a, v_b = _load_split(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
                         delta = start_n - start_m
                         p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
-                                               offs_m, offs_n, start_n, m_mask, n_mask, col_ok, dloc, delta, b, h, bh,
+                                               offs_m, offs_n, start_n, m_mask, n_mask, col_ok, b, h, bh,
                                                BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
                                                KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
                         p_lo = p_drop.to(dt)
@@ -692,15 +709,15 @@ def _rmha_bwd_kernel(
                                 _store_rows(acc_k, tl.dot(tl.trans(ds_lo), q_b, acc, input_precision=DOT_PREC),
                                             offs_n, n_mask, DHP, 1, DA, DB, DHP)
                         left_p, total_p, left_ds, total_ds = _row_stats(
-                            p_drop, ds, left_p, total_p, left_ds, total_ds, dloc, delta, KMAX, BLOCK_M, BLOCK_N)
+                            p_drop, ds, left_p, total_p, left_ds, total_ds, offs_m, offs_n, delta, KMAX, BLOCK_M, BLOCK_N)
                 inner_p, inner_ds = _diag_grads(
                     q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
                     b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
                     KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
-                drk_a, drk_b, drv_a, drv_b = _finish_query_block(
-                    q_a, q_b, do_a, do_b, dq_a, dq_b, rk_a, rk_b, drk_a, drk_b, drv_a, drv_b,
+                _finish_query_block(
+                    q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                     left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
-                    sdqm, sdqd, dt, KMAX, DH, DA, DB, DVB, DOT_PREC)
+                    sdqm, sdqd, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC)
             if KV_IN_REGS:
                 kv_ok = offs_kv < LK
                 _store_rows(dk_base, dk_a, offs_kv, kv_ok, sdkn, sdkd, 0, DA, DH)
@@ -741,12 +758,14 @@ def _rmha_bwd_kernel(
             for start_m in range(lo, hi, BLOCK_M):
                 offs_m = start_m + offs_m_local
                 m_mask = offs_m < LQ
+                rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
+                rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
                 q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
                     q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
                     rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC)
                 delta = start_n - start_m
                 p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
-                                       offs_m, offs_n, start_n, m_mask, n_mask, col_ok, dloc, delta, b, h, bh,
+                                       offs_m, offs_n, start_n, m_mask, n_mask, col_ok, b, h, bh,
                                        BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
                                        KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
                 p_lo = p_drop.to(dt)
@@ -768,6 +787,8 @@ def _rmha_bwd_kernel(
             start_m = pid_blk * BLOCK_M
             offs_m = start_m + offs_m_local
             m_mask = offs_m < LQ
+            rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
+            rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
             q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
                 q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
                 rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC)
@@ -790,7 +811,7 @@ def _rmha_bwd_kernel(
                     v2_a, v2_b = _load_split(v_base, offs_n2, n_mask2, svn, svd, DVA, DVB, DV)
                     delta2 = start_n2 - start_m
                     p2, ds2 = _bwd_tile(q_a, q_b, k2_a, k2_b, v2_a, v2_b, do_a, do_b, qr, dorv, di, lse,
-                                        offs_m, offs_n2, start_n2, m_mask, n_mask2, col_ok2, dloc, delta2, b, h, bh,
+                                        offs_m, offs_n2, start_n2, m_mask, n_mask2, col_ok2, b, h, bh,
                                         BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
                                         KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
                     ds2_lo = ds2.to(dt)
@@ -798,25 +819,17 @@ def _rmha_bwd_kernel(
                     if DB > 0:
                         dq_b = tl.dot(ds2_lo, k2_b, dq_b, input_precision=DOT_PREC)
                     left_p, total_p, left_ds, total_ds = _row_stats(
-                        p2, ds2, left_p, total_p, left_ds, total_ds, dloc, delta2, KMAX, BLOCK_M, BLOCK_N)
+                        p2, ds2, left_p, total_p, left_ds, total_ds, offs_m, offs_n2, delta2, KMAX, BLOCK_M, BLOCK_N)
             if start_m < LQ:
+                tl.debug_barrier()  # the partial row written by other threads before
                 inner_p, inner_ds = _diag_grads(
                     q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
                     b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
                     KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
-                drk_a, drk_b, drv_a, drv_b = _finish_query_block(
-                    q_a, q_b, do_a, do_b, dq_a, dq_b, rk_a, rk_b, drk_a, drk_b, drv_a, drv_b,
+                _finish_query_block(
+                    q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                     left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
-                    sdqm, sdqd, dt, KMAX, DH, DA, DB, DVB, DOT_PREC)
-
-    # this program's share of the table gradients: one row of the partial buffer
-    row = DTAB + ((h * NBG + bg) * tl.num_programs(1) + pid_blk) * (R * DH + R * DV)
-    _store_rows(row, drk_a, offs_r, r_mask, DH, 1, 0, DA, DH)
-    if DB > 0:
-        _store_rows(row, drk_b, offs_r, r_mask, DH, 1, DA, DB, DH)
-    _store_rows(row + R * DH, drv_a, offs_r, r_mask, DV, 1, 0, DVA, DV)
-    if DVB > 0:
-        _store_rows(row + R * DH, drv_b, offs_r, r_mask, DV, 1, DVA, DVB, DV)
+                    sdqm, sdqd, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC)
 
 
 @triton.jit
@@ -917,8 +930,9 @@ def bwd_config(b, h, lq, lk, dh, dv, device, dtype):
     whole = max(16, _launch.next_pow2(lk))
     if whole <= 256 and 2 * b * h >= sms:
         mode = "fused"
+        # (measured with benchmarks/static_report.py: spills and instructions per score element)
         block_n = whole if whole <= 64 else 64
-        block_m = 64
+        block_m = 128 if (block_n < whole and widest <= 64) else 64
     else:
         mode = "split"
         block_n = 64 if (lk >= 128 and widest <= 64) else 32
