@@ -395,3 +395,21 @@ def test_gpu_table_gradients_are_bitwise_reproducible(b, h, L):
     _, g2 = _grads(inputs, dropout_p=0.0, **masks)
     for a, c in zip(g1, g2):
         assert torch.equal(a, c)
+
+
+def test_row_alignment_hint():
+    """The bytes every head row starts at a multiple of (the kernels' vector width hint)."""
+    from fastpe.kernels.triton.rmha import _row_alignment
+
+    def heads(b, length, h, dh, dtype, parts=3):
+        qkv = torch.zeros(b, length, parts * h * dh, dtype=dtype).chunk(parts, dim=-1)
+        return [t.view(b, length, h, dh).transpose(1, 2) for t in qkv]
+
+    assert _row_alignment(*heads(4, 10, 2, 64, torch.bfloat16)) == 16
+    assert _row_alignment(*heads(4, 10, 1, 90, torch.bfloat16)) == 4  # 180-byte k offset, 540-byte rows
+    assert _row_alignment(*heads(4, 10, 1, 45, torch.float16)) == 2  # odd row stride: one element
+    assert _row_alignment(*heads(4, 10, 1, 90, torch.float32)) == 8
+    x = torch.zeros(4, 2, 10, 64, dtype=torch.bfloat16)
+    assert _row_alignment(x, x[..., 1:]) == 2  # a view one element in
+    assert _row_alignment(x.transpose(-1, -2)) == 0  # columns not contiguous: no hint
+    assert _row_alignment(torch.zeros(1, 1, 1, 90, dtype=torch.bfloat16)) == 16  # one row: only the address counts

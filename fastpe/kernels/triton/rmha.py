@@ -60,28 +60,32 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_rows(base, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr):
+def _load_rows(base, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr, ALIGN: tl.constexpr = 0):
     """``[len(rows), C]`` tile of columns ``C0 .. C0+C`` (zero beyond ``CMAX`` and masked rows)."""
     cols = C0 + tl.arange(0, C)
     ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
+    if ALIGN > 0:  # every row starts at a multiple of ALIGN bytes (the planner checked): wider loads
+        ptrs = tl.multiple_of(ptrs, [ALIGN, ALIGN])
     return tl.load(ptrs, mask=row_mask[:, None] & (cols[None, :] < CMAX), other=0.0)
 
 
 @triton.jit
-def _load_split(base, rows, row_mask, stride_r, stride_c, DA: tl.constexpr, DB: tl.constexpr, D: tl.constexpr):
+def _load_split(base, rows, row_mask, stride_r, stride_c, DA: tl.constexpr, DB: tl.constexpr, D: tl.constexpr, ALIGN: tl.constexpr = 0):
     """Columns ``[0, DA)`` and ``[DA, DA+DB)`` of the rows (head sizes that are not a power of two are
     split in two power-of-two parts); the second is the first again when ``DB == 0`` (unused then)."""
-    a = _load_rows(base, rows, row_mask, stride_r, stride_c, 0, DA, D)
+    a = _load_rows(base, rows, row_mask, stride_r, stride_c, 0, DA, D, ALIGN)
     b = a
     if DB > 0:
-        b = _load_rows(base, rows, row_mask, stride_r, stride_c, DA, DB, D)
+        b = _load_rows(base, rows, row_mask, stride_r, stride_c, DA, DB, D, ALIGN)
     return a, b
 
 
 @triton.jit
-def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr):
+def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr, ALIGN: tl.constexpr = 0):
     cols = C0 + tl.arange(0, C)
     ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
+    if ALIGN > 0:
+        ptrs = tl.multiple_of(ptrs, [ALIGN, ALIGN])
     tl.store(ptrs, val.to(base.dtype.element_ty), mask=row_mask[:, None] & (cols[None, :] < CMAX))
 
 
@@ -108,7 +112,7 @@ def _left_sum(x, dloc, delta, KMAX: tl.constexpr):
 def _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, KPM, skpb, skpn,
                  BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX: tl.constexpr, DH: tl.constexpr,
                  DA: tl.constexpr, DB: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr):
+                 IS_CAUSAL: tl.constexpr, ALIGN: tl.constexpr = 0):
     """Masked logits (log2 units) of the diagonal ``j = i + r - k`` of the query block, ``[BLOCK_M]``,
     and its key indices: the band path. An inner bucket holds one element per row, so its sums
     are these elements, computed once per query block instead of looked up per tile element."""
@@ -119,10 +123,10 @@ def _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h,
     if HAS_KPM:
         pad = tl.load(KPM + b * skpb + offs_j * skpn, mask=ok, other=1)
         ok = ok & (pad == 0)
-    k_a = _load_rows(k_base, offs_j, ok, skn, skd, 0, DA, DH)
+    k_a = _load_rows(k_base, offs_j, ok, skn, skd, 0, DA, DH, ALIGN)
     dot = tl.sum(q_a.to(tl.float32) * k_a.to(tl.float32), axis=1)
     if DB > 0:
-        k_b = _load_rows(k_base, offs_j, ok, skn, skd, DA, DB, DH)
+        k_b = _load_rows(k_base, offs_j, ok, skn, skd, DA, DB, DH, ALIGN)
         dot += tl.sum(q_b.to(tl.float32) * k_b.to(tl.float32), axis=1)
     s = (dot + tl.sum(tl.where(rcols[None, :] == r, qr, 0.0), axis=1)) * qk_scale
     if HAS_BIAS:
@@ -202,10 +206,10 @@ def _keep_elems(seed, bh, offs_m, offs_j, dropout_p):
 def _diag_probs(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, bh, KPM, skpb, skpn,
                 BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, lse, seed, dropout_p,
                 KMAX: tl.constexpr, DH: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_KPM: tl.constexpr,
-                HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+                HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ALIGN: tl.constexpr = 0):
     """Normalised P~ on the diagonal ``j = i + r - k``, ``[BLOCK_M]``."""
     s_d, offs_j = _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, KPM, skpb, skpn,
-                               BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL)
+                               BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, ALIGN)
     p_d = tl.exp2(s_d - lse)
     if HAS_DROPOUT:
         keep_d = _keep_elems(seed, bh, offs_m, offs_j, dropout_p)
@@ -220,7 +224,7 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr
               KMAX: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr,
               DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
               HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              DOT_PREC: tl.constexpr, BAND: tl.constexpr, SIDE_COL: tl.constexpr):
+              DOT_PREC: tl.constexpr, BAND: tl.constexpr, SIDE_COL: tl.constexpr, ALIGN: tl.constexpr = 0):
     """One key block of the online softmax. ``BAND``: the block meets the band ``|j - i| < k`` and
     every element needs its bucket; otherwise every element is in bucket ``SIDE_COL`` (0 or 2k)
     and the relative key term is the per-row ``qr_side``."""
@@ -228,7 +232,7 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr
     n_mask = offs_n < LK
     col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
     if any_key:
-        k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
+        k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH, ALIGN)
         qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
         if DB > 0:
             qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
@@ -249,10 +253,10 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr
             keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
             p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
         p_lo = p.to(q_a.dtype)
-        v_a = _load_rows(v_base, offs_n, n_mask, svn, svd, 0, DVA, DV)
+        v_a = _load_rows(v_base, offs_n, n_mask, svn, svd, 0, DVA, DV, ALIGN)
         acc_a = tl.dot(p_lo, v_a, acc_a * alpha[:, None], input_precision=DOT_PREC)
         if DVB > 0:
-            v_b = _load_rows(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
+            v_b = _load_rows(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV, ALIGN)
             acc_b = tl.dot(p_lo, v_b, acc_b * alpha[:, None], input_precision=DOT_PREC)
         # bucket 0 sums of P~ and all of P~ (bucket 2k takes the rest, the inner buckets come later)
         if BAND:
@@ -292,7 +296,7 @@ def _rmha_fwd_kernel(
     KMAX: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
     R: tl.constexpr = 2 * KMAX + 1
     bh = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
@@ -314,12 +318,12 @@ def _rmha_fwd_kernel(
 
     # q . rk for the 2k+1 buckets: [BLOCK_M, R_PAD], once per program; its outer columns serve
     # the key blocks outside the band.
-    q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH)
+    q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH, ALIGN)
     rk_a = _load_rows(RK + h * srkh, rcols, r_mask, srkr, srkd, 0, DA, DH)
     qr = tl.dot(q_a, tl.trans(rk_a), input_precision=DOT_PREC)
     q_b = q_a
     if DB > 0:
-        q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
+        q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH, ALIGN)
         rk_b = _load_rows(RK + h * srkh, rcols, r_mask, srkr, srkd, DA, DB, DH)
         qr = tl.dot(q_b, tl.trans(rk_b), qr, input_precision=DOT_PREC)
     qr_left = _table_col(qr, rcols, 0)
@@ -345,19 +349,19 @@ def _rmha_fwd_kernel(
             acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0)
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0, ALIGN)
     for start_n in range(lo_band, mid_band, BLOCK_N):
         acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
             acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0)
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN)
     for start_n in range(end_band, hi, BLOCK_N):
         acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
             acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_right, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX)
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX, ALIGN)
 
     has_key = l_i > 0.0
     inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
@@ -369,7 +373,7 @@ def _rmha_fwd_kernel(
     for r in range(1, 2 * KMAX):
         p_d = _diag_probs(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, bh, KPM, skpb, skpn,
                           BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, lse, seed, dropout_p,
-                          KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
+                          KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, ALIGN)
         inner = tl.where(rcols[None, :] == r, p_d[:, None], inner)
     left = pl * inv_l
     right = pt * inv_l - left - tl.sum(inner, axis=1)
@@ -379,11 +383,11 @@ def _rmha_fwd_kernel(
     o_base = O + b * sob + h * soh
     rv_a = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, 0, DVA, DV)
     o_a = tl.dot(pbn, rv_a, acc_a * inv_l[:, None], input_precision=DOT_PREC)
-    _store_rows(o_base, o_a, offs_m, m_mask, som, sod, 0, DVA, DV)
+    _store_rows(o_base, o_a, offs_m, m_mask, som, sod, 0, DVA, DV, ALIGN)
     if DVB > 0:
         rv_b = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, DVA, DVB, DV)
         o_b = tl.dot(pbn, rv_b, acc_b * inv_l[:, None], input_precision=DOT_PREC)
-        _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV)
+        _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN)
     tl.store(LSE + bh * LQ + offs_m, lse, mask=m_mask)
 
 
@@ -395,22 +399,22 @@ def _rmha_fwd_kernel(
 @triton.jit
 def _load_query_block(q_base, do_base, o_base, lse_base, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
                       rk_a, rk_b, rv_a, rv_b, DA: tl.constexpr, DB: tl.constexpr, DH: tl.constexpr,
-                      DVA: tl.constexpr, DVB: tl.constexpr, DV: tl.constexpr, DOT_PREC: tl.constexpr):
+                      DVA: tl.constexpr, DVB: tl.constexpr, DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr = 0):
     """What the backward needs of one query block: q and dO (split at DA / DVA), D_i = rowsum(dO o O),
     q.rk^T and dO.rv^T over the buckets, and the forward's log-sum-exp."""
-    q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH)
-    do_a = _load_rows(do_base, offs_m, m_mask, sdom, sdod, 0, DVA, DV)
-    di = tl.sum(do_a.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, 0, DVA, DV).to(tl.float32), axis=1)
+    q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH, ALIGN)
+    do_a = _load_rows(do_base, offs_m, m_mask, sdom, sdod, 0, DVA, DV, ALIGN)
+    di = tl.sum(do_a.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, 0, DVA, DV, ALIGN).to(tl.float32), axis=1)
     qr = tl.dot(q_a, tl.trans(rk_a), input_precision=DOT_PREC)
     dorv = tl.dot(do_a, tl.trans(rv_a), input_precision=DOT_PREC)
     q_b = q_a
     do_b = do_a
     if DB > 0:
-        q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
+        q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH, ALIGN)
         qr = tl.dot(q_b, tl.trans(rk_b), qr, input_precision=DOT_PREC)
     if DVB > 0:
-        do_b = _load_rows(do_base, offs_m, m_mask, sdom, sdod, DVA, DVB, DV)
-        di += tl.sum(do_b.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, DVA, DVB, DV).to(tl.float32), axis=1)
+        do_b = _load_rows(do_base, offs_m, m_mask, sdom, sdod, DVA, DVB, DV, ALIGN)
+        di += tl.sum(do_b.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN).to(tl.float32), axis=1)
         dorv = tl.dot(do_b, tl.trans(rv_b), dorv, input_precision=DOT_PREC)
     lse = tl.load(lse_base + offs_m, mask=m_mask, other=0.0)
     return q_a, q_b, do_a, do_b, di, qr, dorv, lse
@@ -454,16 +458,16 @@ def _diag_grad(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, r, offs_m, m_mask
                b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
                KMAX: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
                DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ALIGN: tl.constexpr = 0):
     """P~ and dS on the diagonal ``j = i + r - k``, ``[BLOCK_M]`` each."""
     s_d, offs_j = _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, KPM, skpb, skpn,
-                               BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL)
+                               BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, ALIGN)
     p_d = tl.exp2(s_d - lse)
     in_range = s_d > float("-inf")  # allowed keys only: padding is never read
-    v_a = _load_rows(v_base, offs_j, in_range, svn, svd, 0, DVA, DV)
+    v_a = _load_rows(v_base, offs_j, in_range, svn, svd, 0, DVA, DV, ALIGN)
     dp_d = tl.sum(do_a.to(tl.float32) * v_a.to(tl.float32), axis=1)
     if DVB > 0:
-        v_b = _load_rows(v_base, offs_j, in_range, svn, svd, DVA, DVB, DV)
+        v_b = _load_rows(v_base, offs_j, in_range, svn, svd, DVA, DVB, DV, ALIGN)
         dp_d += tl.sum(do_b.to(tl.float32) * v_b.to(tl.float32), axis=1)
     dp_d += tl.sum(tl.where(rcols[None, :] == r, dorv, 0.0), axis=1)
     if HAS_DROPOUT:
@@ -481,7 +485,7 @@ def _diag_grads(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, offs_m, m_mask, 
                 b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
                 KMAX: tl.constexpr, R_PAD: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
                 DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+                IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ALIGN: tl.constexpr = 0):
     """P~ and dS on the inner diagonals of the band (the inner bucket sums), ``[BLOCK_M, R_PAD]`` each,
     recomputed from q, k, v once per query block. A loop, not unrolled: unrolled diagonals load
     their keys and values at once and spill (dh = 90); gathering them from the score tiles instead
@@ -492,7 +496,7 @@ def _diag_grads(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, offs_m, m_mask, 
         p_d, ds_d = _diag_grad(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, r, offs_m, m_mask, k_base, v_base,
                                skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK,
                                qk_scale, scale, seed, dropout_p, KMAX, DH, DV, DA, DB, DVA, DVB,
-                               HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
+                               HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, ALIGN)
         inner_p = tl.where(rcols[None, :] == r, p_d[:, None], inner_p)
         inner_ds = tl.where(rcols[None, :] == r, ds_d[:, None], inner_ds)
     return inner_p, inner_ds
@@ -534,7 +538,7 @@ def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, offs_m, offs_n, delta,
 def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                         left_p, total_p, left_ds, total_ds, inner_p, inner_ds, rcols, offs_m, m_mask, dq_base,
                         sdqm, sdqd, dt, KMAX: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
-                        DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, DOT_PREC: tl.constexpr):
+                        DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr = 0):
     """A query block whose keys are all visited: its bucket tables give the table gradients
     (``drk[r] += sum_i dS_bucket[i, r] q_i``, ``drv[r] += sum_i P~_bucket[i, r] dO_i``, added to this
     program's partial row ``row``, which only it touches) and the relative part of
@@ -557,11 +561,11 @@ def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, r
                                     input_precision=DOT_PREC), rcols, r_mask, DV, 1, DVA, DVB, DV)
     rk_a = _load_rows(rk_base, rcols, r_mask, srkr, srkd, 0, DA, DH)
     dq_a = tl.dot(dsb, rk_a, dq_a, input_precision=DOT_PREC)
-    _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH)
+    _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH, ALIGN)
     if DB > 0:
         rk_b = _load_rows(rk_base, rcols, r_mask, srkr, srkd, DA, DB, DH)
         dq_b = tl.dot(dsb, rk_b, dq_b, input_precision=DOT_PREC)
-        _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH)
+        _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH, ALIGN)
 
 
 @triton.jit
@@ -583,7 +587,7 @@ def _rmha_bwd_kernel(
     KMAX: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    FUSED_DQ: tl.constexpr, KV_IN_REGS: tl.constexpr, DOT_PREC: tl.constexpr,
+    FUSED_DQ: tl.constexpr, KV_IN_REGS: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
     R: tl.constexpr = 2 * KMAX + 1
     DBX: tl.constexpr = DB if DB > 0 else 16
@@ -645,12 +649,12 @@ def _rmha_bwd_kernel(
                 for z in range(0, LK, BLOCK_N):
                     rows = z + offs_kv
                     row_ok = rows < LK
-                    _store_rows(acc_k, tl.zeros([BLOCK_N, DA], tl.float32), rows, row_ok, DHP, 1, 0, DA, DHP)
-                    _store_rows(acc_v, tl.zeros([BLOCK_N, DVA], tl.float32), rows, row_ok, DVP, 1, 0, DVA, DVP)
+                    _store_rows(acc_k, tl.zeros([BLOCK_N, DA], tl.float32), rows, row_ok, DHP, 1, 0, DA, DHP, 16)
+                    _store_rows(acc_v, tl.zeros([BLOCK_N, DVA], tl.float32), rows, row_ok, DVP, 1, 0, DVA, DVP, 16)
                     if DB > 0:
-                        _store_rows(acc_k, tl.zeros([BLOCK_N, DBX], tl.float32), rows, row_ok, DHP, 1, DA, DB, DHP)
+                        _store_rows(acc_k, tl.zeros([BLOCK_N, DBX], tl.float32), rows, row_ok, DHP, 1, DA, DB, DHP, 16)
                     if DVB > 0:
-                        _store_rows(acc_v, tl.zeros([BLOCK_N, DVBX], tl.float32), rows, row_ok, DVP, 1, DVA, DVB, DVP)
+                        _store_rows(acc_v, tl.zeros([BLOCK_N, DVBX], tl.float32), rows, row_ok, DVP, 1, DVA, DVB, DVP, 16)
             for start_m in range(0, LQ, BLOCK_M):
                 tl.debug_barrier()  # accumulator and partial rows written by other threads before
                 offs_m = start_m + offs_m_local
@@ -659,7 +663,7 @@ def _rmha_bwd_kernel(
                 rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
                 q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
                     q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
-                    rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC)
+                    rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
                 dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
                 dq_b = tl.zeros([BLOCK_M, DBX], tl.float32)
                 left_p = tl.zeros([BLOCK_M], tl.float32)
@@ -674,8 +678,8 @@ def _rmha_bwd_kernel(
                     n_mask = offs_n < LK
                     col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
                     if any_key:  # a fully padded key block: P = dS = 0, nothing to add
-                        k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
-                        v_a, v_b = _load_split(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
+                        k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH, ALIGN)
+                        v_a, v_b = _load_split(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV, ALIGN)
                         delta = start_n - start_m
                         p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
                                                offs_m, offs_n, start_n, m_mask, n_mask, col_ok, b, h, bh,
@@ -694,18 +698,18 @@ def _rmha_bwd_kernel(
                             if DB > 0:
                                 dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
                         else:  # read-modify-write of this program's accumulator rows (no other program touches them)
-                            acc = _load_rows(acc_v, offs_n, n_mask, DVP, 1, 0, DVA, DVP)
+                            acc = _load_rows(acc_v, offs_n, n_mask, DVP, 1, 0, DVA, DVP, 16)
                             _store_rows(acc_v, tl.dot(tl.trans(p_lo), do_a, acc, input_precision=DOT_PREC),
                                         offs_n, n_mask, DVP, 1, 0, DVA, DVP)
-                            acc = _load_rows(acc_k, offs_n, n_mask, DHP, 1, 0, DA, DHP)
+                            acc = _load_rows(acc_k, offs_n, n_mask, DHP, 1, 0, DA, DHP, 16)
                             _store_rows(acc_k, tl.dot(tl.trans(ds_lo), q_a, acc, input_precision=DOT_PREC),
                                         offs_n, n_mask, DHP, 1, 0, DA, DHP)
                             if DVB > 0:
-                                acc = _load_rows(acc_v, offs_n, n_mask, DVP, 1, DVA, DVB, DVP)
+                                acc = _load_rows(acc_v, offs_n, n_mask, DVP, 1, DVA, DVB, DVP, 16)
                                 _store_rows(acc_v, tl.dot(tl.trans(p_lo), do_b, acc, input_precision=DOT_PREC),
                                             offs_n, n_mask, DVP, 1, DVA, DVB, DVP)
                             if DB > 0:
-                                acc = _load_rows(acc_k, offs_n, n_mask, DHP, 1, DA, DB, DHP)
+                                acc = _load_rows(acc_k, offs_n, n_mask, DHP, 1, DA, DB, DHP, 16)
                                 _store_rows(acc_k, tl.dot(tl.trans(ds_lo), q_b, acc, input_precision=DOT_PREC),
                                             offs_n, n_mask, DHP, 1, DA, DB, DHP)
                         left_p, total_p, left_ds, total_ds = _row_stats(
@@ -713,30 +717,30 @@ def _rmha_bwd_kernel(
                 inner_p, inner_ds = _diag_grads(
                     q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
                     b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
-                    KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
+                    KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, ALIGN)
                 _finish_query_block(
                     q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                     left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
-                    sdqm, sdqd, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC)
+                    sdqm, sdqd, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN)
             if KV_IN_REGS:
                 kv_ok = offs_kv < LK
-                _store_rows(dk_base, dk_a, offs_kv, kv_ok, sdkn, sdkd, 0, DA, DH)
-                _store_rows(dv_base, dv_a, offs_kv, kv_ok, sdvn, sdvd, 0, DVA, DV)
+                _store_rows(dk_base, dk_a, offs_kv, kv_ok, sdkn, sdkd, 0, DA, DH, ALIGN)
+                _store_rows(dv_base, dv_a, offs_kv, kv_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
                 if DB > 0:
-                    _store_rows(dk_base, dk_b, offs_kv, kv_ok, sdkn, sdkd, DA, DB, DH)
+                    _store_rows(dk_base, dk_b, offs_kv, kv_ok, sdkn, sdkd, DA, DB, DH, ALIGN)
                 if DVB > 0:
-                    _store_rows(dv_base, dv_b, offs_kv, kv_ok, sdvn, sdvd, DVA, DVB, DV)
+                    _store_rows(dv_base, dv_b, offs_kv, kv_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
             else:
                 tl.debug_barrier()
                 for z in range(0, LK, BLOCK_N):
                     rows = z + offs_kv
                     row_ok = rows < LK
-                    _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DHP, 1, 0, DA, DHP), rows, row_ok, sdkn, sdkd, 0, DA, DH)
-                    _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DVP, 1, 0, DVA, DVP), rows, row_ok, sdvn, sdvd, 0, DVA, DV)
+                    _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DHP, 1, 0, DA, DHP, 16), rows, row_ok, sdkn, sdkd, 0, DA, DH, ALIGN)
+                    _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DVP, 1, 0, DVA, DVP, 16), rows, row_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
                     if DB > 0:
-                        _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DHP, 1, DA, DB, DHP), rows, row_ok, sdkn, sdkd, DA, DB, DH)
+                        _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DHP, 1, DA, DB, DHP, 16), rows, row_ok, sdkn, sdkd, DA, DB, DH, ALIGN)
                     if DVB > 0:
-                        _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DVP, 1, DVA, DVB, DVP), rows, row_ok, sdvn, sdvd, DVA, DVB, DV)
+                        _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DVP, 1, DVA, DVB, DVP, 16), rows, row_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
                 tl.debug_barrier()  # the next sequence zeroes the accumulator rows again
         else:
             # ---- split, key block pid_blk: dk, dv ----
@@ -744,8 +748,8 @@ def _rmha_bwd_kernel(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_mask = offs_n < LK
             col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
-            k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
-            v_a, v_b = _load_split(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
+            k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH, ALIGN)
+            v_a, v_b = _load_split(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV, ALIGN)
             dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
             dk_b = tl.zeros([BLOCK_N, DBX], tl.float32)
             dv_a = tl.zeros([BLOCK_N, DVA], tl.float32)
@@ -762,7 +766,7 @@ def _rmha_bwd_kernel(
                 rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
                 q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
                     q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
-                    rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC)
+                    rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
                 delta = start_n - start_m
                 p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
                                        offs_m, offs_n, start_n, m_mask, n_mask, col_ok, b, h, bh,
@@ -776,12 +780,12 @@ def _rmha_bwd_kernel(
                     dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
                 if DB > 0:
                     dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
-            _store_rows(dk_base, dk_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH)
-            _store_rows(dv_base, dv_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV)
+            _store_rows(dk_base, dk_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH, ALIGN)
+            _store_rows(dv_base, dv_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN)
             if DB > 0:
-                _store_rows(dk_base, dk_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH)
+                _store_rows(dk_base, dk_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH, ALIGN)
             if DVB > 0:
-                _store_rows(dv_base, dv_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV)
+                _store_rows(dv_base, dv_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN)
 
             # ---- split, query block pid_blk: dq and the table gradients, visiting the key blocks again ----
             start_m = pid_blk * BLOCK_M
@@ -791,7 +795,7 @@ def _rmha_bwd_kernel(
             rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
             q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
                 q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
-                rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC)
+                rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
             dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
             dq_b = tl.zeros([BLOCK_M, DBX], tl.float32)
             left_p = tl.zeros([BLOCK_M], tl.float32)
@@ -807,8 +811,8 @@ def _rmha_bwd_kernel(
                 n_mask2 = offs_n2 < LK
                 col_ok2, any_key2 = _key_columns(KPM, b, skpb, skpn, offs_n2, n_mask2, HAS_KPM)
                 if any_key2:
-                    k2_a, k2_b = _load_split(k_base, offs_n2, n_mask2, skn, skd, DA, DB, DH)
-                    v2_a, v2_b = _load_split(v_base, offs_n2, n_mask2, svn, svd, DVA, DVB, DV)
+                    k2_a, k2_b = _load_split(k_base, offs_n2, n_mask2, skn, skd, DA, DB, DH, ALIGN)
+                    v2_a, v2_b = _load_split(v_base, offs_n2, n_mask2, svn, svd, DVA, DVB, DV, ALIGN)
                     delta2 = start_n2 - start_m
                     p2, ds2 = _bwd_tile(q_a, q_b, k2_a, k2_b, v2_a, v2_b, do_a, do_b, qr, dorv, di, lse,
                                         offs_m, offs_n2, start_n2, m_mask, n_mask2, col_ok2, b, h, bh,
@@ -825,11 +829,11 @@ def _rmha_bwd_kernel(
                 inner_p, inner_ds = _diag_grads(
                     q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
                     b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
-                    KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
+                    KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, ALIGN)
                 _finish_query_block(
                     q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                     left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
-                    sdqm, sdqd, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC)
+                    sdqm, sdqd, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN)
 
 
 @triton.jit
@@ -968,6 +972,22 @@ def _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p):
     )
 
 
+def _row_alignment(*tensors: torch.Tensor) -> int:
+    """Bytes (a power of two, at most 16) dividing the address of every row (last dimension) of
+    these tensors: the kernels load and store head rows with vectors that wide. Triton itself only
+    sees 16-byte alignment, so a head size of 90 in a fused projection (rows 4-byte aligned) would
+    be read one element at a time. 0 (no hint) when a last stride is not 1."""
+    align = 16
+    for t in tensors:
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            return 0
+        size = t.element_size()
+        for v in [t.data_ptr()] + [abs(st) * size for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1]:
+            if v:
+                align = min(align, v & -v)
+    return align
+
+
 def _table_strides(t: torch.Tensor):
     return (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1), t.stride(2)
 
@@ -996,7 +1016,7 @@ def plan_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, s
     args.update(sob=out.stride(0), soh=out.stride(1), som=out.stride(2), sod=out.stride(3))
     args.update(H=h, LQ=lq, LK=lk, qk_scale=float(scale) * LOG2E, dropout_p=float(dropout_p))
     constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
-    constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"])
+    constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], ALIGN=_row_alignment(q, k, v, out))
     launch = Launch(_rmha_fwd_kernel, (b * h, triton.cdiv(lq, cfg["block_m"])), args, constexprs,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse, [launch]
@@ -1041,7 +1061,7 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_cau
                 qk_scale=float(scale) * LOG2E, scale=float(scale), dropout_p=float(dropout_p))
     constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
     constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FUSED_DQ=cfg["mode"] == "fused",
-                      KV_IN_REGS=kv_in_regs)
+                      KV_IN_REGS=kv_in_regs, ALIGN=_row_alignment(dout, q, k, v, out, dq, dk, dvv))
     main = Launch(_rmha_bwd_kernel, (h * nbg, nblk), args, constexprs,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dq, dk, dvv, drk, drv, [main, *plan_sum_row_groups(partial, drk, drv)]
