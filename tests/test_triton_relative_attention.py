@@ -193,10 +193,12 @@ def test_tables_shared_differently(k_per_head):
     assert [g.shape for g in grads] == [t.shape for t in (*f[:3], rk3, rv3)]
 
 
-def test_value_head_size_differs_and_custom_scale():
+@pytest.mark.parametrize("scale", [0.3, -0.3])
+def test_value_head_size_differs_and_custom_scale(scale):
+    """(A negative scale takes the forward path that scales the logits before their max.)"""
     inputs = rmha_inputs(2, 2, 11, 11, 20, dv=36)
     masks = masks_on_device("padding+causal", 2, 2, 11, 11)
-    assert_matches_reference(op("triton", scale=0.3, **masks), op("reference", scale=0.3, **masks), inputs, torch.float32, NAMES)
+    assert_matches_reference(op("triton", scale=scale, **masks), op("reference", scale=scale, **masks), inputs, torch.float32, NAMES)
 
 
 def test_non_contiguous_inputs():

@@ -224,7 +224,8 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr
               KMAX: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr,
               DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
               HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              DOT_PREC: tl.constexpr, BAND: tl.constexpr, SIDE_COL: tl.constexpr, ALIGN: tl.constexpr = 0):
+              DOT_PREC: tl.constexpr, BAND: tl.constexpr, SIDE_COL: tl.constexpr, ALIGN: tl.constexpr = 0,
+              POS_SCALE: tl.constexpr = False):
     """One key block of the online softmax. ``BAND``: the block meets the band ``|j - i| < k`` and
     every element needs its bucket; otherwise every element is in bucket ``SIDE_COL`` (0 or 2k)
     and the relative key term is the per-row ``qr_side``."""
@@ -241,12 +242,20 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr
             s = qk + tl.gather(qr, _band_tile_buckets(dloc, delta, KMAX), axis=1)
         else:
             s = qk + qr_side[:, None]
-        s = _masked_logits(s * qk_scale, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
-                           HAS_BIAS, IS_CAUSAL)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        if HAS_BIAS or not POS_SCALE:
+            s = _masked_logits(s * qk_scale, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
+                               HAS_BIAS, IS_CAUSAL)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        else:  # a positive scale commutes with the max: scale and shift the logits in one FMA below
+            s = _masked_logits(s, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
+                               HAS_BIAS, IS_CAUSAL)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         # Rows with no allowed key so far keep m = -inf: subtract 0 instead (p = 0, no NaN).
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
+        if HAS_BIAS or not POS_SCALE:
+            p = tl.exp2(s - m_use[:, None])
+        else:
+            p = tl.exp2(s * qk_scale - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
@@ -296,7 +305,7 @@ def _rmha_fwd_kernel(
     KMAX: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
+    DOT_PREC: tl.constexpr, ALIGN: tl.constexpr, POS_SCALE: tl.constexpr,
 ):
     R: tl.constexpr = 2 * KMAX + 1
     bh = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
@@ -349,19 +358,19 @@ def _rmha_fwd_kernel(
             acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0, ALIGN)
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0, ALIGN, POS_SCALE)
     for start_n in range(lo_band, mid_band, BLOCK_N):
         acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
             acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN)
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE)
     for start_n in range(end_band, hi, BLOCK_N):
         acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
             acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_right, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX, ALIGN)
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX, ALIGN, POS_SCALE)
 
     has_key = l_i > 0.0
     inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
@@ -1016,7 +1025,8 @@ def plan_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, s
     args.update(sob=out.stride(0), soh=out.stride(1), som=out.stride(2), sod=out.stride(3))
     args.update(H=h, LQ=lq, LK=lk, qk_scale=float(scale) * LOG2E, dropout_p=float(dropout_p))
     constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
-    constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], ALIGN=_row_alignment(q, k, v, out))
+    constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], ALIGN=_row_alignment(q, k, v, out),
+                      POS_SCALE=scale > 0)
     launch = Launch(_rmha_fwd_kernel, (b * h, triton.cdiv(lq, cfg["block_m"])), args, constexprs,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse, [launch]
