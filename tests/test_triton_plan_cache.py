@@ -288,3 +288,18 @@ def test_plans_are_cached_in_inference_mode():
         args = rmha_bwd_args()
         hit = plan(*args)
         assert plan.hits == 1 and canonical(hit, args) == canonical(rmha.plan_backward(*args), args)
+
+
+def test_the_key_follows_address_alignment():
+    """The relative-attention planners hint the kernels with the rows' alignment (from addresses and
+    strides): the same shapes and strides at an address of another alignment must not reuse a plan."""
+    plan = _launch.cached(rmha, "plan_forward")
+    shifted = list(rmha_args(dh=32))
+    aligned = list(rmha_args(dh=32))
+    aligned[0] = torch.randn(3, 2, 21, 32)
+    shifted[0] = torch.randn(aligned[0].numel() + 1)[1:].view(aligned[0].shape)  # one float in: 4-byte aligned
+    assert shifted[0].stride() == aligned[0].stride() and shifted[0].data_ptr() % 16 != 0
+    first = plan(*aligned)[-1][0].constexprs["ALIGN"]
+    second = plan(*shifted)[-1][0].constexprs["ALIGN"]
+    assert plan.misses == 2 and plan.hits == 0
+    assert (first, second) == (16, 4)

@@ -107,10 +107,12 @@ def test_key_blocks_left_of_on_and_right_of_the_band(dtype, kind, monkeypatch):
         check(2, 1, 70, 70, 16, kind, dtype, kmax=2)
 
 
-def test_fully_padded_key_blocks_are_skipped_for_every_left_padding_length(monkeypatch):
+@pytest.mark.parametrize("bwd_mode", ["split", "fused"])
+def test_fully_padded_key_blocks_are_skipped_for_every_left_padding_length(bwd_mode, monkeypatch):
     """One sequence per left-padding length 0..17 over 16-wide key blocks of 33 positions. Keys and
     values of every fully padded block are NaN: a kernel that reads such a block (instead of
-    skipping it) turns outputs or gradients into NaN. Outputs start as NaN too."""
+    skipping it) turns outputs or gradients into NaN. Outputs start as NaN too. Both backward
+    modes: split, and the one pass over several key blocks (dk, dv in the per-program buffer)."""
     cfg = launch_cfg()
     monkeypatch.setattr(cfg, "POISON", True)
     L, pads = 33, list(range(18))
@@ -127,8 +129,7 @@ def test_fully_padded_key_blocks_are_skipped_for_every_left_padding_length(monke
     for t in low[1:3]:
         t[:, 0][dead.to(DEVICE)] = float("nan")
     low = [t.requires_grad_() for t in low]
-    # (the split backward: with one key block per sequence there is nothing to skip)
-    with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode="split", block_m=16, block_n=16):
+    with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode=bwd_mode, block_m=16, block_n=16):
         out = relative_attention(*low, key_padding_mask=kpm, backend="triton")
         grads = torch.autograd.grad(out, low, dout.float())
     atol, rtol = TOLERANCES[torch.float32]
@@ -147,7 +148,19 @@ def test_one_pass_backward_up_to_256_keys(L, monkeypatch):
         check(1, 1, L, L, 16, "padding+causal", kmax=4)
 
 
-@pytest.mark.parametrize("lq,lk,mode", [(5, 40, "fused"), (40, 5, "split"), (21, 40, "split")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["padding", "padding+causal"])
+def test_one_pass_backward_over_several_key_blocks_dh90(dtype, kind, monkeypatch):
+    """The one-pass backward with 16-wide key blocks over 37 positions and dh = 90 (64 + 32): dk, dv
+    accumulate in the per-program buffer over the query blocks, band and off-band tiles, two
+    sequences per program (the buffer is zeroed again per sequence). Outputs start as NaN."""
+    cfg = launch_cfg()
+    monkeypatch.setattr(cfg, "POISON", True)
+    with cfg.override("rmha_bwd", mode="fused", block_m=16, block_n=16, b_per_prog=2):
+        check(3, 1, 37, 37, 90, kind, dtype, kmax=2)
+
+
+@pytest.mark.parametrize("lq,lk,mode", [(5, 40, "fused"), (40, 5, "split"), (21, 40, "split"), (40, 21, "fused")])
 def test_unequal_query_and_key_lengths(lq, lk, mode):
     cfg = launch_cfg()
     with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode=mode, block_m=16, block_n=16):
@@ -180,10 +193,12 @@ def test_tables_shared_differently(k_per_head):
     assert [g.shape for g in grads] == [t.shape for t in (*f[:3], rk3, rv3)]
 
 
-def test_value_head_size_differs_and_custom_scale():
+@pytest.mark.parametrize("scale", [0.3, -0.3])
+def test_value_head_size_differs_and_custom_scale(scale):
+    """(A negative scale takes the forward path that scales the logits before their max.)"""
     inputs = rmha_inputs(2, 2, 11, 11, 20, dv=36)
     masks = masks_on_device("padding+causal", 2, 2, 11, 11)
-    assert_matches_reference(op("triton", scale=0.3, **masks), op("reference", scale=0.3, **masks), inputs, torch.float32, NAMES)
+    assert_matches_reference(op("triton", scale=scale, **masks), op("reference", scale=scale, **masks), inputs, torch.float32, NAMES)
 
 
 def test_non_contiguous_inputs():
@@ -298,7 +313,7 @@ def test_dropout_is_reproducible_and_has_the_right_rate():
     assert abs(a.float().mean().item() - (1 - p)) < 0.08  # 576 draws
 
 
-@pytest.mark.parametrize("mode,L", [("split", 12), ("fused", 12), ("split", 40)])
+@pytest.mark.parametrize("mode,L", [("split", 12), ("fused", 12), ("split", 40), ("fused", 40)])
 def test_dropout_backward_uses_the_forward_mask(mode, L):
     """Outputs and all gradients equal the float64 reference fed the kernel's own keep mask (at L = 40
     with k = 2 over 16-wide blocks: key blocks off the band, and the band's diagonals, which draw
@@ -382,3 +397,21 @@ def test_gpu_table_gradients_are_bitwise_reproducible(b, h, L):
     _, g2 = _grads(inputs, dropout_p=0.0, **masks)
     for a, c in zip(g1, g2):
         assert torch.equal(a, c)
+
+
+def test_row_alignment_hint():
+    """The bytes every head row starts at a multiple of (the kernels' vector width hint)."""
+    from fastpe.kernels.triton.rmha import _row_alignment
+
+    def heads(b, length, h, dh, dtype, parts=3):
+        qkv = torch.zeros(b, length, parts * h * dh, dtype=dtype).chunk(parts, dim=-1)
+        return [t.view(b, length, h, dh).transpose(1, 2) for t in qkv]
+
+    assert _row_alignment(*heads(4, 10, 2, 64, torch.bfloat16)) == 16
+    assert _row_alignment(*heads(4, 10, 1, 90, torch.bfloat16)) == 4  # 180-byte k offset, 540-byte rows
+    assert _row_alignment(*heads(4, 10, 1, 45, torch.float16)) == 2  # odd row stride: one element
+    assert _row_alignment(*heads(4, 10, 1, 90, torch.float32)) == 8
+    x = torch.zeros(4, 2, 10, 64, dtype=torch.bfloat16)
+    assert _row_alignment(x, x[..., 1:]) == 2  # a view one element in
+    assert _row_alignment(x.transpose(-1, -2)) == 0  # columns not contiguous: no hint
+    assert _row_alignment(torch.zeros(1, 1, 1, 90, dtype=torch.bfloat16)) == 16  # one row: only the address counts

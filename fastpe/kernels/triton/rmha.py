@@ -14,10 +14,16 @@ short sequences one block holds the whole sequence. Nothing of size ``[L, L, dh]
 
 Backward: recomputes ``P`` from the saved log-sum-exp. Two modes:
 
-* ``fused``: one key block holds all keys, so a program owns a whole (batch, head) sequence,
-  loops over query blocks and writes ``dq`` per block directly, accumulating ``dk, dv``.
+* ``fused`` (one pass, up to 256 keys): a program owns whole (batch, head) sequences, loops over
+  query blocks and, inside, over key blocks; every tile's ``P~`` and ``dS`` is computed once, and
+  ``dq`` is written once per query block. ``dk, dv`` accumulate in registers when one key block
+  holds every key, else in a per-program fp32 buffer (read-modify-write by that program only,
+  copied to ``dk, dv`` after the sequence).
 * ``split``: a program owns key block ``n`` (``dk, dv``: loop over query blocks) and query
   block ``n`` (``dq``: loop over key blocks); for long sequences or few (batch, head) pairs.
+
+The inner band buckets' sums (one element per row each) are recomputed per query block along
+the ``2k - 1`` diagonals in a loop, outside the tile loop.
 
 Relative-table gradients (``drk = sum dS_bucket^T Q``, ``drv = sum P~_bucket^T dO``) are
 accumulated per program in registers, written to a partial buffer (one row per program) and
@@ -54,28 +60,32 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_rows(base, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr):
+def _load_rows(base, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr, ALIGN: tl.constexpr = 0):
     """``[len(rows), C]`` tile of columns ``C0 .. C0+C`` (zero beyond ``CMAX`` and masked rows)."""
     cols = C0 + tl.arange(0, C)
     ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
+    if ALIGN > 0:  # every row starts at a multiple of ALIGN bytes (the planner checked): wider loads
+        ptrs = tl.multiple_of(ptrs, [ALIGN, ALIGN])
     return tl.load(ptrs, mask=row_mask[:, None] & (cols[None, :] < CMAX), other=0.0)
 
 
 @triton.jit
-def _load_split(base, rows, row_mask, stride_r, stride_c, DA: tl.constexpr, DB: tl.constexpr, D: tl.constexpr):
+def _load_split(base, rows, row_mask, stride_r, stride_c, DA: tl.constexpr, DB: tl.constexpr, D: tl.constexpr, ALIGN: tl.constexpr = 0):
     """Columns ``[0, DA)`` and ``[DA, DA+DB)`` of the rows (head sizes that are not a power of two are
     split in two power-of-two parts); the second is the first again when ``DB == 0`` (unused then)."""
-    a = _load_rows(base, rows, row_mask, stride_r, stride_c, 0, DA, D)
+    a = _load_rows(base, rows, row_mask, stride_r, stride_c, 0, DA, D, ALIGN)
     b = a
     if DB > 0:
-        b = _load_rows(base, rows, row_mask, stride_r, stride_c, DA, DB, D)
+        b = _load_rows(base, rows, row_mask, stride_r, stride_c, DA, DB, D, ALIGN)
     return a, b
 
 
 @triton.jit
-def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr):
+def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr, ALIGN: tl.constexpr = 0):
     cols = C0 + tl.arange(0, C)
     ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
+    if ALIGN > 0:
+        ptrs = tl.multiple_of(ptrs, [ALIGN, ALIGN])
     tl.store(ptrs, val.to(base.dtype.element_ty), mask=row_mask[:, None] & (cols[None, :] < CMAX))
 
 
@@ -102,7 +112,7 @@ def _left_sum(x, dloc, delta, KMAX: tl.constexpr):
 def _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, KPM, skpb, skpn,
                  BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX: tl.constexpr, DH: tl.constexpr,
                  DA: tl.constexpr, DB: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr):
+                 IS_CAUSAL: tl.constexpr, ALIGN: tl.constexpr = 0):
     """Masked logits (log2 units) of the diagonal ``j = i + r - k`` of the query block, ``[BLOCK_M]``,
     and its key indices: the band path. An inner bucket holds one element per row, so its sums
     are these elements, computed once per query block instead of looked up per tile element."""
@@ -113,10 +123,10 @@ def _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h,
     if HAS_KPM:
         pad = tl.load(KPM + b * skpb + offs_j * skpn, mask=ok, other=1)
         ok = ok & (pad == 0)
-    k_a = _load_rows(k_base, offs_j, ok, skn, skd, 0, DA, DH)
+    k_a = _load_rows(k_base, offs_j, ok, skn, skd, 0, DA, DH, ALIGN)
     dot = tl.sum(q_a.to(tl.float32) * k_a.to(tl.float32), axis=1)
     if DB > 0:
-        k_b = _load_rows(k_base, offs_j, ok, skn, skd, DA, DB, DH)
+        k_b = _load_rows(k_base, offs_j, ok, skn, skd, DA, DB, DH, ALIGN)
         dot += tl.sum(q_b.to(tl.float32) * k_b.to(tl.float32), axis=1)
     s = (dot + tl.sum(tl.where(rcols[None, :] == r, qr, 0.0), axis=1)) * qk_scale
     if HAS_BIAS:
@@ -196,10 +206,10 @@ def _keep_elems(seed, bh, offs_m, offs_j, dropout_p):
 def _diag_probs(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, bh, KPM, skpb, skpn,
                 BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, lse, seed, dropout_p,
                 KMAX: tl.constexpr, DH: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_KPM: tl.constexpr,
-                HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+                HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ALIGN: tl.constexpr = 0):
     """Normalised P~ on the diagonal ``j = i + r - k``, ``[BLOCK_M]``."""
     s_d, offs_j = _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, KPM, skpb, skpn,
-                               BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL)
+                               BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, ALIGN)
     p_d = tl.exp2(s_d - lse)
     if HAS_DROPOUT:
         keep_d = _keep_elems(seed, bh, offs_m, offs_j, dropout_p)
@@ -214,7 +224,8 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr
               KMAX: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr,
               DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
               HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              DOT_PREC: tl.constexpr, BAND: tl.constexpr, SIDE_COL: tl.constexpr):
+              DOT_PREC: tl.constexpr, BAND: tl.constexpr, SIDE_COL: tl.constexpr, ALIGN: tl.constexpr = 0,
+              POS_SCALE: tl.constexpr = False):
     """One key block of the online softmax. ``BAND``: the block meets the band ``|j - i| < k`` and
     every element needs its bucket; otherwise every element is in bucket ``SIDE_COL`` (0 or 2k)
     and the relative key term is the per-row ``qr_side``."""
@@ -222,7 +233,7 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr
     n_mask = offs_n < LK
     col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
     if any_key:
-        k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
+        k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH, ALIGN)
         qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
         if DB > 0:
             qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
@@ -231,22 +242,30 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr
             s = qk + tl.gather(qr, _band_tile_buckets(dloc, delta, KMAX), axis=1)
         else:
             s = qk + qr_side[:, None]
-        s = _masked_logits(s * qk_scale, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
-                           HAS_BIAS, IS_CAUSAL)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        if HAS_BIAS or not POS_SCALE:
+            s = _masked_logits(s * qk_scale, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
+                               HAS_BIAS, IS_CAUSAL)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        else:  # a positive scale commutes with the max: scale and shift the logits in one FMA below
+            s = _masked_logits(s, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
+                               HAS_BIAS, IS_CAUSAL)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         # Rows with no allowed key so far keep m = -inf: subtract 0 instead (p = 0, no NaN).
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
+        if HAS_BIAS or not POS_SCALE:
+            p = tl.exp2(s - m_use[:, None])
+        else:
+            p = tl.exp2(s * qk_scale - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
             keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
             p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
         p_lo = p.to(q_a.dtype)
-        v_a = _load_rows(v_base, offs_n, n_mask, svn, svd, 0, DVA, DV)
+        v_a = _load_rows(v_base, offs_n, n_mask, svn, svd, 0, DVA, DV, ALIGN)
         acc_a = tl.dot(p_lo, v_a, acc_a * alpha[:, None], input_precision=DOT_PREC)
         if DVB > 0:
-            v_b = _load_rows(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
+            v_b = _load_rows(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV, ALIGN)
             acc_b = tl.dot(p_lo, v_b, acc_b * alpha[:, None], input_precision=DOT_PREC)
         # bucket 0 sums of P~ and all of P~ (bucket 2k takes the rest, the inner buckets come later)
         if BAND:
@@ -286,7 +305,7 @@ def _rmha_fwd_kernel(
     KMAX: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, ALIGN: tl.constexpr, POS_SCALE: tl.constexpr,
 ):
     R: tl.constexpr = 2 * KMAX + 1
     bh = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
@@ -308,12 +327,12 @@ def _rmha_fwd_kernel(
 
     # q . rk for the 2k+1 buckets: [BLOCK_M, R_PAD], once per program; its outer columns serve
     # the key blocks outside the band.
-    q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH)
+    q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH, ALIGN)
     rk_a = _load_rows(RK + h * srkh, rcols, r_mask, srkr, srkd, 0, DA, DH)
     qr = tl.dot(q_a, tl.trans(rk_a), input_precision=DOT_PREC)
     q_b = q_a
     if DB > 0:
-        q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
+        q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH, ALIGN)
         rk_b = _load_rows(RK + h * srkh, rcols, r_mask, srkr, srkd, DA, DB, DH)
         qr = tl.dot(q_b, tl.trans(rk_b), qr, input_precision=DOT_PREC)
     qr_left = _table_col(qr, rcols, 0)
@@ -339,19 +358,19 @@ def _rmha_fwd_kernel(
             acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0)
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0, ALIGN, POS_SCALE)
     for start_n in range(lo_band, mid_band, BLOCK_N):
         acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
             acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0)
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE)
     for start_n in range(end_band, hi, BLOCK_N):
         acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
             acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_right, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX)
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX, ALIGN, POS_SCALE)
 
     has_key = l_i > 0.0
     inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
@@ -363,7 +382,7 @@ def _rmha_fwd_kernel(
     for r in range(1, 2 * KMAX):
         p_d = _diag_probs(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, bh, KPM, skpb, skpn,
                           BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, lse, seed, dropout_p,
-                          KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
+                          KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, ALIGN)
         inner = tl.where(rcols[None, :] == r, p_d[:, None], inner)
     left = pl * inv_l
     right = pt * inv_l - left - tl.sum(inner, axis=1)
@@ -373,11 +392,11 @@ def _rmha_fwd_kernel(
     o_base = O + b * sob + h * soh
     rv_a = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, 0, DVA, DV)
     o_a = tl.dot(pbn, rv_a, acc_a * inv_l[:, None], input_precision=DOT_PREC)
-    _store_rows(o_base, o_a, offs_m, m_mask, som, sod, 0, DVA, DV)
+    _store_rows(o_base, o_a, offs_m, m_mask, som, sod, 0, DVA, DV, ALIGN)
     if DVB > 0:
         rv_b = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, DVA, DVB, DV)
         o_b = tl.dot(pbn, rv_b, acc_b * inv_l[:, None], input_precision=DOT_PREC)
-        _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV)
+        _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN)
     tl.store(LSE + bh * LQ + offs_m, lse, mask=m_mask)
 
 
@@ -389,22 +408,22 @@ def _rmha_fwd_kernel(
 @triton.jit
 def _load_query_block(q_base, do_base, o_base, lse_base, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
                       rk_a, rk_b, rv_a, rv_b, DA: tl.constexpr, DB: tl.constexpr, DH: tl.constexpr,
-                      DVA: tl.constexpr, DVB: tl.constexpr, DV: tl.constexpr, DOT_PREC: tl.constexpr):
+                      DVA: tl.constexpr, DVB: tl.constexpr, DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr = 0):
     """What the backward needs of one query block: q and dO (split at DA / DVA), D_i = rowsum(dO o O),
     q.rk^T and dO.rv^T over the buckets, and the forward's log-sum-exp."""
-    q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH)
-    do_a = _load_rows(do_base, offs_m, m_mask, sdom, sdod, 0, DVA, DV)
-    di = tl.sum(do_a.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, 0, DVA, DV).to(tl.float32), axis=1)
+    q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH, ALIGN)
+    do_a = _load_rows(do_base, offs_m, m_mask, sdom, sdod, 0, DVA, DV, ALIGN)
+    di = tl.sum(do_a.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, 0, DVA, DV, ALIGN).to(tl.float32), axis=1)
     qr = tl.dot(q_a, tl.trans(rk_a), input_precision=DOT_PREC)
     dorv = tl.dot(do_a, tl.trans(rv_a), input_precision=DOT_PREC)
     q_b = q_a
     do_b = do_a
     if DB > 0:
-        q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
+        q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH, ALIGN)
         qr = tl.dot(q_b, tl.trans(rk_b), qr, input_precision=DOT_PREC)
     if DVB > 0:
-        do_b = _load_rows(do_base, offs_m, m_mask, sdom, sdod, DVA, DVB, DV)
-        di += tl.sum(do_b.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, DVA, DVB, DV).to(tl.float32), axis=1)
+        do_b = _load_rows(do_base, offs_m, m_mask, sdom, sdod, DVA, DVB, DV, ALIGN)
+        di += tl.sum(do_b.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN).to(tl.float32), axis=1)
         dorv = tl.dot(do_b, tl.trans(rv_b), dorv, input_precision=DOT_PREC)
     lse = tl.load(lse_base + offs_m, mask=m_mask, other=0.0)
     return q_a, q_b, do_a, do_b, di, qr, dorv, lse
@@ -412,13 +431,14 @@ def _load_query_block(q_base, do_base, o_base, lse_base, offs_m, m_mask, sqm, sq
 
 @triton.jit
 def _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
-              offs_m, offs_n, start_n, m_mask, n_mask, col_ok, dloc, delta, b, h, bh,
+              offs_m, offs_n, start_n, m_mask, n_mask, col_ok, b, h, bh,
               BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
               KMAX: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
               HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     """Recompute one tile: P~ (dropped probabilities) and dS (w.r.t. q.k + q.rk). The relative
     terms of the elements are gathered from the per-row tables ``qr`` and ``dorv`` by bucket."""
-    bucket = _band_tile_buckets(dloc, delta, KMAX)
+    # j - i from the row and column indices (a hoisted [BLOCK_M, BLOCK_N] table would hold registers)
+    bucket = _band_tile_buckets(offs_n[None, :] - offs_m[:, None], 0, KMAX)
     qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
     if DB > 0:
         qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
@@ -447,16 +467,16 @@ def _diag_grad(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, r, offs_m, m_mask
                b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
                KMAX: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
                DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ALIGN: tl.constexpr = 0):
     """P~ and dS on the diagonal ``j = i + r - k``, ``[BLOCK_M]`` each."""
     s_d, offs_j = _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, KPM, skpb, skpn,
-                               BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL)
+                               BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, ALIGN)
     p_d = tl.exp2(s_d - lse)
     in_range = s_d > float("-inf")  # allowed keys only: padding is never read
-    v_a = _load_rows(v_base, offs_j, in_range, svn, svd, 0, DVA, DV)
+    v_a = _load_rows(v_base, offs_j, in_range, svn, svd, 0, DVA, DV, ALIGN)
     dp_d = tl.sum(do_a.to(tl.float32) * v_a.to(tl.float32), axis=1)
     if DVB > 0:
-        v_b = _load_rows(v_base, offs_j, in_range, svn, svd, DVA, DVB, DV)
+        v_b = _load_rows(v_base, offs_j, in_range, svn, svd, DVA, DVB, DV, ALIGN)
         dp_d += tl.sum(do_b.to(tl.float32) * v_b.to(tl.float32), axis=1)
     dp_d += tl.sum(tl.where(rcols[None, :] == r, dorv, 0.0), axis=1)
     if HAS_DROPOUT:
@@ -474,27 +494,27 @@ def _diag_grads(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, offs_m, m_mask, 
                 b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
                 KMAX: tl.constexpr, R_PAD: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
                 DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """P~ and dS on the inner diagonals of the band (the inner bucket sums), ``[BLOCK_M, R_PAD]`` each."""
+                IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ALIGN: tl.constexpr = 0):
+    """P~ and dS on the inner diagonals of the band (the inner bucket sums), ``[BLOCK_M, R_PAD]`` each,
+    recomputed from q, k, v once per query block. A loop, not unrolled: unrolled diagonals load
+    their keys and values at once and spill (dh = 90); gathering them from the score tiles instead
+    costs a warp shuffle per tile column and output (more than the recomputation)."""
     inner_p = tl.zeros([offs_m.shape[0], R_PAD], tl.float32)
     inner_ds = tl.zeros([offs_m.shape[0], R_PAD], tl.float32)
-    if KMAX <= 8:  # few diagonals: unrolled, so their bucket columns are constants
-        for r in tl.static_range(1, 2 * KMAX):
-            p_d, ds_d = _diag_grad(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, r, offs_m, m_mask, k_base, v_base,
-                                   skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK,
-                                   qk_scale, scale, seed, dropout_p, KMAX, DH, DV, DA, DB, DVA, DVB,
-                                   HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
-            inner_p = tl.where(rcols[None, :] == r, p_d[:, None], inner_p)
-            inner_ds = tl.where(rcols[None, :] == r, ds_d[:, None], inner_ds)
-    else:
-        for r in range(1, 2 * KMAX):
-            p_d, ds_d = _diag_grad(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, r, offs_m, m_mask, k_base, v_base,
-                                   skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK,
-                                   qk_scale, scale, seed, dropout_p, KMAX, DH, DV, DA, DB, DVA, DVB,
-                                   HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
-            inner_p = tl.where(rcols[None, :] == r, p_d[:, None], inner_p)
-            inner_ds = tl.where(rcols[None, :] == r, ds_d[:, None], inner_ds)
+    for r in range(1, 2 * KMAX):
+        p_d, ds_d = _diag_grad(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, r, offs_m, m_mask, k_base, v_base,
+                               skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK,
+                               qk_scale, scale, seed, dropout_p, KMAX, DH, DV, DA, DB, DVA, DVB,
+                               HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, ALIGN)
+        inner_p = tl.where(rcols[None, :] == r, p_d[:, None], inner_p)
+        inner_ds = tl.where(rcols[None, :] == r, ds_d[:, None], inner_ds)
     return inner_p, inner_ds
+
+
+@triton.jit
+def _meets_band(delta, KMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether a tile with ``delta = start_n - start_m`` holds an element with ``|j - i| < k``."""
+    return (delta < BLOCK_M + KMAX - 1) & (delta > 1 - BLOCK_N - KMAX)
 
 
 @triton.jit
@@ -506,8 +526,60 @@ def _bucket_table(inner, left, total, rcols, KMAX: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, offs_m, offs_n, delta,
+               KMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add one tile to a query block's row sums and bucket 0 sums of P~ and dS."""
+    tile_p = tl.sum(p, axis=1)
+    tile_ds = tl.sum(ds, axis=1)
+    total_p += tile_p
+    total_ds += tile_ds
+    if _meets_band(delta, KMAX, BLOCK_M, BLOCK_N):
+        dist = offs_n[None, :] - offs_m[:, None]
+        left_p += _left_sum(p, dist, 0, KMAX)
+        left_ds += _left_sum(ds, dist, 0, KMAX)
+    elif delta < 0:  # wholly left of the band: bucket 0
+        left_p += tile_p
+        left_ds += tile_ds
+    return left_p, total_p, left_ds, total_ds
+
+
+@triton.jit
+def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
+                        left_p, total_p, left_ds, total_ds, inner_p, inner_ds, rcols, offs_m, m_mask, dq_base,
+                        sdqm, sdqd, dt, KMAX: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
+                        DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr = 0):
+    """A query block whose keys are all visited: its bucket tables give the table gradients
+    (``drk[r] += sum_i dS_bucket[i, r] q_i``, ``drv[r] += sum_i P~_bucket[i, r] dO_i``, added to this
+    program's partial row ``row``, which only it touches) and the relative part of
+    ``dq_i = sum_j dS_ij (k_j + rk[r(i, j)])``; dq is written once. The tables and the partial
+    sums live in memory, not in registers across the tile loops."""
+    R: tl.constexpr = 2 * KMAX + 1
+    r_mask = rcols < R
+    dsb = _bucket_table(inner_ds, left_ds, total_ds, rcols, KMAX).to(dt)
+    pbt = _bucket_table(inner_p, left_p, total_p, rcols, KMAX).to(dt)
+    drv_row = row + R * DH
+    _store_rows(row, tl.dot(tl.trans(dsb), q_a, _load_rows(row, rcols, r_mask, DH, 1, 0, DA, DH), input_precision=DOT_PREC),
+                rcols, r_mask, DH, 1, 0, DA, DH)
+    _store_rows(drv_row, tl.dot(tl.trans(pbt), do_a, _load_rows(drv_row, rcols, r_mask, DV, 1, 0, DVA, DV),
+                                input_precision=DOT_PREC), rcols, r_mask, DV, 1, 0, DVA, DV)
+    if DB > 0:
+        _store_rows(row, tl.dot(tl.trans(dsb), q_b, _load_rows(row, rcols, r_mask, DH, 1, DA, DB, DH),
+                                input_precision=DOT_PREC), rcols, r_mask, DH, 1, DA, DB, DH)
+    if DVB > 0:
+        _store_rows(drv_row, tl.dot(tl.trans(pbt), do_b, _load_rows(drv_row, rcols, r_mask, DV, 1, DVA, DVB, DV),
+                                    input_precision=DOT_PREC), rcols, r_mask, DV, 1, DVA, DVB, DV)
+    rk_a = _load_rows(rk_base, rcols, r_mask, srkr, srkd, 0, DA, DH)
+    dq_a = tl.dot(dsb, rk_a, dq_a, input_precision=DOT_PREC)
+    _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH, ALIGN)
+    if DB > 0:
+        rk_b = _load_rows(rk_base, rcols, r_mask, srkr, srkd, DA, DB, DH)
+        dq_b = tl.dot(dsb, rk_b, dq_b, input_precision=DOT_PREC)
+        _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH, ALIGN)
+
+
+@triton.jit
 def _rmha_bwd_kernel(
-    Q, K, V, RK, RV, KPM, BIAS, SEED, O, DO, LSE, DQ, DK, DV_, DTAB,
+    Q, K, V, RK, RV, KPM, BIAS, SEED, O, DO, LSE, DQ, DK, DV_, DTAB, ACC,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -524,7 +596,7 @@ def _rmha_bwd_kernel(
     KMAX: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    FUSED_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
+    FUSED_DQ: tl.constexpr, KV_IN_REGS: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
     R: tl.constexpr = 2 * KMAX + 1
     DBX: tl.constexpr = DB if DB > 0 else 16
@@ -537,19 +609,29 @@ def _rmha_bwd_kernel(
 
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
-    rk_a, rk_b = _load_split(RK + h * srkh, offs_r, r_mask, srkr, srkd, DA, DB, DH)
-    rv_a, rv_b = _load_split(RV + h * srvh, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
+    rk_base = RK + h * srkh
+    rv_base = RV + h * srvh
     offs_m_local = tl.arange(0, BLOCK_M)
-    dloc = tl.arange(0, BLOCK_N)[None, :] - offs_m_local[:, None]  # j - i inside a tile, minus start_n - start_m
 
-    drk_a = tl.zeros([R_PAD, DA], tl.float32)
-    drk_b = tl.zeros([R_PAD, DBX], tl.float32)
-    drv_a = tl.zeros([R_PAD, DVA], tl.float32)
-    drv_b = tl.zeros([R_PAD, DVBX], tl.float32)
+    # this program's share of the table gradients: one row of the partial buffer, zeroed here and
+    # added to per query block
+    row = DTAB + ((h * NBG + bg) * tl.num_programs(1) + pid_blk) * (R * DH + R * DV)
+    _store_rows(row, tl.zeros([R_PAD, DA], tl.float32), offs_r, r_mask, DH, 1, 0, DA, DH)
+    _store_rows(row + R * DH, tl.zeros([R_PAD, DVA], tl.float32), offs_r, r_mask, DV, 1, 0, DVA, DV)
+    if DB > 0:
+        _store_rows(row, tl.zeros([R_PAD, DBX], tl.float32), offs_r, r_mask, DH, 1, DA, DB, DH)
+    if DVB > 0:
+        _store_rows(row + R * DH, tl.zeros([R_PAD, DVBX], tl.float32), offs_r, r_mask, DV, 1, DVA, DVB, DV)
 
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+    # this program's fp32 dk, dv accumulators for a whole sequence (one-pass mode, several key blocks);
+    # rows padded to the split head sizes: 16-byte aligned, no column masks
+    DHP: tl.constexpr = DA + DB
+    DVP: tl.constexpr = DVA + DVB
+    acc_k = ACC + pid1 * LK * (DHP + DVP)
+    acc_v = acc_k + LK * DHP
 
     b_end = tl.minimum(B, (bg + 1) * B_PER_PROG)
     for b in range(bg * B_PER_PROG, b_end):
@@ -559,88 +641,176 @@ def _rmha_bwd_kernel(
         v_base = V + b * svb + h * svh
         o_base = O + b * sob + h * soh
         do_base = DO + b * sdob + h * sdoh
+        dq_base = DQ + b * sdqb + h * sdqh
+        dk_base = DK + b * sdkb + h * sdkh
+        dv_base = DV_ + b * sdvb + h * sdvh
 
-        # ---- key block pid_blk: dk, dv (and dq and the table gradients too when the block holds every key) ----
-        start_n = pid_blk * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < LK
-        col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
-        k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH)
-        v_a, v_b = _load_split(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV)
-        dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
-        dk_b = tl.zeros([BLOCK_N, DBX], tl.float32)
-        dv_a = tl.zeros([BLOCK_N, DVA], tl.float32)
-        dv_b = tl.zeros([BLOCK_N, DVBX], tl.float32)
-        lo = 0
-        if IS_CAUSAL:
-            lo = (start_n // BLOCK_M) * BLOCK_M
-        hi = tl.where(start_n < LK, LQ, 0)
-        if not FUSED_DQ:
-            hi = tl.where(any_key, hi, 0)  # a fully padded key block: dk = dv = 0
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + offs_m_local
-            m_mask = offs_m < LQ
-            q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
-                q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
-                rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC)
-            delta = start_n - start_m
-            p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
-                                   offs_m, offs_n, start_n, m_mask, n_mask, col_ok, dloc, delta, b, h, bh,
-                                   BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
-                                   KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
-            p_lo = p_drop.to(dt)
-            ds_lo = ds.to(dt)
-            dv_a = tl.dot(tl.trans(p_lo), do_a, dv_a, input_precision=DOT_PREC)
-            dk_a = tl.dot(tl.trans(ds_lo), q_a, dk_a, input_precision=DOT_PREC)
-            if DVB > 0:
-                dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
-            if DB > 0:
-                dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
-            if FUSED_DQ:
-                # every key is in this block: the row's bucket sums and dq_i = sum_j dS_ij (k_j + rk[r(i,j)])
-                # are complete
+        if FUSED_DQ:
+            # ---- one pass: query blocks outside, key blocks inside; dq and the bucket sums of a
+            # query block are complete after its key loop, dk and dv after the last query block ----
+            offs_kv = tl.arange(0, BLOCK_N)
+            if KV_IN_REGS:  # one key block holds every key
+                dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
+                dk_b = tl.zeros([BLOCK_N, DBX], tl.float32)
+                dv_a = tl.zeros([BLOCK_N, DVA], tl.float32)
+                dv_b = tl.zeros([BLOCK_N, DVBX], tl.float32)
+            else:
+                for z in range(0, LK, BLOCK_N):
+                    rows = z + offs_kv
+                    row_ok = rows < LK
+                    _store_rows(acc_k, tl.zeros([BLOCK_N, DA], tl.float32), rows, row_ok, DHP, 1, 0, DA, DHP, 16)
+                    _store_rows(acc_v, tl.zeros([BLOCK_N, DVA], tl.float32), rows, row_ok, DVP, 1, 0, DVA, DVP, 16)
+                    if DB > 0:
+                        _store_rows(acc_k, tl.zeros([BLOCK_N, DBX], tl.float32), rows, row_ok, DHP, 1, DA, DB, DHP, 16)
+                    if DVB > 0:
+                        _store_rows(acc_v, tl.zeros([BLOCK_N, DVBX], tl.float32), rows, row_ok, DVP, 1, DVA, DVB, DVP, 16)
+            for start_m in range(0, LQ, BLOCK_M):
+                tl.debug_barrier()  # accumulator and partial rows written by other threads before
+                offs_m = start_m + offs_m_local
+                m_mask = offs_m < LQ
+                rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
+                rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
+                q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
+                    q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
+                    rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
+                dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
+                dq_b = tl.zeros([BLOCK_M, DBX], tl.float32)
+                left_p = tl.zeros([BLOCK_M], tl.float32)
+                total_p = tl.zeros([BLOCK_M], tl.float32)
+                left_ds = tl.zeros([BLOCK_M], tl.float32)
+                total_ds = tl.zeros([BLOCK_M], tl.float32)
+                hi_n = LK
+                if IS_CAUSAL:
+                    hi_n = tl.minimum(LK, start_m + BLOCK_M)
+                for start_n in range(0, hi_n, BLOCK_N):
+                    offs_n = start_n + offs_kv
+                    n_mask = offs_n < LK
+                    col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+                    if any_key:  # a fully padded key block: P = dS = 0, nothing to add
+                        k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH, ALIGN)
+                        v_a, v_b = _load_split(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV, ALIGN)
+                        delta = start_n - start_m
+                        p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
+                                               offs_m, offs_n, start_n, m_mask, n_mask, col_ok, b, h, bh,
+                                               BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
+                                               KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
+                        p_lo = p_drop.to(dt)
+                        ds_lo = ds.to(dt)
+                        dq_a = tl.dot(ds_lo, k_a, dq_a, input_precision=DOT_PREC)
+                        if DB > 0:
+                            dq_b = tl.dot(ds_lo, k_b, dq_b, input_precision=DOT_PREC)
+                        if KV_IN_REGS:
+                            dv_a = tl.dot(tl.trans(p_lo), do_a, dv_a, input_precision=DOT_PREC)
+                            dk_a = tl.dot(tl.trans(ds_lo), q_a, dk_a, input_precision=DOT_PREC)
+                            if DVB > 0:
+                                dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
+                            if DB > 0:
+                                dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
+                        else:  # read-modify-write of this program's accumulator rows (no other program touches them)
+                            acc = _load_rows(acc_v, offs_n, n_mask, DVP, 1, 0, DVA, DVP, 16)
+                            _store_rows(acc_v, tl.dot(tl.trans(p_lo), do_a, acc, input_precision=DOT_PREC),
+                                        offs_n, n_mask, DVP, 1, 0, DVA, DVP)
+                            acc = _load_rows(acc_k, offs_n, n_mask, DHP, 1, 0, DA, DHP, 16)
+                            _store_rows(acc_k, tl.dot(tl.trans(ds_lo), q_a, acc, input_precision=DOT_PREC),
+                                        offs_n, n_mask, DHP, 1, 0, DA, DHP)
+                            if DVB > 0:
+                                acc = _load_rows(acc_v, offs_n, n_mask, DVP, 1, DVA, DVB, DVP, 16)
+                                _store_rows(acc_v, tl.dot(tl.trans(p_lo), do_b, acc, input_precision=DOT_PREC),
+                                            offs_n, n_mask, DVP, 1, DVA, DVB, DVP)
+                            if DB > 0:
+                                acc = _load_rows(acc_k, offs_n, n_mask, DHP, 1, DA, DB, DHP, 16)
+                                _store_rows(acc_k, tl.dot(tl.trans(ds_lo), q_b, acc, input_precision=DOT_PREC),
+                                            offs_n, n_mask, DHP, 1, DA, DB, DHP)
+                        left_p, total_p, left_ds, total_ds = _row_stats(
+                            p_drop, ds, left_p, total_p, left_ds, total_ds, offs_m, offs_n, delta, KMAX, BLOCK_M, BLOCK_N)
                 inner_p, inner_ds = _diag_grads(
                     q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
                     b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
-                    KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
-                dsb = _bucket_table(inner_ds, _left_sum(ds, dloc, delta, KMAX), tl.sum(ds, axis=1), offs_r, KMAX).to(dt)
-                pbt = _bucket_table(inner_p, _left_sum(p_drop, dloc, delta, KMAX), tl.sum(p_drop, axis=1), offs_r, KMAX).to(dt)
-                # table gradients: drk[r] += sum_i dS_bucket[i, r] q_i, drv[r] += sum_i P~_bucket[i, r] dO_i
-                drk_a = tl.dot(tl.trans(dsb), q_a, drk_a, input_precision=DOT_PREC)
-                drv_a = tl.dot(tl.trans(pbt), do_a, drv_a, input_precision=DOT_PREC)
+                    KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, ALIGN)
+                _finish_query_block(
+                    q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
+                    left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
+                    sdqm, sdqd, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN)
+            if KV_IN_REGS:
+                kv_ok = offs_kv < LK
+                _store_rows(dk_base, dk_a, offs_kv, kv_ok, sdkn, sdkd, 0, DA, DH, ALIGN)
+                _store_rows(dv_base, dv_a, offs_kv, kv_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
                 if DB > 0:
-                    drk_b = tl.dot(tl.trans(dsb), q_b, drk_b, input_precision=DOT_PREC)
+                    _store_rows(dk_base, dk_b, offs_kv, kv_ok, sdkn, sdkd, DA, DB, DH, ALIGN)
                 if DVB > 0:
-                    drv_b = tl.dot(tl.trans(pbt), do_b, drv_b, input_precision=DOT_PREC)
-                dq_a = tl.dot(ds_lo, k_a, input_precision=DOT_PREC)
-                dq_a = tl.dot(dsb, rk_a, dq_a, input_precision=DOT_PREC)
-                _store_rows(DQ + b * sdqb + h * sdqh, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH)
+                    _store_rows(dv_base, dv_b, offs_kv, kv_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+            else:
+                tl.debug_barrier()
+                for z in range(0, LK, BLOCK_N):
+                    rows = z + offs_kv
+                    row_ok = rows < LK
+                    _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DHP, 1, 0, DA, DHP, 16), rows, row_ok, sdkn, sdkd, 0, DA, DH, ALIGN)
+                    _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DVP, 1, 0, DVA, DVP, 16), rows, row_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
+                    if DB > 0:
+                        _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DHP, 1, DA, DB, DHP, 16), rows, row_ok, sdkn, sdkd, DA, DB, DH, ALIGN)
+                    if DVB > 0:
+                        _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DVP, 1, DVA, DVB, DVP, 16), rows, row_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+                tl.debug_barrier()  # the next sequence zeroes the accumulator rows again
+        else:
+            # ---- split, key block pid_blk: dk, dv ----
+            start_n = pid_blk * BLOCK_N
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < LK
+            col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+            k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH, ALIGN)
+            v_a, v_b = _load_split(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV, ALIGN)
+            dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
+            dk_b = tl.zeros([BLOCK_N, DBX], tl.float32)
+            dv_a = tl.zeros([BLOCK_N, DVA], tl.float32)
+            dv_b = tl.zeros([BLOCK_N, DVBX], tl.float32)
+            lo = 0
+            if IS_CAUSAL:
+                lo = (start_n // BLOCK_M) * BLOCK_M
+            hi = tl.where(start_n < LK, LQ, 0)
+            hi = tl.where(any_key, hi, 0)  # a fully padded key block: dk = dv = 0
+            for start_m in range(lo, hi, BLOCK_M):
+                offs_m = start_m + offs_m_local
+                m_mask = offs_m < LQ
+                rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
+                rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
+                q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
+                    q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
+                    rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
+                delta = start_n - start_m
+                p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
+                                       offs_m, offs_n, start_n, m_mask, n_mask, col_ok, b, h, bh,
+                                       BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
+                                       KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
+                p_lo = p_drop.to(dt)
+                ds_lo = ds.to(dt)
+                dv_a = tl.dot(tl.trans(p_lo), do_a, dv_a, input_precision=DOT_PREC)
+                dk_a = tl.dot(tl.trans(ds_lo), q_a, dk_a, input_precision=DOT_PREC)
+                if DVB > 0:
+                    dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
                 if DB > 0:
-                    dq_b = tl.dot(ds_lo, k_b, input_precision=DOT_PREC)
-                    dq_b = tl.dot(dsb, rk_b, dq_b, input_precision=DOT_PREC)
-                    _store_rows(DQ + b * sdqb + h * sdqh, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH)
-        _store_rows(DK + b * sdkb + h * sdkh, dk_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH)
-        _store_rows(DV_ + b * sdvb + h * sdvh, dv_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV)
-        if DB > 0:
-            _store_rows(DK + b * sdkb + h * sdkh, dk_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH)
-        if DVB > 0:
-            _store_rows(DV_ + b * sdvb + h * sdvh, dv_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV)
+                    dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
+            _store_rows(dk_base, dk_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH, ALIGN)
+            _store_rows(dv_base, dv_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN)
+            if DB > 0:
+                _store_rows(dk_base, dk_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH, ALIGN)
+            if DVB > 0:
+                _store_rows(dv_base, dv_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN)
 
-        # ---- query block pid_blk: dq and the table gradients, visiting the key blocks again ----
-        if not FUSED_DQ:
+            # ---- split, query block pid_blk: dq and the table gradients, visiting the key blocks again ----
             start_m = pid_blk * BLOCK_M
             offs_m = start_m + offs_m_local
             m_mask = offs_m < LQ
+            rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
+            rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
             q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
                 q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
-                rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC)
+                rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
             dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
             dq_b = tl.zeros([BLOCK_M, DBX], tl.float32)
-            # bucket 0 sums and row sums of dS and P~ over the key blocks
-            left_ds = tl.zeros([BLOCK_M], tl.float32)
-            total_ds = tl.zeros([BLOCK_M], tl.float32)
             left_p = tl.zeros([BLOCK_M], tl.float32)
             total_p = tl.zeros([BLOCK_M], tl.float32)
+            left_ds = tl.zeros([BLOCK_M], tl.float32)
+            total_ds = tl.zeros([BLOCK_M], tl.float32)
             hi_n = LK
             if IS_CAUSAL:
                 hi_n = tl.minimum(LK, start_m + BLOCK_M)
@@ -650,47 +820,29 @@ def _rmha_bwd_kernel(
                 n_mask2 = offs_n2 < LK
                 col_ok2, any_key2 = _key_columns(KPM, b, skpb, skpn, offs_n2, n_mask2, HAS_KPM)
                 if any_key2:
-                    k2_a, k2_b = _load_split(k_base, offs_n2, n_mask2, skn, skd, DA, DB, DH)
-                    v2_a, v2_b = _load_split(v_base, offs_n2, n_mask2, svn, svd, DVA, DVB, DV)
+                    k2_a, k2_b = _load_split(k_base, offs_n2, n_mask2, skn, skd, DA, DB, DH, ALIGN)
+                    v2_a, v2_b = _load_split(v_base, offs_n2, n_mask2, svn, svd, DVA, DVB, DV, ALIGN)
                     delta2 = start_n2 - start_m
                     p2, ds2 = _bwd_tile(q_a, q_b, k2_a, k2_b, v2_a, v2_b, do_a, do_b, qr, dorv, di, lse,
-                                        offs_m, offs_n2, start_n2, m_mask, n_mask2, col_ok2, dloc, delta2, b, h, bh,
+                                        offs_m, offs_n2, start_n2, m_mask, n_mask2, col_ok2, b, h, bh,
                                         BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
                                         KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
                     ds2_lo = ds2.to(dt)
                     dq_a = tl.dot(ds2_lo, k2_a, dq_a, input_precision=DOT_PREC)
                     if DB > 0:
                         dq_b = tl.dot(ds2_lo, k2_b, dq_b, input_precision=DOT_PREC)
-                    left_ds += _left_sum(ds2, dloc, delta2, KMAX)
-                    total_ds += tl.sum(ds2, axis=1)
-                    left_p += _left_sum(p2, dloc, delta2, KMAX)
-                    total_p += tl.sum(p2, axis=1)
-            inner_p, inner_ds = _diag_grads(
-                q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
-                b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
-                KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT)
-            dsb = _bucket_table(inner_ds, left_ds, total_ds, offs_r, KMAX).to(dt)
-            pbt = _bucket_table(inner_p, left_p, total_p, offs_r, KMAX).to(dt)
-            drk_a = tl.dot(tl.trans(dsb), q_a, drk_a, input_precision=DOT_PREC)
-            drv_a = tl.dot(tl.trans(pbt), do_a, drv_a, input_precision=DOT_PREC)
-            if DB > 0:
-                drk_b = tl.dot(tl.trans(dsb), q_b, drk_b, input_precision=DOT_PREC)
-            if DVB > 0:
-                drv_b = tl.dot(tl.trans(pbt), do_b, drv_b, input_precision=DOT_PREC)
-            dq_a = tl.dot(dsb, rk_a, dq_a, input_precision=DOT_PREC)
-            _store_rows(DQ + b * sdqb + h * sdqh, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH)
-            if DB > 0:
-                dq_b = tl.dot(dsb, rk_b, dq_b, input_precision=DOT_PREC)
-                _store_rows(DQ + b * sdqb + h * sdqh, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH)
-
-    # this program's share of the table gradients: one row of the partial buffer
-    row = DTAB + ((h * NBG + bg) * tl.num_programs(1) + pid_blk) * (R * DH + R * DV)
-    _store_rows(row, drk_a, offs_r, r_mask, DH, 1, 0, DA, DH)
-    if DB > 0:
-        _store_rows(row, drk_b, offs_r, r_mask, DH, 1, DA, DB, DH)
-    _store_rows(row + R * DH, drv_a, offs_r, r_mask, DV, 1, 0, DVA, DV)
-    if DVB > 0:
-        _store_rows(row + R * DH, drv_b, offs_r, r_mask, DV, 1, DVA, DVB, DV)
+                    left_p, total_p, left_ds, total_ds = _row_stats(
+                        p2, ds2, left_p, total_p, left_ds, total_ds, offs_m, offs_n2, delta2, KMAX, BLOCK_M, BLOCK_N)
+            if start_m < LQ:
+                tl.debug_barrier()  # the partial row written by other threads before
+                inner_p, inner_ds = _diag_grads(
+                    q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
+                    b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
+                    KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, ALIGN)
+                _finish_query_block(
+                    q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
+                    left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
+                    sdqm, sdqd, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN)
 
 
 @triton.jit
@@ -781,27 +933,28 @@ def fwd_config(b, h, lq, lk, dh, dv, device, dtype):
 
 
 def bwd_config(b, h, lq, lk, dh, dv, device, dtype):
-    """Backward mode and block sizes. ``fused`` (one pass, dq written once) when one key block
-    holds the sequence (up to 256 keys) and there are enough (batch, head) pairs to fill the card;
-    ``split`` otherwise."""
+    """Backward mode and block sizes. ``fused`` (one pass: every tile's P~ and dS computed once, dq
+    written once per query block) up to 256 keys when there are enough (batch, head) pairs to fill
+    the card: a program owns whole sequences, query blocks outside, key blocks inside; dk and dv
+    stay in registers when one key block holds every key, else in a per-program fp32 buffer.
+    ``split`` otherwise (long sequences, few pairs)."""
     sms = _launch.num_sms(device)
     widest = max(_launch.pad16(dh), _launch.pad16(dv))
     whole = max(16, _launch.next_pow2(lk))
-    if whole <= 256 and b * h >= sms:
-        mode, block_n = "fused", whole
-        block_m = 64 if whole <= 32 else (32 if whole <= 64 else 16)
-        if widest > 128:
-            block_m = 16
+    if whole <= 256 and 2 * b * h >= sms:
+        mode = "fused"
+        # (measured with benchmarks/static_report.py: spills and instructions per score element)
+        block_n = whole if whole <= 64 else 64
+        block_m = 128 if (block_n < whole and widest <= 64) else 64
     else:
         mode = "split"
         block_n = 64 if (lk >= 128 and widest <= 64) else 32
         block_m = block_n
-    block_m = min(block_m, max(16, _launch.next_pow2(lq)))
     cfg = _launch.knobs("rmha_bwd", mode=mode, block_m=block_m, block_n=block_n, b_per_prog=0, num_warps=0, num_stages=1)
-    if cfg["mode"] == "fused":
-        cfg["block_n"] = max(cfg["block_n"], whole)
     if cfg["mode"] not in ("fused", "split"):
         raise ValueError(f"rmha_bwd mode must be 'fused' or 'split', got {cfg['mode']!r}")
+    cfg["block_m"] = min(cfg["block_m"], max(16, _launch.next_pow2(lq)))
+    cfg["block_n"] = min(cfg["block_n"], whole)
     nblk = 1 if cfg["mode"] == "fused" else max(triton.cdiv(lq, cfg["block_m"]), triton.cdiv(lk, cfg["block_n"]))
     if not cfg["num_warps"]:
         small = cfg["block_m"] * cfg["block_n"] <= 64 * 64 and cfg["block_n"] <= 128 and widest <= 64
@@ -826,6 +979,22 @@ def _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p):
         HAS_KPM=kpm is not None, HAS_BIAS=bias is not None, IS_CAUSAL=bool(is_causal),
         HAS_DROPOUT=dropout_p > 0.0, DOT_PREC=_launch.dot_precision(q.dtype),
     )
+
+
+def _row_alignment(*tensors: torch.Tensor) -> int:
+    """Bytes (a power of two, at most 16) dividing the address of every row (last dimension) of
+    these tensors: the kernels load and store head rows with vectors that wide. Triton itself only
+    sees 16-byte alignment, so a head size of 90 in a fused projection (rows 4-byte aligned) would
+    be read one element at a time. 0 (no hint) when a last stride is not 1."""
+    align = 16
+    for t in tensors:
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            return 0
+        size = t.element_size()
+        for v in [t.data_ptr()] + [abs(st) * size for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1]:
+            if v:
+                align = min(align, v & -v)
+    return align
 
 
 def _table_strides(t: torch.Tensor):
@@ -856,7 +1025,8 @@ def plan_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, s
     args.update(sob=out.stride(0), soh=out.stride(1), som=out.stride(2), sod=out.stride(3))
     args.update(H=h, LQ=lq, LK=lk, qk_scale=float(scale) * LOG2E, dropout_p=float(dropout_p))
     constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
-    constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"])
+    constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], ALIGN=_row_alignment(q, k, v, out),
+                      POS_SCALE=scale > 0)
     launch = Launch(_rmha_fwd_kernel, (b * h, triton.cdiv(lq, cfg["block_m"])), args, constexprs,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse, [launch]
@@ -875,13 +1045,17 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_cau
     dvv = _launch.empty(v.shape, v.dtype, v.device)
     width = n_buckets * (dh + dv)
     partial = _launch.empty((h * nbg * nblk, width), torch.float32, q.device)
+    kv_in_regs = cfg["mode"] != "fused" or cfg["block_n"] >= lk
+    # one-pass mode over several key blocks: each program's dk, dv accumulators (fp32, one sequence)
+    acc = _launch.empty((h * nbg, lk * (sum(_launch.split_pow2(dh)) + sum(_launch.split_pow2(dv)))) if not kv_in_regs else (1,),
+                        torch.float32, q.device)
     # rel_k and rel_v may differ in sharing (one per head or one for all heads)
     drk = _launch.empty((rel_k.shape[0], n_buckets, dh), rel_k.dtype, q.device)
     drv = _launch.empty((rel_v.shape[0], n_buckets, dv), rel_v.dtype, q.device)
     kpm_t = kpm.view(torch.uint8) if kpm is not None else q
     args = dict(
         Q=q, K=k, V=v, RK=rel_k, RV=rel_v, KPM=kpm_t, BIAS=bias if bias is not None else q,
-        SEED=seed if seed is not None else q, O=out, DO=dout, LSE=lse, DQ=dq, DK=dk, DV_=dvv, DTAB=partial,
+        SEED=seed if seed is not None else q, O=out, DO=dout, LSE=lse, DQ=dq, DK=dk, DV_=dvv, DTAB=partial, ACC=acc,
         sqb=q.stride(0), sqh=q.stride(1), sqm=q.stride(2), sqd=q.stride(3),
         skb=k.stride(0), skh=k.stride(1), skn=k.stride(2), skd=k.stride(3),
         svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svd=v.stride(3),
@@ -896,7 +1070,8 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_cau
     args.update(B=b, H=h, LQ=lq, LK=lk, B_PER_PROG=cfg["b_per_prog"], NBG=nbg,
                 qk_scale=float(scale) * LOG2E, scale=float(scale), dropout_p=float(dropout_p))
     constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
-    constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FUSED_DQ=cfg["mode"] == "fused")
+    constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FUSED_DQ=cfg["mode"] == "fused",
+                      KV_IN_REGS=kv_in_regs, ALIGN=_row_alignment(dout, q, k, v, out, dq, dk, dvv))
     main = Launch(_rmha_bwd_kernel, (h * nbg, nblk), args, constexprs,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dq, dk, dvv, drk, drv, [main, *plan_sum_row_groups(partial, drk, drv)]
