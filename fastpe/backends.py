@@ -27,10 +27,13 @@ OPS = ("relative_attention", "rotary", "rotatory_add", "concat_projection", "tim
        "bucketed_attention")
 
 # Ops the fused kernels do not cover yet: an explicit fused backend says so (before looking for the
-# kernels, which may not even import here), and "auto" runs the torch composition.
+# kernels, which may not even import here), and "auto" runs the torch composition when no fused
+# backend covers the op. A reason applies to every fused backend, a {backend: reason} dict to those named.
 NOT_FUSED_YET = {
-    "time_interval_attention": "time-interval (TiSASRec) attention has no fused kernels yet; use backend='torch' "
-                               "(or 'auto', which picks it)",
+    "time_interval_attention": {
+        "triton": "time-interval (TiSASRec) attention has no fused kernels yet; use backend='torch' "
+                  "(or 'auto', which picks it)",
+    },
     "bucketed_attention": "relative attention with given bucket ids has no fused kernels yet; use backend='torch' "
                           "(or 'auto', which picks it)",
 }
@@ -154,9 +157,11 @@ def _resolve(backend: str, op: str, device: torch.device, klass: str = "any") ->
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     if op in NOT_FUSED_YET:
-        if backend in FUSED_BACKENDS:
-            raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run: {NOT_FUSED_YET[op]}")
-        if backend == "auto":
+        missing = NOT_FUSED_YET[op]
+        missing = missing if isinstance(missing, dict) else dict.fromkeys(FUSED_BACKENDS, missing)
+        if backend in missing:
+            raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run: {missing[backend]}")
+        if backend == "auto" and set(FUSED_BACKENDS) <= set(missing):
             return "torch"
     if backend == "auto":
         for candidate in _auto_order(op, device, klass):

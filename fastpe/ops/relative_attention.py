@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastpe._masks import combined_bias, masked_softmax, relative_buckets
+from fastpe._time_steps import personal_time_steps
 from fastpe._validation import _is_tracing, check_float, check_same_device
 from fastpe.ops._dispatch import implementation
 from fastpe.reference.relative_attention import (
@@ -176,30 +177,6 @@ def relative_attention_torch(
     buckets = relative_buckets(q.shape[-2], k.shape[-2], (rel_k.shape[-2] - 1) // 2, q.device)
     return _bucketed(q, k, v, rel_k, rel_v, buckets, -1, key_padding_mask, attn_bias, is_causal, dropout_p, scale,
                      return_weights)
-
-
-def personal_time_steps(timestamps: torch.Tensor, time_unit: torch.Tensor | None,
-                        key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """``tau [B, L]`` int64: each timestamp in the user's unit, counted from the user's first one,
-    ``tau_i = round((t_i - t_first) / u)`` (TiSASRec). ``u`` is ``time_unit`` ``[B]`` or, when None,
-    the smallest nonzero gap between two of the row's timestamps (found between neighbours after
-    sorting; 1 when all are equal). Padding positions are not read: they get ``tau = 0``.
-    Integer timestamps are subtracted exactly before the division."""
-    valid = torch.ones_like(timestamps, dtype=torch.bool) if key_padding_mask is None else ~key_padding_mask
-    if timestamps.is_floating_point():
-        t = timestamps.double()
-        top = torch.tensor(float("inf"), dtype=t.dtype, device=t.device)
-    else:
-        t = timestamps.long()
-        top = torch.tensor(torch.iinfo(torch.int64).max, device=t.device)
-    first = torch.where(valid, t, top).amin(dim=1, keepdim=True)
-    since_first = torch.where(valid, t - torch.where(valid.any(dim=1, keepdim=True), first, 0), 0).double()
-    if time_unit is None:
-        ordered = since_first.masked_fill(~valid, float("inf")).sort(dim=1).values
-        gaps = ordered.diff(dim=1, append=torch.full_like(ordered[:, :1], float("inf")))  # L = 1 gives one gap
-        gaps = gaps.masked_fill(~(gaps > 0) | gaps.isinf(), float("inf")).amin(dim=1)  # inf - inf = NaN: dropped too
-        time_unit = torch.where(gaps.isinf(), 1.0, gaps)
-    return torch.round(since_first / time_unit.double()[:, None]).long()
 
 
 def time_interval_buckets(tau: torch.Tensor, time_span: int) -> torch.Tensor:
@@ -482,8 +459,9 @@ def time_interval_attention(
             ``[h, L, dh]``, added to ``key`` and ``value``.
         key_padding_mask, attn_mask, is_causal, dropout_p, scale, need_weights: as
             :func:`relative_attention`.
-        backend: "auto" (the torch composition), "reference" or "torch"; the fused kernels
-            ("triton", "cuda") do not cover this op yet and raise ``BackendUnavailableError``.
+        backend: "auto", "reference", "torch" or "cuda" (the CUDA kernels compute the interval
+            buckets from ``tau`` themselves); "triton" does not cover this op yet and raises
+            ``BackendUnavailableError``.
 
     Returns ``[B, h, L, dh_v]`` (and the weights). Query rows with no allowed key give 0, never NaN.
     """
