@@ -135,7 +135,7 @@ FASTPE_UNROLL
         A dpr = dpt;
         pt = pr;
         if (cm.dropout) {
-          const bool keep = bits.x[j & 1] >= cm.threshold;
+          const bool keep = ((j & 1) ? bits.x[1] : bits.x[0]) >= cm.threshold;
           pt = keep ? pr * cm.keep_scale : A(0);
           dpr = keep ? dpt * cm.keep_scale : A(0);
         }
@@ -360,7 +360,7 @@ template <typename T> int64_t ws_k_elems(const RmhaParams& p) {
 }
 
 template <typename T, typename Buckets>
-__global__ void __launch_bounds__(kThreads) rel_attn_bwd_kernel(const RmhaParams p, int64_t kv_blocks, int64_t ws_v_offset) {
+__global__ void __launch_bounds__(kThreads, 1) rel_attn_bwd_kernel(const RmhaParams p, int64_t kv_blocks, int64_t ws_v_offset) {
   FASTPE_DYNAMIC_SMEM(smem);
   if (static_cast<int64_t>(blockIdx.x) < kv_blocks) {
     kv_block<T, Buckets>(p, smem, blockIdx.x);

@@ -16,7 +16,7 @@ namespace fastpe {
 namespace attn {
 
 template <typename T, typename Buckets>
-__global__ void __launch_bounds__(kThreads) rel_attn_fwd_kernel(const RmhaParams p) {
+__global__ void __launch_bounds__(kThreads, 1) rel_attn_fwd_kernel(const RmhaParams p) {
   using A = Acc<T>;
   constexpr bool kTime = Buckets::kTime;
   constexpr int BQ = Tiles<T, kTime>::kFwdQ, BK = Tiles<T, kTime>::kFwdK, CPL = BK / 32;
@@ -137,7 +137,7 @@ FASTPE_UNROLL
         psum += pr;  // the normalizer excludes dropout
         if (dropout) {
           if (c == 0 || (j & 1) == 0) bits = dropout_bits(rng, uint64_t(hd.bh * p.Lq + i), uint32_t(j >> 1));
-          pr = bits.x[j & 1] >= threshold ? pr * keep_scale : A(0);
+          pr = ((j & 1) ? bits.x[1] : bits.x[0]) >= threshold ? pr * keep_scale : A(0);
         }
         P[ii * lay.ldp + jj] = from_acc<T>(pr);
         if constexpr (kTime) {
