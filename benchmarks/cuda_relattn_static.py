@@ -36,16 +36,19 @@ PROBE = r"""
 using namespace fastpe;
 using namespace fastpe::attn;
 template <typename T, bool kTime> void show(const char* name, int R, int dh) {
-#ifdef FASTPE_NEW_LAYOUT
-  using Ti = Tiles<T, kTime>;
-#else
-  using Ti = Tiles<T>;  // before the time-interval kernels
-#endif
   RmhaParams p; p.dh = dh; p.dv = dh; p.NB = R;
   const Dims d = make_dims(p);
+#ifdef FASTPE_NEW_LAYOUT
+  using Ti = Tiles<T, kTime>;
+  const long long f = FwdLayout<T, Ti::kFwdQ, Ti::kFwdK, kTime>(d).total;
+  const long long a = BwdLayout<T, Ti::kKvQ, Ti::kKvK, Role::kKv, kTime>(d).total;
+  const long long b = BwdLayout<T, Ti::kDqQ, Ti::kDqK, Role::kDq, kTime>(d).total;
+#else
+  using Ti = Tiles<T>;  // before the time-interval kernels
   const long long f = FwdLayout<T, Ti::kFwdQ, Ti::kFwdK>(d).total;
   const long long a = BwdLayout<T, Ti::kKvQ, Ti::kKvK, Role::kKv>(d).total;
   const long long b = BwdLayout<T, Ti::kDqQ, Ti::kDqK, Role::kDq>(d).total;
+#endif
   std::printf("%s %d %d %d %lld %lld %d %d %d\n", name, kTime ? 1 : 0, R, dh, f, a > b ? a : b, Ti::kFwdQ, Ti::kKvK, Ti::kDqQ);
 }
 int main() {
@@ -132,8 +135,14 @@ def report(csrc: pathlib.Path, label: str) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| sources | shape | buckets | dtype | dir | kernel | regs | spill B | stack B | smem KiB | CTAs/SM | "
+def markdown(rows: list[dict], label: str) -> str:
+    lines = [f"# CUDA relative-attention kernels, static sm_90a report ({label})", "",
+             "`python3 benchmarks/cuda_relattn_static.py` (nvcc -arch=sm_90a -Xptxas -v; dynamic shared memory from the "
+             "kernels' layouts; CTAs/SM and waves on an H200, 132 SMs, 4 warps per CTA). S1 = B512 h2 L50 dh32, "
+             "S2 = B256 h2 L200 dh64, S3 = B128 h1 L75 dh90; `rmha-4`: R = 9 buckets, `tisas K=256`: R = 257. "
+             "smem: the dynamic shared memory of one block; blocks: the grid (backward: kv + dq blocks); SASS and "
+             "TC: instructions and tensor-core instructions of the whole kernel.", ""]
+    lines += ["| sources | shape | buckets | dtype | dir | kernel | regs | spill B | stack B | smem KiB | CTAs/SM | "
              "blocks | waves | SASS | TC |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['shape']} | {r['buckets']} | {r['dtype']} | {r['direction']} | "
@@ -157,8 +166,8 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "cuda_relattn_sm90" if args.label == "this commit" else f"cuda_relattn_sm90_{args.label}"
     (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(rows))
-    print(markdown(rows))
+    (args.out / f"{stem}.md").write_text(markdown(rows, args.label))
+    print(markdown(rows, args.label))
 
 
 if __name__ == "__main__":

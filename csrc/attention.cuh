@@ -72,11 +72,13 @@ struct Dims {
   int dp, dvp;  // head sizes padded to 16
   int nb;       // table rows R (2k+1 or K+1)
   int rp;       // R padded to 16 (the GEMM width of the per-row relative arrays)
+  int cw;       // rows of a staged table chunk: min(kChunk, rp)
 };
 
 FASTPE_HD Dims make_dims(const RmhaParams& p) {
-  return {static_cast<int>(round_up(p.dh, 16)), static_cast<int>(round_up(p.dv, 16)), static_cast<int>(p.NB),
-          static_cast<int>(round_up(p.NB, 16))};
+  const int rp = static_cast<int>(round_up(p.NB, 16));
+  return {static_cast<int>(round_up(p.dh, 16)), static_cast<int>(round_up(p.dv, 16)), static_cast<int>(p.NB), rp,
+          rp < kChunk ? rp : kChunk};
 }
 
 FASTPE_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -84,8 +86,8 @@ FASTPE_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 // ---------------------------------------------------------------------------------------------
 // Shared-memory layouts. Offsets in bytes; ld* are row strides in elements. qr/pb are the
 // per-row relative scores q.aK[r] and bucket sums W[i, r] ([BQ, rp] in Acc<T>); bid the bucket
-// ids of the score tile, tq/tk the time steps of its rows and columns (time-interval kernels).
-template <typename T, int BQ, int BK> struct FwdLayout {
+// ids of the score tile, tq/tk the time steps of its rows and columns (time-interval kernels only).
+template <typename T, int BQ, int BK, bool kTime> struct FwdLayout {
   int ldq, ldv, lds, ldp, ldo, ldr;
   int64_t q, k, v, s, p, o, qr, pb, m, l, bid, tq, tk, total;
   FASTPE_HD explicit FwdLayout(Dims d) {
@@ -107,9 +109,9 @@ template <typename T, int BQ, int BK> struct FwdLayout {
     pb = c.take(int64_t(BQ) * ldr * sizeof(A));
     m = c.take(int64_t(BQ) * sizeof(A));
     l = c.take(int64_t(BQ) * sizeof(A));
-    bid = c.take(int64_t(BQ) * BK * sizeof(uint16_t));
-    tq = c.take(int64_t(BQ) * sizeof(int64_t));
-    tk = c.take(int64_t(BK) * sizeof(int64_t));
+    bid = c.take(kTime ? int64_t(BQ) * BK * sizeof(uint16_t) : 0);
+    tq = c.take(kTime ? int64_t(BQ) * sizeof(int64_t) : 0);
+    tk = c.take(kTime ? int64_t(BK) * sizeof(int64_t) : 0);
     total = round_up(c.bytes, 128);
   }
 };
@@ -118,7 +120,7 @@ template <typename T, int BQ, int BK> struct FwdLayout {
 // dQ accumulator, the bucket sums of P~ and dS, and the 16-bit copy of a chunk of them).
 enum class Role { kKv, kDq };
 
-template <typename T, int BQ, int BK, Role R> struct BwdLayout {
+template <typename T, int BQ, int BK, Role R, bool kTime> struct BwdLayout {
   int ldq, ldv, lds, ldp, ldak, ldav, ldr, ldw, ldt;
   int64_t q, dout, k, v, s, dpr, ds, qr, dor, rowd, rowlse, tb, bid, tq, tk;
   int64_t pt, acck, accv;  // kKv
@@ -133,7 +135,7 @@ template <typename T, int BQ, int BK, Role R> struct BwdLayout {
     ldak = d.dp + Pad<T>::kAcc;
     ldav = d.dvp + Pad<T>::kAcc;
     ldr = d.rp + Pad<T>::kAcc;
-    ldw = 2 * kChunk + Pad<T>::kIn;
+    ldw = 2 * d.cw + Pad<T>::kIn;
     ldt = ldq > ldv ? ldq : ldv;
     Carver c;
     q = c.take(int64_t(BQ) * ldq * sizeof(T));
@@ -143,15 +145,15 @@ template <typename T, int BQ, int BK, Role R> struct BwdLayout {
     s = c.take(int64_t(BQ) * lds * sizeof(A));
     dpr = c.take(int64_t(BQ) * lds * sizeof(A));
     ds = c.take(int64_t(BQ) * ldp * sizeof(T));
-    // qr and dor also stage the dq role's table-gradient chunks ([kChunk, ldak|ldav]) at the end.
-    qr = c.take(max64(int64_t(BQ) * ldr, int64_t(kChunk) * ldak) * sizeof(A));
-    dor = c.take(max64(int64_t(BQ) * ldr, int64_t(kChunk) * ldav) * sizeof(A));
+    // qr and dor also stage the dq role's table-gradient chunks ([cw, ldak|ldav]) at the end.
+    qr = c.take(max64(int64_t(BQ) * ldr, int64_t(d.cw) * ldak) * sizeof(A));
+    dor = c.take(max64(int64_t(BQ) * ldr, int64_t(d.cw) * ldav) * sizeof(A));
     rowd = c.take(int64_t(BQ) * sizeof(A));
     rowlse = c.take(int64_t(BQ) * sizeof(A));
-    tb = c.take(int64_t(kChunk) * ldt * sizeof(T));  // a chunk of rel_k or rel_v
-    bid = c.take(int64_t(BQ) * BK * sizeof(uint16_t));
-    tq = c.take(int64_t(BQ) * sizeof(int64_t));
-    tk = c.take(int64_t(BK) * sizeof(int64_t));
+    tb = c.take(int64_t(d.cw) * ldt * sizeof(T));  // a chunk of rel_k or rel_v
+    bid = c.take(kTime && R == Role::kDq ? int64_t(BQ) * BK * sizeof(uint16_t) : 0);
+    tq = c.take(kTime ? int64_t(BQ) * sizeof(int64_t) : 0);
+    tk = c.take(kTime ? int64_t(BK) * sizeof(int64_t) : 0);
     pt = acck = accv = accq = pb = dsb = wt = -1;
     if (R == Role::kKv) {
       pt = c.take(int64_t(BQ) * ldp * sizeof(T));

@@ -21,9 +21,9 @@ namespace fastpe {
 namespace attn {
 
 template <typename T, bool kTime>
-using KvLayout = BwdLayout<T, Tiles<T, kTime>::kKvQ, Tiles<T, kTime>::kKvK, Role::kKv>;
+using KvLayout = BwdLayout<T, Tiles<T, kTime>::kKvQ, Tiles<T, kTime>::kKvK, Role::kKv, kTime>;
 template <typename T, bool kTime>
-using DqLayout = BwdLayout<T, Tiles<T, kTime>::kDqQ, Tiles<T, kTime>::kDqK, Role::kDq>;
+using DqLayout = BwdLayout<T, Tiles<T, kTime>::kDqQ, Tiles<T, kTime>::kDqK, Role::kDq, kTime>;
 
 template <typename T> struct BwdCommon {
   using A = Acc<T>;
@@ -229,7 +229,14 @@ FASTPE_D void kv_block(const RmhaParams& p, unsigned char* smem, int64_t block) 
   }
 }
 
-// dq of one query tile, and this tile's partial sums of the table gradients.
+// Query tiles per dq block: one (RMHA), or every tile of the sequence for time intervals, whose
+// per-block table partials ([K+1, dh] each) would otherwise take B*h*L/16 of them (0.9 GB at
+// B256 h2 L200 dh64 K=256); the block sums its tiles' partials in place, in tile order.
+template <typename T, bool kTime> FASTPE_HD int64_t dq_tiles_per_block(const RmhaParams& p) {
+  return kTime ? ceil_div(p.Lq, Tiles<T, true>::kDqQ) : 1;
+}
+
+// dq of query tiles, and their partial sums of the table gradients.
 template <typename T, typename Buckets>
 FASTPE_D void dq_block(const RmhaParams& p, unsigned char* smem, int64_t block, Acc<T>* ws_k, Acc<T>* ws_v) {
   using A = Acc<T>;
@@ -261,86 +268,94 @@ FASTPE_D void dq_block(const RmhaParams& p, unsigned char* smem, int64_t block, 
   const BwdCommon<T> cm(p);
   const Buckets bucket = make_buckets<Buckets>(p, tau_q, tau_k);
   const int nb = dims.nb;
-  const int64_t nqt = ceil_div(p.Lq, BQ);
-  const Head hd = make_head(p, block / nqt);
-  const int64_t q0 = (block % nqt) * BQ;
-  const int q_rows = static_cast<int>(p.Lq - q0 < BQ ? p.Lq - q0 : BQ);
+  const int64_t nqt = ceil_div(p.Lq, BQ), per_block = dq_tiles_per_block<T, kTime>(p);
+  const int64_t blocks_per_head = nqt / per_block;
+  const Head hd = make_head(p, block / blocks_per_head);
+  const int64_t qt_first = (block % blocks_per_head) * per_block;
+  for (int64_t qt = qt_first; qt < qt_first + per_block; ++qt) {
+    const int64_t q0 = qt * BQ;
+    const int q_rows = static_cast<int>(p.Lq - q0 < BQ ? p.Lq - q0 : BQ);
+    const bool first = qt == qt_first;
+    __syncthreads();  // the previous tile's epilogue is done with accQ, the sums and the stages
 
-  load_query_side<T, BQ, kTime>(p, hd, lay, dims, q0, q_rows, Qs, dOs, row_lse, tau_q);
-  zero_fill(accQ, int64_t(BQ) * lay.ldak);
-  zero_fill(PB, int64_t(BQ) * lay.ldr);
-  zero_fill(DSB, int64_t(BQ) * lay.ldr);
-  relative_scores<T, BQ>(p, hd, lay, dims, Qs, dOs, TB, QR, DOR);  // begins with a barrier
-  row_delta<T, BQ>(p, hd, q0, q_rows, dOs, lay.ldv, row_d);
+    load_query_side<T, BQ, kTime>(p, hd, lay, dims, q0, q_rows, Qs, dOs, row_lse, tau_q);
+    zero_fill(accQ, int64_t(BQ) * lay.ldak);
+    zero_fill(PB, int64_t(BQ) * lay.ldr);
+    zero_fill(DSB, int64_t(BQ) * lay.ldr);
+    relative_scores<T, BQ>(p, hd, lay, dims, Qs, dOs, TB, QR, DOR);  // begins with a barrier
+    row_delta<T, BQ>(p, hd, q0, q_rows, dOs, lay.ldv, row_d);
 
-  const int64_t nkt_all = ceil_div(p.Lk, BK);
-  const int64_t nkt = p.causal ? (ceil_div(q0 + q_rows, BK) < nkt_all ? ceil_div(q0 + q_rows, BK) : nkt_all) : nkt_all;
-  for (int64_t kt = 0; kt < nkt; ++kt) {
-    const int64_t j0 = kt * BK;
-    const int k_rows = static_cast<int>(p.Lk - j0 < BK ? p.Lk - j0 : BK);
-    __syncthreads();  // the previous iteration's GEMM and walks are done with Ks, dSt, S, dP
-    load_key_side<T, BK, kTime>(p, hd, lay, dims, j0, k_rows, Ks, Vs, tau_k);
-    __syncthreads();
-    block_gemm<T, Gemm::kNT, false>(S, lay.lds, Qs, lay.ldq, Ks, lay.ldq, BQ, BK, dims.dp);
-    block_gemm<T, Gemm::kNT, false>(dP, lay.lds, dOs, lay.ldv, Vs, lay.ldv, BQ, BK, dims.dvp);
-    __syncthreads();
-    bwd_rows<T, BQ, BK, true>(p, hd, cm, bucket, q0, q_rows, j0, S, dP, lay.lds, QR, DOR, lay.ldr, row_d, row_lse,
-                              nullptr, dSt, lay.ldp, PB, DSB, bid);
-    __syncthreads();
-    if constexpr (kTime) {  // threads [0, BQ) walk the rows' P~, [BQ, 2BQ) their dS, beside the GEMM
-      const int t = threadIdx.x, ii = t < BQ ? t : t - BQ;
-      if (t < 2 * BQ && ii < q_rows) {
-        if (t < BQ) {
-          walk_buckets<A, BK>(PB + ii * lay.ldr, S + ii * lay.lds, bid + ii * BK);
-        } else {
-          walk_buckets<A, BK>(DSB + ii * lay.ldr, dP + ii * lay.lds, bid + ii * BK);
+    const int64_t nkt_all = ceil_div(p.Lk, BK);
+    const int64_t nkt = p.causal ? (ceil_div(q0 + q_rows, BK) < nkt_all ? ceil_div(q0 + q_rows, BK) : nkt_all) : nkt_all;
+    for (int64_t kt = 0; kt < nkt; ++kt) {
+      const int64_t j0 = kt * BK;
+      const int k_rows = static_cast<int>(p.Lk - j0 < BK ? p.Lk - j0 : BK);
+      __syncthreads();  // the previous iteration's GEMM and walks are done with Ks, dSt, S, dP
+      load_key_side<T, BK, kTime>(p, hd, lay, dims, j0, k_rows, Ks, Vs, tau_k);
+      __syncthreads();
+      block_gemm<T, Gemm::kNT, false>(S, lay.lds, Qs, lay.ldq, Ks, lay.ldq, BQ, BK, dims.dp);
+      block_gemm<T, Gemm::kNT, false>(dP, lay.lds, dOs, lay.ldv, Vs, lay.ldv, BQ, BK, dims.dvp);
+      __syncthreads();
+      bwd_rows<T, BQ, BK, true>(p, hd, cm, bucket, q0, q_rows, j0, S, dP, lay.lds, QR, DOR, lay.ldr, row_d, row_lse,
+                                nullptr, dSt, lay.ldp, PB, DSB, bid);
+      __syncthreads();
+      if constexpr (kTime) {  // threads [0, BQ) walk the rows' P~, [BQ, 2BQ) their dS, beside the GEMM
+        const int t = threadIdx.x, ii = t < BQ ? t : t - BQ;
+        if (t < 2 * BQ && ii < q_rows) {
+          if (t < BQ) {
+            walk_buckets<A, BK>(PB + ii * lay.ldr, S + ii * lay.lds, bid + ii * BK);
+          } else {
+            walk_buckets<A, BK>(DSB + ii * lay.ldr, dP + ii * lay.lds, bid + ii * BK);
+          }
         }
       }
+      block_gemm<T, Gemm::kNN, true>(accQ, lay.ldak, dSt, lay.ldp, Ks, lay.ldq, BQ, dims.dp, BK);
     }
-    block_gemm<T, Gemm::kNN, true>(accQ, lay.ldak, dSt, lay.ldp, Ks, lay.ldq, BQ, dims.dp, BK);
-  }
 
-  // Relative terms, kChunk buckets at a time, as block GEMMs on the bucket sums in the input
-  // dtype (WT: columns [0, n) Wds, [kChunk, kChunk + n) W):
-  //   dq += Wds aK;  daK partial = scale Wds^T Q;  daV partial = W^T dO.
-  // QR and DOR are no longer needed: they stage the partials.
-  A* stage_k = QR;
-  A* stage_v = DOR;
-  const A scale = static_cast<A>(p.scale);
-  const T* rel_k = rel_table<T>(p, hd, p.rel_k, p.dh);
-  const bool vec_tk = vector_ok<T>(rel_k, p.dh, p.dh, p.dh, p.dh);
-  A* pk = ws_k + block * nb * p.dh;
-  A* pv = ws_v + block * nb * p.dv;
-  for (int c0 = 0; c0 < dims.rp; c0 += kChunk) {
-    const int n = dims.rp - c0 < kChunk ? dims.rp - c0 : kChunk;
-    __syncthreads();  // the key loop (or the previous chunk) is done with the sums, WT, TB, stages
-    for (int idx = threadIdx.x; idx < BQ * n; idx += kThreads) {
-      const int ii = idx / n, c = idx % n;
-      WT[ii * lay.ldw + c] = from_acc<T>(DSB[ii * lay.ldr + c0 + c]);
-      WT[ii * lay.ldw + kChunk + c] = from_acc<T>(PB[ii * lay.ldr + c0 + c]);
+    // Relative terms, cw buckets at a time, as block GEMMs on the bucket sums in the input
+    // dtype (WT: columns [0, n) Wds, [cw, cw + n) W):
+    //   dq += Wds aK;  daK partial = scale Wds^T Q;  daV partial = W^T dO.
+    // QR and DOR are no longer needed: they stage the partials.
+    A* stage_k = QR;
+    A* stage_v = DOR;
+    const A scale = static_cast<A>(p.scale);
+    const T* rel_k = rel_table<T>(p, hd, p.rel_k, p.dh);
+    const bool vec_tk = vector_ok<T>(rel_k, p.dh, p.dh, p.dh, p.dh);
+    A* pk = ws_k + block * nb * p.dh;
+    A* pv = ws_v + block * nb * p.dv;
+    for (int c0 = 0; c0 < dims.rp; c0 += kChunk) {
+      const int n = dims.rp - c0 < kChunk ? dims.rp - c0 : kChunk;
+      __syncthreads();  // the key loop (or the previous chunk) is done with the sums, WT, TB, stages
+      for (int idx = threadIdx.x; idx < BQ * n; idx += kThreads) {
+        const int ii = idx / n, c = idx % n;
+        WT[ii * lay.ldw + c] = from_acc<T>(DSB[ii * lay.ldr + c0 + c]);
+        WT[ii * lay.ldw + dims.cw + c] = from_acc<T>(PB[ii * lay.ldr + c0 + c]);
+      }
+      load_tile(TB, lay.ldq, rel_k + int64_t(c0) * p.dh, p.dh, nb - c0, n, static_cast<int>(p.dh), dims.dp, vec_tk);
+      __syncthreads();
+      block_gemm<T, Gemm::kNN, true>(accQ, lay.ldak, WT, lay.ldw, TB, lay.ldq, BQ, dims.dp, n);
+      block_gemm<T, Gemm::kTN, false>(stage_k, lay.ldak, WT, lay.ldw, Qs, lay.ldq, n, dims.dp, BQ);
+      block_gemm<T, Gemm::kTN, false>(stage_v, lay.ldav, WT + dims.cw, lay.ldw, dOs, lay.ldv, n, dims.dvp, BQ);
+      __syncthreads();
+      const int rows = nb - c0 < n ? nb - c0 : n;
+      for (int idx = threadIdx.x; idx < rows * p.dh; idx += kThreads) {
+        const int m = idx / p.dh, d = idx % p.dh;
+        A* at_k = pk + int64_t(c0) * p.dh + idx;  // this thread's own element on every tile
+        *at_k = (first ? A(0) : *at_k) + stage_k[m * lay.ldak + d] * scale;
+      }
+      for (int idx = threadIdx.x; idx < rows * p.dv; idx += kThreads) {
+        const int m = idx / p.dv, d = idx % p.dv;
+        A* at_v = pv + int64_t(c0) * p.dv + idx;
+        *at_v = (first ? A(0) : *at_v) + stage_v[m * lay.ldav + d];
+      }
     }
-    load_tile(TB, lay.ldq, rel_k + int64_t(c0) * p.dh, p.dh, nb - c0, n, static_cast<int>(p.dh), dims.dp, vec_tk);
     __syncthreads();
-    block_gemm<T, Gemm::kNN, true>(accQ, lay.ldak, WT, lay.ldw, TB, lay.ldq, BQ, dims.dp, n);
-    block_gemm<T, Gemm::kTN, false>(stage_k, lay.ldak, WT, lay.ldw, Qs, lay.ldq, n, dims.dp, BQ);
-    block_gemm<T, Gemm::kTN, false>(stage_v, lay.ldav, WT + kChunk, lay.ldw, dOs, lay.ldv, n, dims.dvp, BQ);
-    __syncthreads();
-    const int rows = nb - c0 < n ? nb - c0 : n;
-    for (int idx = threadIdx.x; idx < rows * p.dh; idx += kThreads) {
-      const int m = idx / p.dh, d = idx % p.dh;
-      pk[int64_t(c0) * p.dh + idx] = stage_k[m * lay.ldak + d] * scale;
-    }
-    for (int idx = threadIdx.x; idx < rows * p.dv; idx += kThreads) {
-      const int m = idx / p.dv, d = idx % p.dv;
-      pv[int64_t(c0) * p.dv + idx] = stage_v[m * lay.ldav + d];
-    }
-  }
-  __syncthreads();
 
-  T* gq = static_cast<T*>(p.grad_q) + (hd.bh * p.Lq + q0) * p.dh;
-  for (int idx = threadIdx.x; idx < q_rows * p.dh; idx += kThreads) {
-    const int ii = idx / p.dh, d = idx % p.dh;
-    gq[idx] = from_acc<T>(accQ[ii * lay.ldak + d] * scale);
+    T* gq = static_cast<T*>(p.grad_q) + (hd.bh * p.Lq + q0) * p.dh;
+    for (int idx = threadIdx.x; idx < q_rows * p.dh; idx += kThreads) {
+      const int ii = idx / p.dh, d = idx % p.dh;
+      gq[idx] = from_acc<T>(accQ[ii * lay.ldak + d] * scale);
+    }
   }
 }
 
@@ -349,7 +364,8 @@ template <typename T> struct BwdGrid {
   explicit BwdGrid(const RmhaParams& p) {
     const bool time = p.tau != nullptr;
     kv_blocks = p.B * p.H * ceil_div(p.Lk, time ? Tiles<T, true>::kKvK : Tiles<T, false>::kKvK);
-    dq_tiles = ceil_div(p.Lq, time ? Tiles<T, true>::kDqQ : Tiles<T, false>::kDqQ);
+    // dq blocks per (batch, head)
+    dq_tiles = time ? (p.Lq > 0 ? 1 : 0) : ceil_div(p.Lq, Tiles<T, false>::kDqQ);
     dq_blocks = p.B * p.H * dq_tiles;
   }
 };

@@ -23,7 +23,7 @@ __global__ void __launch_bounds__(kThreads, 1) rel_attn_fwd_kernel(const RmhaPar
   static_assert(BK >= kChunk && BQ <= kThreads, "tile shapes");
   FASTPE_DYNAMIC_SMEM(smem);
   const Dims dims = make_dims(p);
-  const FwdLayout<T, BQ, BK> lay(dims);
+  const FwdLayout<T, BQ, BK, kTime> lay(dims);
   T* Qs = at<T>(smem, lay.q);
   T* Ks = at<T>(smem, lay.k);
   T* Vs = at<T>(smem, lay.v);
@@ -191,7 +191,7 @@ FASTPE_UNROLL
 
 template <typename T, bool kTime>
 int64_t fwd_smem_of(const RmhaParams& p) {
-  return FwdLayout<T, Tiles<T, kTime>::kFwdQ, Tiles<T, kTime>::kFwdK>(make_dims(p)).total;
+  return FwdLayout<T, Tiles<T, kTime>::kFwdQ, Tiles<T, kTime>::kFwdK, kTime>(make_dims(p)).total;
 }
 
 template <typename T>

@@ -153,6 +153,15 @@ def test_fully_padded_rows_are_zero_with_finite_gradients(target):
         assert torch.equal(leaves[0].grad[1], torch.zeros_like(leaves[0].grad[1]))
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+def test_table_gradients_over_many_blocks(target, per_head):
+    """Hundreds of (batch, head) blocks, each summing the table partials of all its query tiles:
+    the reduction over blocks runs in segments, then the segments in order (two passes)."""
+    b, h, L = 150, 2, 21
+    inputs = tisas_inputs(target.device, b, h, L, 8, span=12, per_head=per_head)
+    check(inputs, random_times(b, L, seed=7), torch.float32, **masks_on(target.device, "padding", b, h, L))
+
+
 @pytest.mark.parametrize("order", ["forward", "reverse"])
 def test_emulated_thread_orders(target, order, monkeypatch):
     """A missing __syncthreads around the per-row walks of the bucket sums shows up under some order."""
