@@ -124,7 +124,9 @@ def report(csrc: pathlib.Path, label: str) -> list[dict]:
                     if k is None:
                         continue
                     ctas = sr.occupancy(k["registers"], smem, 4)
-                    blocks = b * h * (-(-L // fwd_q)) if direction == "fwd" else b * h * (-(-L // kv_k) + -(-L // dq_q))
+                    # time-interval dq blocks own a whole sequence (csrc/README.md)
+                    dq_blocks = b * h if kind != "rmha-4" and new_layout else b * h * -(-L // dq_q)
+                    blocks = b * h * (-(-L // fwd_q)) if direction == "fwd" else b * h * -(-L // kv_k) + dq_blocks
                     rows.append(dict(label=label, shape=shape, dims=[b, h, L, dh], buckets=kind, dtype=dtype,
                                      direction=direction, kernel=k["kernel"], registers=k["registers"],
                                      spill_bytes=k["spill_bytes"], stack_bytes=k["stack_bytes"], shared_bytes=smem,

@@ -33,7 +33,7 @@ template <typename T> struct Pad {
 // warp sweeps a row) and every tile dimension a multiple of 16 (the GEMM tile). The time-interval
 // kernels (kTime) keep [rows, K+1] fp32 arrays per query tile (the relative scores and bucket
 // sums, K = 256 typically), so their query tiles are smaller: at K = 256, dh = 64 the 16-bit
-// forward needs ~103 KB and the backward ~110 KB of shared memory (two blocks per SM).
+// forward and backward need ~101 KiB of shared memory each (two blocks per SM).
 template <typename T, bool kTime> struct Tiles {  // fp16, bf16
   // forward (query tile owned, key tiles looped), dK/dV role (key tile owned, query tiles
   // looped), dQ role (query tile owned, key tiles looped)
