@@ -28,6 +28,12 @@ template <typename T> struct Pad {
   static constexpr int kIn = UsesWmma<T>::value ? 8 : 1;
   static constexpr int kAcc = UsesWmma<T>::value ? 4 : 1;
 };
+// float: rows of 16-byte multiples, which the TF32 tensor-core path loads (4 floats also move
+// consecutive rows 4 banks apart for the exact FMA path).
+template <> struct Pad<float> {
+  static constexpr int kIn = 4;
+  static constexpr int kAcc = 4;
+};
 
 // Tile shapes (query rows x key columns) per dtype and bucket kind. BK is a multiple of 32 (one
 // warp sweeps a row) and every tile dimension a multiple of 16 (the GEMM tile). The time-interval
@@ -283,14 +289,51 @@ FASTPE_D void wmma_tile(float* C, int ldc, const T* A, int lda, const T* B, int 
   wmma::store_matrix_sync(c_tile, fc, ldc, wmma::mem_row_major);
 }
 
+// TF32 tensor-core tile (fp32 in, rounded to TF32 (10-bit mantissa), fp32 accumulate), m16n16k8.
+template <Gemm OP, bool ACCUM>
+FASTPE_D void tf32_tile(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int m0, int n0, int K) {
+  namespace wmma = nvcuda::wmma;
+  using LA = typename std::conditional<OP == Gemm::kTN, wmma::col_major, wmma::row_major>::type;
+  using LB = typename std::conditional<OP == Gemm::kNT, wmma::col_major, wmma::row_major>::type;
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LA> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LB> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> fc;
+  float* c_tile = C + m0 * ldc + n0;
+  if (ACCUM) {
+    wmma::load_matrix_sync(fc, c_tile, ldc, wmma::mem_row_major);
+  } else {
+    wmma::fill_fragment(fc, 0.0f);
+  }
+  for (int k0 = 0; k0 < K; k0 += 8) {
+    const float* pa = OP == Gemm::kTN ? A + k0 * lda + m0 : A + m0 * lda + k0;
+    const float* pb = OP == Gemm::kNT ? B + n0 * ldb + k0 : B + k0 * ldb + n0;
+    wmma::load_matrix_sync(fa, pa, lda);
+    wmma::load_matrix_sync(fb, pb, ldb);
+FASTPE_UNROLL
+    for (int e = 0; e < fa.num_elements; ++e) fa.x[e] = wmma::__float_to_tf32(fa.x[e]);
+FASTPE_UNROLL
+    for (int e = 0; e < fb.num_elements; ++e) fb.x[e] = wmma::__float_to_tf32(fb.x[e]);
+    wmma::mma_sync(fc, fa, fb, fc);
+  }
+  wmma::store_matrix_sync(c_tile, fc, ldc, wmma::mem_row_major);
+}
+
+// tf32: float inputs take the TF32 tensor-core tiles (RmhaParams::tf32); ignored otherwise.
 template <typename T, Gemm OP, bool ACCUM>
-FASTPE_D void block_gemm(Acc<T>* C, int ldc, const T* A, int lda, const T* B, int ldb, int M, int N, int K) {
+FASTPE_D void block_gemm(Acc<T>* C, int ldc, const T* A, int lda, const T* B, int ldb, int M, int N, int K,
+                         bool tf32) {
   const int warp = threadIdx.x >> 5;
   const int tiles_n = N >> 4, tiles = (M >> 4) * tiles_n;
   for (int t = warp; t < tiles; t += kWarps) {
     const int m0 = (t / tiles_n) << 4, n0 = (t % tiles_n) << 4;
     if constexpr (UsesWmma<T>::value) {
       wmma_tile<T, OP, ACCUM>(C, ldc, A, lda, B, ldb, m0, n0, K);
+    } else if constexpr (std::is_same<T, float>::value) {
+      if (tf32) {
+        tf32_tile<OP, ACCUM>(C, ldc, A, lda, B, ldb, m0, n0, K);
+      } else {
+        simt_tile<T, OP, ACCUM>(C, ldc, A, lda, B, ldb, m0, n0, K);
+      }
     } else {
       simt_tile<T, OP, ACCUM>(C, ldc, A, lda, B, ldb, m0, n0, K);
     }
@@ -425,14 +468,14 @@ FASTPE_D void walk_buckets(A* sums_row, const A* vals_row, const uint16_t* bid_r
 // a barrier (x may have just been loaded); the caller syncs before reading out.
 template <typename T>
 FASTPE_D void table_scores(Acc<T>* out, int ldr, const T* x, int ldx, int rows, const T* table, int nb, int rp,
-                           int cols, int dcols, T* stage, int ld) {
+                           int cols, int dcols, T* stage, int ld, bool tf32) {
   const bool vec = vector_ok<T>(table, cols, cols, cols, cols);
   for (int c0 = 0; c0 < rp; c0 += kChunk) {
     const int n = rp - c0 < kChunk ? rp - c0 : kChunk;
     __syncthreads();  // the previous chunk's GEMM is done with stage
     load_tile(stage, ld, table + int64_t(c0) * cols, cols, nb - c0, n, cols, dcols, vec);
     __syncthreads();
-    block_gemm<T, Gemm::kNT, false>(out + c0, ldr, x, ldx, stage, ld, rows, n, dcols);
+    block_gemm<T, Gemm::kNT, false>(out + c0, ldr, x, ldx, stage, ld, rows, n, dcols, tf32);
   }
 }
 

@@ -9,6 +9,7 @@
 // Tuning knobs (csrc/attention.cuh, Tiles<T>): query/key tile sizes of the forward and of the two
 // backward roles per dtype, kWarps; csrc/rotary.cu: pairs per thread (vec_pairs), kRotaryThreads.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <torch/library.h>
 
 #ifdef FASTPE_EMULATION
@@ -257,6 +258,7 @@ RmhaInputs check_rmha(fastpe::RmhaParams& p, const Tensor& q_, const Tensor& k_,
     p.tau_sl = tau.stride(1);
   }
   p.causal = is_causal ? 1 : 0;
+  p.tf32 = q_.scalar_type() == at::kFloat && at::globalContext().allowTF32CuBLAS() ? 1 : 0;
   p.scale = scale;
   p.dropout_p = dropout_p;
   return in;

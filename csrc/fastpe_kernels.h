@@ -59,6 +59,9 @@ struct RmhaParams {
   const void* bias = nullptr;
   int64_t bias_sb = 0, bias_sh = 0, bias_sq = 0, bias_sk = 0;
   int causal = 0;
+  // float32 inputs: block GEMMs on the tensor cores in TF32 (10-bit mantissa, fp32 accumulation)
+  // instead of exact fp32 FMAs; set from torch.backends.cuda.matmul.allow_tf32.
+  int tf32 = 0;
   double scale = 1.0;
   double dropout_p = 0.0;
   PhiloxArgs philox;       // forward: where to draw from

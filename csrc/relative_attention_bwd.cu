@@ -73,9 +73,9 @@ template <typename T, int BQ, typename Layout>
 FASTPE_D void relative_scores(const RmhaParams& p, const Head& hd, const Layout& lay, const Dims& dims, const T* Qs,
                               const T* dOs, T* TB, Acc<T>* QR, Acc<T>* DOR) {
   table_scores(QR, lay.ldr, Qs, lay.ldq, BQ, rel_table<T>(p, hd, p.rel_k, p.dh), dims.nb, dims.rp, static_cast<int>(p.dh),
-               dims.dp, TB, lay.ldt);
+               dims.dp, TB, lay.ldt, p.tf32);
   table_scores(DOR, lay.ldr, dOs, lay.ldv, BQ, rel_table<T>(p, hd, p.rel_v, p.dv), dims.nb, dims.rp,
-               static_cast<int>(p.dv), dims.dvp, TB, lay.ldt);
+               static_cast<int>(p.dv), dims.dvp, TB, lay.ldt, p.tf32);
 }
 
 // D_i = dO_i . o_i (one warp per row), with o read back from the forward output.
@@ -205,14 +205,14 @@ FASTPE_D void kv_block(const RmhaParams& p, unsigned char* smem, int64_t block) 
     load_query_side<T, BQ, kTime>(p, hd, lay, dims, q0, q_rows, Qs, dOs, row_lse, tau_q);
     relative_scores<T, BQ>(p, hd, lay, dims, Qs, dOs, TB, QR, DOR);  // begins with a barrier
     row_delta<T, BQ>(p, hd, q0, q_rows, dOs, lay.ldv, row_d);
-    block_gemm<T, Gemm::kNT, false>(S, lay.lds, Qs, lay.ldq, Ks, lay.ldq, BQ, BK, dims.dp);
-    block_gemm<T, Gemm::kNT, false>(dP, lay.lds, dOs, lay.ldv, Vs, lay.ldv, BQ, BK, dims.dvp);
+    block_gemm<T, Gemm::kNT, false>(S, lay.lds, Qs, lay.ldq, Ks, lay.ldq, BQ, BK, dims.dp, p.tf32);
+    block_gemm<T, Gemm::kNT, false>(dP, lay.lds, dOs, lay.ldv, Vs, lay.ldv, BQ, BK, dims.dvp, p.tf32);
     __syncthreads();
     bwd_rows<T, BQ, BK, false>(p, hd, cm, bucket, q0, q_rows, j0, S, dP, lay.lds, QR, DOR, lay.ldr, row_d, row_lse, Pt,
                                dSt, lay.ldp, nullptr, nullptr, nullptr);
     __syncthreads();
-    block_gemm<T, Gemm::kTN, true>(accV, lay.ldav, Pt, lay.ldp, dOs, lay.ldv, BK, dims.dvp, BQ);
-    block_gemm<T, Gemm::kTN, true>(accK, lay.ldak, dSt, lay.ldp, Qs, lay.ldq, BK, dims.dp, BQ);
+    block_gemm<T, Gemm::kTN, true>(accV, lay.ldav, Pt, lay.ldp, dOs, lay.ldv, BK, dims.dvp, BQ, p.tf32);
+    block_gemm<T, Gemm::kTN, true>(accK, lay.ldak, dSt, lay.ldp, Qs, lay.ldq, BK, dims.dp, BQ, p.tf32);
   }
   __syncthreads();
 
@@ -293,8 +293,8 @@ FASTPE_D void dq_block(const RmhaParams& p, unsigned char* smem, int64_t block, 
       __syncthreads();  // the previous iteration's GEMM and walks are done with Ks, dSt, S, dP
       load_key_side<T, BK, kTime>(p, hd, lay, dims, j0, k_rows, Ks, Vs, tau_k);
       __syncthreads();
-      block_gemm<T, Gemm::kNT, false>(S, lay.lds, Qs, lay.ldq, Ks, lay.ldq, BQ, BK, dims.dp);
-      block_gemm<T, Gemm::kNT, false>(dP, lay.lds, dOs, lay.ldv, Vs, lay.ldv, BQ, BK, dims.dvp);
+      block_gemm<T, Gemm::kNT, false>(S, lay.lds, Qs, lay.ldq, Ks, lay.ldq, BQ, BK, dims.dp, p.tf32);
+      block_gemm<T, Gemm::kNT, false>(dP, lay.lds, dOs, lay.ldv, Vs, lay.ldv, BQ, BK, dims.dvp, p.tf32);
       __syncthreads();
       bwd_rows<T, BQ, BK, true>(p, hd, cm, bucket, q0, q_rows, j0, S, dP, lay.lds, QR, DOR, lay.ldr, row_d, row_lse,
                                 nullptr, dSt, lay.ldp, PB, DSB, bid);
@@ -309,7 +309,7 @@ FASTPE_D void dq_block(const RmhaParams& p, unsigned char* smem, int64_t block, 
           }
         }
       }
-      block_gemm<T, Gemm::kNN, true>(accQ, lay.ldak, dSt, lay.ldp, Ks, lay.ldq, BQ, dims.dp, BK);
+      block_gemm<T, Gemm::kNN, true>(accQ, lay.ldak, dSt, lay.ldp, Ks, lay.ldq, BQ, dims.dp, BK, p.tf32);
     }
 
     // Relative terms, cw buckets at a time, as block GEMMs on the bucket sums in the input
@@ -333,9 +333,9 @@ FASTPE_D void dq_block(const RmhaParams& p, unsigned char* smem, int64_t block, 
       }
       load_tile(TB, lay.ldq, rel_k + int64_t(c0) * p.dh, p.dh, nb - c0, n, static_cast<int>(p.dh), dims.dp, vec_tk);
       __syncthreads();
-      block_gemm<T, Gemm::kNN, true>(accQ, lay.ldak, WT, lay.ldw, TB, lay.ldq, BQ, dims.dp, n);
-      block_gemm<T, Gemm::kTN, false>(stage_k, lay.ldak, WT, lay.ldw, Qs, lay.ldq, n, dims.dp, BQ);
-      block_gemm<T, Gemm::kTN, false>(stage_v, lay.ldav, WT + dims.cw, lay.ldw, dOs, lay.ldv, n, dims.dvp, BQ);
+      block_gemm<T, Gemm::kNN, true>(accQ, lay.ldak, WT, lay.ldw, TB, lay.ldq, BQ, dims.dp, n, p.tf32);
+      block_gemm<T, Gemm::kTN, false>(stage_k, lay.ldak, WT, lay.ldw, Qs, lay.ldq, n, dims.dp, BQ, p.tf32);
+      block_gemm<T, Gemm::kTN, false>(stage_v, lay.ldav, WT + dims.cw, lay.ldw, dOs, lay.ldv, n, dims.dvp, BQ, p.tf32);
       __syncthreads();
       const int rows = nb - c0 < n ? nb - c0 : n;
       for (int idx = threadIdx.x; idx < rows * p.dh; idx += kThreads) {

@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kThreads, 1) rel_attn_fwd_kernel(const RmhaPar
     row_l[ii] = A(0);
   }
   // QR = Q aK^T, the table staged through Ks.
-  table_scores(QR, lay.ldr, Qs, lay.ldq, BQ, rel_k, nb, dims.rp, static_cast<int>(p.dh), dims.dp, Ks, lay.ldq);
+  table_scores(QR, lay.ldr, Qs, lay.ldq, BQ, rel_k, nb, dims.rp, static_cast<int>(p.dh), dims.dp, Ks, lay.ldq, p.tf32);
 
   // With a causal mask, key tiles after the tile's last query are fully masked: skip them.
   const int64_t nkt_all = ceil_div(p.Lk, BK);
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kThreads, 1) rel_attn_fwd_kernel(const RmhaPar
     load_tile(Vs, lay.ldv, v + j0 * p.sv.l, p.sv.l, k_rows, BK, p.dv, dims.dvp, vec_v);
     if (kTime) load_tau(tau_k, p, hd.b, j0, k_rows, BK);
     __syncthreads();
-    block_gemm<T, Gemm::kNT, false>(S, lay.lds, Qs, lay.ldq, Ks, lay.ldq, BQ, BK, dims.dp);
+    block_gemm<T, Gemm::kNT, false>(S, lay.lds, Qs, lay.ldq, Ks, lay.ldq, BQ, BK, dims.dp, p.tf32);
     __syncthreads();
 
     // One warp per query row: logits, online-softmax update, dropout; the banded buckets also
@@ -159,7 +159,7 @@ FASTPE_UNROLL
       const int ii = threadIdx.x;
       if (ii < q_rows) walk_buckets<A, BK>(PB + ii * lay.ldr, S + ii * lay.lds, bid + ii * BK);
     }
-    block_gemm<T, Gemm::kNN, true>(O, lay.ldo, P, lay.ldp, Vs, lay.ldv, BQ, dims.dvp, BK);
+    block_gemm<T, Gemm::kNN, true>(O, lay.ldo, P, lay.ldp, Vs, lay.ldv, BQ, dims.dvp, BK, p.tf32);
   }
 
   // O += W aV, chunk by chunk: W in the input dtype (in P), the table chunk in Vs.
@@ -173,7 +173,7 @@ FASTPE_UNROLL
       P[ii * lay.ldp + c] = from_acc<T>(PB[ii * lay.ldr + c0 + c]);
     }
     __syncthreads();
-    block_gemm<T, Gemm::kNN, true>(O, lay.ldo, P, lay.ldp, Vs, lay.ldv, BQ, dims.dvp, n);
+    block_gemm<T, Gemm::kNN, true>(O, lay.ldo, P, lay.ldp, Vs, lay.ldv, BQ, dims.dvp, n, p.tf32);
   }
   __syncthreads();
 

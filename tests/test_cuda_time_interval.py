@@ -5,6 +5,8 @@ head sizes 30/50/90, K up to 256, dropout, determinism, operator registration. R
 on the CPU through the emulation of the kernels (see cuda_target.py); outputs start as NaN
 (FASTPE_DEBUG_POISON), so an element the kernels forget to write fails."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -265,3 +267,28 @@ def test_opcheck_and_errors(target):
         ops.time_interval_attention_fwd(q, k, v, rk, rv, tau[:, :5], None, None, False, 0.0, 0.3)
     with pytest.raises(RuntimeError, match="self-attention"):
         ops.time_interval_attention_fwd(q, k[:, :, :5], v[:, :, :5], rk, rv, tau, None, None, False, 0.0, 0.3)
+
+
+def test_tf32_path(target):
+    """fp32 with torch.backends.cuda.matmul.allow_tf32: TF32 tensor-core GEMMs (also for the K = 256
+    interval tables), within fp16's tolerance; exact fp32 by default."""
+    b, h, L, span = 2, 2, 45, 256
+    inputs = tisas_inputs(target.device, b, h, L, 30, span=span)
+    times = random_times(b, L, seed=12)
+    masks = masks_on(target.device, "padding+causal", b, h, L)
+    exact = op("cuda", times, **masks)(*[t.detach().float() for t in inputs])
+    with allow_tf32():
+        assert not torch.equal(op("cuda", times, **masks)(*[t.detach().float() for t in inputs]), exact)
+        assert_matches_reference(op("cuda", times, **masks), op("reference", times, **masks), inputs, torch.float32, NAMES,
+                                 tol=(5e-3, 5e-3))
+
+
+@contextlib.contextmanager
+def allow_tf32():
+    """torch.backends.cuda.matmul.allow_tf32 = True, restored afterwards."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
