@@ -28,26 +28,39 @@ template <typename T> struct Pad {
   static constexpr int kIn = UsesWmma<T>::value ? 8 : 1;
   static constexpr int kAcc = UsesWmma<T>::value ? 4 : 1;
 };
+// float: rows of 16-byte multiples, which the TF32 tensor-core path loads (4 floats also move
+// consecutive rows 4 banks apart for the exact FMA path).
+template <> struct Pad<float> {
+  static constexpr int kIn = 4;
+  static constexpr int kAcc = 4;
+};
 
-// Tile shapes (query rows x key columns). BK is a multiple of 32 (one warp sweeps a row) and
-// every tile dimension a multiple of 16 (the GEMM tile). Tuning knobs: see docs in bindings.cpp.
-template <typename T> struct Tiles {
+// Tile shapes (query rows x key columns) per dtype and bucket kind. BK is a multiple of 32 (one
+// warp sweeps a row) and every tile dimension a multiple of 16 (the GEMM tile). The time-interval
+// kernels (kTime) keep [rows, K+1] fp32 arrays per query tile (the relative scores and bucket
+// sums, K = 256 typically), so their query tiles are smaller: at K = 256, dh = 64 the 16-bit
+// forward and backward need ~101 KiB of shared memory each (two blocks per SM).
+template <typename T, bool kTime> struct Tiles {  // fp16, bf16
   // forward (query tile owned, key tiles looped), dK/dV role (key tile owned, query tiles
   // looped), dQ role (query tile owned, key tiles looped)
-  static constexpr int kFwdQ = 64, kFwdK = 64;
-  static constexpr int kKvQ = 64, kKvK = 32;
-  static constexpr int kDqQ = 32, kDqK = 64;
+  static constexpr int kFwdQ = kTime ? 32 : 64, kFwdK = kTime ? 32 : 64;
+  static constexpr int kKvQ = kTime ? 16 : 64, kKvK = 32;
+  static constexpr int kDqQ = kTime ? 16 : 32, kDqK = kTime ? 32 : 64;
 };
-template <> struct Tiles<float> {
-  static constexpr int kFwdQ = 32, kFwdK = 64;
-  static constexpr int kKvQ = 32, kKvK = 32;
-  static constexpr int kDqQ = 32, kDqK = 32;
+template <bool kTime> struct Tiles<float, kTime> {
+  static constexpr int kFwdQ = 32, kFwdK = kTime ? 32 : 64;
+  static constexpr int kKvQ = kTime ? 16 : 32, kKvK = 32;
+  static constexpr int kDqQ = kTime ? 16 : 32, kDqK = 32;
 };
-template <> struct Tiles<double> {
+template <bool kTime> struct Tiles<double, kTime> {
   static constexpr int kFwdQ = 16, kFwdK = 32;
   static constexpr int kKvQ = 16, kKvK = 32;
   static constexpr int kDqQ = 16, kDqK = 32;
 };
+
+// The relative tables are staged through shared memory kChunk rows at a time (block GEMMs with
+// the query tile), so no layout holds a whole [R, dh] table.
+constexpr int kChunk = 32;
 
 // Bump allocator over the dynamic shared memory, used identically on the host (to size the
 // launch) and on the device (to find the arrays).
@@ -63,18 +76,26 @@ struct Carver {
 
 struct Dims {
   int dp, dvp;  // head sizes padded to 16
-  int nb;       // table rows 2k+1
+  int nb;       // table rows R (2k+1 or K+1)
+  int rp;       // R padded to 16 (the GEMM width of the per-row relative arrays)
+  int cw;       // rows of a staged table chunk: min(kChunk, rp)
 };
 
 FASTPE_HD Dims make_dims(const RmhaParams& p) {
-  return {static_cast<int>(round_up(p.dh, 16)), static_cast<int>(round_up(p.dv, 16)), static_cast<int>(p.NB)};
+  const int rp = static_cast<int>(round_up(p.NB, 16));
+  return {static_cast<int>(round_up(p.dh, 16)), static_cast<int>(round_up(p.dv, 16)), static_cast<int>(p.NB), rp,
+          rp < kChunk ? rp : kChunk};
 }
 
+FASTPE_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
 // ---------------------------------------------------------------------------------------------
-// Shared-memory layouts. Offsets in bytes; ld* are row strides in elements.
-template <typename T, int BQ, int BK> struct FwdLayout {
-  int ldq, ldv, lds, ldp, ldo;
-  int64_t q, k, v, s, p, o, qr, pb, m, l, rk, rv, total;
+// Shared-memory layouts. Offsets in bytes; ld* are row strides in elements. qr/pb are the
+// per-row relative scores q.aK[r] and bucket sums W[i, r] ([BQ, rp] in Acc<T>); bid the bucket
+// ids of the score tile, tq/tk the time steps of its rows and columns (time-interval kernels only).
+template <typename T, int BQ, int BK, bool kTime> struct FwdLayout {
+  int ldq, ldv, lds, ldp, ldo, ldr;
+  int64_t q, k, v, s, p, o, qr, pb, m, l, bid, tq, tk, total;
   FASTPE_HD explicit FwdLayout(Dims d) {
     using A = Acc<T>;
     ldq = d.dp + Pad<T>::kIn;
@@ -82,32 +103,34 @@ template <typename T, int BQ, int BK> struct FwdLayout {
     lds = BK + Pad<T>::kAcc;
     ldp = BK + Pad<T>::kIn;
     ldo = d.dvp + Pad<T>::kAcc;
+    ldr = d.rp + Pad<T>::kAcc;
     Carver c;
     q = c.take(int64_t(BQ) * ldq * sizeof(T));
-    k = c.take(int64_t(BK) * ldq * sizeof(T));
-    v = c.take(int64_t(BK) * ldv * sizeof(T));
+    k = c.take(int64_t(BK) * ldq * sizeof(T));  // also stages rel_k, kChunk <= BK rows at a time
+    v = c.take(int64_t(BK) * ldv * sizeof(T));  // also stages rel_v
     s = c.take(int64_t(BQ) * lds * sizeof(A));
     p = c.take(int64_t(BQ) * ldp * sizeof(T));
     o = c.take(int64_t(BQ) * ldo * sizeof(A));
-    qr = c.take(int64_t(BQ) * d.nb * sizeof(A));
-    pb = c.take(int64_t(BQ) * d.nb * sizeof(A));
+    qr = c.take(int64_t(BQ) * ldr * sizeof(A));
+    pb = c.take(int64_t(BQ) * ldr * sizeof(A));
     m = c.take(int64_t(BQ) * sizeof(A));
     l = c.take(int64_t(BQ) * sizeof(A));
-    rk = c.take(int64_t(d.nb) * ldq * sizeof(T));
-    rv = c.take(int64_t(d.nb) * ldv * sizeof(T));
+    bid = c.take(kTime ? int64_t(BQ) * BK * sizeof(uint16_t) : 0);
+    tq = c.take(kTime ? int64_t(BQ) * sizeof(int64_t) : 0);
+    tk = c.take(kTime ? int64_t(BK) * sizeof(int64_t) : 0);
     total = round_up(c.bytes, 128);
   }
 };
 
 // Backward: arrays both roles use, then the role's own (kKv: dK/dV accumulators and P; kDq: the
-// dQ accumulator and the bucket sums of P and dS).
+// dQ accumulator, the bucket sums of P~ and dS, and the 16-bit copy of a chunk of them).
 enum class Role { kKv, kDq };
 
-template <typename T, int BQ, int BK, Role R> struct BwdLayout {
-  int ldq, ldv, lds, ldp, ldak, ldav;
-  int64_t q, dout, k, v, s, dpr, ds, qr, dor, rowd, rowlse, rk, rv;
+template <typename T, int BQ, int BK, Role R, bool kTime> struct BwdLayout {
+  int ldq, ldv, lds, ldp, ldak, ldav, ldr, ldw, ldt;
+  int64_t q, dout, k, v, s, dpr, ds, qr, dor, rowd, rowlse, tb, bid, tq, tk;
   int64_t pt, acck, accv;  // kKv
-  int64_t accq, pb, dsb;   // kDq
+  int64_t accq, pb, dsb, wt;   // kDq
   int64_t total;
   FASTPE_HD explicit BwdLayout(Dims d) {
     using A = Acc<T>;
@@ -117,6 +140,9 @@ template <typename T, int BQ, int BK, Role R> struct BwdLayout {
     ldp = BK + Pad<T>::kIn;
     ldak = d.dp + Pad<T>::kAcc;
     ldav = d.dvp + Pad<T>::kAcc;
+    ldr = d.rp + Pad<T>::kAcc;
+    ldw = 2 * d.cw + Pad<T>::kIn;
+    ldt = ldq > ldv ? ldq : ldv;
     Carver c;
     q = c.take(int64_t(BQ) * ldq * sizeof(T));
     dout = c.take(int64_t(BQ) * ldv * sizeof(T));
@@ -125,21 +151,25 @@ template <typename T, int BQ, int BK, Role R> struct BwdLayout {
     s = c.take(int64_t(BQ) * lds * sizeof(A));
     dpr = c.take(int64_t(BQ) * lds * sizeof(A));
     ds = c.take(int64_t(BQ) * ldp * sizeof(T));
-    qr = c.take(int64_t(BQ) * d.nb * sizeof(A));
-    dor = c.take(int64_t(BQ) * d.nb * sizeof(A));
+    // qr and dor also stage the dq role's table-gradient chunks ([cw, ldak|ldav]) at the end.
+    qr = c.take(max64(int64_t(BQ) * ldr, int64_t(d.cw) * ldak) * sizeof(A));
+    dor = c.take(max64(int64_t(BQ) * ldr, int64_t(d.cw) * ldav) * sizeof(A));
     rowd = c.take(int64_t(BQ) * sizeof(A));
     rowlse = c.take(int64_t(BQ) * sizeof(A));
-    rk = c.take(int64_t(d.nb) * ldq * sizeof(T));
-    rv = c.take(int64_t(d.nb) * ldv * sizeof(T));
-    pt = acck = accv = accq = pb = dsb = -1;
+    tb = c.take(int64_t(d.cw) * ldt * sizeof(T));  // a chunk of rel_k or rel_v
+    bid = c.take(kTime && R == Role::kDq ? int64_t(BQ) * BK * sizeof(uint16_t) : 0);
+    tq = c.take(kTime ? int64_t(BQ) * sizeof(int64_t) : 0);
+    tk = c.take(kTime ? int64_t(BK) * sizeof(int64_t) : 0);
+    pt = acck = accv = accq = pb = dsb = wt = -1;
     if (R == Role::kKv) {
       pt = c.take(int64_t(BQ) * ldp * sizeof(T));
       acck = c.take(int64_t(BK) * ldak * sizeof(A));
       accv = c.take(int64_t(BK) * ldav * sizeof(A));
     } else {
       accq = c.take(int64_t(BQ) * ldak * sizeof(A));
-      pb = c.take(int64_t(BQ) * d.nb * sizeof(A));
-      dsb = c.take(int64_t(BQ) * d.nb * sizeof(A));
+      pb = c.take(int64_t(BQ) * ldr * sizeof(A));
+      dsb = c.take(int64_t(BQ) * ldr * sizeof(A));
+      wt = c.take(int64_t(BQ) * ldw * sizeof(T));
     }
     total = round_up(c.bytes, 128);
   }
@@ -189,19 +219,6 @@ FASTPE_UNROLL
 
 template <typename A> FASTPE_D void zero_fill(A* dst, int64_t n) {
   for (int64_t idx = threadIdx.x; idx < n; idx += kThreads) dst[idx] = A(0);
-}
-
-// out[ii, r] = sum_d x[ii, d] * table[r, d] for all rows and table rows: the 2k+1 dot products a
-// query (or an output gradient) has with the relative tables.
-template <typename T>
-FASTPE_D void rows_dot_table(Acc<T>* out, const T* x, int ldx, int rows, const T* table, int ldt, int nb, int dcols) {
-  using A = Acc<T>;
-  for (int idx = threadIdx.x; idx < rows * nb; idx += kThreads) {
-    const int ii = idx / nb, r = idx % nb;
-    A acc = 0;
-    for (int d = 0; d < dcols; ++d) acc += to_acc(x[ii * ldx + d]) * to_acc(table[r * ldt + d]);
-    out[idx] = acc;
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -272,14 +289,51 @@ FASTPE_D void wmma_tile(float* C, int ldc, const T* A, int lda, const T* B, int 
   wmma::store_matrix_sync(c_tile, fc, ldc, wmma::mem_row_major);
 }
 
+// TF32 tensor-core tile (fp32 in, rounded to TF32 (10-bit mantissa), fp32 accumulate), m16n16k8.
+template <Gemm OP, bool ACCUM>
+FASTPE_D void tf32_tile(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int m0, int n0, int K) {
+  namespace wmma = nvcuda::wmma;
+  using LA = typename std::conditional<OP == Gemm::kTN, wmma::col_major, wmma::row_major>::type;
+  using LB = typename std::conditional<OP == Gemm::kNT, wmma::col_major, wmma::row_major>::type;
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LA> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LB> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> fc;
+  float* c_tile = C + m0 * ldc + n0;
+  if (ACCUM) {
+    wmma::load_matrix_sync(fc, c_tile, ldc, wmma::mem_row_major);
+  } else {
+    wmma::fill_fragment(fc, 0.0f);
+  }
+  for (int k0 = 0; k0 < K; k0 += 8) {
+    const float* pa = OP == Gemm::kTN ? A + k0 * lda + m0 : A + m0 * lda + k0;
+    const float* pb = OP == Gemm::kNT ? B + n0 * ldb + k0 : B + k0 * ldb + n0;
+    wmma::load_matrix_sync(fa, pa, lda);
+    wmma::load_matrix_sync(fb, pb, ldb);
+FASTPE_UNROLL
+    for (int e = 0; e < fa.num_elements; ++e) fa.x[e] = wmma::__float_to_tf32(fa.x[e]);
+FASTPE_UNROLL
+    for (int e = 0; e < fb.num_elements; ++e) fb.x[e] = wmma::__float_to_tf32(fb.x[e]);
+    wmma::mma_sync(fc, fa, fb, fc);
+  }
+  wmma::store_matrix_sync(c_tile, fc, ldc, wmma::mem_row_major);
+}
+
+// tf32: float inputs take the TF32 tensor-core tiles (RmhaParams::tf32); ignored otherwise.
 template <typename T, Gemm OP, bool ACCUM>
-FASTPE_D void block_gemm(Acc<T>* C, int ldc, const T* A, int lda, const T* B, int ldb, int M, int N, int K) {
+FASTPE_D void block_gemm(Acc<T>* C, int ldc, const T* A, int lda, const T* B, int ldb, int M, int N, int K,
+                         bool tf32) {
   const int warp = threadIdx.x >> 5;
   const int tiles_n = N >> 4, tiles = (M >> 4) * tiles_n;
   for (int t = warp; t < tiles; t += kWarps) {
     const int m0 = (t / tiles_n) << 4, n0 = (t % tiles_n) << 4;
     if constexpr (UsesWmma<T>::value) {
       wmma_tile<T, OP, ACCUM>(C, ldc, A, lda, B, ldb, m0, n0, K);
+    } else if constexpr (std::is_same<T, float>::value) {
+      if (tf32) {
+        tf32_tile<OP, ACCUM>(C, ldc, A, lda, B, ldb, m0, n0, K);
+      } else {
+        simt_tile<T, OP, ACCUM>(C, ldc, A, lda, B, ldb, m0, n0, K);
+      }
     } else {
       simt_tile<T, OP, ACCUM>(C, ldc, A, lda, B, ldb, m0, n0, K);
     }
@@ -313,12 +367,12 @@ FASTPE_D bool key_allowed(const RmhaParams& p, const Head& hd, int64_t i, int64_
   return true;
 }
 
-// The scaled, biased logit of an allowed pair, from the content score q.k and the row's 2k+1
-// relative scores.
+// The scaled, biased logit of an allowed pair, from the content score q.k and the relative
+// score q.aK[r] of its bucket.
 template <typename T>
-FASTPE_D Acc<T> logit(const RmhaParams& p, const Head& hd, int64_t i, int64_t j, Acc<T> qk, const Acc<T>* qr_row, int kmax) {
+FASTPE_D Acc<T> logit(const RmhaParams& p, const Head& hd, int64_t i, int64_t j, Acc<T> qk, Acc<T> qr) {
   using A = Acc<T>;
-  A s = (qk + qr_row[rel_bucket(i, j, kmax)]) * static_cast<A>(p.scale);
+  A s = (qk + qr) * static_cast<A>(p.scale);
   if (p.bias != nullptr) {
     const T* bias = static_cast<const T*>(p.bias);
     s += to_acc(bias[hd.b * p.bias_sb + hd.h * p.bias_sh + i * p.bias_sq + j * p.bias_sk]);
@@ -326,12 +380,60 @@ FASTPE_D Acc<T> logit(const RmhaParams& p, const Head& hd, int64_t i, int64_t j,
   return s;
 }
 
-// Adds value v of key j (row i) to the row's bucket sums. Buckets 1..2k-1 hold one key per row,
-// so the owning lane adds those directly; the two clipped buckets collect ranges and are
-// returned through left/right for a warp reduction (k = 0: everything is bucket 0, "left").
+// ---------------------------------------------------------------------------------------------
+// Bucket functions: the one template parameter that tells the two members of the family apart.
+// bucket(ii, i, jj, j) for tile row ii (query i) and tile column jj (key j).
+
+// RMHA-k: clamp(j - i, -k, k) + k. Banded: inside |j - i| < k every key of a row has its own
+// bucket, outside it is one of the two clipped ones, so the warp that owns a row can add to the
+// bucket sums without conflicts (see bucket_add).
+struct PositionBuckets {
+  static constexpr bool kTime = false;
+  int kmax;
+  FASTPE_D int operator()(int, int64_t i, int, int64_t j) const { return rel_bucket(i, j, kmax); }
+};
+
+// Time intervals (TiSASRec): min(|tau_i - tau_j|, K) from the time steps of the tile's rows and
+// columns in shared memory. Any two keys of a row may share a bucket, so the bucket sums are
+// walked row by row by one thread (walk_buckets). Unsigned difference: exact for any int64.
+struct TimeBuckets {
+  static constexpr bool kTime = true;
+  const int64_t* tau_q;
+  const int64_t* tau_k;
+  uint64_t span;  // K
+  FASTPE_D int operator()(int ii, int64_t, int jj, int64_t) const {
+    const int64_t a = tau_q[ii], b = tau_k[jj];
+    const uint64_t d = a > b ? uint64_t(a) - uint64_t(b) : uint64_t(b) - uint64_t(a);
+    return static_cast<int>(d < span ? d : span);
+  }
+};
+
+template <typename Buckets> FASTPE_D Buckets make_buckets(const RmhaParams& p, const int64_t* tau_q, const int64_t* tau_k);
+template <> FASTPE_D PositionBuckets make_buckets<PositionBuckets>(const RmhaParams& p, const int64_t*, const int64_t*) {
+  return {static_cast<int>((p.NB - 1) / 2)};
+}
+template <> FASTPE_D TimeBuckets make_buckets<TimeBuckets>(const RmhaParams& p, const int64_t* tau_q, const int64_t* tau_k) {
+  return {tau_q, tau_k, static_cast<uint64_t>(p.NB - 1)};
+}
+
+// Time steps tau[b, l0 .. l0+rows) (int32 or int64) into shared memory; 0 past the sequence.
+FASTPE_D void load_tau(int64_t* dst, const RmhaParams& p, int64_t b, int64_t l0, int rows_valid, int rows) {
+  for (int r = threadIdx.x; r < rows; r += kThreads) {
+    int64_t t = 0;
+    if (r < rows_valid) {
+      const int64_t at = b * p.tau_sb + (l0 + r) * p.tau_sl;
+      t = p.tau_int64 ? static_cast<const int64_t*>(p.tau)[at] : static_cast<const int32_t*>(p.tau)[at];
+    }
+    dst[r] = t;
+  }
+}
+
+// Adds value v of key j (row i, bucket r) to the row's bucket sums (banded buckets only).
+// Buckets 1..2k-1 hold one key per row, so the owning lane adds those directly; the two clipped
+// buckets collect ranges and are returned through left/right for a warp reduction (k = 0:
+// everything is bucket 0, "left").
 template <typename A>
-FASTPE_D void bucket_add(A* buckets, int64_t i, int64_t j, int kmax, A v, A& left, A& right) {
-  const int r = rel_bucket(i, j, kmax);
+FASTPE_D void bucket_add(A* buckets, int r, int kmax, A v, A& left, A& right) {
   if (r == 0) {
     left += v;
   } else if (r == 2 * kmax) {
@@ -348,6 +450,32 @@ FASTPE_D void bucket_finish(A* buckets, int kmax, A left, A right) {
   if ((threadIdx.x & 31) == 0) {
     buckets[0] += left;
     if (kmax > 0) buckets[2 * kmax] += right;
+  }
+}
+
+// The bucket sums of one row for any bucket function: the calling thread owns row ii and adds
+// the row's nonzero values in column order (no atomics: bitwise reproducible). O(1) per element.
+template <typename A, int BK>
+FASTPE_D void walk_buckets(A* sums_row, const A* vals_row, const uint16_t* bid_row) {
+  for (int jj = 0; jj < BK; ++jj) {
+    const A x = vals_row[jj];
+    if (x != A(0)) sums_row[bid_row[jj]] += x;
+  }
+}
+
+// out[ii, r] = x_ii . table_r for the rp (padded) table rows, as block GEMMs over kChunk-row
+// chunks of the table staged in `stage` (ld elements per row; rows past R are zero). Starts with
+// a barrier (x may have just been loaded); the caller syncs before reading out.
+template <typename T>
+FASTPE_D void table_scores(Acc<T>* out, int ldr, const T* x, int ldx, int rows, const T* table, int nb, int rp,
+                           int cols, int dcols, T* stage, int ld, bool tf32) {
+  const bool vec = vector_ok<T>(table, cols, cols, cols, cols);
+  for (int c0 = 0; c0 < rp; c0 += kChunk) {
+    const int n = rp - c0 < kChunk ? rp - c0 : kChunk;
+    __syncthreads();  // the previous chunk's GEMM is done with stage
+    load_tile(stage, ld, table + int64_t(c0) * cols, cols, nb - c0, n, cols, dcols, vec);
+    __syncthreads();
+    block_gemm<T, Gemm::kNT, false>(out + c0, ldr, x, ldx, stage, ld, rows, n, dcols, tf32);
   }
 }
 

@@ -9,6 +9,7 @@
 // Tuning knobs (csrc/attention.cuh, Tiles<T>): query/key tile sizes of the forward and of the two
 // backward roles per dtype, kWarps; csrc/rotary.cu: pairs per thread (vec_pairs), kRotaryThreads.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <torch/library.h>
 
 #ifdef FASTPE_EMULATION
@@ -158,12 +159,12 @@ fastpe::PhiloxArgs philox_for_dropout(const Tensor& like) {
 // Relative attention
 
 struct RmhaInputs {
-  Tensor q, k, v, rel_k, rel_v, kpm, bias;
+  Tensor q, k, v, rel_k, rel_v, kpm, bias, tau;
 };
 
 RmhaInputs check_rmha(fastpe::RmhaParams& p, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& rel_k_,
                       const Tensor& rel_v_, const std::optional<Tensor>& kpm_, const std::optional<Tensor>& bias_,
-                      bool is_causal, double dropout_p, double scale) {
+                      bool is_causal, double dropout_p, double scale, const Tensor* tau_ = nullptr) {
   check_dim(q_, 4, "query", "[B, h, Lq, dh]");
   check_dim(k_, 4, "key", "[B, h, Lk, dh]");
   check_dim(v_, 4, "value", "[B, h, Lk, dv]");
@@ -180,10 +181,13 @@ RmhaInputs check_rmha(fastpe::RmhaParams& p, const Tensor& q_, const Tensor& k_,
                      q_.scalar_type(), " and ", t->scalar_type());
   }
   const int64_t Ht = rel_k_.size(0), NB = rel_k_.size(1);
-  TORCH_CHECK((Ht == 1 || Ht == H) && NB % 2 == 1 && rel_k_.size(2) == dh, kBackend,
-              ": rel_k: expected shape [1 or h=", H, ", 2k+1, dh=", dh, "], got ", rel_k_.sizes());
+  const char* rows = tau_ == nullptr ? "2k+1" : "K+1";
+  TORCH_CHECK((Ht == 1 || Ht == H) && (tau_ != nullptr || NB % 2 == 1) && NB >= 1 && rel_k_.size(2) == dh, kBackend,
+              ": rel_k: expected shape [1 or h=", H, ", ", rows, ", dh=", dh, "], got ", rel_k_.sizes());
   TORCH_CHECK(rel_v_.size(0) == Ht && rel_v_.size(1) == NB && rel_v_.size(2) == dv, kBackend, ": rel_v: expected shape [",
               Ht, ", ", NB, ", dv=", dv, "], got ", rel_v_.sizes());
+  // Bucket ids live in 16 bits in shared memory (far beyond what shared memory allows anyway).
+  TORCH_CHECK(NB <= 65536, kBackend, ": at most 65536 relative buckets, got ", NB);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, kBackend, ": dropout_p must lie in [0, 1), got ", dropout_p);
   TORCH_CHECK(std::isfinite(scale), kBackend, ": scale must be finite, got ", scale);
   for (const Tensor* t : {&k_, &v_, &rel_k_, &rel_v_}) check_device(*t, q_, "key/value/tables");
@@ -238,26 +242,42 @@ RmhaInputs check_rmha(fastpe::RmhaParams& p, const Tensor& q_, const Tensor& k_,
     p.bias_sq = in.bias.stride(2);
     p.bias_sk = in.bias.stride(3);
   }
+  if (tau_ != nullptr) {
+    const Tensor& tau = *tau_;
+    check_device(tau, q_, "tau");
+    TORCH_CHECK_TYPE(tau.scalar_type() == at::kLong || tau.scalar_type() == at::kInt, kBackend,
+                     ": tau: expected int64 or int32 time steps, got ", tau.scalar_type());
+    TORCH_CHECK(tau.dim() == 2 && tau.size(0) == B && tau.size(1) == Lq, kBackend, ": tau: expected shape [", B, ", ", Lq,
+                "], got ", tau.sizes());
+    TORCH_CHECK(Lq == Lk, kBackend, ": time-interval attention is self-attention: query and key lengths differ (", Lq,
+                " and ", Lk, ")");
+    in.tau = tau;
+    p.tau = tau.data_ptr();
+    p.tau_int64 = tau.scalar_type() == at::kLong ? 1 : 0;
+    p.tau_sb = tau.stride(0);
+    p.tau_sl = tau.stride(1);
+  }
   p.causal = is_causal ? 1 : 0;
+  p.tf32 = q_.scalar_type() == at::kFloat && at::globalContext().allowTF32CuBLAS() ? 1 : 0;
   p.scale = scale;
   p.dropout_p = dropout_p;
   return in;
 }
 
 void check_smem(int64_t bytes, const fastpe::RmhaParams& p) {
-  TORCH_CHECK(bytes <= max_dynamic_smem(), kBackend, ": relative_attention with head sizes dh=", p.dh, ", dv=", p.dv,
-              " and ", p.NB, " relative positions needs ", bytes, " bytes of shared memory per block, more than this GPU offers (",
+  TORCH_CHECK(bytes <= max_dynamic_smem(), kBackend, ": relative attention with head sizes dh=", p.dh, ", dv=", p.dv,
+              " and ", p.NB, " relative buckets needs ", bytes, " bytes of shared memory per block, more than this GPU offers (",
               max_dynamic_smem(), "); use backend='triton' or 'torch' for such heads");
 }
 
-std::tuple<Tensor, Tensor, Tensor> relative_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                          const Tensor& rel_k, const Tensor& rel_v,
-                                                          const std::optional<Tensor>& key_padding_mask,
-                                                          const std::optional<Tensor>& attn_bias, bool is_causal,
-                                                          double dropout_p, double scale) {
+std::tuple<Tensor, Tensor, Tensor> bucketed_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& rel_k,
+                                                const Tensor& rel_v, const Tensor* tau,
+                                                const std::optional<Tensor>& key_padding_mask,
+                                                const std::optional<Tensor>& attn_bias, bool is_causal, double dropout_p,
+                                                double scale) {
   DeviceScope scope(q);
   fastpe::RmhaParams p;
-  const RmhaInputs in = check_rmha(p, q, k, v, rel_k, rel_v, key_padding_mask, attn_bias, is_causal, dropout_p, scale);
+  const RmhaInputs in = check_rmha(p, q, k, v, rel_k, rel_v, key_padding_mask, attn_bias, is_causal, dropout_p, scale, tau);
   check_smem(fastpe::rmha_forward_smem_bytes(p), p);
   Tensor out = at::empty({p.B, p.H, p.Lq, p.dv}, q.options());
   Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(acc_type(q)));
@@ -268,17 +288,34 @@ std::tuple<Tensor, Tensor, Tensor> relative_attention_fwd(const Tensor& q, const
   p.rng_state = rng_state.data_ptr<int64_t>();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
-  check_launch(fastpe::rmha_forward(p, current_stream()), "relative_attention forward");
+  check_launch(fastpe::rmha_forward(p, current_stream()), "relative attention forward");
   return {out, lse, rng_state};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> relative_attention_bwd(
+std::tuple<Tensor, Tensor, Tensor> relative_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                          const Tensor& rel_k, const Tensor& rel_v,
+                                                          const std::optional<Tensor>& key_padding_mask,
+                                                          const std::optional<Tensor>& attn_bias, bool is_causal,
+                                                          double dropout_p, double scale) {
+  return bucketed_fwd(q, k, v, rel_k, rel_v, nullptr, key_padding_mask, attn_bias, is_causal, dropout_p, scale);
+}
+
+std::tuple<Tensor, Tensor, Tensor> time_interval_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                               const Tensor& rel_k, const Tensor& rel_v, const Tensor& tau,
+                                                               const std::optional<Tensor>& key_padding_mask,
+                                                               const std::optional<Tensor>& attn_bias, bool is_causal,
+                                                               double dropout_p, double scale) {
+  return bucketed_fwd(q, k, v, rel_k, rel_v, &tau, key_padding_mask, attn_bias, is_causal, dropout_p, scale);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bucketed_bwd(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& rel_k, const Tensor& rel_v,
+    const Tensor* tau,
     const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& attn_bias, const Tensor& out,
     const Tensor& lse, const Tensor& rng_state, bool is_causal, double dropout_p, double scale) {
   DeviceScope scope(q);
   fastpe::RmhaParams p;
-  const RmhaInputs in = check_rmha(p, q, k, v, rel_k, rel_v, key_padding_mask, attn_bias, is_causal, dropout_p, scale);
+  const RmhaInputs in = check_rmha(p, q, k, v, rel_k, rel_v, key_padding_mask, attn_bias, is_causal, dropout_p, scale, tau);
   const std::vector<int64_t> out_shape{p.B, p.H, p.Lq, p.dv};
   TORCH_CHECK(grad_out.sizes() == out_shape && out.sizes() == out_shape, kBackend,
               ": relative_attention backward: grad_out and out must have shape ", out.sizes(), ", got ", grad_out.sizes(),
@@ -313,8 +350,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> relative_attention_bwd(
   p.grad_rel_k = drk.data_ptr();
   p.grad_rel_v = drv.data_ptr();
   p.workspace = ws.data_ptr();
-  check_launch(fastpe::rmha_backward(p, current_stream()), "relative_attention backward");
+  check_launch(fastpe::rmha_backward(p, current_stream()), "relative attention backward");
   return {dq, dk, dv, drk, drv};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> relative_attention_bwd(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& rel_k, const Tensor& rel_v,
+    const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& attn_bias, const Tensor& out,
+    const Tensor& lse, const Tensor& rng_state, bool is_causal, double dropout_p, double scale) {
+  return bucketed_bwd(grad_out, q, k, v, rel_k, rel_v, nullptr, key_padding_mask, attn_bias, out, lse, rng_state, is_causal,
+                      dropout_p, scale);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> time_interval_attention_bwd(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& rel_k, const Tensor& rel_v,
+    const Tensor& tau, const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& attn_bias,
+    const Tensor& out, const Tensor& lse, const Tensor& rng_state, bool is_causal, double dropout_p, double scale) {
+  return bucketed_bwd(grad_out, q, k, v, rel_k, rel_v, &tau, key_padding_mask, attn_bias, out, lse, rng_state, is_causal,
+                      dropout_p, scale);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -616,6 +669,8 @@ Tensor philox_host(const Tensor& inputs) {
 FASTPE_LIBRARY(FASTPE_OPS_NS, m) {
   m.def("relative_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor rel_k, Tensor rel_v, Tensor? key_padding_mask, Tensor? attn_bias, bool is_causal, float dropout_p, float scale) -> (Tensor, Tensor, Tensor)", {at::Tag::nondeterministic_seeded});
   m.def("relative_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor rel_k, Tensor rel_v, Tensor? key_padding_mask, Tensor? attn_bias, Tensor out, Tensor lse, Tensor rng_state, bool is_causal, float dropout_p, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("time_interval_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor rel_k, Tensor rel_v, Tensor tau, Tensor? key_padding_mask, Tensor? attn_bias, bool is_causal, float dropout_p, float scale) -> (Tensor, Tensor, Tensor)", {at::Tag::nondeterministic_seeded});
+  m.def("time_interval_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor rel_k, Tensor rel_v, Tensor tau, Tensor? key_padding_mask, Tensor? attn_bias, Tensor out, Tensor lse, Tensor rng_state, bool is_causal, float dropout_p, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("rotary_fwd(Tensor x, Tensor angles, Tensor? positions, bool interleaved) -> Tensor");
   m.def("rotary_bwd(Tensor grad_y, Tensor x, Tensor angles, Tensor? positions, bool interleaved, bool angles_grad) -> (Tensor, Tensor)");
   m.def("rotatory_add_fwd(Tensor x, Tensor angles, Tensor? positions) -> Tensor");
@@ -629,6 +684,8 @@ FASTPE_LIBRARY(FASTPE_OPS_NS, m) {
 FASTPE_LIBRARY_IMPL(FASTPE_OPS_NS, FASTPE_DISPATCH_KEY, m) {
   m.impl("relative_attention_fwd", &relative_attention_fwd);
   m.impl("relative_attention_bwd", &relative_attention_bwd);
+  m.impl("time_interval_attention_fwd", &time_interval_attention_fwd);
+  m.impl("time_interval_attention_bwd", &time_interval_attention_bwd);
   m.impl("rotary_fwd", &rotary_fwd);
   m.impl("rotary_bwd", &rotary_bwd);
   m.impl("rotatory_add_fwd", &rotatory_add_fwd);

@@ -28,8 +28,11 @@ struct PhiloxArgs {
 };
 
 // ----------------------------------------------------------------------------------------------
-// Relative attention (RMHA-k). q [B,h,Lq,dh], k [B,h,Lk,dh], v [B,h,Lk,dv]: strides for the first
-// three dims, the last dim contiguous. rel_k [Ht,NB,dh], rel_v [Ht,NB,dv] contiguous, NB = 2k+1.
+// Relative attention, one kernel family for two bucket functions:
+//   RMHA-k (tau == nullptr):    r(i, j) = clamp(j - i, -k, k) + k,  NB = 2k+1
+//   time intervals (TiSASRec):  r(i, j) = min(|tau_i - tau_j|, K),   NB = K+1, tau [B, L]
+// q [B,h,Lq,dh], k [B,h,Lk,dh], v [B,h,Lk,dv]: strides for the first three dims, the last dim
+// contiguous. rel_k [Ht,NB,dh], rel_v [Ht,NB,dv] contiguous.
 struct AttnStrides {
   int64_t b = 0, h = 0, l = 0;
 };
@@ -38,7 +41,11 @@ struct RmhaParams {
   DType dtype = DType::kFloat32;
   int64_t B = 0, H = 0, Lq = 0, Lk = 0, dh = 0, dv = 0;
   int64_t Ht = 1;  // table heads: 1 (shared) or H
-  int64_t NB = 1;  // table rows 2k+1
+  int64_t NB = 1;  // table rows: 2k+1, or K+1 with tau
+  // Time steps of the time-interval buckets (self-attention, Lq == Lk): int32 or int64 [B, L].
+  const void* tau = nullptr;
+  int tau_int64 = 1;
+  int64_t tau_sb = 0, tau_sl = 0;
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
@@ -52,6 +59,9 @@ struct RmhaParams {
   const void* bias = nullptr;
   int64_t bias_sb = 0, bias_sh = 0, bias_sq = 0, bias_sk = 0;
   int causal = 0;
+  // float32 inputs: block GEMMs on the tensor cores in TF32 (10-bit mantissa, fp32 accumulation)
+  // instead of exact fp32 FMAs; set from torch.backends.cuda.matmul.allow_tf32.
+  int tf32 = 0;
   double scale = 1.0;
   double dropout_p = 0.0;
   PhiloxArgs philox;       // forward: where to draw from

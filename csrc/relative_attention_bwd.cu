@@ -1,25 +1,29 @@
-// RMHA-k backward. With P the softmax, M the dropout keep mask, P~ = P*M/(1-p) and
-// w_ij = v_j + aV[r(i,j)]:
+// Relative attention backward (RMHA-k and time intervals). With P the softmax, M the dropout
+// keep mask, P~ = P*M/(1-p) and w_ij = v_j + aV[r(i,j)]:
 //
-//   dP~_ij = dO_i . w_ij = dO_i.v_j + dO_i.aV[r]     (2k+1 dot products per row: DOR)
+//   dP~_ij = dO_i . w_ij = dO_i.v_j + DOR_i[r]        DOR = dO aV^T ([BQ, R], block GEMMs)
 //   dS_ij  = P_ij (dP~_ij M_ij/(1-p) - D_i),  D_i = dO_i . o_i
-//   dq_i   = scale (sum_j dS_ij k_j + sum_r DSB_ir aK_r)       DSB: bucket sums of dS
+//   dq_i   = scale (sum_j dS_ij k_j + (Wds aK)_i)       Wds: per-row bucket sums of dS
 //   dk_j   = scale sum_i dS_ij q_i,   dv_j = sum_i P~_ij dO_i
-//   daK_r  = scale sum_i DSB_ir q_i,  daV_r = sum_i PB_ir dO_i  PB: bucket sums of P~
+//   daK    = scale Wds^T Q,           daV  = W^T dO     W: per-row bucket sums of P~
 //
 // One launch, two kinds of blocks: "kv" blocks own a key tile and loop over query tiles (dk, dv);
 // "dq" blocks own a query tile and loop over key tiles (dq, and the block's partial sums of the
-// table gradients). Nothing is accumulated with atomics; the partial table sums are reduced
-// over batch and heads afterwards in a fixed order (row_sum), so every gradient is bitwise
-// reproducible. P is recomputed from the forward's log-sum-exp, the dropout mask from the
-// forward's Philox (seed, offset).
+// table gradients, block GEMMs over chunks of the bucket sums). The bucket sums have one owner
+// per row (the row's warp for the banded RMHA buckets; for time intervals one thread walks the
+// row's P~ and another its dS, in column order). Nothing is accumulated with atomics; the partial
+// table sums are reduced over batch and heads afterwards in a fixed order (row_sum), so every
+// gradient is bitwise reproducible. P is recomputed from the forward's log-sum-exp, the dropout
+// mask from the forward's Philox (seed, offset).
 #include "attention.cuh"
 
 namespace fastpe {
 namespace attn {
 
-template <typename T> using KvLayout = BwdLayout<T, Tiles<T>::kKvQ, Tiles<T>::kKvK, Role::kKv>;
-template <typename T> using DqLayout = BwdLayout<T, Tiles<T>::kDqQ, Tiles<T>::kDqK, Role::kDq>;
+template <typename T, bool kTime>
+using KvLayout = BwdLayout<T, Tiles<T, kTime>::kKvQ, Tiles<T, kTime>::kKvK, Role::kKv, kTime>;
+template <typename T, bool kTime>
+using DqLayout = BwdLayout<T, Tiles<T, kTime>::kDqQ, Tiles<T, kTime>::kDqK, Role::kDq, kTime>;
 
 template <typename T> struct BwdCommon {
   using A = Acc<T>;
@@ -35,10 +39,11 @@ template <typename T> struct BwdCommon {
   }
 };
 
-// Loads the query-side tiles of rows [q0, q0 + q_rows): q, dO, the log-sum-exp.
-template <typename T, int BQ, typename Layout>
+// Loads the query-side tiles of rows [q0, q0 + q_rows): q, dO, the log-sum-exp (and the time
+// steps of the rows).
+template <typename T, int BQ, bool kTime, typename Layout>
 FASTPE_D void load_query_side(const RmhaParams& p, const Head& hd, const Layout& lay, const Dims& dims, int64_t q0,
-                              int q_rows, T* Qs, T* dOs, Acc<T>* row_lse) {
+                              int q_rows, T* Qs, T* dOs, Acc<T>* row_lse, int64_t* tau_q) {
   const T* q = static_cast<const T*>(p.q) + hd.b * p.sq.b + hd.h * p.sq.h;
   const T* go = static_cast<const T*>(p.grad_out) + hd.b * p.sgo.b + hd.h * p.sgo.h;
   load_tile(Qs, lay.ldq, q + q0 * p.sq.l, p.sq.l, q_rows, BQ, p.dh, dims.dp, vector_ok<T>(p.q, p.dh, p.sq.b, p.sq.h, p.sq.l));
@@ -46,21 +51,31 @@ FASTPE_D void load_query_side(const RmhaParams& p, const Head& hd, const Layout&
             vector_ok<T>(p.grad_out, p.dv, p.sgo.b, p.sgo.h, p.sgo.l));
   const Acc<T>* lse = static_cast<const Acc<T>*>(p.lse) + hd.bh * p.Lq + q0;
   for (int ii = threadIdx.x; ii < BQ; ii += kThreads) row_lse[ii] = ii < q_rows ? lse[ii] : pos_inf<Acc<T>>();
+  if (kTime) load_tau(tau_q, p, hd.b, q0, q_rows, BQ);
 }
 
-template <typename T, int BK, typename Layout>
+template <typename T, int BK, bool kTime, typename Layout>
 FASTPE_D void load_key_side(const RmhaParams& p, const Head& hd, const Layout& lay, const Dims& dims, int64_t j0,
-                            int k_rows, T* Ks, T* Vs) {
+                            int k_rows, T* Ks, T* Vs, int64_t* tau_k) {
   const T* k = static_cast<const T*>(p.k) + hd.b * p.sk.b + hd.h * p.sk.h;
   const T* v = static_cast<const T*>(p.v) + hd.b * p.sv.b + hd.h * p.sv.h;
   load_tile(Ks, lay.ldq, k + j0 * p.sk.l, p.sk.l, k_rows, BK, p.dh, dims.dp, vector_ok<T>(p.k, p.dh, p.sk.b, p.sk.h, p.sk.l));
   load_tile(Vs, lay.ldv, v + j0 * p.sv.l, p.sv.l, k_rows, BK, p.dv, dims.dvp, vector_ok<T>(p.v, p.dv, p.sv.b, p.sv.h, p.sv.l));
+  if (kTime) load_tau(tau_k, p, hd.b, j0, k_rows, BK);
 }
 
-template <typename T, typename Layout>
-FASTPE_D void load_tables(const RmhaParams& p, const Head& hd, const Layout& lay, const Dims& dims, T* RK, T* RV) {
-  load_tile(RK, lay.ldq, static_cast<const T*>(p.rel_k) + hd.ht * dims.nb * p.dh, p.dh, dims.nb, dims.nb, p.dh, dims.dp, false);
-  load_tile(RV, lay.ldv, static_cast<const T*>(p.rel_v) + hd.ht * dims.nb * p.dv, p.dv, dims.nb, dims.nb, p.dv, dims.dvp, false);
+template <typename T> FASTPE_D const T* rel_table(const RmhaParams& p, const Head& hd, const void* table, int64_t cols) {
+  return static_cast<const T*>(table) + hd.ht * p.NB * cols;
+}
+
+// QR = Q aK^T and DOR = dO aV^T of a query tile (block GEMMs over table chunks staged in TB).
+template <typename T, int BQ, typename Layout>
+FASTPE_D void relative_scores(const RmhaParams& p, const Head& hd, const Layout& lay, const Dims& dims, const T* Qs,
+                              const T* dOs, T* TB, Acc<T>* QR, Acc<T>* DOR) {
+  table_scores(QR, lay.ldr, Qs, lay.ldq, BQ, rel_table<T>(p, hd, p.rel_k, p.dh), dims.nb, dims.rp, static_cast<int>(p.dh),
+               dims.dp, TB, lay.ldt, p.tf32);
+  table_scores(DOR, lay.ldr, dOs, lay.ldv, BQ, rel_table<T>(p, hd, p.rel_v, p.dv), dims.nb, dims.rp,
+               static_cast<int>(p.dv), dims.dvp, TB, lay.ldt, p.tf32);
 }
 
 // D_i = dO_i . o_i (one warp per row), with o read back from the forward output.
@@ -80,17 +95,18 @@ FASTPE_D void row_delta(const RmhaParams& p, const Head& hd, int64_t q0, int q_r
 }
 
 // One warp per query row: recompute P from the logits and the log-sum-exp, apply the dropout
-// mask, form dS. Writes P~ (when Pt is given) and dS in the input dtype for the GEMMs; with
-// BUCKETS, adds P~ and dS to the row's bucket sums.
-template <typename T, int BQ, int BK, bool BUCKETS>
-FASTPE_D void bwd_rows(const RmhaParams& p, const Head& hd, const BwdCommon<T>& cm, int64_t q0, int q_rows, int64_t j0,
-                       const Acc<T>* S, const Acc<T>* dP, int lds, const Acc<T>* QR, const Acc<T>* DOR,
-                       const Acc<T>* row_d, const Acc<T>* row_lse, T* Pt, T* dSt, int ldp, Acc<T>* PB, Acc<T>* DSB,
-                       int nb) {
+// mask, form dS. Writes P~ (when Pt is given) and dS in the input dtype for the GEMMs. With SUMS,
+// the banded buckets add P~ and dS to the row's bucket sums PB, DSB here; the time-interval ones
+// leave P~ in S, dS in dP (fp32, in place) and the bucket ids in bid for walk_buckets.
+template <typename T, int BQ, int BK, bool SUMS, typename Buckets>
+FASTPE_D void bwd_rows(const RmhaParams& p, const Head& hd, const BwdCommon<T>& cm, const Buckets& bucket, int64_t q0,
+                       int q_rows, int64_t j0, Acc<T>* S, Acc<T>* dP, int lds, const Acc<T>* QR, const Acc<T>* DOR,
+                       int ldr, const Acc<T>* row_d, const Acc<T>* row_lse, T* Pt, T* dSt, int ldp, Acc<T>* PB,
+                       Acc<T>* DSB, uint16_t* bid) {
   using A = Acc<T>;
   constexpr int CPL = BK / 32;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int kmax = (nb - 1) / 2;
+  const int kmax = static_cast<int>((p.NB - 1) / 2);
   for (int ii = warp; ii < BQ; ii += kWarps) {
     if (ii >= q_rows) {  // padding rows of the last query tile: zeros keep the GEMMs clean
       for (int jj = lane; jj < BK; jj += 32) {
@@ -108,17 +124,18 @@ FASTPE_UNROLL
       const int jj = lane * CPL + c;
       const int64_t j = j0 + jj;
       A pt = 0, ds = 0;
+      int r = 0;
       // Outside the mask test: the bits of a pair serve both of its keys, masked or not.
       if (cm.dropout && (c == 0 || (j & 1) == 0)) bits = dropout_bits(cm.rng, uint64_t(hd.bh * p.Lq + i), uint32_t(j >> 1));
       if (key_allowed(p, hd, i, j)) {
-        const int r = rel_bucket(i, j, kmax);
-        const A s = logit<T>(p, hd, i, j, S[ii * lds + jj], QR + ii * nb, kmax);
+        r = bucket(ii, i, jj, j);
+        const A s = logit<T>(p, hd, i, j, S[ii * lds + jj], QR[ii * ldr + r]);
         const A pr = fast_exp(s - lse);  // 0 for -inf logits and for rows without keys (lse = +inf)
-        const A dpt = dP[ii * lds + jj] + DOR[ii * nb + r];
+        const A dpt = dP[ii * lds + jj] + DOR[ii * ldr + r];
         A dpr = dpt;
         pt = pr;
         if (cm.dropout) {
-          const bool keep = bits.x[j & 1] >= cm.threshold;
+          const bool keep = ((j & 1) ? bits.x[1] : bits.x[0]) >= cm.threshold;
           pt = keep ? pr * cm.keep_scale : A(0);
           dpr = keep ? dpt * cm.keep_scale : A(0);
         }
@@ -126,25 +143,30 @@ FASTPE_UNROLL
       }
       if (Pt != nullptr) Pt[ii * ldp + jj] = from_acc<T>(pt);
       dSt[ii * ldp + jj] = from_acc<T>(ds);
-      if (BUCKETS) {
-        if (pt != A(0)) bucket_add(PB + ii * nb, i, j, kmax, pt, left_p, right_p);
-        if (ds != A(0)) bucket_add(DSB + ii * nb, i, j, kmax, ds, left_s, right_s);
+      if constexpr (SUMS && Buckets::kTime) {
+        S[ii * lds + jj] = pt;
+        dP[ii * lds + jj] = ds;
+        bid[ii * BK + jj] = static_cast<uint16_t>(r);
+      } else if constexpr (SUMS) {
+        if (pt != A(0)) bucket_add(PB + ii * ldr, r, kmax, pt, left_p, right_p);
+        if (ds != A(0)) bucket_add(DSB + ii * ldr, r, kmax, ds, left_s, right_s);
       }
     }
-    if (BUCKETS) {
-      bucket_finish(PB + ii * nb, kmax, left_p, right_p);
-      bucket_finish(DSB + ii * nb, kmax, left_s, right_s);
+    if constexpr (SUMS && !Buckets::kTime) {
+      bucket_finish(PB + ii * ldr, kmax, left_p, right_p);
+      bucket_finish(DSB + ii * ldr, kmax, left_s, right_s);
     }
   }
 }
 
 // dk, dv of one key tile.
-template <typename T>
+template <typename T, typename Buckets>
 FASTPE_D void kv_block(const RmhaParams& p, unsigned char* smem, int64_t block) {
   using A = Acc<T>;
-  constexpr int BQ = Tiles<T>::kKvQ, BK = Tiles<T>::kKvK;
+  constexpr bool kTime = Buckets::kTime;
+  constexpr int BQ = Tiles<T, kTime>::kKvQ, BK = Tiles<T, kTime>::kKvK;
   const Dims dims = make_dims(p);
-  const KvLayout<T> lay(dims);
+  const KvLayout<T, kTime> lay(dims);
   T* Qs = at<T>(smem, lay.q);
   T* dOs = at<T>(smem, lay.dout);
   T* Ks = at<T>(smem, lay.k);
@@ -156,20 +178,21 @@ FASTPE_D void kv_block(const RmhaParams& p, unsigned char* smem, int64_t block) 
   A* DOR = at<A>(smem, lay.dor);
   A* row_d = at<A>(smem, lay.rowd);
   A* row_lse = at<A>(smem, lay.rowlse);
-  T* RK = at<T>(smem, lay.rk);
-  T* RV = at<T>(smem, lay.rv);
+  T* TB = at<T>(smem, lay.tb);
+  int64_t* tau_q = at<int64_t>(smem, lay.tq);
+  int64_t* tau_k = at<int64_t>(smem, lay.tk);
   T* Pt = at<T>(smem, lay.pt);
   A* accK = at<A>(smem, lay.acck);
   A* accV = at<A>(smem, lay.accv);
 
   const BwdCommon<T> cm(p);
+  const Buckets bucket = make_buckets<Buckets>(p, tau_q, tau_k);
   const int64_t nkt = ceil_div(p.Lk, BK);
   const Head hd = make_head(p, block / nkt);
   const int64_t j0 = (block % nkt) * BK;
   const int k_rows = static_cast<int>(p.Lk - j0 < BK ? p.Lk - j0 : BK);
 
-  load_key_side<T, BK>(p, hd, lay, dims, j0, k_rows, Ks, Vs);
-  load_tables(p, hd, lay, dims, RK, RV);
+  load_key_side<T, BK, kTime>(p, hd, lay, dims, j0, k_rows, Ks, Vs, tau_k);
   zero_fill(accK, int64_t(BK) * lay.ldak);
   zero_fill(accV, int64_t(BK) * lay.ldav);
 
@@ -179,19 +202,17 @@ FASTPE_D void kv_block(const RmhaParams& p, unsigned char* smem, int64_t block) 
     const int64_t q0 = qt * BQ;
     const int q_rows = static_cast<int>(p.Lq - q0 < BQ ? p.Lq - q0 : BQ);
     __syncthreads();  // the previous iteration's GEMMs are done with Qs, dOs, Pt, dSt
-    load_query_side<T, BQ>(p, hd, lay, dims, q0, q_rows, Qs, dOs, row_lse);
-    __syncthreads();
-    rows_dot_table(QR, Qs, lay.ldq, BQ, RK, lay.ldq, dims.nb, dims.dp);
-    rows_dot_table(DOR, dOs, lay.ldv, BQ, RV, lay.ldv, dims.nb, dims.dvp);
+    load_query_side<T, BQ, kTime>(p, hd, lay, dims, q0, q_rows, Qs, dOs, row_lse, tau_q);
+    relative_scores<T, BQ>(p, hd, lay, dims, Qs, dOs, TB, QR, DOR);  // begins with a barrier
     row_delta<T, BQ>(p, hd, q0, q_rows, dOs, lay.ldv, row_d);
-    block_gemm<T, Gemm::kNT, false>(S, lay.lds, Qs, lay.ldq, Ks, lay.ldq, BQ, BK, dims.dp);
-    block_gemm<T, Gemm::kNT, false>(dP, lay.lds, dOs, lay.ldv, Vs, lay.ldv, BQ, BK, dims.dvp);
+    block_gemm<T, Gemm::kNT, false>(S, lay.lds, Qs, lay.ldq, Ks, lay.ldq, BQ, BK, dims.dp, p.tf32);
+    block_gemm<T, Gemm::kNT, false>(dP, lay.lds, dOs, lay.ldv, Vs, lay.ldv, BQ, BK, dims.dvp, p.tf32);
     __syncthreads();
-    bwd_rows<T, BQ, BK, false>(p, hd, cm, q0, q_rows, j0, S, dP, lay.lds, QR, DOR, row_d, row_lse, Pt, dSt, lay.ldp,
-                               nullptr, nullptr, dims.nb);
+    bwd_rows<T, BQ, BK, false>(p, hd, cm, bucket, q0, q_rows, j0, S, dP, lay.lds, QR, DOR, lay.ldr, row_d, row_lse, Pt,
+                               dSt, lay.ldp, nullptr, nullptr, nullptr);
     __syncthreads();
-    block_gemm<T, Gemm::kTN, true>(accV, lay.ldav, Pt, lay.ldp, dOs, lay.ldv, BK, dims.dvp, BQ);
-    block_gemm<T, Gemm::kTN, true>(accK, lay.ldak, dSt, lay.ldp, Qs, lay.ldq, BK, dims.dp, BQ);
+    block_gemm<T, Gemm::kTN, true>(accV, lay.ldav, Pt, lay.ldp, dOs, lay.ldv, BK, dims.dvp, BQ, p.tf32);
+    block_gemm<T, Gemm::kTN, true>(accK, lay.ldak, dSt, lay.ldp, Qs, lay.ldq, BK, dims.dp, BQ, p.tf32);
   }
   __syncthreads();
 
@@ -208,13 +229,22 @@ FASTPE_D void kv_block(const RmhaParams& p, unsigned char* smem, int64_t block) 
   }
 }
 
-// dq of one query tile, and this tile's partial sums of the table gradients.
-template <typename T>
+// Query tiles per dq block: one (RMHA), or every tile of the sequence for time intervals, whose
+// per-block table partials ([K+1, dh] each) would otherwise take B*h*L/16 of them (0.9 GB at
+// B256 h2 L200 dh64 K=256); the block sums its tiles' partials in place, in tile order.
+template <typename T, bool kTime> FASTPE_HD int64_t dq_tiles_per_block(const RmhaParams& p) {
+  return kTime ? ceil_div(p.Lq, Tiles<T, true>::kDqQ) : 1;
+}
+
+// dq of query tiles, and their partial sums of the table gradients.
+template <typename T, typename Buckets>
 FASTPE_D void dq_block(const RmhaParams& p, unsigned char* smem, int64_t block, Acc<T>* ws_k, Acc<T>* ws_v) {
   using A = Acc<T>;
-  constexpr int BQ = Tiles<T>::kDqQ, BK = Tiles<T>::kDqK;
+  constexpr bool kTime = Buckets::kTime;
+  constexpr int BQ = Tiles<T, kTime>::kDqQ, BK = Tiles<T, kTime>::kDqK;
+  static_assert(2 * BQ <= kThreads && BK >= kChunk, "tile shapes");
   const Dims dims = make_dims(p);
-  const DqLayout<T> lay(dims);
+  const DqLayout<T, kTime> lay(dims);
   T* Qs = at<T>(smem, lay.q);
   T* dOs = at<T>(smem, lay.dout);
   T* Ks = at<T>(smem, lay.k);
@@ -226,77 +256,116 @@ FASTPE_D void dq_block(const RmhaParams& p, unsigned char* smem, int64_t block, 
   A* DOR = at<A>(smem, lay.dor);
   A* row_d = at<A>(smem, lay.rowd);
   A* row_lse = at<A>(smem, lay.rowlse);
-  T* RK = at<T>(smem, lay.rk);
-  T* RV = at<T>(smem, lay.rv);
+  T* TB = at<T>(smem, lay.tb);
+  uint16_t* bid = at<uint16_t>(smem, lay.bid);
+  int64_t* tau_q = at<int64_t>(smem, lay.tq);
+  int64_t* tau_k = at<int64_t>(smem, lay.tk);
   A* accQ = at<A>(smem, lay.accq);
   A* PB = at<A>(smem, lay.pb);
   A* DSB = at<A>(smem, lay.dsb);
+  T* WT = at<T>(smem, lay.wt);
 
   const BwdCommon<T> cm(p);
+  const Buckets bucket = make_buckets<Buckets>(p, tau_q, tau_k);
   const int nb = dims.nb;
-  const int64_t nqt = ceil_div(p.Lq, BQ);
-  const Head hd = make_head(p, block / nqt);
-  const int64_t q0 = (block % nqt) * BQ;
-  const int q_rows = static_cast<int>(p.Lq - q0 < BQ ? p.Lq - q0 : BQ);
+  const int64_t nqt = ceil_div(p.Lq, BQ), per_block = dq_tiles_per_block<T, kTime>(p);
+  const int64_t blocks_per_head = nqt / per_block;
+  const Head hd = make_head(p, block / blocks_per_head);
+  const int64_t qt_first = (block % blocks_per_head) * per_block;
+  for (int64_t qt = qt_first; qt < qt_first + per_block; ++qt) {
+    const int64_t q0 = qt * BQ;
+    const int q_rows = static_cast<int>(p.Lq - q0 < BQ ? p.Lq - q0 : BQ);
+    const bool first = qt == qt_first;
+    __syncthreads();  // the previous tile's epilogue is done with accQ, the sums and the stages
 
-  load_query_side<T, BQ>(p, hd, lay, dims, q0, q_rows, Qs, dOs, row_lse);
-  load_tables(p, hd, lay, dims, RK, RV);
-  zero_fill(accQ, int64_t(BQ) * lay.ldak);
-  zero_fill(PB, int64_t(BQ) * nb);
-  zero_fill(DSB, int64_t(BQ) * nb);
-  __syncthreads();
-  rows_dot_table(QR, Qs, lay.ldq, BQ, RK, lay.ldq, nb, dims.dp);
-  rows_dot_table(DOR, dOs, lay.ldv, BQ, RV, lay.ldv, nb, dims.dvp);
-  row_delta<T, BQ>(p, hd, q0, q_rows, dOs, lay.ldv, row_d);
+    load_query_side<T, BQ, kTime>(p, hd, lay, dims, q0, q_rows, Qs, dOs, row_lse, tau_q);
+    zero_fill(accQ, int64_t(BQ) * lay.ldak);
+    zero_fill(PB, int64_t(BQ) * lay.ldr);
+    zero_fill(DSB, int64_t(BQ) * lay.ldr);
+    relative_scores<T, BQ>(p, hd, lay, dims, Qs, dOs, TB, QR, DOR);  // begins with a barrier
+    row_delta<T, BQ>(p, hd, q0, q_rows, dOs, lay.ldv, row_d);
 
-  const int64_t nkt_all = ceil_div(p.Lk, BK);
-  const int64_t nkt = p.causal ? (ceil_div(q0 + q_rows, BK) < nkt_all ? ceil_div(q0 + q_rows, BK) : nkt_all) : nkt_all;
-  for (int64_t kt = 0; kt < nkt; ++kt) {
-    const int64_t j0 = kt * BK;
-    const int k_rows = static_cast<int>(p.Lk - j0 < BK ? p.Lk - j0 : BK);
-    __syncthreads();  // the previous iteration's GEMM is done with Ks and dSt
-    load_key_side<T, BK>(p, hd, lay, dims, j0, k_rows, Ks, Vs);
-    __syncthreads();
-    block_gemm<T, Gemm::kNT, false>(S, lay.lds, Qs, lay.ldq, Ks, lay.ldq, BQ, BK, dims.dp);
-    block_gemm<T, Gemm::kNT, false>(dP, lay.lds, dOs, lay.ldv, Vs, lay.ldv, BQ, BK, dims.dvp);
-    __syncthreads();
-    bwd_rows<T, BQ, BK, true>(p, hd, cm, q0, q_rows, j0, S, dP, lay.lds, QR, DOR, row_d, row_lse, nullptr, dSt, lay.ldp,
-                              PB, DSB, nb);
-    __syncthreads();
-    block_gemm<T, Gemm::kNN, true>(accQ, lay.ldak, dSt, lay.ldp, Ks, lay.ldq, BQ, dims.dp, BK);
-  }
-  __syncthreads();
+    const int64_t nkt_all = ceil_div(p.Lk, BK);
+    const int64_t nkt = p.causal ? (ceil_div(q0 + q_rows, BK) < nkt_all ? ceil_div(q0 + q_rows, BK) : nkt_all) : nkt_all;
+    for (int64_t kt = 0; kt < nkt; ++kt) {
+      const int64_t j0 = kt * BK;
+      const int k_rows = static_cast<int>(p.Lk - j0 < BK ? p.Lk - j0 : BK);
+      __syncthreads();  // the previous iteration's GEMM and walks are done with Ks, dSt, S, dP
+      load_key_side<T, BK, kTime>(p, hd, lay, dims, j0, k_rows, Ks, Vs, tau_k);
+      __syncthreads();
+      block_gemm<T, Gemm::kNT, false>(S, lay.lds, Qs, lay.ldq, Ks, lay.ldq, BQ, BK, dims.dp, p.tf32);
+      block_gemm<T, Gemm::kNT, false>(dP, lay.lds, dOs, lay.ldv, Vs, lay.ldv, BQ, BK, dims.dvp, p.tf32);
+      __syncthreads();
+      bwd_rows<T, BQ, BK, true>(p, hd, cm, bucket, q0, q_rows, j0, S, dP, lay.lds, QR, DOR, lay.ldr, row_d, row_lse,
+                                nullptr, dSt, lay.ldp, PB, DSB, bid);
+      __syncthreads();
+      if constexpr (kTime) {  // threads [0, BQ) walk the rows' P~, [BQ, 2BQ) their dS, beside the GEMM
+        const int t = threadIdx.x, ii = t < BQ ? t : t - BQ;
+        if (t < 2 * BQ && ii < q_rows) {
+          if (t < BQ) {
+            walk_buckets<A, BK>(PB + ii * lay.ldr, S + ii * lay.lds, bid + ii * BK);
+          } else {
+            walk_buckets<A, BK>(DSB + ii * lay.ldr, dP + ii * lay.lds, bid + ii * BK);
+          }
+        }
+      }
+      block_gemm<T, Gemm::kNN, true>(accQ, lay.ldak, dSt, lay.ldp, Ks, lay.ldq, BQ, dims.dp, BK, p.tf32);
+    }
 
-  const A scale = static_cast<A>(p.scale);
-  T* gq = static_cast<T*>(p.grad_q) + (hd.bh * p.Lq + q0) * p.dh;
-  for (int idx = threadIdx.x; idx < q_rows * p.dh; idx += kThreads) {
-    const int ii = idx / p.dh, d = idx % p.dh;
-    A acc = accQ[ii * lay.ldak + d];
-    for (int r = 0; r < nb; ++r) acc += DSB[ii * nb + r] * to_acc(RK[r * lay.ldq + d]);
-    gq[idx] = from_acc<T>(acc * scale);
-  }
-  // Partial table gradients of this block, summed over its rows in a fixed order.
-  A* pk = ws_k + block * nb * p.dh;
-  for (int idx = threadIdx.x; idx < nb * p.dh; idx += kThreads) {
-    const int r = idx / p.dh, d = idx % p.dh;
-    A acc = 0;
-    for (int ii = 0; ii < q_rows; ++ii) acc += DSB[ii * nb + r] * to_acc(Qs[ii * lay.ldq + d]);
-    pk[idx] = acc * scale;
-  }
-  A* pv = ws_v + block * nb * p.dv;
-  for (int idx = threadIdx.x; idx < nb * p.dv; idx += kThreads) {
-    const int r = idx / p.dv, d = idx % p.dv;
-    A acc = 0;
-    for (int ii = 0; ii < q_rows; ++ii) acc += PB[ii * nb + r] * to_acc(dOs[ii * lay.ldv + d]);
-    pv[idx] = acc;
+    // Relative terms, cw buckets at a time, as block GEMMs on the bucket sums in the input
+    // dtype (WT: columns [0, n) Wds, [cw, cw + n) W):
+    //   dq += Wds aK;  daK partial = scale Wds^T Q;  daV partial = W^T dO.
+    // QR and DOR are no longer needed: they stage the partials.
+    A* stage_k = QR;
+    A* stage_v = DOR;
+    const A scale = static_cast<A>(p.scale);
+    const T* rel_k = rel_table<T>(p, hd, p.rel_k, p.dh);
+    const bool vec_tk = vector_ok<T>(rel_k, p.dh, p.dh, p.dh, p.dh);
+    A* pk = ws_k + block * nb * p.dh;
+    A* pv = ws_v + block * nb * p.dv;
+    for (int c0 = 0; c0 < dims.rp; c0 += kChunk) {
+      const int n = dims.rp - c0 < kChunk ? dims.rp - c0 : kChunk;
+      __syncthreads();  // the key loop (or the previous chunk) is done with the sums, WT, TB, stages
+      for (int idx = threadIdx.x; idx < BQ * n; idx += kThreads) {
+        const int ii = idx / n, c = idx % n;
+        WT[ii * lay.ldw + c] = from_acc<T>(DSB[ii * lay.ldr + c0 + c]);
+        WT[ii * lay.ldw + dims.cw + c] = from_acc<T>(PB[ii * lay.ldr + c0 + c]);
+      }
+      load_tile(TB, lay.ldq, rel_k + int64_t(c0) * p.dh, p.dh, nb - c0, n, static_cast<int>(p.dh), dims.dp, vec_tk);
+      __syncthreads();
+      block_gemm<T, Gemm::kNN, true>(accQ, lay.ldak, WT, lay.ldw, TB, lay.ldq, BQ, dims.dp, n, p.tf32);
+      block_gemm<T, Gemm::kTN, false>(stage_k, lay.ldak, WT, lay.ldw, Qs, lay.ldq, n, dims.dp, BQ, p.tf32);
+      block_gemm<T, Gemm::kTN, false>(stage_v, lay.ldav, WT + dims.cw, lay.ldw, dOs, lay.ldv, n, dims.dvp, BQ, p.tf32);
+      __syncthreads();
+      const int rows = nb - c0 < n ? nb - c0 : n;
+      for (int idx = threadIdx.x; idx < rows * p.dh; idx += kThreads) {
+        const int m = idx / p.dh, d = idx % p.dh;
+        A* at_k = pk + int64_t(c0) * p.dh + idx;  // this thread's own element on every tile
+        *at_k = (first ? A(0) : *at_k) + stage_k[m * lay.ldak + d] * scale;
+      }
+      for (int idx = threadIdx.x; idx < rows * p.dv; idx += kThreads) {
+        const int m = idx / p.dv, d = idx % p.dv;
+        A* at_v = pv + int64_t(c0) * p.dv + idx;
+        *at_v = (first ? A(0) : *at_v) + stage_v[m * lay.ldav + d];
+      }
+    }
+    __syncthreads();
+
+    T* gq = static_cast<T*>(p.grad_q) + (hd.bh * p.Lq + q0) * p.dh;
+    for (int idx = threadIdx.x; idx < q_rows * p.dh; idx += kThreads) {
+      const int ii = idx / p.dh, d = idx % p.dh;
+      gq[idx] = from_acc<T>(accQ[ii * lay.ldak + d] * scale);
+    }
   }
 }
 
 template <typename T> struct BwdGrid {
   int64_t kv_blocks, dq_blocks, dq_tiles;
   explicit BwdGrid(const RmhaParams& p) {
-    kv_blocks = p.B * p.H * ceil_div(p.Lk, Tiles<T>::kKvK);
-    dq_tiles = ceil_div(p.Lq, Tiles<T>::kDqQ);
+    const bool time = p.tau != nullptr;
+    kv_blocks = p.B * p.H * ceil_div(p.Lk, time ? Tiles<T, true>::kKvK : Tiles<T, false>::kKvK);
+    // dq blocks per (batch, head)
+    dq_tiles = time ? (p.Lq > 0 ? 1 : 0) : ceil_div(p.Lq, Tiles<T, false>::kDqQ);
     dq_blocks = p.B * p.H * dq_tiles;
   }
 };
@@ -306,21 +375,25 @@ template <typename T> int64_t ws_k_elems(const RmhaParams& p) {
   return round_up(BwdGrid<T>(p).dq_blocks * p.NB * p.dh, 64);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) rmha_bwd_kernel(const RmhaParams p, int64_t kv_blocks, int64_t ws_v_offset) {
+template <typename T, typename Buckets>
+__global__ void __launch_bounds__(kThreads, 1) rel_attn_bwd_kernel(const RmhaParams p, int64_t kv_blocks, int64_t ws_v_offset) {
   FASTPE_DYNAMIC_SMEM(smem);
   if (static_cast<int64_t>(blockIdx.x) < kv_blocks) {
-    kv_block<T>(p, smem, blockIdx.x);
+    kv_block<T, Buckets>(p, smem, blockIdx.x);
   } else {
     Acc<T>* ws_k = static_cast<Acc<T>*>(p.workspace);
-    dq_block<T>(p, smem, blockIdx.x - kv_blocks, ws_k, ws_k + ws_v_offset);
+    dq_block<T, Buckets>(p, smem, blockIdx.x - kv_blocks, ws_k, ws_k + ws_v_offset);
   }
 }
 
-template <typename T> int64_t bwd_smem(const RmhaParams& p) {
+template <typename T, bool kTime> int64_t bwd_smem_of(const RmhaParams& p) {
   const Dims dims = make_dims(p);
-  const int64_t a = KvLayout<T>(dims).total, b = DqLayout<T>(dims).total;
+  const int64_t a = KvLayout<T, kTime>(dims).total, b = DqLayout<T, kTime>(dims).total;
   return a > b ? a : b;
+}
+
+template <typename T> int64_t bwd_smem(const RmhaParams& p) {
+  return p.tau != nullptr ? bwd_smem_of<T, true>(p) : bwd_smem_of<T, false>(p);
 }
 
 // Table gradients: the dq blocks' partial sums (workspace rows), summed over batch (and heads,
@@ -363,17 +436,23 @@ template <typename T> int64_t bwd_workspace(const RmhaParams& p) {
   return partials_bytes<T>(p) + (a > b ? a : b);
 }
 
+template <typename T, typename Buckets>
+cudaError_t launch_bwd_kernel(const RmhaParams& p, int64_t blocks, int64_t kv_blocks, cudaStream_t stream) {
+  const int64_t smem = bwd_smem_of<T, Buckets::kTime>(p);
+  cudaError_t err = allow_dynamic_smem<rel_attn_bwd_kernel<T, Buckets>>(smem);
+  if (err != cudaSuccess) return err;
+  FASTPE_LAUNCH((rel_attn_bwd_kernel<T, Buckets>), dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem, stream, p,
+                kv_blocks, ws_k_elems<T>(p));
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch_bwd(const RmhaParams& p, cudaStream_t stream) {
   const BwdGrid<T> grid(p);
   const int64_t blocks = grid.kv_blocks + grid.dq_blocks;
   if (blocks > 0) {
-    const int64_t smem = bwd_smem<T>(p);
-    cudaError_t err = allow_dynamic_smem<rmha_bwd_kernel<T>>(smem);
-    if (err != cudaSuccess) return err;
-    FASTPE_LAUNCH(rmha_bwd_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem, stream, p,
-                  grid.kv_blocks, ws_k_elems<T>(p));
-    err = cudaGetLastError();
+    const cudaError_t err = p.tau != nullptr ? launch_bwd_kernel<T, TimeBuckets>(p, blocks, grid.kv_blocks, stream)
+                                             : launch_bwd_kernel<T, PositionBuckets>(p, blocks, grid.kv_blocks, stream);
     if (err != cudaSuccess) return err;
   }
   for (int which = 0; which < 2; ++which) {

@@ -29,7 +29,8 @@ import torch
 
 from fastpe import _ext_ops
 
-IMPLEMENTED_OPS: tuple[str, ...] = ("relative_attention", "rotary", "rotatory_add", "concat_projection")
+IMPLEMENTED_OPS: tuple[str, ...] = ("relative_attention", "time_interval_attention", "rotary", "rotatory_add",
+                                     "concat_projection")
 
 # The torch.ops namespace the functions below call ("fastpe"; the tests point it at the CPU
 # emulation's "fastpe_emu").
@@ -178,6 +179,13 @@ def relative_attention(q, k, v, rel_k, rel_v, key_padding_mask=None, attn_bias=N
                        scale=None):
     return _ext_ops.relative_attention(
         _ops(), q, k, v, rel_k, rel_v, key_padding_mask, attn_bias, is_causal, dropout_p, scale
+    )
+
+
+def time_interval_attention(q, k, v, rel_k, rel_v, timestamps, time_unit=None, key_padding_mask=None, attn_bias=None,
+                            is_causal=False, dropout_p=0.0, scale=None):
+    return _ext_ops.time_interval_attention(
+        _ops(), q, k, v, rel_k, rel_v, timestamps, time_unit, key_padding_mask, attn_bias, is_causal, dropout_p, scale
     )
 
 

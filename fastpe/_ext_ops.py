@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from fastpe._time_steps import personal_time_steps
+
 _REGISTERED: set[str] = set()
 
 
@@ -47,6 +49,16 @@ def register(namespace: str) -> None:
                        dropout_p, scale):
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), rel_k.new_empty(rel_k.shape),
                 rel_v.new_empty(rel_v.shape))
+
+    @torch.library.register_fake(name("time_interval_attention_fwd"))
+    def _tisas_fwd_fake(q, k, v, rel_k, rel_v, tau, key_padding_mask, attn_bias, is_causal, dropout_p, scale):
+        return _rmha_fwd_fake(q, k, v, rel_k, rel_v, key_padding_mask, attn_bias, is_causal, dropout_p, scale)
+
+    @torch.library.register_fake(name("time_interval_attention_bwd"))
+    def _tisas_bwd_fake(grad_out, q, k, v, rel_k, rel_v, tau, key_padding_mask, attn_bias, out, lse, rng_state,
+                        is_causal, dropout_p, scale):
+        return _rmha_bwd_fake(grad_out, q, k, v, rel_k, rel_v, key_padding_mask, attn_bias, out, lse, rng_state,
+                              is_causal, dropout_p, scale)
 
     @torch.library.register_fake(name("rotary_fwd"))
     def _rotary_fwd_fake(x, angles, positions, interleaved):
@@ -95,6 +107,22 @@ def register(namespace: str) -> None:
 
     torch.library.register_autograd(name("relative_attention_fwd"), rmha_backward, setup_context=rmha_setup)
 
+    def tisas_setup(ctx, inputs, output):
+        q, k, v, rel_k, rel_v, tau, kpm, bias, is_causal, dropout_p, scale = inputs
+        out, lse, rng_state = output
+        ctx.save_for_backward(q, k, v, rel_k, rel_v, tau, kpm, bias, out, lse, rng_state)
+        ctx.is_causal, ctx.dropout_p, ctx.scale = is_causal, dropout_p, scale
+
+    def tisas_backward(ctx, grad_out, _grad_lse, _grad_rng):
+        q, k, v, rel_k, rel_v, tau, kpm, bias, out, lse, rng_state = ctx.saved_tensors
+        dq, dk, dv, drk, drv = ops.time_interval_attention_bwd(
+            grad_out, q, k, v, rel_k, rel_v, tau, kpm, bias, out, lse, rng_state, ctx.is_causal, ctx.dropout_p,
+            ctx.scale
+        )
+        return dq, dk, dv, drk, drv, None, None, None, None, None, None
+
+    torch.library.register_autograd(name("time_interval_attention_fwd"), tisas_backward, setup_context=tisas_setup)
+
     def rotary_setup(ctx, inputs, output):
         x, angles, positions, interleaved = inputs
         ctx.save_for_backward(x, angles, positions)
@@ -138,7 +166,7 @@ def register(namespace: str) -> None:
     def no_setup(ctx, inputs, output):
         pass
 
-    for op in ("relative_attention_bwd", "rotary_bwd", "rotatory_add_bwd", "concat_projection_bwd"):
+    for op in ("relative_attention_bwd", "time_interval_attention_bwd", "rotary_bwd", "rotatory_add_bwd", "concat_projection_bwd"):
         torch.library.register_autograd(name(op), no_double_backward, setup_context=no_setup)
 
     _REGISTERED.add(namespace)
@@ -162,6 +190,28 @@ def relative_attention(ops, q, k, v, rel_k, rel_v, key_padding_mask=None, attn_b
         rel_v = rel_v.unsqueeze(0)
     out, _lse, _rng = ops.relative_attention_fwd(
         q, k, v, rel_k, rel_v, key_padding_mask, attn_bias, bool(is_causal), float(dropout_p), float(scale)
+    )
+    return out
+
+
+def time_interval_attention(ops, q, k, v, rel_k, rel_v, timestamps, time_unit=None, key_padding_mask=None,
+                            attn_bias=None, is_causal=False, dropout_p=0.0, scale=None):
+    """TiSASRec attention: the kernels take the personal time steps ``tau [B, L]`` and compute the
+    buckets ``min(|tau_i - tau_j|, K)`` themselves (K = rows of the tables - 1)."""
+    if attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            "time_interval_attention: the cuda backend does not compute gradients for a float attn_mask; "
+            "pass a mask that does not require grad, or use backend='torch'"
+        )
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if rel_k.dim() == 2:
+        rel_k = rel_k.unsqueeze(0)
+    if rel_v.dim() == 2:
+        rel_v = rel_v.unsqueeze(0)
+    tau = personal_time_steps(timestamps, time_unit, key_padding_mask)
+    out, _lse, _rng = ops.time_interval_attention_fwd(
+        q, k, v, rel_k, rel_v, tau, key_padding_mask, attn_bias, bool(is_causal), float(dropout_p), float(scale)
     )
     return out
 

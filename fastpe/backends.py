@@ -30,10 +30,6 @@ OPS = ("relative_attention", "rotary", "rotatory_add", "concat_projection", "tim
 # backend says so (before looking for the kernels, which may not even import here), and "auto"
 # skips it (the torch composition when no fused backend covers the op).
 NOT_FUSED_YET = {
-    "time_interval_attention": {
-        "cuda": "time-interval (TiSASRec) attention has no CUDA kernels yet; use backend='triton' or 'torch' "
-                "(or 'auto', which picks one)",
-    },
     "bucketed_attention": {
         backend: "relative attention with given bucket ids has no fused kernels yet; use backend='torch' "
                  "(or 'auto', which picks it)"
@@ -43,9 +39,9 @@ NOT_FUSED_YET = {
 
 
 # Ops whose fused kernels "auto" does not pick yet: they pass their tests under the Triton
-# interpreter and compile for sm_90, but no GPU run has checked and timed them (benchmarks/
-# gpu_suite.py does both). An explicit backend="triton" runs them.
-AUTO_NOT_YET = {"time_interval_attention": ("triton",)}
+# interpreter and the CUDA emulation and compile for sm_90, but no GPU run has checked and timed
+# them (benchmarks/gpu_suite.py does both). An explicit backend="triton" or "cuda" runs them.
+AUTO_NOT_YET = {"time_interval_attention": ("triton", "cuda")}
 
 
 class BackendUnavailableError(RuntimeError):

@@ -4,6 +4,8 @@ CPU through the emulation of the kernels (see cuda_target.py)."""
 
 import functools
 
+import contextlib
+
 import pytest
 import torch
 
@@ -307,3 +309,29 @@ def test_philox_known_answers(target):
     ]
     out = ops.philox_host(torch.tensor([c for c, _ in cases], dtype=torch.int64))
     assert out.tolist() == [e for _, e in cases]
+
+
+@pytest.mark.parametrize("b,h,L,dh", [(2, 2, 37, 30), (1, 2, 130, 64)])
+def test_tf32_path(target, b, h, L, dh):
+    """fp32 inputs with torch.backends.cuda.matmul.allow_tf32: the block GEMMs run on the tensor
+    cores in TF32 (10-bit mantissa, fp32 accumulation), within fp16's tolerance of the reference;
+    without it (torch's default) they stay exact fp32 FMAs."""
+    inputs = rmha_inputs(target.device, b, h, L, L, dh)
+    masks = masks_on(target.device, "padding+causal", b, h, L, L)
+    leaves = [t.detach().float() for t in inputs]
+    exact = relative_attention(*leaves, backend="cuda", **masks)
+    with allow_tf32():
+        assert not torch.equal(relative_attention(*leaves, backend="cuda", **masks), exact)  # the TF32 path ran
+        assert_matches_reference(op("cuda", **masks), op("reference", **masks), inputs, torch.float32, NAMES,
+                                 tol=(5e-3, 5e-3))
+
+
+@contextlib.contextmanager
+def allow_tf32():
+    """torch.backends.cuda.matmul.allow_tf32 = True, restored afterwards."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

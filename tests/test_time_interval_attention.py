@@ -188,9 +188,11 @@ def test_need_weights_and_materialized_baseline_agree():
     torch.testing.assert_close(time_interval_attention_materialized(q, k, v, rk[None], rv[None], buckets, kpm, True), out)
 
 
-def test_cuda_backend_says_it_does_not_support_it_yet():
+def test_cuda_backend_needs_cuda_tensors():
+    # Both fused backends have kernels (tests/test_triton_time_interval.py, tests/test_cuda_time_interval.py);
+    # the CUDA one refuses CPU tensors by name.
     inputs = [x.detach() for x in tisas_inputs(1, 1, 4, 4)][:5]
-    with pytest.raises(fastpe.BackendUnavailableError, match="no CUDA kernels yet"):
+    with pytest.raises(fastpe.BackendUnavailableError, match="needs CUDA tensors"):
         time_interval_attention(*inputs, torch.arange(4)[None], backend="cuda")
 
 

@@ -102,10 +102,42 @@ struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
 
+namespace precision {
+struct tf32 {};  // fp32 storage, 10-bit mantissa in the multiply (m16n16k8)
+}  // namespace precision
+
+// Every fragment holds a whole 16x16 tile (m16n16k8 operands use 16x8 / 8x16 of it); x[] is the
+// per-element view kernels use for conversions.
 template <typename Use, int M, int N, int K, typename T, typename Layout = void> struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "only m16n16k16 is emulated");
-  float v[16][16];
+  static_assert(M == 16 && N == 16 && (K == 16 || (K == 8 && (std::is_same<T, precision::tf32>::value ||
+                                                               std::is_same<T, float>::value))),
+                "only m16n16k16 (fp16/bf16) and m16n16k8 (tf32) are emulated");
+  static constexpr int num_elements = 256;
+  union {
+    float v[16][16];
+    float x[256];
+  };
 };
+
+// Round to TF32 (10-bit mantissa), to nearest with ties away from zero, as cvt.rna.tf32.f32.
+inline float __float_to_tf32(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// TF32 operands: matrix_a is 16x8 (rows x k), matrix_b 8x16, from fp32 memory.
+template <typename Use, typename Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, 8, precision::tf32, Layout>& f, const float* p, unsigned ldm) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) ::fastpe_emu::fail("wmma::load_matrix_sync: pointer not 256-bit aligned");
+  if (ldm % 4 != 0) ::fastpe_emu::fail("wmma::load_matrix_sync: ldm not a multiple of 16 bytes");
+  const int rows = std::is_same<Use, matrix_a>::value ? 16 : 8, cols = std::is_same<Use, matrix_a>::value ? 8 : 16;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c)
+      f.v[r][c] = r < rows && c < cols ? (std::is_same<Layout, row_major>::value ? p[r * ldm + c] : p[r + c * ldm]) : 0.0f;
+}
 
 inline float to_f(__half x) { return __half2float(x); }
 inline float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -129,14 +161,16 @@ inline void check_acc(const float* p, unsigned ldm) {
   if (ldm % 4 != 0) ::fastpe_emu::fail("wmma accumulator: ldm not a multiple of 16 bytes");
 }
 
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm, layout_t l) {
+template <int K>
+inline void load_matrix_sync(fragment<accumulator, 16, 16, K, float>& f, const float* p, unsigned ldm, layout_t l) {
   check_acc(p, ldm);
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.v[r][c] = l == mem_row_major ? p[r * ldm + c] : p[r + c * ldm];
 }
 
 // Collective: every lane must have loaded its operands before any lane overwrites them.
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t l) {
+template <int K>
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, float>& f, unsigned ldm, layout_t l) {
   check_acc(p, ldm);
   ::fastpe_emu::sync_warp();
   for (int r = 0; r < 16; ++r)
@@ -144,7 +178,8 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
   ::fastpe_emu::sync_warp();
 }
 
-inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float x) {
+template <int K>
+inline void fill_fragment(fragment<accumulator, 16, 16, K, float>& f, float x) {
   for (auto& row : f.v)
     for (float& e : row) e = x;
 }
@@ -157,6 +192,20 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
     for (int n = 0; n < 16; ++n) {
       float acc = c.v[m][n];
       for (int k = 0; k < 16; ++k) acc += a.v[m][k] * b.v[k][n];
+      out.v[m][n] = acc;
+    }
+  d = out;
+}
+
+template <typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 8, float>& d, const fragment<matrix_a, 16, 16, 8, precision::tf32, LA>& a,
+                     const fragment<matrix_b, 16, 16, 8, precision::tf32, LB>& b,
+                     const fragment<accumulator, 16, 16, 8, float>& c) {
+  fragment<accumulator, 16, 16, 8, float> out;
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      float acc = c.v[m][n];
+      for (int k = 0; k < 8; ++k) acc += a.v[m][k] * b.v[k][n];
       out.v[m][n] = acc;
     }
   d = out;

@@ -459,9 +459,9 @@ def time_interval_attention(
             ``[h, L, dh]``, added to ``key`` and ``value``.
         key_padding_mask, attn_mask, is_causal, dropout_p, scale, need_weights: as
             :func:`relative_attention`.
-        backend: "auto" (the torch composition, until the Triton kernels are checked and timed
-            on a GPU), "reference", "torch" or "triton" (tables of at most 1025 rows, K <= 1024);
-            "cuda" does not cover this op yet and raises ``BackendUnavailableError``.
+        backend: "auto" (the torch composition, until the fused kernels are checked and timed on
+            a GPU), "reference", "torch", "triton" (tables of at most 1025 rows, K <= 1024) or
+            "cuda"; both fused backends compute the interval buckets from ``tau`` in the kernel.
 
     Returns ``[B, h, L, dh_v]`` (and the weights). Query rows with no allowed key give 0, never NaN.
     """
