@@ -36,7 +36,8 @@ def test_import_fastpe_does_not_import_triton():
 def test_every_op_is_implemented_and_auto_never_picks_the_interpreter():
     from fastpe.kernels import triton as kt
 
-    assert set(kt.IMPLEMENTED_OPS) == {"relative_attention", "rotary", "rotatory_add", "concat_projection"}
+    assert set(kt.IMPLEMENTED_OPS) == {"relative_attention", "time_interval_attention", "rotary", "rotatory_add",
+                                      "concat_projection"}
     for op in kt.IMPLEMENTED_OPS:
         assert resolve_backend("triton", op, torch.device(DEVICE)) == "triton"
         if DEVICE == "cpu":
