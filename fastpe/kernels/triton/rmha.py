@@ -161,8 +161,10 @@ def _masked_logits(s, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, s
 
 
 @triton.jit
-def _halves(r):
-    return (r & 0xFFFF).to(tl.float32), (r >> 16).to(tl.float32)
+def _keep_threshold(dropout_p):
+    """A 16-bit draw ``u`` is kept where ``u >= p * 2**16``; ``u`` is an integer, so that is
+    ``u >= ceil(p * 2**16)``: an integer compare, no int-to-float conversion per element."""
+    return tl.ceil(dropout_p * 65536.0).to(tl.uint32)
 
 
 @triton.jit
@@ -175,13 +177,13 @@ def _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
     c1 = offs_m[:, None] + tl.zeros([offs_m.shape[0], BLOCK_N // 8], tl.int32)
     c2 = tl.zeros(c0.shape, tl.int32) + bh
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c2 * 0)
-    u0, u1 = _halves(r0)
-    u2, u3 = _halves(r1)
-    u4, u5 = _halves(r2)
-    u6, u7 = _halves(r3)
+    u0, u1 = r0 & 0xFFFF, r0 >> 16
+    u2, u3 = r1 & 0xFFFF, r1 >> 16
+    u4, u5 = r2 & 0xFFFF, r2 >> 16
+    u6, u7 = r3 & 0xFFFF, r3 >> 16
     # element [..., e0, e1, e2] is u[4 e2 + 2 e1 + e0]; flattened, key 8g + 4 e0 + 2 e1 + e2
     u = tl.join(tl.join(tl.join(u0, u1), tl.join(u2, u3)), tl.join(tl.join(u4, u5), tl.join(u6, u7)))
-    return tl.reshape(u, [offs_m.shape[0], BLOCK_N]) >= dropout_p * 65536.0
+    return tl.reshape(u, [offs_m.shape[0], BLOCK_N]) >= _keep_threshold(dropout_p)
 
 
 @triton.jit
@@ -194,7 +196,7 @@ def _keep_elems(seed, bh, offs_m, offs_j, dropout_p):
     r0, r1, r2, r3 = tl.philox(seed, c0, offs_m, c2, c2 * 0)
     r = tl.where(word < 4, tl.where(word < 2, r0, r1), tl.where(word < 6, r2, r3))
     u = tl.where((word & 1) == 0, r & 0xFFFF, r >> 16)
-    return u.to(tl.float32) >= dropout_p * 65536.0
+    return u >= _keep_threshold(dropout_p)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,8 +261,8 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
-            keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
-            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+            # kept, not yet scaled by 1 / (1 - p): the row sums and acc take that factor at the end
+            p = tl.where(_keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N), p, 0.0)
         p_lo = p.to(q_a.dtype)
         v_a = _load_rows(v_base, offs_n, n_mask, svn, svd, 0, DVA, DV, ALIGN)
         acc_a = tl.dot(p_lo, v_a, acc_a * alpha[:, None], input_precision=DOT_PREC)
@@ -353,6 +355,7 @@ def _rmha_fwd_kernel(
     if IS_CAUSAL:
         hi = tl.minimum(LK, start_m + BLOCK_M)
     lo_band, mid_band, end_band = _band_key_range(start_m, hi, KMAX, BLOCK_M, BLOCK_N)
+    # each outer column of qr taken right before the loop that needs it: neither lives across all three
     for start_n in range(0, lo_band, BLOCK_N):
         acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
             acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
@@ -373,9 +376,11 @@ def _rmha_fwd_kernel(
             HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX, ALIGN, POS_SCALE)
 
     has_key = l_i > 0.0
-    inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
     # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0).
     lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), 0.0)
+    inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
+    if HAS_DROPOUT:  # the kept probabilities' scale, left out of the tiles
+        inv_l = inv_l * (1.0 / (1.0 - dropout_p))
     # bucket sums of the normalised P~: the inner buckets from the band's diagonals
     inner = tl.zeros([BLOCK_M, R_PAD], tl.float32)
     # a loop, not unrolled: unrolled diagonals load concurrently and spill at dh = 90
@@ -919,7 +924,9 @@ def fwd_config(b, h, lq, lk, dh, dv, device, dtype):
     """Block sizes for the forward (a small table keyed on sequence and head sizes)."""
     sms = _launch.num_sms(device)
     widest = max(_launch.pad16(dh), _launch.pad16(dv))
-    block_n = min(max(16, _launch.next_pow2(lk)), 128 if widest <= 64 else 64)
+    # 64-key blocks at most: a 64 x 128 tile needs 8 warps (16 score elements per thread, the
+    # per-tile work dominates) and still spills (benchmarks/static_report.py, L = 200, dh = 64)
+    block_n = min(max(16, _launch.next_pow2(lk)), 64)
     block_m = min(max(16, _launch.next_pow2(lq)), 64 if widest <= 128 else 32)
     # Fewer programs than SMs: split the queries of a sequence over more programs.
     while block_m > 16 and b * h * triton.cdiv(lq, block_m) < sms:
