@@ -109,6 +109,14 @@ def _left_sum(x, dloc, delta, KMAX: tl.constexpr):
 
 
 @triton.jit
+def _left_sum_rows(x, offs_m_local, delta, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """:func:`_left_sum` as column <= per-row threshold: in the forward's loop a hoisted ``j - i``
+    table would be a second [BLOCK_M, BLOCK_N] integer tile (the gather's is in another layout)
+    held in registers across the loop, and it spilled."""
+    return tl.sum(tl.where(tl.arange(0, BLOCK_N)[None, :] <= (offs_m_local - KMAX - delta)[:, None], x, 0.0), axis=1)
+
+
+@triton.jit
 def _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, KPM, skpb, skpn,
                  BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX: tl.constexpr, DH: tl.constexpr,
                  DA: tl.constexpr, DB: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -271,7 +279,7 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr
             acc_b = tl.dot(p_lo, v_b, acc_b * alpha[:, None], input_precision=DOT_PREC)
         # bucket 0 sums of P~ and all of P~ (bucket 2k takes the rest, the inner buckets come later)
         if BAND:
-            pl = pl * alpha + _left_sum(p, dloc, delta, KMAX)
+            pl = pl * alpha + _left_sum_rows(p, offs_m_local, delta, KMAX, BLOCK_N)
         elif SIDE_COL == 0:
             pl = pl * alpha + tl.sum(p, axis=1)
         else:
@@ -307,7 +315,7 @@ def _rmha_fwd_kernel(
     KMAX: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PREC: tl.constexpr, ALIGN: tl.constexpr, POS_SCALE: tl.constexpr,
+    DOT_PREC: tl.constexpr, ALIGN: tl.constexpr, POS_SCALE: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
 ):
     R: tl.constexpr = 2 * KMAX + 1
     bh = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
@@ -337,8 +345,6 @@ def _rmha_fwd_kernel(
         q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH, ALIGN)
         rk_b = _load_rows(RK + h * srkh, rcols, r_mask, srkr, srkd, DA, DB, DH)
         qr = tl.dot(q_b, tl.trans(rk_b), qr, input_precision=DOT_PREC)
-    qr_left = _table_col(qr, rcols, 0)
-    qr_right = _table_col(qr, rcols, 2 * KMAX)
 
     seed = 0
     if HAS_DROPOUT:
@@ -355,25 +361,30 @@ def _rmha_fwd_kernel(
     if IS_CAUSAL:
         hi = tl.minimum(LK, start_m + BLOCK_M)
     lo_band, mid_band, end_band = _band_key_range(start_m, hi, KMAX, BLOCK_M, BLOCK_N)
-    # each outer column of qr taken right before the loop that needs it: neither lives across all three
-    for start_n in range(0, lo_band, BLOCK_N):
-        acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
-            acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
-            k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
-            LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0, ALIGN, POS_SCALE)
+    # With one key block every tile meets the band: the other two loops are not compiled at all.
+    # Each outer column of qr is taken right before its loop, so it lives across no other loop.
+    if not ONE_KEY_BLOCK:
+        qr_left = _table_col(qr, rcols, 0)
+        for start_n in range(0, lo_band, BLOCK_N):
+            acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
+                acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
+                k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
+                LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
+                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0, ALIGN, POS_SCALE)
     for start_n in range(lo_band, mid_band, BLOCK_N):
-        acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
-            acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
+        acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(  # (band tiles ignore qr_side: m_i stands in)
+            acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, m_i, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
             HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE)
-    for start_n in range(end_band, hi, BLOCK_N):
-        acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
-            acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_right, dloc, offs_m, m_mask, offs_m_local, rcols,
-            k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
-            LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX, ALIGN, POS_SCALE)
+    if not ONE_KEY_BLOCK:
+        qr_right = _table_col(qr, rcols, 2 * KMAX)
+        for start_n in range(end_band, hi, BLOCK_N):
+            acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
+                acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_right, dloc, offs_m, m_mask, offs_m_local, rcols,
+                k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
+                LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
+                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX, ALIGN, POS_SCALE)
 
     has_key = l_i > 0.0
     # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0).
@@ -1033,7 +1044,7 @@ def plan_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, s
     args.update(H=h, LQ=lq, LK=lk, qk_scale=float(scale) * LOG2E, dropout_p=float(dropout_p))
     constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
     constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], ALIGN=_row_alignment(q, k, v, out),
-                      POS_SCALE=scale > 0)
+                      POS_SCALE=scale > 0, ONE_KEY_BLOCK=lk <= cfg["block_n"])
     launch = Launch(_rmha_fwd_kernel, (b * h, triton.cdiv(lq, cfg["block_m"])), args, constexprs,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse, [launch]
