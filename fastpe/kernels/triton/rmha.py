@@ -103,17 +103,13 @@ def _band_tile_buckets(dloc, delta, KMAX: tl.constexpr):
 
 
 @triton.jit
-def _left_sum(x, dloc, delta, KMAX: tl.constexpr):
-    """Row sums of the elements of a band tile left of the band (bucket 0: ``j - i <= -k``)."""
-    return tl.sum(tl.where(dloc <= -KMAX - delta, x, 0.0), axis=1)
-
-
-@triton.jit
-def _left_sum_rows(x, offs_m_local, delta, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
-    """:func:`_left_sum` as column <= per-row threshold: in the forward's loop a hoisted ``j - i``
-    table would be a second [BLOCK_M, BLOCK_N] integer tile (the gather's is in another layout)
-    held in registers across the loop, and it spilled."""
-    return tl.sum(tl.where(tl.arange(0, BLOCK_N)[None, :] <= (offs_m_local - KMAX - delta)[:, None], x, 0.0), axis=1)
+def _left_of_band(rows, col0, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Which elements of a tile (rows ``rows``, columns ``col0 + [0, BLOCK_N)``, both in one frame)
+    lie left of the band (bucket 0: ``j - i <= -k``): a column compared with a per-row threshold.
+    Not ``j - i <= -k`` from a ``j - i`` table: the compiler hoists that [BLOCK_M, BLOCK_N] integer
+    table out of the key loop and holds it in registers (a second one beside the gather's, in
+    another layout), which spilled."""
+    return tl.arange(0, BLOCK_N)[None, :] <= (rows - KMAX - col0)[:, None]
 
 
 @triton.jit
@@ -279,7 +275,7 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr
             acc_b = tl.dot(p_lo, v_b, acc_b * alpha[:, None], input_precision=DOT_PREC)
         # bucket 0 sums of P~ and all of P~ (bucket 2k takes the rest, the inner buckets come later)
         if BAND:
-            pl = pl * alpha + _left_sum_rows(p, offs_m_local, delta, KMAX, BLOCK_N)
+            pl = pl * alpha + tl.sum(tl.where(_left_of_band(offs_m_local, delta, KMAX, BLOCK_N), p, 0.0), axis=1)
         elif SIDE_COL == 0:
             pl = pl * alpha + tl.sum(p, axis=1)
         else:
@@ -361,7 +357,11 @@ def _rmha_fwd_kernel(
     if IS_CAUSAL:
         hi = tl.minimum(LK, start_m + BLOCK_M)
     lo_band, mid_band, end_band = _band_key_range(start_m, hi, KMAX, BLOCK_M, BLOCK_N)
-    # With one key block every tile meets the band: the other two loops are not compiled at all.
+    if ONE_KEY_BLOCK:
+        # The one key block goes through the band loop (its general path: right for a block off
+        # the band too, as when queries run past the keys); the other two loops are not compiled.
+        lo_band = 0
+        mid_band = hi
     # Each outer column of qr is taken right before its loop, so it lives across no other loop.
     if not ONE_KEY_BLOCK:
         qr_left = _table_col(qr, rcols, 0)
@@ -542,7 +542,7 @@ def _bucket_table(inner, left, total, rcols, KMAX: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, offs_m, offs_n, delta,
+def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, offs_m, start_n, delta,
                KMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Add one tile to a query block's row sums and bucket 0 sums of P~ and dS."""
     tile_p = tl.sum(p, axis=1)
@@ -550,9 +550,9 @@ def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, offs_m, offs_n, delta,
     total_p += tile_p
     total_ds += tile_ds
     if _meets_band(delta, KMAX, BLOCK_M, BLOCK_N):
-        dist = offs_n[None, :] - offs_m[:, None]
-        left_p += _left_sum(p, dist, 0, KMAX)
-        left_ds += _left_sum(ds, dist, 0, KMAX)
+        left = _left_of_band(offs_m, start_n, KMAX, BLOCK_N)
+        left_p += tl.sum(tl.where(left, p, 0.0), axis=1)
+        left_ds += tl.sum(tl.where(left, ds, 0.0), axis=1)
     elif delta < 0:  # wholly left of the band: bucket 0
         left_p += tile_p
         left_ds += tile_ds
@@ -738,7 +738,7 @@ def _rmha_bwd_kernel(
                                 _store_rows(acc_k, tl.dot(tl.trans(ds_lo), q_b, acc, input_precision=DOT_PREC),
                                             offs_n, n_mask, DHP, 1, DA, DB, DHP)
                         left_p, total_p, left_ds, total_ds = _row_stats(
-                            p_drop, ds, left_p, total_p, left_ds, total_ds, offs_m, offs_n, delta, KMAX, BLOCK_M, BLOCK_N)
+                            p_drop, ds, left_p, total_p, left_ds, total_ds, offs_m, start_n, delta, KMAX, BLOCK_M, BLOCK_N)
                 inner_p, inner_ds = _diag_grads(
                     q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
                     b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
@@ -848,7 +848,7 @@ def _rmha_bwd_kernel(
                     if DB > 0:
                         dq_b = tl.dot(ds2_lo, k2_b, dq_b, input_precision=DOT_PREC)
                     left_p, total_p, left_ds, total_ds = _row_stats(
-                        p2, ds2, left_p, total_p, left_ds, total_ds, offs_m, offs_n2, delta2, KMAX, BLOCK_M, BLOCK_N)
+                        p2, ds2, left_p, total_p, left_ds, total_ds, offs_m, start_n2, delta2, KMAX, BLOCK_M, BLOCK_N)
             if start_m < LQ:
                 tl.debug_barrier()  # the partial row written by other threads before
                 inner_p, inner_ds = _diag_grads(
