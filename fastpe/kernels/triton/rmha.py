@@ -103,9 +103,13 @@ def _band_tile_buckets(dloc, delta, KMAX: tl.constexpr):
 
 
 @triton.jit
-def _left_sum(x, dloc, delta, KMAX: tl.constexpr):
-    """Row sums of the elements of a band tile left of the band (bucket 0: ``j - i <= -k``)."""
-    return tl.sum(tl.where(dloc <= -KMAX - delta, x, 0.0), axis=1)
+def _left_of_band(rows, col0, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Which elements of a tile (rows ``rows``, columns ``col0 + [0, BLOCK_N)``, both in one frame)
+    lie left of the band (bucket 0: ``j - i <= -k``): a column compared with a per-row threshold.
+    Not ``j - i <= -k`` from a ``j - i`` table: the compiler hoists that [BLOCK_M, BLOCK_N] integer
+    table out of the key loop and holds it in registers (a second one beside the gather's, in
+    another layout), which spilled."""
+    return tl.arange(0, BLOCK_N)[None, :] <= (rows - KMAX - col0)[:, None]
 
 
 @triton.jit
@@ -161,8 +165,10 @@ def _masked_logits(s, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, s
 
 
 @triton.jit
-def _halves(r):
-    return (r & 0xFFFF).to(tl.float32), (r >> 16).to(tl.float32)
+def _keep_threshold(dropout_p):
+    """A 16-bit draw ``u`` is kept where ``u >= p * 2**16``; ``u`` is an integer, so that is
+    ``u >= ceil(p * 2**16)``: an integer compare, no int-to-float conversion per element."""
+    return tl.ceil(dropout_p * 65536.0).to(tl.uint32)
 
 
 @triton.jit
@@ -175,13 +181,13 @@ def _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
     c1 = offs_m[:, None] + tl.zeros([offs_m.shape[0], BLOCK_N // 8], tl.int32)
     c2 = tl.zeros(c0.shape, tl.int32) + bh
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c2 * 0)
-    u0, u1 = _halves(r0)
-    u2, u3 = _halves(r1)
-    u4, u5 = _halves(r2)
-    u6, u7 = _halves(r3)
+    u0, u1 = r0 & 0xFFFF, r0 >> 16
+    u2, u3 = r1 & 0xFFFF, r1 >> 16
+    u4, u5 = r2 & 0xFFFF, r2 >> 16
+    u6, u7 = r3 & 0xFFFF, r3 >> 16
     # element [..., e0, e1, e2] is u[4 e2 + 2 e1 + e0]; flattened, key 8g + 4 e0 + 2 e1 + e2
     u = tl.join(tl.join(tl.join(u0, u1), tl.join(u2, u3)), tl.join(tl.join(u4, u5), tl.join(u6, u7)))
-    return tl.reshape(u, [offs_m.shape[0], BLOCK_N]) >= dropout_p * 65536.0
+    return tl.reshape(u, [offs_m.shape[0], BLOCK_N]) >= _keep_threshold(dropout_p)
 
 
 @triton.jit
@@ -194,7 +200,7 @@ def _keep_elems(seed, bh, offs_m, offs_j, dropout_p):
     r0, r1, r2, r3 = tl.philox(seed, c0, offs_m, c2, c2 * 0)
     r = tl.where(word < 4, tl.where(word < 2, r0, r1), tl.where(word < 6, r2, r3))
     u = tl.where((word & 1) == 0, r & 0xFFFF, r >> 16)
-    return u.to(tl.float32) >= dropout_p * 65536.0
+    return u >= _keep_threshold(dropout_p)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,8 +265,8 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
-            keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
-            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+            # kept, not yet scaled by 1 / (1 - p): the row sums and acc take that factor at the end
+            p = tl.where(_keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N), p, 0.0)
         p_lo = p.to(q_a.dtype)
         v_a = _load_rows(v_base, offs_n, n_mask, svn, svd, 0, DVA, DV, ALIGN)
         acc_a = tl.dot(p_lo, v_a, acc_a * alpha[:, None], input_precision=DOT_PREC)
@@ -269,7 +275,7 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr
             acc_b = tl.dot(p_lo, v_b, acc_b * alpha[:, None], input_precision=DOT_PREC)
         # bucket 0 sums of P~ and all of P~ (bucket 2k takes the rest, the inner buckets come later)
         if BAND:
-            pl = pl * alpha + _left_sum(p, dloc, delta, KMAX)
+            pl = pl * alpha + tl.sum(tl.where(_left_of_band(offs_m_local, delta, KMAX, BLOCK_N), p, 0.0), axis=1)
         elif SIDE_COL == 0:
             pl = pl * alpha + tl.sum(p, axis=1)
         else:
@@ -305,7 +311,7 @@ def _rmha_fwd_kernel(
     KMAX: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PREC: tl.constexpr, ALIGN: tl.constexpr, POS_SCALE: tl.constexpr,
+    DOT_PREC: tl.constexpr, ALIGN: tl.constexpr, POS_SCALE: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
 ):
     R: tl.constexpr = 2 * KMAX + 1
     bh = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
@@ -335,8 +341,6 @@ def _rmha_fwd_kernel(
         q_b = _load_rows(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH, ALIGN)
         rk_b = _load_rows(RK + h * srkh, rcols, r_mask, srkr, srkd, DA, DB, DH)
         qr = tl.dot(q_b, tl.trans(rk_b), qr, input_precision=DOT_PREC)
-    qr_left = _table_col(qr, rcols, 0)
-    qr_right = _table_col(qr, rcols, 2 * KMAX)
 
     seed = 0
     if HAS_DROPOUT:
@@ -353,29 +357,41 @@ def _rmha_fwd_kernel(
     if IS_CAUSAL:
         hi = tl.minimum(LK, start_m + BLOCK_M)
     lo_band, mid_band, end_band = _band_key_range(start_m, hi, KMAX, BLOCK_M, BLOCK_N)
-    for start_n in range(0, lo_band, BLOCK_N):
-        acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
-            acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
-            k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
-            LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0, ALIGN, POS_SCALE)
+    if ONE_KEY_BLOCK:
+        # The one key block goes through the band loop (its general path: right for a block off
+        # the band too, as when queries run past the keys); the other two loops are not compiled.
+        lo_band = 0
+        mid_band = hi
+    # Each outer column of qr is taken right before its loop, so it lives across no other loop.
+    if not ONE_KEY_BLOCK:
+        qr_left = _table_col(qr, rcols, 0)
+        for start_n in range(0, lo_band, BLOCK_N):
+            acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
+                acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
+                k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
+                LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
+                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0, ALIGN, POS_SCALE)
     for start_n in range(lo_band, mid_band, BLOCK_N):
-        acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
-            acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
+        acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(  # (band tiles ignore qr_side: m_i stands in)
+            acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, m_i, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
             HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE)
-    for start_n in range(end_band, hi, BLOCK_N):
-        acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
-            acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_right, dloc, offs_m, m_mask, offs_m_local, rcols,
-            k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
-            LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX, ALIGN, POS_SCALE)
+    if not ONE_KEY_BLOCK:
+        qr_right = _table_col(qr, rcols, 2 * KMAX)
+        for start_n in range(end_band, hi, BLOCK_N):
+            acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
+                acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_right, dloc, offs_m, m_mask, offs_m_local, rcols,
+                k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
+                LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
+                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX, ALIGN, POS_SCALE)
 
     has_key = l_i > 0.0
-    inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
     # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0).
     lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), 0.0)
+    inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
+    if HAS_DROPOUT:  # the kept probabilities' scale, left out of the tiles
+        inv_l = inv_l * (1.0 / (1.0 - dropout_p))
     # bucket sums of the normalised P~: the inner buckets from the band's diagonals
     inner = tl.zeros([BLOCK_M, R_PAD], tl.float32)
     # a loop, not unrolled: unrolled diagonals load concurrently and spill at dh = 90
@@ -526,7 +542,7 @@ def _bucket_table(inner, left, total, rcols, KMAX: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, offs_m, offs_n, delta,
+def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, offs_m, start_n, delta,
                KMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Add one tile to a query block's row sums and bucket 0 sums of P~ and dS."""
     tile_p = tl.sum(p, axis=1)
@@ -534,9 +550,9 @@ def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, offs_m, offs_n, delta,
     total_p += tile_p
     total_ds += tile_ds
     if _meets_band(delta, KMAX, BLOCK_M, BLOCK_N):
-        dist = offs_n[None, :] - offs_m[:, None]
-        left_p += _left_sum(p, dist, 0, KMAX)
-        left_ds += _left_sum(ds, dist, 0, KMAX)
+        left = _left_of_band(offs_m, start_n, KMAX, BLOCK_N)
+        left_p += tl.sum(tl.where(left, p, 0.0), axis=1)
+        left_ds += tl.sum(tl.where(left, ds, 0.0), axis=1)
     elif delta < 0:  # wholly left of the band: bucket 0
         left_p += tile_p
         left_ds += tile_ds
@@ -722,7 +738,7 @@ def _rmha_bwd_kernel(
                                 _store_rows(acc_k, tl.dot(tl.trans(ds_lo), q_b, acc, input_precision=DOT_PREC),
                                             offs_n, n_mask, DHP, 1, DA, DB, DHP)
                         left_p, total_p, left_ds, total_ds = _row_stats(
-                            p_drop, ds, left_p, total_p, left_ds, total_ds, offs_m, offs_n, delta, KMAX, BLOCK_M, BLOCK_N)
+                            p_drop, ds, left_p, total_p, left_ds, total_ds, offs_m, start_n, delta, KMAX, BLOCK_M, BLOCK_N)
                 inner_p, inner_ds = _diag_grads(
                     q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
                     b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
@@ -832,7 +848,7 @@ def _rmha_bwd_kernel(
                     if DB > 0:
                         dq_b = tl.dot(ds2_lo, k2_b, dq_b, input_precision=DOT_PREC)
                     left_p, total_p, left_ds, total_ds = _row_stats(
-                        p2, ds2, left_p, total_p, left_ds, total_ds, offs_m, offs_n2, delta2, KMAX, BLOCK_M, BLOCK_N)
+                        p2, ds2, left_p, total_p, left_ds, total_ds, offs_m, start_n2, delta2, KMAX, BLOCK_M, BLOCK_N)
             if start_m < LQ:
                 tl.debug_barrier()  # the partial row written by other threads before
                 inner_p, inner_ds = _diag_grads(
@@ -919,7 +935,9 @@ def fwd_config(b, h, lq, lk, dh, dv, device, dtype):
     """Block sizes for the forward (a small table keyed on sequence and head sizes)."""
     sms = _launch.num_sms(device)
     widest = max(_launch.pad16(dh), _launch.pad16(dv))
-    block_n = min(max(16, _launch.next_pow2(lk)), 128 if widest <= 64 else 64)
+    # 64-key blocks at most: a 64 x 128 tile needs 8 warps (16 score elements per thread, the
+    # per-tile work dominates) and still spills (benchmarks/static_report.py, L = 200, dh = 64)
+    block_n = min(max(16, _launch.next_pow2(lk)), 64)
     block_m = min(max(16, _launch.next_pow2(lq)), 64 if widest <= 128 else 32)
     # Fewer programs than SMs: split the queries of a sequence over more programs.
     while block_m > 16 and b * h * triton.cdiv(lq, block_m) < sms:
@@ -1026,7 +1044,7 @@ def plan_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, s
     args.update(H=h, LQ=lq, LK=lk, qk_scale=float(scale) * LOG2E, dropout_p=float(dropout_p))
     constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
     constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], ALIGN=_row_alignment(q, k, v, out),
-                      POS_SCALE=scale > 0)
+                      POS_SCALE=scale > 0, ONE_KEY_BLOCK=lk <= cfg["block_n"])
     launch = Launch(_rmha_fwd_kernel, (b * h, triton.cdiv(lq, cfg["block_m"])), args, constexprs,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse, [launch]
