@@ -73,7 +73,7 @@ import triton.language as tl
 from fastpe.backends import triton_interpreter_enabled
 from fastpe.kernels.triton import _launch
 from fastpe.kernels.triton._launch import Launch
-from fastpe.kernels.triton._limits import MAX_HEAD_DIM, MAX_INTERVAL_BUCKETS
+from fastpe.kernels.triton._limits import MAX_INTERVAL_BUCKETS
 from fastpe.kernels.triton.rmha import (
     LOG2E,
     _bias_strides,
@@ -85,6 +85,7 @@ from fastpe.kernels.triton.rmha import (
     _store_rows,
     _sum_row_groups_kernel,
     _table_strides,
+    check_kernel_inputs,
 )
 
 FIXED_BITS = 61  # fixed-point bucket sums: a row's total stays below 2**61 (int64 holds 2**63)
@@ -631,21 +632,8 @@ def interval_steps(tau: torch.Tensor, time_span: int) -> torch.Tensor:
 
 
 def check_supported(q, k, v, rel_k) -> None:
-    dh, dv = q.shape[-1], v.shape[-1]
-    if max(dh, dv) > MAX_HEAD_DIM:
-        raise ValueError(
-            f"time_interval_attention: the triton backend supports head sizes up to {MAX_HEAD_DIM}, got "
-            f"dh={dh}, dh_v={dv}; use backend='torch'"
-        )
-    if rel_k.shape[-2] > MAX_INTERVAL_BUCKETS:
-        raise ValueError(
-            f"time_interval_attention: the triton backend supports time spans K <= {MAX_INTERVAL_BUCKETS - 1} "
-            f"(tables of at most {MAX_INTERVAL_BUCKETS} rows), got {rel_k.shape[-2]} rows; use backend='torch'"
-        )
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(
-            f"time_interval_attention: the triton backend supports float16, bfloat16 and float32, got {q.dtype}"
-        )
+    check_kernel_inputs("time_interval_attention", q, v, rel_k, MAX_INTERVAL_BUCKETS,
+                        f"time spans K <= {MAX_INTERVAL_BUCKETS - 1}")
     _launch.check_int32_indexing("time_interval_attention", q, k, v)
 
 

@@ -907,20 +907,27 @@ def plan_sum_row_groups(partial: torch.Tensor, out1: torch.Tensor, out2: torch.T
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_supported(q, v, rel_k) -> None:
+def check_kernel_inputs(op: str, q, v, rel_k, max_rows: int, span: str) -> None:
+    """The head-size, table and dtype limits the relative-attention family's kernels share; ``span``
+    names the table limit in the op's terms (e.g. "clipping distances k <= 64")."""
     dh, dv = q.shape[-1], v.shape[-1]
     if max(dh, dv) > MAX_HEAD_DIM:
         raise ValueError(
-            f"relative_attention: the triton backend supports head sizes up to {MAX_HEAD_DIM}, got "
+            f"{op}: the triton backend supports head sizes up to {MAX_HEAD_DIM}, got "
             f"dh={dh}, dh_v={dv}; use backend='torch'"
         )
-    if rel_k.shape[-2] > MAX_BUCKETS:
+    if rel_k.shape[-2] > max_rows:
         raise ValueError(
-            f"relative_attention: the triton backend supports clipping distances k <= {(MAX_BUCKETS - 1) // 2} "
-            f"(tables of at most {MAX_BUCKETS} rows), got {rel_k.shape[-2]} rows; use backend='torch'"
+            f"{op}: the triton backend supports {span} "
+            f"(tables of at most {max_rows} rows), got {rel_k.shape[-2]} rows; use backend='torch'"
         )
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"relative_attention: the triton backend supports float16, bfloat16 and float32, got {q.dtype}")
+        raise TypeError(f"{op}: the triton backend supports float16, bfloat16 and float32, got {q.dtype}")
+
+
+def _check_supported(q, v, rel_k) -> None:
+    check_kernel_inputs("relative_attention", q, v, rel_k, MAX_BUCKETS,
+                        f"clipping distances k <= {(MAX_BUCKETS - 1) // 2}")
     _launch.check_int32_indexing("relative_attention", q, v)
 
 
