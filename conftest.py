@@ -13,6 +13,11 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (-n N) the workers share the cores: each gets its share of intra-op threads
+# instead of all of them, which would oversubscribe the machine N times over.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):

@@ -45,11 +45,18 @@ def step(title: str):
     print(f"\n=== {title} ({time.strftime('%H:%M:%S')})", flush=True)
 
 
+def own_run_env() -> dict:
+    """This environment for a pytest run of its own: without a pytest-xdist worker's variables (set
+    when this script runs inside the test suite), which make pytest-benchmark disable itself."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+
+
 def run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, str]:
     """Run ``cmd`` from the repository root, echoing its output; (returncode, output)."""
     print("+", " ".join(cmd), flush=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, env={**own_run_env(), **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         print(out[-4000:], f"\n!! timed out after {timeout:.0f} s", flush=True)

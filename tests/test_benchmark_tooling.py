@@ -23,7 +23,7 @@ def bench_json(tmp_path_factory):
          "benchmarks/test_bench_training_step.py", "-q",
          "--benchmark-enable", "--benchmark-max-time=0.01", "--benchmark-min-rounds=2", f"--benchmark-json={path}",
          "-p", "no:cacheprovider"],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT, capture_output=True, text=True, env=gpu_suite.own_run_env(),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(path.read_text())
