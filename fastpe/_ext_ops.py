@@ -92,36 +92,26 @@ def register(namespace: str) -> None:
 
     # ---- autograd: each forward op's backward calls the matching backward op ----
 
-    def rmha_setup(ctx, inputs, output):
-        q, k, v, rel_k, rel_v, kpm, bias, is_causal, dropout_p, scale = inputs
-        out, lse, rng_state = output
-        ctx.save_for_backward(q, k, v, rel_k, rel_v, kpm, bias, out, lse, rng_state)
-        ctx.is_causal, ctx.dropout_p, ctx.scale = is_causal, dropout_p, scale
+    def register_relative_autograd(forward_op: str, backward_op: str) -> None:
+        """RMHA and time-interval attention share one autograd formula: their inputs differ only in the
+        bucket inputs (none, or ``tau``) between the tables and the masks, and the backward op takes
+        the forward's tensor inputs, then ``out, lse, rng_state``, then the three scalars."""
 
-    def rmha_backward(ctx, grad_out, _grad_lse, _grad_rng):
-        q, k, v, rel_k, rel_v, kpm, bias, out, lse, rng_state = ctx.saved_tensors
-        dq, dk, dv, drk, drv = ops.relative_attention_bwd(
-            grad_out, q, k, v, rel_k, rel_v, kpm, bias, out, lse, rng_state, ctx.is_causal, ctx.dropout_p, ctx.scale
-        )
-        return dq, dk, dv, drk, drv, None, None, None, None, None
+        def setup(ctx, inputs, output):
+            *tensors, is_causal, dropout_p, scale = inputs
+            ctx.save_for_backward(*tensors, *output)
+            ctx.is_causal, ctx.dropout_p, ctx.scale = is_causal, dropout_p, scale
+            ctx.n_inputs = len(inputs)
 
-    torch.library.register_autograd(name("relative_attention_fwd"), rmha_backward, setup_context=rmha_setup)
+        def backward(ctx, grad_out, _grad_lse, _grad_rng):
+            dq, dk, dv, drk, drv = getattr(ops, backward_op)(grad_out, *ctx.saved_tensors, ctx.is_causal,
+                                                            ctx.dropout_p, ctx.scale)
+            return (dq, dk, dv, drk, drv) + (None,) * (ctx.n_inputs - 5)
 
-    def tisas_setup(ctx, inputs, output):
-        q, k, v, rel_k, rel_v, tau, kpm, bias, is_causal, dropout_p, scale = inputs
-        out, lse, rng_state = output
-        ctx.save_for_backward(q, k, v, rel_k, rel_v, tau, kpm, bias, out, lse, rng_state)
-        ctx.is_causal, ctx.dropout_p, ctx.scale = is_causal, dropout_p, scale
+        torch.library.register_autograd(name(forward_op), backward, setup_context=setup)
 
-    def tisas_backward(ctx, grad_out, _grad_lse, _grad_rng):
-        q, k, v, rel_k, rel_v, tau, kpm, bias, out, lse, rng_state = ctx.saved_tensors
-        dq, dk, dv, drk, drv = ops.time_interval_attention_bwd(
-            grad_out, q, k, v, rel_k, rel_v, tau, kpm, bias, out, lse, rng_state, ctx.is_causal, ctx.dropout_p,
-            ctx.scale
-        )
-        return dq, dk, dv, drk, drv, None, None, None, None, None, None
-
-    torch.library.register_autograd(name("time_interval_attention_fwd"), tisas_backward, setup_context=tisas_setup)
+    register_relative_autograd("relative_attention_fwd", "relative_attention_bwd")
+    register_relative_autograd("time_interval_attention_fwd", "time_interval_attention_bwd")
 
     def rotary_setup(ctx, inputs, output):
         x, angles, positions, interleaved = inputs
@@ -175,21 +165,25 @@ def register(namespace: str) -> None:
 # ---- the functions behind backend="cuda" (signatures of the torch backends in fastpe.ops) ----
 
 
-def relative_attention(ops, q, k, v, rel_k, rel_v, key_padding_mask=None, attn_bias=None, is_causal=False,
-                       dropout_p=0.0, scale=None):
+def _relative_inputs(op, q, rel_k, rel_v, attn_bias, scale):
+    """What RMHA and time-interval attention both do before their kernel: refuse a trainable float
+    mask, default the scale, and give shared ``[R, dh]`` tables a head axis of one."""
     if attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(
-            "relative_attention: the cuda backend does not compute gradients for a float attn_mask; "
+            f"{op}: the cuda backend does not compute gradients for a float attn_mask; "
             "pass a mask that does not require grad, or use backend='torch'"
         )
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    if rel_k.dim() == 2:
-        rel_k = rel_k.unsqueeze(0)
-    if rel_v.dim() == 2:
-        rel_v = rel_v.unsqueeze(0)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    rel_k = rel_k.unsqueeze(0) if rel_k.dim() == 2 else rel_k
+    rel_v = rel_v.unsqueeze(0) if rel_v.dim() == 2 else rel_v
+    return rel_k, rel_v, float(scale)
+
+
+def relative_attention(ops, q, k, v, rel_k, rel_v, key_padding_mask=None, attn_bias=None, is_causal=False,
+                       dropout_p=0.0, scale=None):
+    rel_k, rel_v, scale = _relative_inputs("relative_attention", q, rel_k, rel_v, attn_bias, scale)
     out, _lse, _rng = ops.relative_attention_fwd(
-        q, k, v, rel_k, rel_v, key_padding_mask, attn_bias, bool(is_causal), float(dropout_p), float(scale)
+        q, k, v, rel_k, rel_v, key_padding_mask, attn_bias, bool(is_causal), float(dropout_p), scale
     )
     return out
 
@@ -198,20 +192,10 @@ def time_interval_attention(ops, q, k, v, rel_k, rel_v, timestamps, time_unit=No
                             attn_bias=None, is_causal=False, dropout_p=0.0, scale=None):
     """TiSASRec attention: the kernels take the personal time steps ``tau [B, L]`` and compute the
     buckets ``min(|tau_i - tau_j|, K)`` themselves (K = rows of the tables - 1)."""
-    if attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled():
-        raise NotImplementedError(
-            "time_interval_attention: the cuda backend does not compute gradients for a float attn_mask; "
-            "pass a mask that does not require grad, or use backend='torch'"
-        )
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    if rel_k.dim() == 2:
-        rel_k = rel_k.unsqueeze(0)
-    if rel_v.dim() == 2:
-        rel_v = rel_v.unsqueeze(0)
+    rel_k, rel_v, scale = _relative_inputs("time_interval_attention", q, rel_k, rel_v, attn_bias, scale)
     tau = personal_time_steps(timestamps, time_unit, key_padding_mask)
     out, _lse, _rng = ops.time_interval_attention_fwd(
-        q, k, v, rel_k, rel_v, tau, key_padding_mask, attn_bias, bool(is_causal), float(dropout_p), float(scale)
+        q, k, v, rel_k, rel_v, tau, key_padding_mask, attn_bias, bool(is_causal), float(dropout_p), scale
     )
     return out
 
