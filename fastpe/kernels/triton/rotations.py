@@ -11,7 +11,11 @@ One kernel family, four modes (``theta = angles[pos(b, l), m]``, pair ``m`` = ``
 A program owns one tile of ``[batches x positions x heads x pairs]`` and makes a single pass
 over it: one load of every operand, no loop, so all of its batches are in flight at once and
 the grid (batch blocks x position blocks) has enough programs to keep every SM streaming.
-Each pair is loaded as one ``[.., 2]`` vector (both layouts) and split in registers.
+Every load and store runs along a head's contiguous columns (interleaved pairs as one ``[.., 2P]``
+row, reshaped and split in registers; split halves as two ``[.., P]`` rows), so that a warp
+touches whole lines: a ``[.., P, 2]`` pointer tile let Triton spread a warp's lanes over the
+batch instead, with 32-bit accesses (sm_90a SASS of Rotatory at S2: 16 LDG.E and 16 STG.E per
+thread, now 4 LDG.E.128 and 4 STG.E.128).
 ``cos``/``sin`` are computed once per (position, pair) and broadcast over the tile's batches
 and heads when positions are shared by the batch. ``x`` may have any strides.
 
@@ -35,6 +39,40 @@ ROTATE_FWD, ROTATE_BWD, ADD_FWD, ADD_BWD = 0, 1, 2, 3
 
 
 @triton.jit
+def _pair_halves(BASE, tile, tile_mask, offs_p, sd, HALF: tl.constexpr, BLOCK_P: tl.constexpr,
+                 INTERLEAVED: tl.constexpr):
+    """The two halves ``(a, b)`` of every pair of a ``[B, L, H, P]`` tile, as float32. ``tile`` is
+    the tile's offsets up to the head (``b * sb + l * sl + h * sh``). Every load runs along the
+    head's contiguous columns, so a warp reads whole lines: interleaved pairs as one
+    ``[.., 2P]`` row split in registers, split halves as two ``[.., P]`` rows."""
+    if INTERLEAVED:
+        cols = tl.arange(0, 2 * BLOCK_P)[None, None, None, :]
+        x = tl.load(BASE + tile + cols * sd, mask=tile_mask & (cols < 2 * HALF), other=0.0).to(tl.float32)
+        return tl.split(tl.reshape(x, (x.shape[0], x.shape[1], x.shape[2], BLOCK_P, 2)))
+    else:
+        p4 = offs_p[None, None, None, :]
+        mask = tile_mask & (p4 < HALF)
+        a = tl.load(BASE + tile + p4 * sd, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(BASE + tile + (p4 + HALF) * sd, mask=mask, other=0.0).to(tl.float32)
+        return a, b
+
+
+@triton.jit
+def _store_pair_halves(BASE, tile, tile_mask, offs_p, sd, a, b, HALF: tl.constexpr, BLOCK_P: tl.constexpr,
+                       INTERLEAVED: tl.constexpr):
+    """The inverse of :func:`_pair_halves`: ``(a, b)`` back into the pairs' columns."""
+    if INTERLEAVED:
+        cols = tl.arange(0, 2 * BLOCK_P)[None, None, None, :]
+        x = tl.reshape(tl.join(a, b), (a.shape[0], a.shape[1], a.shape[2], 2 * BLOCK_P))
+        tl.store(BASE + tile + cols * sd, x.to(BASE.dtype.element_ty), mask=tile_mask & (cols < 2 * HALF))
+    else:
+        p4 = offs_p[None, None, None, :]
+        mask = tile_mask & (p4 < HALF)
+        tl.store(BASE + tile + p4 * sd, a.to(BASE.dtype.element_ty), mask=mask)
+        tl.store(BASE + tile + (p4 + HALF) * sd, b.to(BASE.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rot_kernel(
     X, DY, Y, ANG, POS, PART,
     sxb, sxl, sxh, sxd,
@@ -52,18 +90,11 @@ def _rot_kernel(
     offs_p = tl.arange(0, BLOCK_P)
     bl_mask = (offs_b < B)[:, None] & (offs_l < L)[None, :]
     p_mask = offs_p < HALF
-    # [B, L, H, P, 2] tile: the last axis is the pair (a, b), split after one vector load
-    b5 = offs_b[:, None, None, None, None]
-    l5 = offs_l[None, :, None, None, None]
-    h5 = offs_h[None, None, :, None, None]
-    j5 = tl.arange(0, 2)[None, None, None, None, :]
-    p5 = offs_p[None, None, None, :, None]
-    if INTERLEAVED:
-        col5 = 2 * p5 + j5
-    else:
-        col5 = p5 + j5 * HALF
-    mask5 = (bl_mask[:, :, None, None, None] & (offs_h < H)[None, None, :, None, None]
-             & p_mask[None, None, None, :, None] & (j5 < 2))  # (j5 < 2): broadcast over the pair axis
+    # [B, L, H, P] tiles of the pairs' halves
+    b4 = offs_b[:, None, None, None]
+    l4 = offs_l[None, :, None, None]
+    h4 = offs_h[None, None, :, None]
+    tile_mask = bl_mask[:, :, None, None] & (offs_h < H)[None, None, :, None]
 
     if POS_KIND == 2:
         rows = tl.load(POS + offs_b[:, None] * spb + offs_l[None, :] * spl, mask=bl_mask, other=0)
@@ -83,24 +114,23 @@ def _rot_kernel(
     sin = tl.sin(theta)
 
     if MODE != 3:
-        x = tl.load(X + b5 * sxb + l5 * sxl + h5 * sxh + col5 * sxd, mask=mask5, other=0.0).to(tl.float32)
-        xa, xb = tl.split(x)
+        xa, xb = _pair_halves(X, b4 * sxb + l4 * sxl + h4 * sxh, tile_mask, offs_p, sxd, HALF, BLOCK_P, INTERLEAVED)
     if MODE == 1 or MODE == 3:
-        dy = tl.load(DY + b5 * sdb + l5 * sdl + h5 * sdh + col5 * sdd, mask=mask5, other=0.0).to(tl.float32)
-        ga, gb = tl.split(dy)
+        ga, gb = _pair_halves(DY, b4 * sdb + l4 * sdl + h4 * sdh, tile_mask, offs_p, sdd, HALF, BLOCK_P, INTERLEAVED)
     if MODE == 0:
-        out = tl.join(xa * cos - xb * sin, xa * sin + xb * cos)
+        ya, yb = xa * cos - xb * sin, xa * sin + xb * cos
     elif MODE == 1:
-        out = tl.join(ga * cos + gb * sin, gb * cos - ga * sin)
+        ya, yb = ga * cos + gb * sin, gb * cos - ga * sin
         g = gb * (xa * cos - xb * sin) - ga * (xa * sin + xb * cos)
     elif MODE == 2:
         sign = 1.0 - 2.0 * (offs_p % 2).to(tl.float32)  # (-1)^j
-        out = tl.join(xa + sign[None, None, None, :] * sin, xb + cos)
+        ya, yb = xa + sign[None, None, None, :] * sin, xb + cos
     else:
         sign = 1.0 - 2.0 * (offs_p % 2).to(tl.float32)
         g = sign[None, None, None, :] * ga * cos - gb * sin
     if MODE != 3:
-        tl.store(Y + b5 * syb + l5 * syl + h5 * syh + col5 * syd, out.to(Y.dtype.element_ty), mask=mask5)
+        _store_pair_halves(Y, b4 * syb + l4 * syl + h4 * syh, tile_mask, offs_p, syd, ya, yb, HALF, BLOCK_P,
+                           INTERLEAVED)
 
     if MODE == 1 or MODE == 3:
         g = tl.sum(g, axis=2)  # over heads: [B, L, P]
