@@ -110,6 +110,19 @@ def _near(bucket, valid, KT: tl.constexpr):
 
 
 @triton.jit
+def _key_block(start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L, KT: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_KPM: tl.constexpr):
+    """The key block at ``start_n``: its key offsets, which keys exist and are not padding (and
+    whether any does), each element's bucket and :func:`_near` flag."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < L
+    col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+    tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
+    bucket = _buckets(tau_m, tau_n, KT)
+    return offs_n, n_mask, col_ok, any_key, bucket, _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
+
+
+@triton.jit
 def _gather(table, far, idx, near):
     """Per-element value of a per-row bucket table in a scratch slot (``table``: the slot, ``idx``:
     row * KP + bucket, one int32 offset per element shared by every table of the slot); ``far`` is
@@ -140,11 +153,9 @@ def _block_range(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT: tl.cons
     lo_b = KT
     hi_b = -1
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < L
-        col_ok, _any = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
-        tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
-        lo_t, hi_t = _bucket_bounds(_buckets(tau_m, tau_n, KT), m_mask[:, None] & col_ok[None, :], KT)
+        _offs_n, _n_mask, col_ok, _any, bucket, _near_ = _key_block(start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask,
+                                                                    L, KT, BLOCK_N, HAS_KPM)
+        lo_t, hi_t = _bucket_bounds(bucket, m_mask[:, None] & col_ok[None, :], KT)
         lo_b = tl.minimum(lo_b, lo_t)
         hi_b = tl.maximum(hi_b, hi_t)
     return _chunk_range(lo_b, hi_b, RC)
@@ -292,12 +303,8 @@ def _tisas_fwd_kernel(
         acc_b = tl.zeros([BLOCK_M, DVB if DVB > 0 else 16], tl.float32)
         far = tl.zeros([BLOCK_M], tl.float32)
         if ONE_KEY_BLOCK:
-            offs_n = tl.arange(0, BLOCK_N)
-            n_mask = offs_n < L
-            col_ok, _any = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
-            tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
-            bucket = _buckets(tau_m, tau_n, KT)
-            near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
+            offs_n, n_mask, col_ok, _any, bucket, near = _key_block(0, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L,
+                                                                   KT, BLOCK_N, HAS_KPM)
             idx = row_start + bucket
             lo_b, hi_b = _bucket_bounds(bucket, m_mask[:, None] & col_ok[None, :], KT)
             c0, c1 = _chunk_range(lo_b, hi_b, RC)
@@ -322,17 +329,13 @@ def _tisas_fwd_kernel(
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             for start_n in range(0, hi, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                n_mask = offs_n < L
-                col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+                offs_n, n_mask, col_ok, any_key, bucket, near = _key_block(
+                    start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L, KT, BLOCK_N, HAS_KPM)
                 if any_key:
                     k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
-                    tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
-                    bucket = _buckets(tau_m, tau_n, KT)
-                    near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
-                    s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, row_start + bucket, near, offs_m, offs_n, m_mask,
-                                n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL,
-                                DOT_PREC)
+                    idx = row_start + bucket
+                    s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
+                                b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
                     m_new = tl.maximum(m_i, tl.max(s, axis=1))
                     m_new_use = tl.where(m_new == float("-inf"), 0.0, m_new)
                     l_i = l_i * tl.exp2(m_i - m_new_use) + tl.sum(tl.exp2(s - m_new_use[:, None]), axis=1)
@@ -340,14 +343,10 @@ def _tisas_fwd_kernel(
             m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
             inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
             for start_n in range(0, hi, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                n_mask = offs_n < L
-                col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+                offs_n, n_mask, col_ok, any_key, bucket, near = _key_block(
+                    start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L, KT, BLOCK_N, HAS_KPM)
                 if any_key:
                     k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
-                    tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
-                    bucket = _buckets(tau_m, tau_n, KT)
-                    near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
                     idx = row_start + bucket
                     s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
                                 b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
