@@ -295,6 +295,40 @@ def test_dropout_backward_uses_the_forward_mask(L):
         assert_matches_reference(kernel, reference, inputs(b, h, L, 16, 4, seed=11), torch.float32, NAMES)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.25, 0.5, 0.6, 0.9, 0.99])
+def test_int32_p_sums_have_headroom(p):
+    """The int32 fixed point of the P~ sums: a row's total (at most 1 / (1 - p)) maps to at most
+    2**30, half the int32 range (slack for fp32 rounding), and to more than 2**29 (no bit unused)."""
+    from fastpe.kernels.triton.interval import _p_fixed
+
+    largest = _p_fixed(p) / (1.0 - p)
+    assert 2**29 < largest <= 2**30
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_p_sums_at_the_int32_bound(p):
+    """Equal timestamps put every element in bucket 0, so one int32 sum holds a row's whole P~:
+    1 (no dropout) or, for the first causal row when its one key is kept at p = 0.5, 2 = 1 / (1 - p),
+    the bound, 2**30 in fixed point. A scale one bit larger wraps to a negative sum."""
+    b, h, L = 2, 2, 12
+    kw = {"is_causal": True}
+    t = times(b, L, "equal", 8)
+    if p == 0.0:
+        check(b, h, L, 16, 8, "causal", t_kind="equal", seed=13)
+        return
+    keep = _keep_mask(13, b, h, L, p, t, **kw)
+    assert keep[..., 0, 0].any()  # some first row holds its one kept key: P~ = 2
+
+    def kernel(*x):
+        torch.manual_seed(13)
+        return time_interval_attention(*x, t, dropout_p=p, backend="triton", **kw)
+
+    def reference(*x):
+        return _reference_with_keep(*x, t, keep=keep.double(), p=p, **kw)
+
+    assert_matches_reference(kernel, reference, inputs(b, h, L, 16, 8, seed=13), torch.float32, NAMES)
+
+
 def test_compiles_without_graph_breaks():
     """torch.compile(fullgraph=True) sees the kernels as custom ops (forward and backward) and
     gives the eager results; the time steps are torch ops in the graph."""

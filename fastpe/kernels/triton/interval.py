@@ -18,11 +18,12 @@ does the same for ``dO_i . rv[r]``.
 
 Value side and table gradients need the per-row bucket sums ``W`` of ``P~`` (and of ``dS``):
 a scatter, which Triton lacks. Chosen: **integer atomics into the program's own scratch slot**.
-Each score element below the clip adds its value, in 64-bit fixed point, to ``W[i, r_ij]``;
+Each score element below the clip adds its value, in fixed point, to ``W[i, r_ij]``;
 integer addition is associative, so the sums are bitwise reproducible whatever order the atomics
-land in, and they are exact sums of the fp32 values (down to 2^-61 of the row's bound). The
-fixed-point scale needs a bound on the row's total: ``1/(1-p)`` for ``P~`` (a normalised row),
-and for ``dS`` the per-row bound ``2 scale (|dO_i| max_j |v_j| + max_r |dO_i . rv[r]|) / (1-p)``
+land in, and they are exact sums of the truncated fp32 values. The fixed-point scale needs a
+bound on the row's total: ``1/(1-p)`` for ``P~`` (a normalised row; int32 in the forward, down
+to 2^-30 of the bound, see ``P_FIXED_BITS``; int64 in the backward), and for ``dS`` (int64, down
+to 2^-61 of the bound) the per-row bound ``2 scale (|dO_i| max_j |v_j| + max_r |dO_i . rv[r]|) / (1-p)``
 (Cauchy-Schwarz; ``|D_i| <= max_j |dP~_ij|``), doubled as slack and rounded to a power of two so
 that the conversions are exact.
 The clip bucket K (often most pairs) is summed in registers instead. After the key loop the
@@ -33,8 +34,10 @@ kernel in a fixed order (deterministic, no float atomics). The tables are built,
 read back, only over the 64-bucket chunks the query block's elements use (a pass over the time
 steps finds them): per query row the tables cost O(K) at most, far less when gaps are mostly
 beyond K. Rows past the end of the sequence add nothing, so the chunks a block skips stay clear.
-The fixed point costs one fp32 -> int64 conversion and one predicated 64-bit reduction per
-element below the clip (see benchmarks/results/static_sm90_tisas.md for the instruction counts).
+The fixed point costs one fp32 -> integer conversion and one predicated integer reduction per
+element below the clip (32-bit for the forward's ``P~``; 64-bit in the backward, where 32-bit
+``P~`` sums measured no fewer instructions and more spills; see
+benchmarks/results/static_sm90_tisas.md for the instruction counts).
 
 The alternatives weighed: a per-row sort by bucket (``tl.sort`` on packed keys) with a segmented
 scan keeps float sums but costs O(log^2 BLOCK_N) compare-exchange stages per element and a
@@ -88,8 +91,16 @@ from fastpe.kernels.triton.rmha import (
     check_kernel_inputs,
 )
 
-FIXED_BITS = 61  # fixed-point bucket sums: a row's total stays below 2**61 (int64 holds 2**63)
+FIXED_BITS = 61  # fixed-point dS bucket sums: a row's total stays below 2**61 (int64 holds 2**63)
 _FIXED_BITS = tl.constexpr(FIXED_BITS)
+# Fixed-point P~ bucket sums are int32. Proof that they cannot overflow: a row of P (normalised)
+# sums to 1, so the row of P~ = P * keep / (1 - p) sums to at most 1 / (1 - p); the scale is
+# S = 2**(P_FIXED_BITS - ceil(log2(2 / (1 - p)))) <= 2**30 (1 - p), so every element, every bucket
+# sum and the row's total are at most S / (1 - p) <= 2**30 in fixed point (truncation only
+# lowers them). fp32 rounding of the softmax, of the 1 / (1 - p) factor and of p * S adds a
+# relative few units in 2**-24 per element: the row total stays below 2**30 (1 + 2**-10), far
+# under 2**31 - 1. Resolution: 2**-30 of the bound, 1e-9 of the row's mass for p <= 0.5.
+P_FIXED_BITS = 31
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +229,7 @@ def _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask,
 def _read_back(w, c, cols, KP: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.constexpr):
     """Columns ``c .. c+RC`` of the slot's fixed-point sums, cleared for the next query block."""
     ptrs = w + tl.arange(0, BLOCK_M)[:, None] * KP + c + cols[None, :]
-    return tl.atomic_xchg(ptrs, tl.zeros([BLOCK_M, RC], tl.int64), sem="relaxed").to(tl.float32)
+    return tl.atomic_xchg(ptrs, tl.zeros([BLOCK_M, RC], w.dtype.element_ty), sem="relaxed").to(tl.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +255,7 @@ def _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, start_n, offs_m, m
     if DVB > 0:
         v_b = _load_rows(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV)
         acc_b = tl.dot(p_lo, v_b, acc_b, input_precision=DOT_PREC)
-    tl.atomic_add(wtab + idx, (p * p_fixed).to(tl.int64), mask=near & (p > 0.0), sem="relaxed")
+    tl.atomic_add(wtab + idx, (p * p_fixed).to(tl.int32), mask=near & (p > 0.0), sem="relaxed")
     far += tl.sum(tl.where(near, 0.0, p), axis=1)  # (p = 0 at elements that are not valid)
     return acc_a, acc_b, far
 
@@ -276,7 +287,7 @@ def _tisas_fwd_kernel(
     wtab = WTAB + pid.to(tl.int64) * (BLOCK_M * KP)
     row_start = offs_ml[:, None] * KP  # + bucket: an element's offset in the slot's tables
     for c in range(0, KP, RC):
-        tl.store(wtab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
+        tl.store(wtab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int32))
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
@@ -684,9 +695,10 @@ def _constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p, cfg):
     )
 
 
-def _p_fixed(dropout_p: float) -> float:
-    """Fixed-point scale of the P~ sums: a row of P~ sums to at most 1 / (1 - p) (twice that as slack)."""
-    return 2.0 ** (FIXED_BITS - math.ceil(math.log2(2.0 / (1.0 - dropout_p))))
+def _p_fixed(dropout_p: float, bits: int = P_FIXED_BITS) -> float:
+    """Fixed-point scale of the P~ sums: a row of P~ sums to at most 1 / (1 - p) (twice that as
+    slack), see P_FIXED_BITS; ``bits``: 31 for the forward's int32 sums, 61 for the backward's int64."""
+    return 2.0 ** (bits - math.ceil(math.log2(2.0 / (1.0 - dropout_p))))
 
 
 def _common_args(q, k, v, rel_k, rel_v, tau, kpm, bias, seed):
@@ -719,7 +731,7 @@ def plan_forward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout
     out = _launch.empty((b, h, length, dv), q.dtype, q.device)
     lse = _launch.empty((b, h, length), torch.float32, q.device)
     qtab = _launch.empty((programs, cfg["block_m"], consts["KP"]), torch.float32, q.device)
-    wtab = _launch.empty((programs, cfg["block_m"], consts["KP"]), torch.int64, q.device)
+    wtab = _launch.empty((programs, cfg["block_m"], consts["KP"]), torch.int32, q.device)
     args = _common_args(q, k, v, rel_k, rel_v, tau, kpm, bias, seed)
     args.update(O=out, LSE=lse, QTAB=qtab, WTAB=wtab,
                 sob=out.stride(0), soh=out.stride(1), som=out.stride(2), sod=out.stride(3),
@@ -779,7 +791,7 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, i
         args.update({f"{prefix}b": t.stride(0), f"{prefix}h": t.stride(1)})
         args.update({f"{prefix}{'n' if prefix in ('sdk', 'sdv') else 'm'}": t.stride(2), f"{prefix}d": t.stride(3)})
     args.update(B=b, H=h, L=length, qk_scale=float(scale) * LOG2E, scale=float(scale), dropout_p=float(dropout_p),
-                p_fixed=_p_fixed(dropout_p))
+                p_fixed=_p_fixed(dropout_p, FIXED_BITS))
     consts["ZC"] = 4096 if triton_interpreter_enabled() else 256  # columns zeroed per store
     main = Launch(_tisas_bwd_kernel, (programs,), args, consts, num_warps=cfg["num_warps"], num_stages=1)
     return dq, dk, dvv, drk, drv, [main, *plan_reduce(partial, drk, drv)]
