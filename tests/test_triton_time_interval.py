@@ -133,6 +133,34 @@ def test_several_key_and_query_blocks(dtype, kind, monkeypatch):
         check(2, 1, 40, 16, 30, kind, dtype, seed=6)
 
 
+@pytest.mark.parametrize("dh,dtype", [(30, torch.float32), (90, torch.float16)])
+def test_one_key_block_backward_over_several_query_blocks(dh, dtype, monkeypatch):
+    """L = 45 with the default blocks: the backward holds dk, dv of the sequence in registers (one
+    key block) while it walks two or three query blocks; NaN-filled buffers, fully padded rows."""
+    from fastpe.kernels.triton import interval
+
+    cfg = interval.bwd_config(2, 1, 45, dh, dh, DEVICE)
+    assert cfg["block_n"] >= 45 > cfg["block_m"]
+    monkeypatch.setattr(launch_cfg(), "POISON", True)
+    check(2, 1, 45, dh, 256, "fully_padded", dtype, seed=14)
+
+
+def test_one_key_block_backward_with_dropout():
+    b, h, L, p = 2, 1, 45, 0.2
+    kpm = make_masks("padding", b, h, L, L, seed=15)["key_padding_mask"].to(DEVICE)
+    t = times(b, L, "mixed", 16, seed=15)
+    keep = _keep_mask(15, b, h, L, p, t, key_padding_mask=kpm)
+
+    def kernel(*x):
+        torch.manual_seed(15)
+        return time_interval_attention(*x, t, dropout_p=p, backend="triton", key_padding_mask=kpm)
+
+    def reference(*x):
+        return _reference_with_keep(*x, t, keep=keep.double(), p=p, key_padding_mask=kpm)
+
+    assert_matches_reference(kernel, reference, inputs(b, h, L, 16, 16, seed=15), torch.float32, NAMES)
+
+
 def test_rows_past_the_sequence_leave_the_scratch_clear():
     """A program's query block reads back (and clears) only the table chunks its valid elements
     use. Rows past the end of a partial block must add nothing: here the last block of sequence 0

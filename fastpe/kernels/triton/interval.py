@@ -56,7 +56,8 @@ case, L <= BLOCK_N) the block's logits give the row max and sum directly; with s
 pass computes them (the log-sum-exp) and a second one accumulates.
 
 Backward: persistent programs own whole (batch, head) sequences; per query block they recompute
-``P`` from the log-sum-exp, accumulate ``dq`` in registers and ``dk, dv`` in float32 rows of
+``P`` from the log-sum-exp, accumulate ``dq`` in registers and ``dk, dv`` in registers too when
+one key block holds the sequence (L <= BLOCK_N, as the RMHA kernels do), else in float32 rows of
 the sequence (load-add-store by the owning program: deterministic), and the bucket sums as above.
 
 Fully padded key blocks are skipped, padded keys and values are never read (they may hold NaN),
@@ -430,7 +431,7 @@ def _tisas_bwd_kernel(
     KT: tl.constexpr, KP: tl.constexpr, RC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ZC: tl.constexpr, DOT_PREC: tl.constexpr,
+    ZC: tl.constexpr, DOT_PREC: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
 ):
     R: tl.constexpr = KT + 1
     WIDTH: tl.constexpr = R * (DH + DV)
@@ -488,13 +489,20 @@ def _tisas_bwd_kernel(
             if DVB > 0:
                 vsq += tl.sum(v_b.to(tl.float32) * v_b.to(tl.float32), axis=1)
             vsq_max = tl.maximum(vsq_max, vsq)
-            _store_rows(dkacc, tl.zeros([BLOCK_N, DA], tl.float32), offs_n, n_mask, DH, 1, 0, DA, DH)
-            _store_rows(dvacc, tl.zeros([BLOCK_N, DVA], tl.float32), offs_n, n_mask, DV, 1, 0, DVA, DV)
-            if DB > 0:
-                _store_rows(dkacc, tl.zeros([BLOCK_N, DBX], tl.float32), offs_n, n_mask, DH, 1, DA, DB, DH)
-            if DVB > 0:
-                _store_rows(dvacc, tl.zeros([BLOCK_N, DVBX], tl.float32), offs_n, n_mask, DV, 1, DVA, DVB, DV)
+            if not ONE_KEY_BLOCK:
+                _store_rows(dkacc, tl.zeros([BLOCK_N, DA], tl.float32), offs_n, n_mask, DH, 1, 0, DA, DH)
+                _store_rows(dvacc, tl.zeros([BLOCK_N, DVA], tl.float32), offs_n, n_mask, DV, 1, 0, DVA, DV)
+                if DB > 0:
+                    _store_rows(dkacc, tl.zeros([BLOCK_N, DBX], tl.float32), offs_n, n_mask, DH, 1, DA, DB, DH)
+                if DVB > 0:
+                    _store_rows(dvacc, tl.zeros([BLOCK_N, DVBX], tl.float32), offs_n, n_mask, DV, 1, DVA, DVB, DV)
         vmax = tl.sqrt(tl.max(vsq_max, axis=0))
+        # one key block (L <= BLOCK_N): dk, dv of the sequence stay in registers across its query blocks
+        # (the second parts have the shapes _load_split gives them below: the first part's without one)
+        dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
+        dk_b = tl.zeros([BLOCK_N, DB if DB > 0 else DA], tl.float32)
+        dv_a = tl.zeros([BLOCK_N, DVA], tl.float32)
+        dv_b = tl.zeros([BLOCK_N, DVB if DVB > 0 else DVA], tl.float32)
 
         for start_m in range(0, L, BLOCK_M):
             offs_m = start_m + offs_ml
@@ -561,13 +569,22 @@ def _tisas_bwd_kernel(
                     ds_lo = ds.to(dt)
                     p_lo = p_drop.to(dt)
                     dq_a = tl.dot(ds_lo, k_a, dq_a, input_precision=DOT_PREC)
-                    _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_a, 0, DA, DH, DOT_PREC)
-                    _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_a, 0, DVA, DV, DOT_PREC)
                     if DB > 0:
                         dq_b = tl.dot(ds_lo, k_b, dq_b, input_precision=DOT_PREC)
-                        _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_b, DA, DB, DH, DOT_PREC)
-                    if DVB > 0:
-                        _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_b, DVA, DVB, DV, DOT_PREC)
+                    if ONE_KEY_BLOCK:
+                        dk_a = tl.dot(tl.trans(ds_lo), q_a, dk_a, input_precision=DOT_PREC)
+                        dv_a = tl.dot(tl.trans(p_lo), do_a, dv_a, input_precision=DOT_PREC)
+                        if DB > 0:
+                            dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
+                        if DVB > 0:
+                            dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
+                    else:
+                        _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_a, 0, DA, DH, DOT_PREC)
+                        _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_a, 0, DVA, DV, DOT_PREC)
+                        if DB > 0:
+                            _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_b, DA, DB, DH, DOT_PREC)
+                        if DVB > 0:
+                            _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_b, DVA, DVB, DV, DOT_PREC)
                     tl.atomic_add(wptab + idx, (p_drop * p_fixed).to(tl.int64),
                                   mask=near & (p_drop != 0.0), sem="relaxed")
                     tl.atomic_add(wdtab + idx, (ds * ds_fixed[:, None]).to(tl.int64),
@@ -615,8 +632,9 @@ def _tisas_bwd_kernel(
         for start_n in range(0, L, BLOCK_N):
             offs_n = start_n + offs_nl
             n_mask = offs_n < L
-            dk_a, dk_b = _load_split(dkacc, offs_n, n_mask, DH, 1, DA, DB, DH)
-            dv_a, dv_b = _load_split(dvacc, offs_n, n_mask, DV, 1, DVA, DVB, DV)
+            if not ONE_KEY_BLOCK:
+                dk_a, dk_b = _load_split(dkacc, offs_n, n_mask, DH, 1, DA, DB, DH)
+                dv_a, dv_b = _load_split(dvacc, offs_n, n_mask, DV, 1, DVA, DVB, DV)
             _store_rows(DK + b * sdkb + h * sdkh, dk_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH)
             _store_rows(DV_ + b * sdvb + h * sdvh, dv_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV)
             if DB > 0:
@@ -777,8 +795,10 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, i
     dq = _launch.empty(q.shape, q.dtype, q.device)
     dk = _launch.empty(k.shape, k.dtype, k.device)
     dvv = _launch.empty(v.shape, v.dtype, v.device)
-    dk_acc = _launch.empty((b, h, length, dh), torch.float32, q.device)
-    dv_acc = _launch.empty((b, h, length, dv), torch.float32, q.device)
+    one_key_block = length <= cfg["block_n"]  # dk, dv in registers: no float32 accumulator rows
+    acc_rows = 0 if one_key_block else length
+    dk_acc = _launch.empty((b, h, acc_rows, dh), torch.float32, q.device)
+    dv_acc = _launch.empty((b, h, acc_rows, dv), torch.float32, q.device)
     tabs = _launch.empty((programs, 2, cfg["block_m"], kp), torch.float32, q.device)
     wtabs = _launch.empty((programs, 2, cfg["block_m"], kp), torch.int64, q.device)
     partial = _launch.empty((h * programs, n_buckets * (dh + dv)), torch.float32, q.device)
@@ -793,5 +813,6 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, i
     args.update(B=b, H=h, L=length, qk_scale=float(scale) * LOG2E, scale=float(scale), dropout_p=float(dropout_p),
                 p_fixed=_p_fixed(dropout_p, FIXED_BITS))
     consts["ZC"] = 4096 if triton_interpreter_enabled() else 256  # columns zeroed per store
+    consts["ONE_KEY_BLOCK"] = one_key_block
     main = Launch(_tisas_bwd_kernel, (programs,), args, consts, num_warps=cfg["num_warps"], num_stages=1)
     return dq, dk, dvv, drk, drv, [main, *plan_reduce(partial, drk, drv)]
