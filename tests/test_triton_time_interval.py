@@ -161,6 +161,22 @@ def test_one_key_block_backward_with_dropout():
     assert_matches_reference(kernel, reference, inputs(b, h, L, 16, 16, seed=15), torch.float32, NAMES)
 
 
+@pytest.mark.parametrize("pin", [True, False])
+def test_one_key_block_forward_with_and_without_bucket_pinning(pin):
+    """The one-key-block forward at 4 warps carries each element's bucket as one int32 (-1 where it
+    is not below the clip; compiled, through an opaque identity): both forms give the reference."""
+    from fastpe.kernels.triton import interval
+
+    b, h, L, dh = 2, 2, 21, 30
+    with launch_cfg().override("tisas_fwd", pin_buckets=pin):
+        q = torch.zeros(b, h, L, dh, device=DEVICE)
+        tau = torch.zeros(b, L, dtype=torch.int32, device=DEVICE)
+        rk = torch.zeros(1, 257, dh, device=DEVICE)
+        *_, (launch,) = interval.plan_forward(q, q, q, rk, rk, tau, None, None, None, False, 0.0, 0.1)
+        assert launch.constexprs["PIN_BUCKETS"] == (1 if pin else 0)  # (2 when compiled)
+        check(b, h, L, dh, 256, "fully_padded", seed=16)
+
+
 def test_rows_past_the_sequence_leave_the_scratch_clear():
     """A program's query block reads back (and clears) only the table chunks its valid elements
     use. Rows past the end of a partial block must add nothing: here the last block of sequence 0
