@@ -512,12 +512,11 @@ def _tisas_bwd_kernel(
                 if DVB > 0:
                     _store_rows(dvacc, tl.zeros([BLOCK_N, DVBX], tl.float32), offs_n, n_mask, DV, 1, DVA, DVB, DV)
         vmax = tl.sqrt(tl.max(vsq_max, axis=0))
-        # one key block (L <= BLOCK_N): dk, dv of the sequence stay in registers across its query blocks
-        # (the second parts have the shapes _load_split gives them below: the first part's without one)
-        dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
-        dk_b = tl.zeros([BLOCK_N, DB if DB > 0 else DA], tl.float32)
-        dv_a = tl.zeros([BLOCK_N, DVA], tl.float32)
-        dv_b = tl.zeros([BLOCK_N, DVB if DVB > 0 else DVA], tl.float32)
+        if ONE_KEY_BLOCK:  # dk, dv of the sequence stay in registers across its query blocks
+            dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
+            dk_b = tl.zeros([BLOCK_N, DBX], tl.float32)
+            dv_a = tl.zeros([BLOCK_N, DVA], tl.float32)
+            dv_b = tl.zeros([BLOCK_N, DVBX], tl.float32)
 
         for start_m in range(0, L, BLOCK_M):
             offs_m = start_m + offs_ml
@@ -584,12 +583,11 @@ def _tisas_bwd_kernel(
                     ds_lo = ds.to(dt)
                     p_lo = p_drop.to(dt)
                     dq_a = tl.dot(ds_lo, k_a, dq_a, input_precision=DOT_PREC)
-                    if DB > 0:
-                        dq_b = tl.dot(ds_lo, k_b, dq_b, input_precision=DOT_PREC)
                     if ONE_KEY_BLOCK:
                         dk_a = tl.dot(tl.trans(ds_lo), q_a, dk_a, input_precision=DOT_PREC)
                         dv_a = tl.dot(tl.trans(p_lo), do_a, dv_a, input_precision=DOT_PREC)
                         if DB > 0:
+                            dq_b = tl.dot(ds_lo, k_b, dq_b, input_precision=DOT_PREC)
                             dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
                         if DVB > 0:
                             dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
@@ -597,6 +595,7 @@ def _tisas_bwd_kernel(
                         _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_a, 0, DA, DH, DOT_PREC)
                         _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_a, 0, DVA, DV, DOT_PREC)
                         if DB > 0:
+                            dq_b = tl.dot(ds_lo, k_b, dq_b, input_precision=DOT_PREC)
                             _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_b, DA, DB, DH, DOT_PREC)
                         if DVB > 0:
                             _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_b, DVA, DVB, DV, DOT_PREC)
@@ -647,15 +646,17 @@ def _tisas_bwd_kernel(
         for start_n in range(0, L, BLOCK_N):
             offs_n = start_n + offs_nl
             n_mask = offs_n < L
-            if not ONE_KEY_BLOCK:
-                dk_a, dk_b = _load_split(dkacc, offs_n, n_mask, DH, 1, DA, DB, DH)
-                dv_a, dv_b = _load_split(dvacc, offs_n, n_mask, DV, 1, DVA, DVB, DV)
-            _store_rows(DK + b * sdkb + h * sdkh, dk_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH)
-            _store_rows(DV_ + b * sdvb + h * sdvh, dv_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV)
+            if ONE_KEY_BLOCK:
+                dk_out_a, dk_out_b, dv_out_a, dv_out_b = dk_a, dk_b, dv_a, dv_b
+            else:
+                dk_out_a, dk_out_b = _load_split(dkacc, offs_n, n_mask, DH, 1, DA, DB, DH)
+                dv_out_a, dv_out_b = _load_split(dvacc, offs_n, n_mask, DV, 1, DVA, DVB, DV)
+            _store_rows(DK + b * sdkb + h * sdkh, dk_out_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH)
+            _store_rows(DV_ + b * sdvb + h * sdvh, dv_out_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV)
             if DB > 0:
-                _store_rows(DK + b * sdkb + h * sdkh, dk_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH)
+                _store_rows(DK + b * sdkb + h * sdkh, dk_out_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH)
             if DVB > 0:
-                _store_rows(DV_ + b * sdvb + h * sdvh, dv_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV)
+                _store_rows(DV_ + b * sdvb + h * sdvh, dv_out_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV)
 
 
 # ----------------------------------------------------------------------------------------------
