@@ -194,13 +194,15 @@ def test_rows_past_the_sequence_leave_the_scratch_clear():
                                  inputs(2, 1, L, 16, span, seed=12), torch.float32, NAMES)
 
 
-def test_poisoned_buffers_are_all_written(monkeypatch):
+@pytest.mark.parametrize("per_head", [True, False])
+def test_poisoned_buffers_are_all_written(per_head, monkeypatch):
     """Every buffer the kernels fill starts as NaN (the scratch slots and partials too): an element
-    a kernel skips fails the comparison. Three programs walk tiles and sequences persistently."""
+    a kernel skips fails the comparison. Three programs walk tiles and sequences persistently;
+    with shared tables a program's one partial row sums both heads."""
     cfg = launch_cfg()
     monkeypatch.setattr(cfg, "POISON", True)
     with cfg.override("tisas_fwd", programs=3), cfg.override("tisas_bwd", programs=3):
-        check(4, 2, 21, 30, 256, "fully_padded", per_head=True, seed=7)
+        check(4, 2, 21, 30, 256, "fully_padded", per_head=per_head, seed=7)
 
 
 def test_padded_keys_are_never_read(monkeypatch):

@@ -446,7 +446,7 @@ def _tisas_bwd_kernel(
     KT: tl.constexpr, KP: tl.constexpr, RC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ZC: tl.constexpr, DOT_PREC: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
+    ZC: tl.constexpr, DOT_PREC: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr, SHARED_TABLES: tl.constexpr,
 ):
     R: tl.constexpr = KT + 1
     WIDTH: tl.constexpr = R * (DH + DV)
@@ -468,9 +468,10 @@ def _tisas_bwd_kernel(
     for c in range(0, KP, RC):
         tl.store(wptab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
         tl.store(wdtab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
-    # this program's rows of the partial table gradients, one per head: [drk (R x DH) | drv (R x DV)]
+    # this program's rows of the partial table gradients, one per head (one for all heads when
+    # both tables are shared by the heads): [drk (R x DH) | drv (R x DV)]
     pcols = tl.arange(0, ZC)
-    for hh in range(0, H):
+    for hh in range(0, 1 if SHARED_TABLES else H):
         prow = PART + (pid.to(tl.int64) + hh * nprog) * WIDTH
         for c0 in range(0, WIDTH, ZC):
             tl.store(prow + c0 + pcols, tl.zeros([ZC], tl.float32), mask=c0 + pcols < WIDTH)
@@ -490,7 +491,9 @@ def _tisas_bwd_kernel(
         do_base = DO + b * sdob + h * sdoh
         dkacc = DKACC + bh * L * DH  # (float32 copies of dk, dv: int32 offsets, as for dk, dv)
         dvacc = DVACC + bh * L * DV
-        prow = PART + (pid.to(tl.int64) + h * nprog) * WIDTH
+        prow = PART + pid.to(tl.int64) * WIDTH
+        if not SHARED_TABLES:
+            prow += h * nprog * WIDTH
         rk_base = RK + h * srkh
         rv_base = RV + h * srvh
         # the largest value norm of the sequence (for the dS bound), and zeroed dk, dv accumulators
@@ -787,7 +790,8 @@ def plan_forward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout
 
 
 def plan_reduce(partial: torch.Tensor, drk: torch.Tensor, drv: torch.Tensor) -> list[Launch]:
-    """Launches summing the partial table gradients ``partial [h * programs, R (dh + dv)]`` over the
+    """Launches summing the partial table gradients ``partial [h * programs, R (dh + dv)]`` (or
+    ``[programs, ...]`` when both tables are shared: the heads are summed in the rows) over the
     programs (and the heads, for a shared table) in a fixed order into ``drk [Ht, R, dh]`` and
     ``drv [Ht, R, dv]``: the kernel of :mod:`fastpe.kernels.triton.rmha` with wider column tiles
     (a row holds K + 1 = 257 table rows here, not 2k + 1 = 9)."""
@@ -827,7 +831,9 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, i
     dv_acc = _launch.empty((b, h, acc_rows, dv), torch.float32, q.device)
     tabs = _launch.empty((programs, 2, cfg["block_m"], kp), torch.float32, q.device)
     wtabs = _launch.empty((programs, 2, cfg["block_m"], kp), torch.int64, q.device)
-    partial = _launch.empty((h * programs, n_buckets * (dh + dv)), torch.float32, q.device)
+    # both tables shared by the heads: one partial row per program sums every head (h times less)
+    shared_tables = rel_k.shape[0] == 1 and rel_v.shape[0] == 1
+    partial = _launch.empty(((1 if shared_tables else h) * programs, n_buckets * (dh + dv)), torch.float32, q.device)
     drk = _launch.empty((rel_k.shape[0], n_buckets, dh), rel_k.dtype, q.device)
     drv = _launch.empty((rel_v.shape[0], n_buckets, dv), rel_v.dtype, q.device)
     args = _common_args(q, k, v, rel_k, rel_v, tau, kpm, bias, seed)
@@ -840,5 +846,6 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, i
                 p_fixed=_p_fixed(dropout_p, FIXED_BITS))
     consts["ZC"] = 4096 if triton_interpreter_enabled() else 256  # columns zeroed per store
     consts["ONE_KEY_BLOCK"] = one_key_block
+    consts["SHARED_TABLES"] = shared_tables
     main = Launch(_tisas_bwd_kernel, (programs,), args, consts, num_warps=cfg["num_warps"], num_stages=1)
     return dq, dk, dvv, drk, drv, [main, *plan_reduce(partial, drk, drv)]
