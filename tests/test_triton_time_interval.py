@@ -133,6 +133,50 @@ def test_several_key_and_query_blocks(dtype, kind, monkeypatch):
         check(2, 1, 40, 16, 30, kind, dtype, seed=6)
 
 
+@pytest.mark.parametrize("dh,dtype", [(30, torch.float32), (90, torch.float16)])
+def test_one_key_block_backward_over_several_query_blocks(dh, dtype, monkeypatch):
+    """L = 45 with the default blocks: the backward holds dk, dv of the sequence in registers (one
+    key block) while it walks two or three query blocks; NaN-filled buffers, fully padded rows."""
+    from fastpe.kernels.triton import interval
+
+    cfg = interval.bwd_config(2, 1, 45, dh, dh, DEVICE)
+    assert cfg["block_n"] >= 45 > cfg["block_m"]
+    monkeypatch.setattr(launch_cfg(), "POISON", True)
+    check(2, 1, 45, dh, 256, "fully_padded", dtype, seed=14)
+
+
+def test_one_key_block_backward_with_dropout():
+    b, h, L, p = 2, 1, 45, 0.2
+    kpm = make_masks("padding", b, h, L, L, seed=15)["key_padding_mask"].to(DEVICE)
+    t = times(b, L, "mixed", 16, seed=15)
+    keep = _keep_mask(15, b, h, L, p, t, key_padding_mask=kpm)
+
+    def kernel(*x):
+        torch.manual_seed(15)
+        return time_interval_attention(*x, t, dropout_p=p, backend="triton", key_padding_mask=kpm)
+
+    def reference(*x):
+        return _reference_with_keep(*x, t, keep=keep.double(), p=p, key_padding_mask=kpm)
+
+    assert_matches_reference(kernel, reference, inputs(b, h, L, 16, 16, seed=15), torch.float32, NAMES)
+
+
+@pytest.mark.parametrize("pin", [True, False])
+def test_one_key_block_forward_with_and_without_bucket_pinning(pin):
+    """The one-key-block forward at 4 warps carries each element's bucket as one int32 (-1 where it
+    is not below the clip; compiled, through an opaque identity): both forms give the reference."""
+    from fastpe.kernels.triton import interval
+
+    b, h, L, dh = 2, 2, 21, 30
+    with launch_cfg().override("tisas_fwd", pin_buckets=pin):
+        q = torch.zeros(b, h, L, dh, device=DEVICE)
+        tau = torch.zeros(b, L, dtype=torch.int32, device=DEVICE)
+        rk = torch.zeros(1, 257, dh, device=DEVICE)
+        *_, (launch,) = interval.plan_forward(q, q, q, rk, rk, tau, None, None, None, False, 0.0, 0.1)
+        assert launch.constexprs["PIN_BUCKETS"] == (1 if pin else 0)  # (2 when compiled)
+        check(b, h, L, dh, 256, "fully_padded", seed=16)
+
+
 def test_rows_past_the_sequence_leave_the_scratch_clear():
     """A program's query block reads back (and clears) only the table chunks its valid elements
     use. Rows past the end of a partial block must add nothing: here the last block of sequence 0
@@ -150,13 +194,15 @@ def test_rows_past_the_sequence_leave_the_scratch_clear():
                                  inputs(2, 1, L, 16, span, seed=12), torch.float32, NAMES)
 
 
-def test_poisoned_buffers_are_all_written(monkeypatch):
+@pytest.mark.parametrize("per_head", [True, False])
+def test_poisoned_buffers_are_all_written(per_head, monkeypatch):
     """Every buffer the kernels fill starts as NaN (the scratch slots and partials too): an element
-    a kernel skips fails the comparison. Three programs walk tiles and sequences persistently."""
+    a kernel skips fails the comparison. Three programs walk tiles and sequences persistently;
+    with shared tables a program's one partial row sums both heads."""
     cfg = launch_cfg()
     monkeypatch.setattr(cfg, "POISON", True)
     with cfg.override("tisas_fwd", programs=3), cfg.override("tisas_bwd", programs=3):
-        check(4, 2, 21, 30, 256, "fully_padded", per_head=True, seed=7)
+        check(4, 2, 21, 30, 256, "fully_padded", per_head=per_head, seed=7)
 
 
 def test_padded_keys_are_never_read(monkeypatch):
@@ -293,6 +339,40 @@ def test_dropout_backward_uses_the_forward_mask(L):
             return _reference_with_keep(*x, t, keep=keep.double(), p=p, **kw)
 
         assert_matches_reference(kernel, reference, inputs(b, h, L, 16, 4, seed=11), torch.float32, NAMES)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.25, 0.5, 0.6, 0.9, 0.99])
+def test_int32_p_sums_have_headroom(p):
+    """The int32 fixed point of the P~ sums: a row's total (at most 1 / (1 - p)) maps to at most
+    2**30, half the int32 range (slack for fp32 rounding), and to more than 2**29 (no bit unused)."""
+    from fastpe.kernels.triton.interval import _p_fixed
+
+    largest = _p_fixed(p) / (1.0 - p)
+    assert 2**29 < largest <= 2**30
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_p_sums_at_the_int32_bound(p):
+    """Equal timestamps put every element in bucket 0, so one int32 sum holds a row's whole P~:
+    1 (no dropout) or, for the first causal row when its one key is kept at p = 0.5, 2 = 1 / (1 - p),
+    the bound, 2**30 in fixed point. A scale one bit larger wraps to a negative sum."""
+    b, h, L = 2, 2, 12
+    kw = {"is_causal": True}
+    t = times(b, L, "equal", 8)
+    if p == 0.0:
+        check(b, h, L, 16, 8, "causal", t_kind="equal", seed=13)
+        return
+    keep = _keep_mask(13, b, h, L, p, t, **kw)
+    assert keep[..., 0, 0].any()  # some first row holds its one kept key: P~ = 2
+
+    def kernel(*x):
+        torch.manual_seed(13)
+        return time_interval_attention(*x, t, dropout_p=p, backend="triton", **kw)
+
+    def reference(*x):
+        return _reference_with_keep(*x, t, keep=keep.double(), p=p, **kw)
+
+    assert_matches_reference(kernel, reference, inputs(b, h, L, 16, 8, seed=13), torch.float32, NAMES)
 
 
 def test_compiles_without_graph_breaks():

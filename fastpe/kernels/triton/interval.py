@@ -18,11 +18,12 @@ does the same for ``dO_i . rv[r]``.
 
 Value side and table gradients need the per-row bucket sums ``W`` of ``P~`` (and of ``dS``):
 a scatter, which Triton lacks. Chosen: **integer atomics into the program's own scratch slot**.
-Each score element below the clip adds its value, in 64-bit fixed point, to ``W[i, r_ij]``;
+Each score element below the clip adds its value, in fixed point, to ``W[i, r_ij]``;
 integer addition is associative, so the sums are bitwise reproducible whatever order the atomics
-land in, and they are exact sums of the fp32 values (down to 2^-61 of the row's bound). The
-fixed-point scale needs a bound on the row's total: ``1/(1-p)`` for ``P~`` (a normalised row),
-and for ``dS`` the per-row bound ``2 scale (|dO_i| max_j |v_j| + max_r |dO_i . rv[r]|) / (1-p)``
+land in, and they are exact sums of the truncated fp32 values. The fixed-point scale needs a
+bound on the row's total: ``1/(1-p)`` for ``P~`` (a normalised row; int32 in the forward, down
+to 2^-30 of the bound, see ``P_FIXED_BITS``; int64 in the backward), and for ``dS`` (int64, down
+to 2^-61 of the bound) the per-row bound ``2 scale (|dO_i| max_j |v_j| + max_r |dO_i . rv[r]|) / (1-p)``
 (Cauchy-Schwarz; ``|D_i| <= max_j |dP~_ij|``), doubled as slack and rounded to a power of two so
 that the conversions are exact.
 The clip bucket K (often most pairs) is summed in registers instead. After the key loop the
@@ -33,8 +34,10 @@ kernel in a fixed order (deterministic, no float atomics). The tables are built,
 read back, only over the 64-bucket chunks the query block's elements use (a pass over the time
 steps finds them): per query row the tables cost O(K) at most, far less when gaps are mostly
 beyond K. Rows past the end of the sequence add nothing, so the chunks a block skips stay clear.
-The fixed point costs one fp32 -> int64 conversion and one predicated 64-bit reduction per
-element below the clip (see benchmarks/results/static_sm90_tisas.md for the instruction counts).
+The fixed point costs one fp32 -> integer conversion and one predicated integer reduction per
+element below the clip (32-bit for the forward's ``P~``; 64-bit in the backward, where 32-bit
+``P~`` sums measured no fewer instructions and more spills; see
+benchmarks/results/static_sm90_tisas.md for the instruction counts).
 
 The alternatives weighed: a per-row sort by bucket (``tl.sort`` on packed keys) with a segmented
 scan keeps float sums but costs O(log^2 BLOCK_N) compare-exchange stages per element and a
@@ -53,7 +56,8 @@ case, L <= BLOCK_N) the block's logits give the row max and sum directly; with s
 pass computes them (the log-sum-exp) and a second one accumulates.
 
 Backward: persistent programs own whole (batch, head) sequences; per query block they recompute
-``P`` from the log-sum-exp, accumulate ``dq`` in registers and ``dk, dv`` in float32 rows of
+``P`` from the log-sum-exp, accumulate ``dq`` in registers and ``dk, dv`` in registers too when
+one key block holds the sequence (L <= BLOCK_N, as the RMHA kernels do), else in float32 rows of
 the sequence (load-add-store by the owning program: deterministic), and the bucket sums as above.
 
 Fully padded key blocks are skipped, padded keys and values are never read (they may hold NaN),
@@ -88,8 +92,16 @@ from fastpe.kernels.triton.rmha import (
     check_kernel_inputs,
 )
 
-FIXED_BITS = 61  # fixed-point bucket sums: a row's total stays below 2**61 (int64 holds 2**63)
+FIXED_BITS = 61  # fixed-point dS bucket sums: a row's total stays below 2**61 (int64 holds 2**63)
 _FIXED_BITS = tl.constexpr(FIXED_BITS)
+# Fixed-point P~ bucket sums are int32. Proof that they cannot overflow: a row of P (normalised)
+# sums to 1, so the row of P~ = P * keep / (1 - p) sums to at most 1 / (1 - p); the scale is
+# S = 2**(P_FIXED_BITS - ceil(log2(2 / (1 - p)))) <= 2**30 (1 - p), so every element, every bucket
+# sum and the row's total are at most S / (1 - p) <= 2**30 in fixed point (truncation only
+# lowers them). fp32 rounding of the softmax, of the 1 / (1 - p) factor and of p * S adds a
+# relative few units in 2**-24 per element: the row total stays below 2**30 (1 + 2**-10), far
+# under 2**31 - 1. Resolution: 2**-30 of the bound, 1e-9 of the row's mass for p <= 0.5.
+P_FIXED_BITS = 31
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,6 +119,34 @@ def _buckets(tau_m, tau_n, KT: tl.constexpr):
 def _near(bucket, valid, KT: tl.constexpr):
     """Elements that read (and add to) the per-row tables: below the clip, in the sequence, not padding."""
     return (bucket < KT) & valid
+
+
+@triton.jit
+def _key_block(start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L, KT: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_KPM: tl.constexpr, PIN: tl.constexpr = 0):
+    """The key block at ``start_n``: its key offsets, which keys exist and are not padding (and
+    whether any does), each element's bucket and :func:`_near` flag (with ``PIN`` the bucket is -1
+    where it is not near).
+
+    ``PIN = 2``: the buckets pass through an opaque identity (one ``mov``), so the compiler computes them
+    once and moves them between the register layouts of the logits, the gather, the atomics and
+    the bucket bounds, instead of recomputing them (time steps and padding reloaded per element)
+    in each: at 4 warps with one 64-key block (sm_90a, L = 50) 116 -> 110 instructions per score
+    element and no spills; at larger tiles it costs more than it saves. ``PIN = 1``: the same without
+    the identity (the interpreter has no inline assembly; its tests cover the rest of the path)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < L
+    col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+    tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
+    bucket = _buckets(tau_m, tau_n, KT)
+    near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
+    if PIN > 0:  # one int32 per element (-1: not near) ...
+        bucket = tl.where(near, bucket, -1)
+        if PIN > 1:  # ... through an identity that is not pure: never duplicated
+            bucket = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [bucket], dtype=tl.int32, is_pure=False,
+                                               pack=1)
+        near = bucket >= 0
+    return offs_n, n_mask, col_ok, any_key, bucket, near
 
 
 @triton.jit
@@ -140,11 +180,9 @@ def _block_range(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT: tl.cons
     lo_b = KT
     hi_b = -1
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < L
-        col_ok, _any = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
-        tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
-        lo_t, hi_t = _bucket_bounds(_buckets(tau_m, tau_n, KT), m_mask[:, None] & col_ok[None, :], KT)
+        _offs_n, _n_mask, _col_ok, _any, bucket, near = _key_block(start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask,
+                                                                   L, KT, BLOCK_N, HAS_KPM)
+        lo_t, hi_t = _bucket_bounds(bucket, near, KT)
         lo_b = tl.minimum(lo_b, lo_t)
         hi_b = tl.maximum(hi_b, hi_t)
     return _chunk_range(lo_b, hi_b, RC)
@@ -207,7 +245,7 @@ def _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask,
 def _read_back(w, c, cols, KP: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.constexpr):
     """Columns ``c .. c+RC`` of the slot's fixed-point sums, cleared for the next query block."""
     ptrs = w + tl.arange(0, BLOCK_M)[:, None] * KP + c + cols[None, :]
-    return tl.atomic_xchg(ptrs, tl.zeros([BLOCK_M, RC], tl.int64), sem="relaxed").to(tl.float32)
+    return tl.atomic_xchg(ptrs, tl.zeros([BLOCK_M, RC], w.dtype.element_ty), sem="relaxed").to(tl.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +271,7 @@ def _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, start_n, offs_m, m
     if DVB > 0:
         v_b = _load_rows(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV)
         acc_b = tl.dot(p_lo, v_b, acc_b, input_precision=DOT_PREC)
-    tl.atomic_add(wtab + idx, (p * p_fixed).to(tl.int64), mask=near & (p > 0.0), sem="relaxed")
+    tl.atomic_add(wtab + idx, (p * p_fixed).to(tl.int32), mask=near & (p > 0.0), sem="relaxed")
     far += tl.sum(tl.where(near, 0.0, p), axis=1)  # (p = 0 at elements that are not valid)
     return acc_a, acc_b, far
 
@@ -253,7 +291,7 @@ def _tisas_fwd_kernel(
     KT: tl.constexpr, KP: tl.constexpr, RC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ONE_KEY_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
+    ONE_KEY_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, PIN_BUCKETS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -265,7 +303,7 @@ def _tisas_fwd_kernel(
     wtab = WTAB + pid.to(tl.int64) * (BLOCK_M * KP)
     row_start = offs_ml[:, None] * KP  # + bucket: an element's offset in the slot's tables
     for c in range(0, KP, RC):
-        tl.store(wtab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
+        tl.store(wtab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int32))
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
@@ -292,14 +330,10 @@ def _tisas_fwd_kernel(
         acc_b = tl.zeros([BLOCK_M, DVB if DVB > 0 else 16], tl.float32)
         far = tl.zeros([BLOCK_M], tl.float32)
         if ONE_KEY_BLOCK:
-            offs_n = tl.arange(0, BLOCK_N)
-            n_mask = offs_n < L
-            col_ok, _any = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
-            tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
-            bucket = _buckets(tau_m, tau_n, KT)
-            near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
+            offs_n, n_mask, col_ok, _any, bucket, near = _key_block(0, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L,
+                                                                   KT, BLOCK_N, HAS_KPM, PIN_BUCKETS)
             idx = row_start + bucket
-            lo_b, hi_b = _bucket_bounds(bucket, m_mask[:, None] & col_ok[None, :], KT)
+            lo_b, hi_b = _bucket_bounds(bucket, near, KT)
             c0, c1 = _chunk_range(lo_b, hi_b, RC)
             _build_table(q_a, q_b, qtab, RK + h * srkh, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC)
             tl.debug_barrier()  # the table is written
@@ -322,17 +356,13 @@ def _tisas_fwd_kernel(
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             for start_n in range(0, hi, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                n_mask = offs_n < L
-                col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+                offs_n, n_mask, col_ok, any_key, bucket, near = _key_block(
+                    start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L, KT, BLOCK_N, HAS_KPM)
                 if any_key:
                     k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
-                    tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
-                    bucket = _buckets(tau_m, tau_n, KT)
-                    near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
-                    s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, row_start + bucket, near, offs_m, offs_n, m_mask,
-                                n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL,
-                                DOT_PREC)
+                    idx = row_start + bucket
+                    s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
+                                b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
                     m_new = tl.maximum(m_i, tl.max(s, axis=1))
                     m_new_use = tl.where(m_new == float("-inf"), 0.0, m_new)
                     l_i = l_i * tl.exp2(m_i - m_new_use) + tl.sum(tl.exp2(s - m_new_use[:, None]), axis=1)
@@ -340,14 +370,10 @@ def _tisas_fwd_kernel(
             m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
             inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
             for start_n in range(0, hi, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                n_mask = offs_n < L
-                col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+                offs_n, n_mask, col_ok, any_key, bucket, near = _key_block(
+                    start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L, KT, BLOCK_N, HAS_KPM)
                 if any_key:
                     k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
-                    tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
-                    bucket = _buckets(tau_m, tau_n, KT)
-                    near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
                     idx = row_start + bucket
                     s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
                                 b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
@@ -420,7 +446,7 @@ def _tisas_bwd_kernel(
     KT: tl.constexpr, KP: tl.constexpr, RC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ZC: tl.constexpr, DOT_PREC: tl.constexpr,
+    ZC: tl.constexpr, DOT_PREC: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr, SHARED_TABLES: tl.constexpr,
 ):
     R: tl.constexpr = KT + 1
     WIDTH: tl.constexpr = R * (DH + DV)
@@ -442,9 +468,10 @@ def _tisas_bwd_kernel(
     for c in range(0, KP, RC):
         tl.store(wptab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
         tl.store(wdtab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
-    # this program's rows of the partial table gradients, one per head: [drk (R x DH) | drv (R x DV)]
+    # this program's rows of the partial table gradients, one per head (one for all heads when
+    # both tables are shared by the heads): [drk (R x DH) | drv (R x DV)]
     pcols = tl.arange(0, ZC)
-    for hh in range(0, H):
+    for hh in range(0, 1 if SHARED_TABLES else H):
         prow = PART + (pid.to(tl.int64) + hh * nprog) * WIDTH
         for c0 in range(0, WIDTH, ZC):
             tl.store(prow + c0 + pcols, tl.zeros([ZC], tl.float32), mask=c0 + pcols < WIDTH)
@@ -464,7 +491,9 @@ def _tisas_bwd_kernel(
         do_base = DO + b * sdob + h * sdoh
         dkacc = DKACC + bh * L * DH  # (float32 copies of dk, dv: int32 offsets, as for dk, dv)
         dvacc = DVACC + bh * L * DV
-        prow = PART + (pid.to(tl.int64) + h * nprog) * WIDTH
+        prow = PART + pid.to(tl.int64) * WIDTH
+        if not SHARED_TABLES:
+            prow += h * nprog * WIDTH
         rk_base = RK + h * srkh
         rv_base = RV + h * srvh
         # the largest value norm of the sequence (for the dS bound), and zeroed dk, dv accumulators
@@ -478,13 +507,19 @@ def _tisas_bwd_kernel(
             if DVB > 0:
                 vsq += tl.sum(v_b.to(tl.float32) * v_b.to(tl.float32), axis=1)
             vsq_max = tl.maximum(vsq_max, vsq)
-            _store_rows(dkacc, tl.zeros([BLOCK_N, DA], tl.float32), offs_n, n_mask, DH, 1, 0, DA, DH)
-            _store_rows(dvacc, tl.zeros([BLOCK_N, DVA], tl.float32), offs_n, n_mask, DV, 1, 0, DVA, DV)
-            if DB > 0:
-                _store_rows(dkacc, tl.zeros([BLOCK_N, DBX], tl.float32), offs_n, n_mask, DH, 1, DA, DB, DH)
-            if DVB > 0:
-                _store_rows(dvacc, tl.zeros([BLOCK_N, DVBX], tl.float32), offs_n, n_mask, DV, 1, DVA, DVB, DV)
+            if not ONE_KEY_BLOCK:
+                _store_rows(dkacc, tl.zeros([BLOCK_N, DA], tl.float32), offs_n, n_mask, DH, 1, 0, DA, DH)
+                _store_rows(dvacc, tl.zeros([BLOCK_N, DVA], tl.float32), offs_n, n_mask, DV, 1, 0, DVA, DV)
+                if DB > 0:
+                    _store_rows(dkacc, tl.zeros([BLOCK_N, DBX], tl.float32), offs_n, n_mask, DH, 1, DA, DB, DH)
+                if DVB > 0:
+                    _store_rows(dvacc, tl.zeros([BLOCK_N, DVBX], tl.float32), offs_n, n_mask, DV, 1, DVA, DVB, DV)
         vmax = tl.sqrt(tl.max(vsq_max, axis=0))
+        if ONE_KEY_BLOCK:  # dk, dv of the sequence stay in registers across its query blocks
+            dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
+            dk_b = tl.zeros([BLOCK_N, DBX], tl.float32)
+            dv_a = tl.zeros([BLOCK_N, DVA], tl.float32)
+            dv_b = tl.zeros([BLOCK_N, DVBX], tl.float32)
 
         for start_m in range(0, L, BLOCK_M):
             offs_m = start_m + offs_ml
@@ -551,13 +586,22 @@ def _tisas_bwd_kernel(
                     ds_lo = ds.to(dt)
                     p_lo = p_drop.to(dt)
                     dq_a = tl.dot(ds_lo, k_a, dq_a, input_precision=DOT_PREC)
-                    _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_a, 0, DA, DH, DOT_PREC)
-                    _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_a, 0, DVA, DV, DOT_PREC)
-                    if DB > 0:
-                        dq_b = tl.dot(ds_lo, k_b, dq_b, input_precision=DOT_PREC)
-                        _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_b, DA, DB, DH, DOT_PREC)
-                    if DVB > 0:
-                        _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_b, DVA, DVB, DV, DOT_PREC)
+                    if ONE_KEY_BLOCK:
+                        dk_a = tl.dot(tl.trans(ds_lo), q_a, dk_a, input_precision=DOT_PREC)
+                        dv_a = tl.dot(tl.trans(p_lo), do_a, dv_a, input_precision=DOT_PREC)
+                        if DB > 0:
+                            dq_b = tl.dot(ds_lo, k_b, dq_b, input_precision=DOT_PREC)
+                            dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
+                        if DVB > 0:
+                            dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
+                    else:
+                        _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_a, 0, DA, DH, DOT_PREC)
+                        _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_a, 0, DVA, DV, DOT_PREC)
+                        if DB > 0:
+                            dq_b = tl.dot(ds_lo, k_b, dq_b, input_precision=DOT_PREC)
+                            _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_b, DA, DB, DH, DOT_PREC)
+                        if DVB > 0:
+                            _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_b, DVA, DVB, DV, DOT_PREC)
                     tl.atomic_add(wptab + idx, (p_drop * p_fixed).to(tl.int64),
                                   mask=near & (p_drop != 0.0), sem="relaxed")
                     tl.atomic_add(wdtab + idx, (ds * ds_fixed[:, None]).to(tl.int64),
@@ -605,14 +649,17 @@ def _tisas_bwd_kernel(
         for start_n in range(0, L, BLOCK_N):
             offs_n = start_n + offs_nl
             n_mask = offs_n < L
-            dk_a, dk_b = _load_split(dkacc, offs_n, n_mask, DH, 1, DA, DB, DH)
-            dv_a, dv_b = _load_split(dvacc, offs_n, n_mask, DV, 1, DVA, DVB, DV)
-            _store_rows(DK + b * sdkb + h * sdkh, dk_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH)
-            _store_rows(DV_ + b * sdvb + h * sdvh, dv_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV)
+            if ONE_KEY_BLOCK:
+                dk_out_a, dk_out_b, dv_out_a, dv_out_b = dk_a, dk_b, dv_a, dv_b
+            else:
+                dk_out_a, dk_out_b = _load_split(dkacc, offs_n, n_mask, DH, 1, DA, DB, DH)
+                dv_out_a, dv_out_b = _load_split(dvacc, offs_n, n_mask, DV, 1, DVA, DVB, DV)
+            _store_rows(DK + b * sdkb + h * sdkh, dk_out_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH)
+            _store_rows(DV_ + b * sdvb + h * sdvh, dv_out_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV)
             if DB > 0:
-                _store_rows(DK + b * sdkb + h * sdkh, dk_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH)
+                _store_rows(DK + b * sdkb + h * sdkh, dk_out_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH)
             if DVB > 0:
-                _store_rows(DV_ + b * sdvb + h * sdvh, dv_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV)
+                _store_rows(DV_ + b * sdvb + h * sdvh, dv_out_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,13 +708,20 @@ def fwd_config(b, h, length, dh, dv, device):
         block_n = min(whole, 128 if widest <= 64 else 64)
         block_m = min(whole, 64 if widest <= 64 else 32)
     return _launch.knobs("tisas_fwd", block_m=block_m, block_n=block_n,
-                         num_warps=4 if block_m * block_n <= 64 * 64 else 8, programs=0, table_chunk=0)
+                         num_warps=4 if block_m * block_n <= 64 * 64 else 8, programs=0, table_chunk=0,
+                         pin_buckets=True)
 
 
 def bwd_config(b, h, length, dh, dv, device):
     widest = max(_launch.pad16(dh), _launch.pad16(dv))
     block_n = min(max(16, _launch.next_pow2(length)), 64)
     block_m = min(max(16, _launch.next_pow2(length)), 32 if widest <= 64 else 16)
+    if length <= block_n:
+        # one key block: dk, dv take registers; 16-row query blocks leave room for them (sm_90a at
+        # B512 h2 L50 dh32: 8 spilled bytes instead of 1012, modelled 41.0 -> 39.7 us, with dropout
+        # 16 B instead of 1240, 45.5 -> 36.2 us; with several key blocks, as at L = 200, 16 rows
+        # spill less but model slower)
+        block_m = 16
     return _launch.knobs("tisas_bwd", block_m=block_m, block_n=block_n, num_warps=4, programs=0, table_chunk=0)
 
 
@@ -685,9 +739,10 @@ def _constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p, cfg):
     )
 
 
-def _p_fixed(dropout_p: float) -> float:
-    """Fixed-point scale of the P~ sums: a row of P~ sums to at most 1 / (1 - p) (twice that as slack)."""
-    return 2.0 ** (FIXED_BITS - math.ceil(math.log2(2.0 / (1.0 - dropout_p))))
+def _p_fixed(dropout_p: float, bits: int = P_FIXED_BITS) -> float:
+    """Fixed-point scale of the P~ sums: a row of P~ sums to at most 1 / (1 - p) (twice that as
+    slack), see P_FIXED_BITS; ``bits``: 31 for the forward's int32 sums, 61 for the backward's int64."""
+    return 2.0 ** (bits - math.ceil(math.log2(2.0 / (1.0 - dropout_p))))
 
 
 def _common_args(q, k, v, rel_k, rel_v, tau, kpm, bias, seed):
@@ -720,19 +775,23 @@ def plan_forward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout
     out = _launch.empty((b, h, length, dv), q.dtype, q.device)
     lse = _launch.empty((b, h, length), torch.float32, q.device)
     qtab = _launch.empty((programs, cfg["block_m"], consts["KP"]), torch.float32, q.device)
-    wtab = _launch.empty((programs, cfg["block_m"], consts["KP"]), torch.int64, q.device)
+    wtab = _launch.empty((programs, cfg["block_m"], consts["KP"]), torch.int32, q.device)
     args = _common_args(q, k, v, rel_k, rel_v, tau, kpm, bias, seed)
     args.update(O=out, LSE=lse, QTAB=qtab, WTAB=wtab,
                 sob=out.stride(0), soh=out.stride(1), som=out.stride(2), sod=out.stride(3),
                 H=h, L=length, NUM_MB=num_mb, N_TILES=tiles, qk_scale=float(scale) * LOG2E,
                 dropout_p=float(dropout_p), p_fixed=_p_fixed(dropout_p))
     consts["ONE_KEY_BLOCK"] = length <= cfg["block_n"]
+    # see _key_block (measured on sm_90a); the interpreter has no inline assembly
+    pin = consts["ONE_KEY_BLOCK"] and cfg["num_warps"] == 4 and cfg["pin_buckets"]
+    consts["PIN_BUCKETS"] = (1 if triton_interpreter_enabled() else 2) if pin else 0
     launch = Launch(_tisas_fwd_kernel, (programs,), args, consts, num_warps=cfg["num_warps"], num_stages=1)
     return out, lse, [launch]
 
 
 def plan_reduce(partial: torch.Tensor, drk: torch.Tensor, drv: torch.Tensor) -> list[Launch]:
-    """Launches summing the partial table gradients ``partial [h * programs, R (dh + dv)]`` over the
+    """Launches summing the partial table gradients ``partial [h * programs, R (dh + dv)]`` (or
+    ``[programs, ...]`` when both tables are shared: the heads are summed in the rows) over the
     programs (and the heads, for a shared table) in a fixed order into ``drk [Ht, R, dh]`` and
     ``drv [Ht, R, dv]``: the kernel of :mod:`fastpe.kernels.triton.rmha` with wider column tiles
     (a row holds K + 1 = 257 table rows here, not 2k + 1 = 9)."""
@@ -766,11 +825,15 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, i
     dq = _launch.empty(q.shape, q.dtype, q.device)
     dk = _launch.empty(k.shape, k.dtype, k.device)
     dvv = _launch.empty(v.shape, v.dtype, v.device)
-    dk_acc = _launch.empty((b, h, length, dh), torch.float32, q.device)
-    dv_acc = _launch.empty((b, h, length, dv), torch.float32, q.device)
+    one_key_block = length <= cfg["block_n"]  # dk, dv in registers: no float32 accumulator rows
+    acc_rows = 0 if one_key_block else length
+    dk_acc = _launch.empty((b, h, acc_rows, dh), torch.float32, q.device)
+    dv_acc = _launch.empty((b, h, acc_rows, dv), torch.float32, q.device)
     tabs = _launch.empty((programs, 2, cfg["block_m"], kp), torch.float32, q.device)
     wtabs = _launch.empty((programs, 2, cfg["block_m"], kp), torch.int64, q.device)
-    partial = _launch.empty((h * programs, n_buckets * (dh + dv)), torch.float32, q.device)
+    # both tables shared by the heads: one partial row per program sums every head (h times less)
+    shared_tables = rel_k.shape[0] == 1 and rel_v.shape[0] == 1
+    partial = _launch.empty(((1 if shared_tables else h) * programs, n_buckets * (dh + dv)), torch.float32, q.device)
     drk = _launch.empty((rel_k.shape[0], n_buckets, dh), rel_k.dtype, q.device)
     drv = _launch.empty((rel_v.shape[0], n_buckets, dv), rel_v.dtype, q.device)
     args = _common_args(q, k, v, rel_k, rel_v, tau, kpm, bias, seed)
@@ -780,7 +843,9 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, i
         args.update({f"{prefix}b": t.stride(0), f"{prefix}h": t.stride(1)})
         args.update({f"{prefix}{'n' if prefix in ('sdk', 'sdv') else 'm'}": t.stride(2), f"{prefix}d": t.stride(3)})
     args.update(B=b, H=h, L=length, qk_scale=float(scale) * LOG2E, scale=float(scale), dropout_p=float(dropout_p),
-                p_fixed=_p_fixed(dropout_p))
+                p_fixed=_p_fixed(dropout_p, FIXED_BITS))
     consts["ZC"] = 4096 if triton_interpreter_enabled() else 256  # columns zeroed per store
+    consts["ONE_KEY_BLOCK"] = one_key_block
+    consts["SHARED_TABLES"] = shared_tables
     main = Launch(_tisas_bwd_kernel, (programs,), args, consts, num_warps=cfg["num_warps"], num_stages=1)
     return dq, dk, dvv, drk, drv, [main, *plan_reduce(partial, drk, drv)]
