@@ -101,12 +101,11 @@ def register(namespace: str) -> None:
             *tensors, is_causal, dropout_p, scale = inputs
             ctx.save_for_backward(*tensors, *output)
             ctx.is_causal, ctx.dropout_p, ctx.scale = is_causal, dropout_p, scale
-            ctx.n_inputs = len(inputs)
 
         def backward(ctx, grad_out, _grad_lse, _grad_rng):
             dq, dk, dv, drk, drv = getattr(ops, backward_op)(grad_out, *ctx.saved_tensors, ctx.is_causal,
                                                             ctx.dropout_p, ctx.scale)
-            return (dq, dk, dv, drk, drv) + (None,) * (ctx.n_inputs - 5)
+            return (dq, dk, dv, drk, drv) + (None,) * (len(ctx.needs_input_grad) - 5)  # none for the rest
 
         torch.library.register_autograd(name(forward_op), backward, setup_context=setup)
 
