@@ -80,7 +80,6 @@ from fastpe.kernels.triton._launch import Launch
 from fastpe.kernels.triton._limits import MAX_INTERVAL_BUCKETS
 from fastpe.kernels.triton.rmha import (
     LOG2E,
-    _below,
     _bias_strides,
     _keep_tile,
     _key_columns,
@@ -136,7 +135,7 @@ def _key_block(start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L, KT: tl.c
     element and no spills; at larger tiles it costs more than it saves. ``PIN = 1``: the same without
     the identity (the interpreter has no inline assembly; its tests cover the rest of the path)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_mask = _below(start_n, BLOCK_N, L)
+    n_mask = offs_n < L
     col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
     tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
     bucket = _buckets(tau_m, tau_n, KT)
@@ -316,7 +315,7 @@ def _tisas_fwd_kernel(
         h = bh % H
         start_m = (tile % NUM_MB) * BLOCK_M
         offs_m = start_m + offs_ml
-        m_mask = _below(start_m, BLOCK_M, L)
+        m_mask = offs_m < L
         q_base = Q + b * sqb + h * sqh
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
@@ -501,7 +500,7 @@ def _tisas_bwd_kernel(
         vsq_max = tl.zeros([BLOCK_N], tl.float32)
         for start_n in range(0, L, BLOCK_N):
             offs_n = start_n + offs_nl
-            n_mask = _below(start_n, BLOCK_N, L)
+            n_mask = offs_n < L
             col_ok, _any = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
             v_a, v_b = _load_split(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV)
             vsq = tl.sum(v_a.to(tl.float32) * v_a.to(tl.float32), axis=1)
@@ -524,7 +523,7 @@ def _tisas_bwd_kernel(
 
         for start_m in range(0, L, BLOCK_M):
             offs_m = start_m + offs_ml
-            m_mask = _below(start_m, BLOCK_M, L)
+            m_mask = offs_m < L
             tl.debug_barrier()  # accumulator rows, tables and read-back of the previous block are done
             q_a, q_b = _load_split(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
             do_a, do_b = _load_split(do_base, offs_m, m_mask, sdom, sdod, DVA, DVB, DV)
@@ -559,7 +558,7 @@ def _tisas_bwd_kernel(
             far_ds = tl.zeros([BLOCK_M], tl.float32)
             for start_n in range(0, hi, BLOCK_N):
                 offs_n = start_n + offs_nl
-                n_mask = _below(start_n, BLOCK_N, L)
+                n_mask = offs_n < L
                 col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
                 if any_key:
                     k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
@@ -649,7 +648,7 @@ def _tisas_bwd_kernel(
         tl.debug_barrier()  # the dk, dv accumulators are complete
         for start_n in range(0, L, BLOCK_N):
             offs_n = start_n + offs_nl
-            n_mask = _below(start_n, BLOCK_N, L)
+            n_mask = offs_n < L
             if ONE_KEY_BLOCK:
                 dk_out_a, dk_out_b, dv_out_a, dv_out_b = dk_a, dk_b, dv_a, dv_b
             else:
