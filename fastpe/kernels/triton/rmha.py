@@ -52,6 +52,10 @@ from fastpe.kernels.triton._launch import Launch
 from fastpe.kernels.triton._limits import MAX_BUCKETS, MAX_HEAD_DIM
 
 LOG2E = 1.4426950408889634
+# Philox4x32 rounds of the dropout draws: 7, as FlashAttention's dropout uses (Random123's
+# Philox4x32-7 passes BigCrush; 10 is its default safety margin). Each round is about eight
+# SASS instructions per call, and a call serves eight keys of a row.
+PHILOX_ROUNDS = tl.constexpr(7)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +192,7 @@ def _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
     c0 = groups[None, :] + tl.zeros([offs_m.shape[0], BLOCK_N // 8], tl.int32)
     c1 = offs_m[:, None] + tl.zeros([offs_m.shape[0], BLOCK_N // 8], tl.int32)
     c2 = tl.zeros(c0.shape, tl.int32) + bh
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c2 * 0)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c2 * 0, PHILOX_ROUNDS)
     u0, u1 = r0 & 0xFFFF, r0 >> 16
     u2, u3 = r1 & 0xFFFF, r1 >> 16
     u4, u5 = r2 & 0xFFFF, r2 >> 16
@@ -205,7 +209,7 @@ def _keep_elems(seed, bh, offs_m, offs_j, dropout_p):
     word = ((lane & 1) << 2) | (lane & 2) | (lane >> 2)  # 3-bit reverse: which of the eight draws
     c0 = offs_j >> 3
     c2 = tl.zeros(c0.shape, tl.int32) + bh
-    r0, r1, r2, r3 = tl.philox(seed, c0, offs_m, c2, c2 * 0)
+    r0, r1, r2, r3 = tl.philox(seed, c0, offs_m, c2, c2 * 0, PHILOX_ROUNDS)
     r = tl.where(word < 4, tl.where(word < 2, r0, r1), tl.where(word < 6, r2, r3))
     u = tl.where((word & 1) == 0, r & 0xFFFF, r >> 16)
     return u >= _keep_threshold(dropout_p)
@@ -954,12 +958,18 @@ def fwd_config(b, h, lq, lk, dh, dv, device, dtype):
     # per-tile work dominates) and still spills (benchmarks/static_report.py, L = 200, dh = 64)
     block_n = min(max(16, _launch.next_pow2(lk)), 64)
     block_m = min(max(16, _launch.next_pow2(lq)), 64 if widest <= 128 else 32)
-    # Fewer programs than SMs: split the queries of a sequence over more programs.
-    while block_m > 16 and b * h * triton.cdiv(lq, block_m) < sms:
+    if 64 < widest <= 128 and lq <= 128:
+        # Wide heads, one query block per sequence: 128 queries over 8 warps and 32-key tiles
+        # leave registers for the wide accumulators (B128 h1 L75 dh90: spills 200 -> 0 B,
+        # modelled 9.7 -> 8.6 us; at L = 200 the 64 x 64 tile models faster and stays).
+        block_m = max(16, _launch.next_pow2(lq))
+        block_n = min(block_n, 32)
+    # Programs short of the SMs (a 10% tail allowed): split a sequence's queries over more programs.
+    while block_m > 16 and b * h * triton.cdiv(lq, block_m) < 0.9 * sms:
         block_m //= 2
     cfg = _launch.knobs(
         "rmha_fwd", block_m=block_m, block_n=block_n,
-        num_warps=4 if block_m * block_n <= 64 * 64 else 8,
+        num_warps=4 if block_m * block_n <= 64 * 64 and block_m < 128 else 8,
         num_stages=1 if lk <= block_n else 2,
     )
     return cfg
