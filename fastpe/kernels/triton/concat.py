@@ -297,9 +297,12 @@ CHUNK_TOKENS = 32
 
 def bwd_config(b, L, d_out, next_cols, rows, pos_kind, device):
     """Tiles and token groups of the backward kernel. A group is ``block_l`` positions of a
-    range of batches, streamed in chunks of 32 tokens; the position block is the one (4
-    preferred) whose groups fill the program slots of their waves best (the kernel runs one
-    8-warp program per SM) with the smallest tail, at least ``MIN_GROUP_TOKENS`` tokens per group."""
+    range of batches, streamed in chunks of 32 tokens, at least ``MIN_GROUP_TOKENS`` tokens per
+    group. The position block (4 preferred on ties) minimises the bytes moved, counting the
+    token stream once per share of program slots its waves use (the kernel runs one 8-warp
+    program per SM) plus the float32 ``dW`` partials, written once and read once per group:
+    slot use alone chose one position per group at L = 200 (200 partials of 128 KiB, more
+    bytes than the tokens)."""
     sms = _launch.num_sms(device)
     block_o = max(16, min(MAX_FUSED_DOUT, _launch.next_pow2(d_out)))
     block_c = max(16, min(128, 8192 // block_o, _launch.next_pow2(next_cols)))  # acc: at most 32 fp32 per thread
@@ -316,8 +319,9 @@ def bwd_config(b, L, d_out, next_cols, rows, pos_kind, device):
         splits = max(1, triton.cdiv(b, max(1, triton.cdiv(triton.cdiv(b, splits), block_b)) * block_b))  # as plan_backward
         groups = l_blocks * splits
         used = groups / (triton.cdiv(groups, max_groups) * max_groups)  # share of the waves' program slots
-        if best is None or used > best[0]:
-            best = (used, block_l, block_b, groups)
+        cost = b * L * (2 * d_out + next_cols) / used + 2 * groups * d_out * (next_cols + 1) * 2  # partials: fp32, 2x bf16
+        if best is None or cost < best[0]:
+            best = (cost, block_l, block_b, groups)
     _, block_l, block_b, groups = best
     warps = 8 if block_o * block_c >= 64 * 128 else 4
     return _launch.knobs("concat_bwd", block_o=block_o, block_c=block_c, block_l=block_l, block_b=block_b,
