@@ -176,3 +176,40 @@ def test_gpu_angle_gradients_are_bitwise_reproducible():
         rotary(x, a.to(torch.bfloat16), backend="triton").float().square().sum().backward()
         grads.append(a.grad)
     assert torch.equal(grads[0], grads[1])
+
+
+def test_fast_trig_range_reduction_in_float32():
+    """The reduction the compiled 16-bit kernels run before the SFU's cos/sin (the interpreter has
+    no libdevice, so it runs the accurate path): ``r = (theta - k 2pi_hi) - k 2pi_lo`` in float32
+    lands in [-pi, pi] and keeps cos/sin of the float32 angle to about one float32 ulp of ``r``
+    (and of ``k 2pi_lo`` for huge angles)."""
+    from fastpe.kernels.triton import rotations
+
+    inv, hi, lo = (float(c.value) for c in (rotations.INV_TWO_PI, rotations.TWO_PI_HI, rotations.TWO_PI_LO))
+    assert hi + lo == pytest.approx(2 * torch.pi, abs=1e-15)
+    assert hi * 2**8 == int(hi * 2**8)  # 8 significant bits: k * hi is exact for |k| < 2**16
+    gen = torch.Generator().manual_seed(0)
+    for bound, tol in ((10.0, 3e-7), (1e3, 5e-7), (4e5, 3e-5)):  # float32 ulp at pi: 2.4e-7
+        theta = (torch.rand(100_000, generator=gen, dtype=torch.float64) * 2 - 1).mul(bound).float()
+        k = torch.round(theta * inv)  # round half to even, as rint
+        r = (theta - k * hi) - k * lo  # float32 throughout
+        assert r.abs().max().item() <= torch.pi + bound * 1e-7  # k = rint of a float32 product: off by one near .5
+        exact = theta.double()
+        for f in (torch.cos, torch.sin):
+            assert (f(r.double()) - f(exact)).abs().max().item() < tol, (bound, f)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fast_trig_with_large_angles(dtype):
+    """16-bit data take the SFU cos/sin after a range reduction: angles of a few hundred radians
+    (long sequences, learned angles) stay within the dtype's tolerance."""
+    gen = torch.Generator().manual_seed(3)
+    x = randn(64, 40, 2, 32, gen=gen, dtype=torch.float64).detach().to(DEVICE).requires_grad_()
+    angles = (randn(43, 16, gen=gen, dtype=torch.float64) * 300).detach().to(DEVICE).requires_grad_()
+
+    def run(backend):
+        return lambda x, a: rotary(x, a, backend=backend)
+
+    assert_matches_reference(run("triton"), run("reference"), (x, angles), dtype, ["x", "angles"],
+                             tol=(5e-2, 5e-2) if dtype == torch.bfloat16 else None)

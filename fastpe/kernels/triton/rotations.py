@@ -17,7 +17,8 @@ touches whole lines: a ``[.., P, 2]`` pointer tile let Triton spread a warp's la
 batch instead, with 32-bit accesses (sm_90a SASS of Rotatory at S2: 16 LDG.E and 16 STG.E per
 thread, now 4 LDG.E.128 and 4 STG.E.128).
 ``cos``/``sin`` are computed once per (position, pair) and broadcast over the tile's batches
-and heads when positions are shared by the batch. ``x`` may have any strides.
+and heads when positions are shared by the batch. For 16-bit data they come from the SFU after a
+range reduction (:func:`_cos_sin`), for float32 from libdevice. ``x`` may have any strides.
 
 Angle gradients are reduced deterministically: the backward kernel sums ``g`` over heads and
 its batch block into one float32 partial row per (batch block, position), or per token when
@@ -31,11 +32,35 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
+from fastpe.backends import triton_interpreter_enabled
 from fastpe.kernels.triton import _launch
 from fastpe.kernels.triton._launch import Launch
 
 ROTATE_FWD, ROTATE_BWD, ADD_FWD, ADD_BWD = 0, 1, 2, 3
+
+# 2*pi as HI + LO for the range reduction of the fast cos/sin: HI has 8 significant bits, so
+# k * HI is exact for |k| < 2**16 (angles up to about 4e5)
+INV_TWO_PI = tl.constexpr(0.15915494309189535)
+TWO_PI_HI = tl.constexpr(6.28125)
+TWO_PI_LO = tl.constexpr(1.9353071795864769e-03)
+
+
+@triton.jit
+def _cos_sin(theta, FAST_TRIG: tl.constexpr):
+    """cos and sin of float32 angles. ``FAST_TRIG`` (16-bit data): reduce to [-pi, pi] and use
+    the SFU's ``cos.approx`` / ``sin.approx`` (absolute error under 1e-6 there, far below the
+    data's bf16/fp16 rounding), a few instructions per angle; otherwise libdevice's 1-ulp
+    ``cosf`` / ``sinf``, about 25 instructions per call on the fast path plus an inlined
+    Payne-Hanek slow path for each call site (sm_90a SASS of Rotatory at S1: 2774 instructions,
+    2560 of them in 32 such call sites)."""
+    if FAST_TRIG:
+        k = libdevice.rint(theta * INV_TWO_PI)
+        r = (theta - k * TWO_PI_HI) - k * TWO_PI_LO
+        return libdevice.fast_cosf(r), libdevice.fast_sinf(r)
+    else:
+        return tl.cos(theta), tl.sin(theta)
 
 
 @triton.jit
@@ -82,6 +107,7 @@ def _rot_kernel(
     B, L, H,
     HALF: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_P: tl.constexpr, INTERLEAVED: tl.constexpr, MODE: tl.constexpr, POS_KIND: tl.constexpr,
+    FAST_TRIG: tl.constexpr,
 ):
     """POS_KIND 0: position ``l``; 1: ``POS[l * spl]`` (shared by the batch); 2: ``POS[b * spb + l * spl]``."""
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # axis 0: the large one (1 and 2 stop at 65535)
@@ -110,8 +136,7 @@ def _rot_kernel(
         theta = tl.load(ANG + rows[:, None] * sar + offs_p[None, :] * sac,
                         mask=l_mask[:, None] & p_mask[None, :], other=0.0).to(tl.float32)
         theta = theta[None, :, None, :]  # [1, L, 1, P]: computed once, shared by batches and heads
-    cos = tl.cos(theta)
-    sin = tl.sin(theta)
+    cos, sin = _cos_sin(theta, FAST_TRIG)
 
     if MODE != 3:
         xa, xb = _pair_halves(X, b4 * sxb + l4 * sxl + h4 * sxh, tile_mask, offs_p, sxd, HALF, BLOCK_P, INTERLEAVED)
@@ -247,6 +272,8 @@ def _plan(mode, x4, dy4, y4, angles, positions, interleaved, need_partials):
     constexprs = dict(
         HALF=half, BLOCK_B=block_b, BLOCK_L=block_l, BLOCK_H=_launch.next_pow2(h), BLOCK_P=_launch.next_pow2(half),
         INTERLEAVED=bool(interleaved), MODE=mode, POS_KIND=pos_kind,
+        # (the interpreter has no libdevice: it runs the accurate path)
+        FAST_TRIG=ref.dtype in (torch.float16, torch.bfloat16) and not triton_interpreter_enabled(),
     )
     launch = Launch(_rot_kernel, (chunks, triton.cdiv(L, block_l)), args, constexprs, num_warps=cfg["num_warps"])
     return [launch], partial, pos, spb, spl
