@@ -313,15 +313,29 @@ def test_dropout_is_reproducible_and_has_the_right_rate():
     assert abs(a.float().mean().item() - (1 - p)) < 0.08  # 576 draws
 
 
-@pytest.mark.parametrize("mode,L", [("split", 12), ("fused", 12), ("split", 40), ("fused", 40)])
-def test_dropout_backward_uses_the_forward_mask(mode, L):
+def test_dropout_mask_does_not_depend_on_the_block_size():
+    """Each key's draw is fixed by (row, key), not by the tile that draws it: the forward and the
+    backward may tile differently."""
+    b, h, L, p = 2, 1, 70, 0.3
+    cfg = launch_cfg()
+    masks = []
+    for block in (16, 32, 64):
+        with cfg.override("rmha_fwd", block_m=16, block_n=block):
+            masks.append(_keep_mask(5, b, h, L, L, p))
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
+
+
+@pytest.mark.parametrize("mode,L,block", [("split", 12, 16), ("fused", 12, 16), ("split", 40, 16), ("fused", 40, 16),
+                                          ("split", 40, 32), ("fused", 70, 64)])
+def test_dropout_backward_uses_the_forward_mask(mode, L, block):
     """Outputs and all gradients equal the float64 reference fed the kernel's own keep mask (at L = 40
     with k = 2 over 16-wide blocks: key blocks off the band, and the band's diagonals, which draw
-    their keep decisions apart from the tiles)."""
+    their keep decisions apart from the tiles; 32- and 64-wide key blocks draw a tile's keys from
+    whole 32-key Philox spans, 16-wide ones from half of one)."""
     b, h, p = 2, 2, 0.25
     kw = {"key_padding_mask": masks_on_device("padding", b, h, L, L)["key_padding_mask"], "is_causal": True}
     cfg = launch_cfg()
-    with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode=mode, block_m=16, block_n=16):
+    with cfg.override("rmha_fwd", block_m=16, block_n=block), cfg.override("rmha_bwd", mode=mode, block_m=16, block_n=block):
         keep = _keep_mask(11, b, h, L, L, p, **kw)
         inputs = rmha_inputs(b, h, L, L, 16, kmax=2, per_head=True)
 

@@ -184,34 +184,46 @@ def _keep_threshold(dropout_p):
 
 
 @triton.jit
+def _draw_halves(r):
+    """The two 16-bit draws of a 32-bit Philox word, low half first, as a new last dimension."""
+    return tl.join(r & 0xFFFF, r >> 16)
+
+
+@triton.jit
 def _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
-    """Dropout keep mask of the tile ``offs_m x [start_n, start_n + BLOCK_N)``. One Philox call
-    (seed; key group j // 8, i, batch*head, 0) gives 128 random bits: eight 16-bit draws, one per
-    key of the group (see :func:`_keep_elems` for which), kept where draw >= p * 2**16."""
-    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
-    c0 = groups[None, :] + tl.zeros([offs_m.shape[0], BLOCK_N // 8], tl.int32)
-    c1 = offs_m[:, None] + tl.zeros([offs_m.shape[0], BLOCK_N // 8], tl.int32)
+    """Dropout keep mask of the tile ``offs_m x [start_n, start_n + BLOCK_N)``, kept where a 16-bit
+    draw >= p * 2**16. Key ``j`` of row ``i`` takes half ``j % 2`` of word ``(j // 8) % 4`` of the
+    Philox call (seed; ``(j // 32) * 4 + (j // 2) % 4``, i, batch*head, 0): a call's eight draws
+    serve keys ``32a + 8t + 2q + {0, 1}`` (t = 0..3), the columns one thread holds of a row of an
+    MMA accumulator tile (two adjacent columns every eight), so the compiler can draw them in the
+    score tile's own layout instead of exchanging them through shared memory."""
+    M: tl.constexpr = offs_m.shape[0]
+    SPANS: tl.constexpr = (BLOCK_N + 31) // 32
+    calls = ((start_n // 32 + tl.arange(0, SPANS)) * 4)[:, None] + tl.arange(0, 4)[None, :]
+    c0 = calls[None, :, :] + tl.zeros([M, SPANS, 4], tl.int32)
+    c1 = offs_m[:, None, None] + tl.zeros([M, SPANS, 4], tl.int32)
     c2 = tl.zeros(c0.shape, tl.int32) + bh
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c2 * 0, PHILOX_ROUNDS)
-    u0, u1 = r0 & 0xFFFF, r0 >> 16
-    u2, u3 = r1 & 0xFFFF, r1 >> 16
-    u4, u5 = r2 & 0xFFFF, r2 >> 16
-    u6, u7 = r3 & 0xFFFF, r3 >> 16
-    # element [..., e0, e1, e2] is u[4 e2 + 2 e1 + e0]; flattened, key 8g + 4 e0 + 2 e1 + e2
-    u = tl.join(tl.join(tl.join(u0, u1), tl.join(u2, u3)), tl.join(tl.join(u4, u5), tl.join(u6, u7)))
-    return tl.reshape(u, [offs_m.shape[0], BLOCK_N]) >= _keep_threshold(dropout_p)
+    if BLOCK_N >= 32:
+        # [M, span, q, half, t % 2, t // 2] -> [M, span, t // 2, t % 2, q, half]: key 32 span + 8 t + 2 q + half
+        u = tl.join(tl.join(_draw_halves(r0), _draw_halves(r1)), tl.join(_draw_halves(r2), _draw_halves(r3)))
+        u = tl.permute(u, (0, 1, 5, 4, 2, 3))
+    else:  # 16 keys: words 0, 1 or 2, 3 by the half of its 32-key span the tile is
+        upper = (start_n // 16) % 2 == 1
+        u = tl.join(_draw_halves(tl.where(upper, r2, r0)), _draw_halves(tl.where(upper, r3, r1)))
+        u = tl.permute(u, (0, 1, 4, 2, 3))  # [M, 1, t % 2, q, half]
+    return tl.reshape(u, [M, BLOCK_N]) >= _keep_threshold(dropout_p)
 
 
 @triton.jit
 def _keep_elems(seed, bh, offs_m, offs_j, dropout_p):
     """The keep decisions of :func:`_keep_tile` for single elements ``(offs_m[t], offs_j[t])``."""
-    lane = offs_j & 7
-    word = ((lane & 1) << 2) | (lane & 2) | (lane >> 2)  # 3-bit reverse: which of the eight draws
-    c0 = offs_j >> 3
+    c0 = (offs_j >> 5) * 4 + ((offs_j >> 1) & 3)
+    word = (offs_j >> 3) & 3
     c2 = tl.zeros(c0.shape, tl.int32) + bh
     r0, r1, r2, r3 = tl.philox(seed, c0, offs_m, c2, c2 * 0, PHILOX_ROUNDS)
-    r = tl.where(word < 4, tl.where(word < 2, r0, r1), tl.where(word < 6, r2, r3))
-    u = tl.where((word & 1) == 0, r & 0xFFFF, r >> 16)
+    r = tl.where(word < 2, tl.where(word == 0, r0, r1), tl.where(word == 2, r2, r3))
+    u = tl.where((offs_j & 1) == 0, r & 0xFFFF, r >> 16)
     return u >= _keep_threshold(dropout_p)
 
 
