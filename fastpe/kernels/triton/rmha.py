@@ -31,9 +31,10 @@ summed by a second kernel in a fixed order: bitwise reproducible, no atomics.
 
 Dropout: Philox keyed by a 64-bit seed read from a device tensor (drawn from torch's
 generator by the caller, so ``torch.manual_seed`` reproduces it and a captured CUDA graph
-replays fresh randomness), counters ``(j // 8, i, batch*head, 0)``: one call's 128 bits are
-eight 16-bit draws for eight keys (a per-element call would cost ~50 instructions per score
-element); the backward and the band's diagonals regenerate the same keep decisions.
+replays fresh randomness), 7 rounds, counters ``((j // 32) * 4 + (j // 2) % 4, i, batch*head, 0)``:
+one call's 128 bits are eight 16-bit draws for the eight keys of a row that one thread holds of
+an MMA accumulator tile (see :func:`_keep_tile`; a per-element call would cost ~50 instructions
+per score element); the backward and the band's diagonals regenerate the same keep decisions.
 
 Head sizes are padded to a multiple of 16 (as two power-of-two chunks, see
 :func:`fastpe.kernels.triton._launch.split_pow2`), never to the next power of two.
