@@ -569,7 +569,11 @@ def _bucket_table(inner, left, total, rcols, KMAX: tl.constexpr):
 @triton.jit
 def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, offs_m, start_n, delta,
                KMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Add one tile to a query block's row sums and bucket 0 sums of P~ and dS."""
+    """Add one tile to a query block's row sums and bucket 0 sums of P~ and dS. Called before the
+    tile's GEMMs, so that P~ and dS in float32 die there (kept past the GEMMs they spilled: S2
+    1232 -> 460 B). The dS row sums stay summed, not set to their exact value 0: dS carries the
+    rounding of D = dO . O (O stored in 16 bits), and bucket 2k = total - the others keeps that
+    error per bucket instead of moving all of it into bucket 2k."""
     tile_p = tl.sum(p, axis=1)
     tile_ds = tl.sum(ds, axis=1)
     total_p += tile_p
@@ -735,6 +739,8 @@ def _rmha_bwd_kernel(
                                                offs_m, offs_n, start_n, m_mask, n_mask, col_ok, b, h, bh,
                                                BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
                                                KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
+                        left_p, total_p, left_ds, total_ds = _row_stats(
+                            p_drop, ds, left_p, total_p, left_ds, total_ds, offs_m, start_n, delta, KMAX, BLOCK_M, BLOCK_N)
                         p_lo = p_drop.to(dt)
                         ds_lo = ds.to(dt)
                         dq_a = tl.dot(ds_lo, k_a, dq_a, input_precision=DOT_PREC)
@@ -762,8 +768,6 @@ def _rmha_bwd_kernel(
                                 acc = _load_rows(acc_k, offs_n, n_mask, DHP, 1, DA, DB, DHP, 16)
                                 _store_rows(acc_k, tl.dot(tl.trans(ds_lo), q_b, acc, input_precision=DOT_PREC),
                                             offs_n, n_mask, DHP, 1, DA, DB, DHP)
-                        left_p, total_p, left_ds, total_ds = _row_stats(
-                            p_drop, ds, left_p, total_p, left_ds, total_ds, offs_m, start_n, delta, KMAX, BLOCK_M, BLOCK_N)
                 inner_p, inner_ds = _diag_grads(
                     q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
                     b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
@@ -868,12 +872,12 @@ def _rmha_bwd_kernel(
                                         offs_m, offs_n2, start_n2, m_mask, n_mask2, col_ok2, b, h, bh,
                                         BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
                                         KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
+                    left_p, total_p, left_ds, total_ds = _row_stats(
+                        p2, ds2, left_p, total_p, left_ds, total_ds, offs_m, start_n2, delta2, KMAX, BLOCK_M, BLOCK_N)
                     ds2_lo = ds2.to(dt)
                     dq_a = tl.dot(ds2_lo, k2_a, dq_a, input_precision=DOT_PREC)
                     if DB > 0:
                         dq_b = tl.dot(ds2_lo, k2_b, dq_b, input_precision=DOT_PREC)
-                    left_p, total_p, left_ds, total_ds = _row_stats(
-                        p2, ds2, left_p, total_p, left_ds, total_ds, offs_m, start_n2, delta2, KMAX, BLOCK_M, BLOCK_N)
             if start_m < LQ:
                 tl.debug_barrier()  # the partial row written by other threads before
                 inner_p, inner_ds = _diag_grads(
