@@ -583,6 +583,13 @@ def _tisas_bwd_kernel(
                         p_drop = p
                         dprob = dpt
                     ds = p * (dprob - di[:, None]) * scale
+                    # bucket sums first: P~ and dS in float32 die before the GEMMs
+                    tl.atomic_add(wptab + idx, (p_drop * p_fixed).to(tl.int64),
+                                  mask=near & (p_drop != 0.0), sem="relaxed")
+                    tl.atomic_add(wdtab + idx, (ds * ds_fixed[:, None]).to(tl.int64),
+                                  mask=near & (ds != 0.0), sem="relaxed")
+                    far_p += tl.sum(tl.where(near, 0.0, p_drop), axis=1)
+                    far_ds += tl.sum(tl.where(near, 0.0, ds), axis=1)
                     ds_lo = ds.to(dt)
                     p_lo = p_drop.to(dt)
                     dq_a = tl.dot(ds_lo, k_a, dq_a, input_precision=DOT_PREC)
@@ -602,12 +609,6 @@ def _tisas_bwd_kernel(
                             _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_b, DA, DB, DH, DOT_PREC)
                         if DVB > 0:
                             _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_b, DVA, DVB, DV, DOT_PREC)
-                    tl.atomic_add(wptab + idx, (p_drop * p_fixed).to(tl.int64),
-                                  mask=near & (p_drop != 0.0), sem="relaxed")
-                    tl.atomic_add(wdtab + idx, (ds * ds_fixed[:, None]).to(tl.int64),
-                                  mask=near & (ds != 0.0), sem="relaxed")
-                    far_p += tl.sum(tl.where(near, 0.0, p_drop), axis=1)
-                    far_ds += tl.sum(tl.where(near, 0.0, ds), axis=1)
 
             tl.debug_barrier()  # every atomic of the block has landed
             inv_ds_fixed = _pow2(-expo)
