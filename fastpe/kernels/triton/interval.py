@@ -265,14 +265,15 @@ def _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, start_n, offs_m, m
     if HAS_DROPOUT:
         keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
         p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+    # bucket sums first: P~ in float32 dies before the GEMM
+    tl.atomic_add(wtab + idx, (p * p_fixed).to(tl.int32), mask=near & (p > 0.0), sem="relaxed")
+    far += tl.sum(tl.where(near, 0.0, p), axis=1)  # (p = 0 at elements that are not valid)
     p_lo = p.to(v_base.dtype.element_ty)
     v_a = _load_rows(v_base, offs_n, col_ok, svn, svd, 0, DVA, DV)  # padded values are never read
     acc_a = tl.dot(p_lo, v_a, acc_a, input_precision=DOT_PREC)
     if DVB > 0:
         v_b = _load_rows(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV)
         acc_b = tl.dot(p_lo, v_b, acc_b, input_precision=DOT_PREC)
-    tl.atomic_add(wtab + idx, (p * p_fixed).to(tl.int32), mask=near & (p > 0.0), sem="relaxed")
-    far += tl.sum(tl.where(near, 0.0, p), axis=1)  # (p = 0 at elements that are not valid)
     return acc_a, acc_b, far
 
 
