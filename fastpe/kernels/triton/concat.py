@@ -13,12 +13,14 @@ over the tokens at each position (``S`` the one-hot position matrix, never built
 1. ``_bwd_kernel``: the tokens are split into groups (a block of positions x a range of
    batches); each program streams its group once, writes ``dx`` for its tokens (``dy`` is in
    registers already) and one float32 partial of ``dW``, ``db`` and ``G`` per group (split-K
-   over the tokens). ``G``'s partial is a plain sum over the group's batches per position when
+   over the tokens). The partial holds the table columns of ``dW`` only when every sequence has
+   its own positions; otherwise they are ``dWp = G^T table[p]``, from the summed ``G``. ``G``'s partial is a plain sum over the group's batches per position when
    the positions are shared by the batch (default or ``[L]``), or a one-hot product per block
    of table rows when every sequence has its own positions.
 2. ``_bwd_finish_kernel``: all its programs run at once: most sum one slice of the ``dW``/``db``
-   partials in a fixed order; the others sum the ``G`` partials of a block of table rows and
-   multiply by ``Wp`` into ``dtable``. Deterministic, no atomics.
+   partials in a fixed order; some form a tile of ``dWp`` from the ``G`` partials; the others
+   sum the ``G`` partials of a block of table rows and multiply by ``Wp`` into ``dtable``.
+   Deterministic, no atomics.
 
 ``dx`` needs all of ``d_out`` in one tile; above 128 output features it is a separate GEMM.
 """
@@ -81,14 +83,16 @@ def _gemm_kernel(
 @triton.jit
 def _bwd_kernel(
     DY, X, TAB, POS, W, DX, PART_W, PART_G,
-    B, L, DOUT, DIN, NEXT, ROWS, BATCHES_PER_GROUP, L_BLOCKS,
+    B, L, DOUT, DIN, WCOLS, ROWS, BATCHES_PER_GROUP, L_BLOCKS,
     sdm, sdn, sxm, sxk, str_, stc, spb, spl, swo, swi, sxo_m, sxo_k,
     BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr, POS_KIND: tl.constexpr, FUSE_DX: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One (token group, concat-column tile, d_out tile): partial ``dy^T [x | table[p]]``
-    ``[BLOCK_O, BLOCK_C]`` into ``PART_W[group]``, and with the first column tile ``db`` (column
-    ``NEXT``) and ``G`` into ``PART_G``; ``dx`` for the tile's x columns when ``FUSE_DX``.
+    ``[BLOCK_O, BLOCK_C]`` into ``PART_W[group]`` over its first ``WCOLS`` columns (all of them
+    with per-sequence positions; the ``x`` columns otherwise, the table columns then come from
+    ``G`` in the finish kernel), and with the first column tile ``db`` (column ``WCOLS``) and ``G``
+    into ``PART_G``; ``dx`` for the tile's x columns when ``FUSE_DX``.
 
     Token group ``g``: positions ``[lb * BLOCK_L, +BLOCK_L)`` (``lb = g % L_BLOCKS``) of batches
     ``[s * BATCHES_PER_GROUP, +BATCHES_PER_GROUP)`` (``s = g // L_BLOCKS``), ``BLOCK_B`` at a time.
@@ -107,7 +111,7 @@ def _bwd_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     o_mask = offs_o < DOUT
     is_x = offs_c < DIN
-    is_t = (offs_c >= DIN) & (offs_c < NEXT)
+    is_t = (offs_c >= DIN) & (offs_c < WCOLS)
     b_lo = split * BATCHES_PER_GROUP
     b_hi = tl.minimum(B, b_lo + BATCHES_PER_GROUP)
     first_tile = pid_c == 0
@@ -123,10 +127,11 @@ def _bwd_kernel(
         valid = (b < b_hi) & (l < L)
         m = b * L + l
         dy_t = tl.load(DY + m[None, :] * sdm + offs_o[:, None] * sdn, mask=o_mask[:, None] & valid[None, :], other=0.0)
-        rows = _token_rows(POS, b, l, spb, spl, valid, POS_KIND)
-        xb = tl.load(X + m[:, None] * sxm + offs_c[None, :] * sxk, mask=valid[:, None] & is_x[None, :], other=0.0)
-        tb = tl.load(TAB + rows[:, None] * str_ + (offs_c - DIN)[None, :] * stc, mask=valid[:, None] & is_t[None, :], other=0.0)
-        ext = xb + tb.to(xb.dtype)
+        ext = tl.load(X + m[:, None] * sxm + offs_c[None, :] * sxk, mask=valid[:, None] & is_x[None, :], other=0.0)
+        if POS_KIND == 2:
+            rows = _token_rows(POS, b, l, spb, spl, valid, POS_KIND)
+            tb = tl.load(TAB + rows[:, None] * str_ + (offs_c - DIN)[None, :] * stc, mask=valid[:, None] & is_t[None, :], other=0.0)
+            ext += tb.to(ext.dtype)
         acc = tl.dot(dy_t, ext.to(dy_t.dtype), acc, input_precision=DOT_PREC)
         if FUSE_DX:
             if has_x:
@@ -139,10 +144,10 @@ def _bwd_kernel(
             if POS_KIND != 2:  # positions shared by the batch: sum this chunk's batches per position
                 acc_g += tl.sum(tl.reshape(dy_f, (BLOCK_O, BLOCK_B, BLOCK_L)), axis=1)
 
-    part = PART_W + group.to(tl.int64) * DOUT * (NEXT + 1)
-    tl.store(part + offs_o[:, None] * (NEXT + 1) + offs_c[None, :], acc, mask=o_mask[:, None] & (offs_c < NEXT)[None, :])
+    part = PART_W + group.to(tl.int64) * DOUT * (WCOLS + 1)
+    tl.store(part + offs_o[:, None] * (WCOLS + 1) + offs_c[None, :], acc, mask=o_mask[:, None] & (offs_c < WCOLS)[None, :])
     if first_tile:
-        tl.store(part + offs_o * (NEXT + 1) + NEXT, acc_db, mask=o_mask)
+        tl.store(part + offs_o * (WCOLS + 1) + WCOLS, acc_db, mask=o_mask)
         if POS_KIND != 2:
             offs_l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
             part_g = PART_G + split.to(tl.int64) * L * DOUT
@@ -164,20 +169,24 @@ def _bwd_kernel(
 
 @triton.jit
 def _bwd_finish_kernel(
-    PART_W, PART_G, POS, W, DW, DB, DT,
-    GROUPS, G_PARTS, DOUT, DIN, NEXT, L, ROWS, TROWS, DPOS, N_W_PROGS, DP_TILES,
-    spl, swo, swi, sdwo, sdwc, sdtr, sdtc,
+    PART_W, PART_G, POS, W, TAB, DW, DB, DT,
+    GROUPS, G_PARTS, DOUT, DIN, WCOLS, L, ROWS, TROWS, DPOS, N_W_PROGS, N_P_PROGS, DP_TILES,
+    spl, swo, swi, str_, stc, sdwo, sdwc, sdtr, sdtc,
     BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SG: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, POS_KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """Programs ``< N_W_PROGS``: ``BLOCK_E`` elements of ``[dW | db]`` summed over the groups.
+    """Programs ``< N_W_PROGS``: ``BLOCK_E`` elements of ``[dW | db]`` (the first ``WCOLS`` columns
+    of ``dW``) summed over the groups. The next ``N_P_PROGS`` (positions shared by the batch): a
+    ``[BLOCK_O, BLOCK_D]`` tile of the table columns of ``dW``, ``G^T table[p]``, from the ``G``
+    partials (a ``[d_out, L] x [L, d_pos]`` product instead of a float32 partial of those
+    columns per token group: at S1 that halves the partials' bytes).
     The others: a ``[BLOCK_T, BLOCK_D]`` tile of ``dtable = G Wp`` with ``G`` summed from its
     ``G_PARTS`` partials (and for ``[L]`` positions gathered from positions by a one-hot product);
     table rows no token uses get zeros."""
     pid = tl.program_id(0)
     if pid < N_W_PROGS:
-        width = NEXT + 1
+        width = WCOLS + 1
         offs_e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
         e_mask = offs_e < DOUT * width
         sums = tl.zeros([BLOCK_S, BLOCK_E], tl.float32)
@@ -188,11 +197,30 @@ def _bwd_finish_kernel(
         total = tl.sum(sums, axis=0)
         o = offs_e // width
         c = offs_e % width
-        tl.store(DW + o * sdwo + c * sdwc, total.to(DW.dtype.element_ty), mask=e_mask & (c < NEXT))
+        tl.store(DW + o * sdwo + c * sdwc, total.to(DW.dtype.element_ty), mask=e_mask & (c < WCOLS))
         if HAS_BIAS:
-            tl.store(DB + o, total.to(DB.dtype.element_ty), mask=e_mask & (c == NEXT))
-    else:
+            tl.store(DB + o, total.to(DB.dtype.element_ty), mask=e_mask & (c == WCOLS))
+    elif pid < N_W_PROGS + N_P_PROGS:
         t = pid - N_W_PROGS
+        offs_o = (t // DP_TILES) * BLOCK_O + tl.arange(0, BLOCK_O)
+        offs_d = (t % DP_TILES) * BLOCK_D + tl.arange(0, BLOCK_D)
+        o_mask = offs_o < DOUT
+        d_mask = offs_d < DPOS
+        dwp = tl.zeros([BLOCK_O, BLOCK_D], tl.float32)
+        for k0 in range(0, L, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < L
+            h = tl.zeros([BLOCK_K, BLOCK_O], tl.float32)  # G of positions offs_k: the sum of its partials
+            for s in range(0, G_PARTS):
+                h += tl.load(PART_G + (s * L + offs_k[:, None]) * DOUT + offs_o[None, :],
+                             mask=k_mask[:, None] & o_mask[None, :], other=0.0)
+            rows = _token_rows(POS, 0, offs_k, 0, spl, k_mask, POS_KIND)
+            tab = tl.load(TAB + rows[:, None] * str_ + offs_d[None, :] * stc, mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+            dwp = tl.dot(tl.trans(h), tab.to(tl.float32), dwp, input_precision=DOT_PREC)
+        tl.store(DW + offs_o[:, None] * sdwo + (DIN + offs_d)[None, :] * sdwc, dwp.to(DW.dtype.element_ty),
+                 mask=o_mask[:, None] & d_mask[None, :])
+    else:
+        t = pid - N_W_PROGS - N_P_PROGS
         offs_t = (t // DP_TILES) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_d = (t % DP_TILES) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_mask = offs_d < DPOS
@@ -295,7 +323,7 @@ MIN_GROUP_TOKENS = 128
 CHUNK_TOKENS = 32
 
 
-def bwd_config(b, L, d_out, next_cols, rows, pos_kind, device):
+def bwd_config(b, L, d_out, w_cols, rows, pos_kind, device):
     """Tiles and token groups of the backward kernel. A group is ``block_l`` positions of a
     range of batches, streamed in chunks of 32 tokens, at least ``MIN_GROUP_TOKENS`` tokens per
     group. The position block (4 preferred on ties) minimises the bytes moved, counting the
@@ -305,8 +333,8 @@ def bwd_config(b, L, d_out, next_cols, rows, pos_kind, device):
     bytes than the tokens)."""
     sms = _launch.num_sms(device)
     block_o = max(16, min(MAX_FUSED_DOUT, _launch.next_pow2(d_out)))
-    block_c = max(16, min(128, 8192 // block_o, _launch.next_pow2(next_cols)))  # acc: at most 32 fp32 per thread
-    tiles = triton.cdiv(d_out, block_o) * triton.cdiv(next_cols, block_c)
+    block_c = max(16, min(128, 8192 // block_o, _launch.next_pow2(w_cols)))  # acc: at most 32 fp32 per thread
+    tiles = triton.cdiv(d_out, block_o) * triton.cdiv(w_cols, block_c)
     max_groups = max(1, sms // tiles)
     if pos_kind == 2:  # keep the per-group [rows, d_out] partials of G under ~64 MiB
         max_groups = max(1, min(max_groups, (64 << 20) // (4 * rows * d_out)))
@@ -319,7 +347,7 @@ def bwd_config(b, L, d_out, next_cols, rows, pos_kind, device):
         splits = max(1, triton.cdiv(b, max(1, triton.cdiv(triton.cdiv(b, splits), block_b)) * block_b))  # as plan_backward
         groups = l_blocks * splits
         used = groups / (triton.cdiv(groups, max_groups) * max_groups)  # share of the waves' program slots
-        cost = b * L * (2 * d_out + next_cols) / used + 2 * groups * d_out * (next_cols + 1) * 2  # partials: fp32, 2x bf16
+        cost = b * L * (2 * d_out + w_cols) / used + 2 * groups * d_out * (w_cols + 1) * 2  # partials: fp32, 2x bf16
         if best is None or cost < best[0]:
             best = (cost, block_l, block_b, groups)
     _, block_l, block_b, groups = best
@@ -335,9 +363,12 @@ def plan_backward(dy, x, table, weight, positions, has_bias, need_dx=True, need_
     next_cols = d_in + d_pos
     pos, spb, spl, pos_kind = _pos_args(positions)
     rows = L if positions is None else table.shape[0]
+    # columns of dW summed as per-group partials: the table columns only with per-sequence
+    # positions; otherwise they are G^T table[p] in the finish kernel
+    w_cols = next_cols if pos_kind == 2 else d_in
     m = b * L
     dy2, x2 = _rows_2d(dy), _rows_2d(x)
-    cfg = bwd_config(b, L, d_out, next_cols, rows, pos_kind, x.device)
+    cfg = bwd_config(b, L, d_out, w_cols, rows, pos_kind, x.device)
     block_l, block_b = cfg["block_l"], cfg["block_b"]
     l_blocks = triton.cdiv(L, block_l)
     splits = max(1, min(triton.cdiv(b, block_b), triton.cdiv(cfg["groups"], l_blocks)))
@@ -350,42 +381,45 @@ def plan_backward(dy, x, table, weight, positions, has_bias, need_dx=True, need_
     dx = _launch.empty((b, L, d_in), x.dtype, x.device) if need_dx else None
     if need_dx and not fuse_dx:
         launches.append(plan_gemm(dy2, weight[:, :d_in], dx.view(m, d_in)))
-    part_w = _launch.empty((groups, d_out, next_cols + 1), torch.float32, x.device)
+    part_w = _launch.empty((groups, d_out, w_cols + 1), torch.float32, x.device)
     g_parts = groups if pos_kind == 2 else splits
     part_g = _launch.empty((g_parts, rows if pos_kind == 2 else L, d_out), torch.float32, x.device)
     dx2 = dx.view(m, d_in) if dx is not None else x2
     args = dict(
         DY=dy2, X=x2, TAB=table, POS=pos if pos is not None else table, W=weight, DX=dx2, PART_W=part_w, PART_G=part_g,
-        B=b, L=L, DOUT=d_out, DIN=d_in, NEXT=next_cols, ROWS=rows, BATCHES_PER_GROUP=per_group, L_BLOCKS=l_blocks,
+        B=b, L=L, DOUT=d_out, DIN=d_in, WCOLS=w_cols, ROWS=rows, BATCHES_PER_GROUP=per_group,
+        L_BLOCKS=l_blocks,
         sdm=dy2.stride(0), sdn=dy2.stride(1), sxm=x2.stride(0), sxk=x2.stride(1), str_=table.stride(0),
         stc=table.stride(1), spb=spb, spl=spl, swo=weight.stride(0), swi=weight.stride(1),
         sxo_m=dx2.stride(0), sxo_k=dx2.stride(1),
     )
     constexprs = dict(BLOCK_B=block_b, BLOCK_L=block_l, BLOCK_O=cfg["block_o"], BLOCK_C=cfg["block_c"],
                       BLOCK_R=cfg["block_r"], POS_KIND=pos_kind, FUSE_DX=fuse_dx, DOT_PREC=_launch.dot_precision(x.dtype))
-    grid = (groups, triton.cdiv(next_cols, cfg["block_c"]), triton.cdiv(d_out, cfg["block_o"]))
+    grid = (groups, triton.cdiv(w_cols, cfg["block_c"]), triton.cdiv(d_out, cfg["block_o"]))
     launches.append(Launch(_bwd_kernel, grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
 
     dweight = _launch.empty((d_out, next_cols), weight.dtype, x.device)
     dbias = _launch.empty((d_out,), weight.dtype, x.device) if has_bias else None
     dtable = _launch.empty(table.shape, table.dtype, x.device) if need_table else None
     block_e, block_s = 128, 16
-    n_w = triton.cdiv(d_out * (next_cols + 1), block_e)
+    n_w = triton.cdiv(d_out * (w_cols + 1), block_e)
     block_t = 16
     block_d = max(16, min(64, _launch.next_pow2(d_pos)))
     block_o = max(16, min(64, _launch.next_pow2(d_out)))
     dp_tiles = triton.cdiv(d_pos, block_d)
+    n_p = triton.cdiv(d_out, block_o) * dp_tiles if pos_kind != 2 else 0
     n_t = triton.cdiv(table.shape[0], block_t) * dp_tiles if need_table else 0
     f_args = dict(
-        PART_W=part_w, PART_G=part_g, POS=pos if pos is not None else part_g, W=weight, DW=dweight,
+        PART_W=part_w, PART_G=part_g, POS=pos if pos is not None else part_g, W=weight, TAB=table, DW=dweight,
         DB=dbias if dbias is not None else dweight, DT=dtable if dtable is not None else dweight,
-        GROUPS=groups, G_PARTS=g_parts, DOUT=d_out, DIN=d_in, NEXT=next_cols, L=L, ROWS=rows if pos_kind != 1 else L,
-        TROWS=table.shape[0], DPOS=d_pos, N_W_PROGS=n_w, DP_TILES=dp_tiles,
-        spl=spl, swo=weight.stride(0), swi=weight.stride(1), sdwo=dweight.stride(0), sdwc=dweight.stride(1),
+        GROUPS=groups, G_PARTS=g_parts, DOUT=d_out, DIN=d_in, WCOLS=w_cols, L=L, ROWS=rows if pos_kind != 1 else L,
+        TROWS=table.shape[0], DPOS=d_pos, N_W_PROGS=n_w, N_P_PROGS=n_p, DP_TILES=dp_tiles,
+        spl=spl, swo=weight.stride(0), swi=weight.stride(1), str_=table.stride(0), stc=table.stride(1),
+        sdwo=dweight.stride(0), sdwc=dweight.stride(1),
         sdtr=dtable.stride(0) if dtable is not None else 0, sdtc=dtable.stride(1) if dtable is not None else 0,
     )
     f_constexprs = dict(BLOCK_E=block_e, BLOCK_S=block_s, BLOCK_SG=max(1, 2048 // (block_t * block_o)), BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_D=block_d,
                         BLOCK_K=max(16, min(64, _launch.next_pow2(L))), POS_KIND=pos_kind, HAS_BIAS=has_bias,
                         DOT_PREC=_launch.dot_precision(x.dtype))
-    launches.append(Launch(_bwd_finish_kernel, (n_w + n_t,), f_args, f_constexprs, num_warps=4))
+    launches.append(Launch(_bwd_finish_kernel, (n_w + n_p + n_t,), f_args, f_constexprs, num_warps=4))
     return dx, dtable, dweight if need_w else None, dbias, launches
