@@ -14,9 +14,10 @@ over the tokens at each position (``S`` the one-hot position matrix, never built
    batches); each program streams its group once, writes ``dx`` for its tokens (``dy`` is in
    registers already) and one float32 partial of ``dW``, ``db`` and ``G`` per group (split-K
    over the tokens). The partial holds the table columns of ``dW`` only when every sequence has
-   its own positions; otherwise they are ``dWp = G^T table[p]``, from the summed ``G``. ``G``'s partial is a plain sum over the group's batches per position when
-   the positions are shared by the batch (default or ``[L]``), or a one-hot product per block
-   of table rows when every sequence has its own positions.
+   its own positions; otherwise they are ``dWp = G^T table[p]``, from the summed ``G``.
+   ``G``'s partial is a plain sum over the group's batches per position when the positions are
+   shared by the batch (default or ``[L]``), or a one-hot product per block of table rows when
+   every sequence has its own positions.
 2. ``_bwd_finish_kernel``: all its programs run at once: most sum one slice of the ``dW``/``db``
    partials in a fixed order; some form a tile of ``dWp`` from the ``G`` partials; the others
    sum the ``G`` partials of a block of table rows and multiply by ``Wp`` into ``dtable``.
@@ -111,7 +112,7 @@ def _bwd_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     o_mask = offs_o < DOUT
     is_x = offs_c < DIN
-    is_t = (offs_c >= DIN) & (offs_c < WCOLS)
+    is_t = (offs_c >= DIN) & (offs_c < WCOLS)  # none unless per-sequence positions (else WCOLS = DIN)
     b_lo = split * BATCHES_PER_GROUP
     b_hi = tl.minimum(B, b_lo + BATCHES_PER_GROUP)
     first_tile = pid_c == 0
@@ -168,6 +169,17 @@ def _bwd_kernel(
 
 
 @triton.jit
+def _position_g(PART_G, G_PARTS, L, DOUT, offs_k, k_mask, offs_o, o_mask, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr):
+    """``G`` of positions ``offs_k`` (``[BLOCK_K, BLOCK_O]``): the sum of its ``G_PARTS``
+    per-position partials ``PART_G [G_PARTS, L, DOUT]``, in a fixed order."""
+    g = tl.zeros([BLOCK_K, BLOCK_O], tl.float32)
+    for s in range(0, G_PARTS):
+        g += tl.load(PART_G + (s * L + offs_k[:, None]) * DOUT + offs_o[None, :],
+                     mask=k_mask[:, None] & o_mask[None, :], other=0.0)
+    return g
+
+
+@triton.jit
 def _bwd_finish_kernel(
     PART_W, PART_G, POS, W, TAB, DW, DB, DT,
     GROUPS, G_PARTS, DOUT, DIN, WCOLS, L, ROWS, TROWS, DPOS, N_W_PROGS, N_P_PROGS, DP_TILES,
@@ -210,10 +222,7 @@ def _bwd_finish_kernel(
         for k0 in range(0, L, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < L
-            h = tl.zeros([BLOCK_K, BLOCK_O], tl.float32)  # G of positions offs_k: the sum of its partials
-            for s in range(0, G_PARTS):
-                h += tl.load(PART_G + (s * L + offs_k[:, None]) * DOUT + offs_o[None, :],
-                             mask=k_mask[:, None] & o_mask[None, :], other=0.0)
+            h = _position_g(PART_G, G_PARTS, L, DOUT, offs_k, k_mask, offs_o, o_mask, BLOCK_K, BLOCK_O)
             rows = _token_rows(POS, 0, offs_k, 0, spl, k_mask, POS_KIND)
             tab = tl.load(TAB + rows[:, None] * str_ + offs_d[None, :] * stc, mask=k_mask[:, None] & d_mask[None, :], other=0.0)
             dwp = tl.dot(tl.trans(h), tab.to(tl.float32), dwp, input_precision=DOT_PREC)
@@ -233,10 +242,7 @@ def _bwd_finish_kernel(
                 for k0 in range(0, L, BLOCK_K):
                     offs_k = k0 + tl.arange(0, BLOCK_K)
                     k_mask = offs_k < L
-                    h = tl.zeros([BLOCK_K, BLOCK_O], tl.float32)
-                    for s in range(0, G_PARTS):
-                        h += tl.load(PART_G + (s * L + offs_k[:, None]) * DOUT + offs_o[None, :],
-                                     mask=k_mask[:, None] & o_mask[None, :], other=0.0)
+                    h = _position_g(PART_G, G_PARTS, L, DOUT, offs_k, k_mask, offs_o, o_mask, BLOCK_K, BLOCK_O)
                     rows = tl.load(POS + offs_k * spl, mask=k_mask, other=-1)
                     onehot = (offs_t[:, None] == rows[None, :]).to(tl.float32)
                     g = tl.dot(onehot, h, g, input_precision="ieee")
