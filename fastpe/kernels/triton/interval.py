@@ -558,15 +558,11 @@ def _tisas_bwd_kernel(
             far_p = tl.zeros([BLOCK_M], tl.float32)
             far_ds = tl.zeros([BLOCK_M], tl.float32)
             for start_n in range(0, hi, BLOCK_N):
-                offs_n = start_n + offs_nl
-                n_mask = offs_n < L
-                col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+                offs_n, n_mask, col_ok, any_key, bucket, near = _key_block(
+                    start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L, KT, BLOCK_N, HAS_KPM)
                 if any_key:
                     k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
                     v_a, v_b = _load_split(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV)
-                    tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
-                    bucket = _buckets(tau_m, tau_n, KT)
-                    near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
                     idx = row_start + bucket
                     s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
                                 b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
