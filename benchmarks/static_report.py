@@ -10,7 +10,7 @@ occupancy and waves they allow, the SASS (cuobjdump) and its hot loop, and write
 ``DIR/static_sm90.json`` and ``DIR/static_sm90.md``::
 
     python3 benchmarks/static_report.py --out DIR [--ops rmha,concat] [--shapes S2,B4h1L20dh16]
-        [--dropout both|off|on] [--no-cuda] [--jobs N] [--compare OLD/static_sm90.json]
+        [--dropout both|off|on] [--no-cuda] [--no-trace] [--jobs N] [--compare OLD/static_sm90.json]
 
 Shapes: S1 = B512 h2 L50 dh32, S2 = B256 h2 L200 dh64, S3 = B128 h1 L75 dh90, or any
 ``B<b>h<h>L<l>dh<dh>``. The non-attention ops run at the same size: rotary on ``x [B, L, h, dh]``,
@@ -22,12 +22,19 @@ relative-attention kernels (those with ``BLOCK_M`` and ``BLOCK_N``) one pass of 
 one ``BLOCK_M x BLOCK_N`` score tile, so ``hot_loop_score_elements`` is that tile per thread.
 
 Time model per launch (README, "Static kernel report"): the largest of bytes / HBM bandwidth,
-warp instructions / issue rate and tensor-core FLOPs / dense rate. Every loop of at least a
-quarter of the hot loop's size runs once per score tile, every other instruction once per
-program; for kernels without a score tile every loop counts once, so their instruction and
-FLOP terms are lower bounds (marked). Bytes: every distinct tensor a launch is given, touched
-once. The baseline beside each op: SDPA-equivalent FLOPs and bytes for attention, a same-size
-clone for rotary/rotatory, ``nn.Linear`` for concat-projection.
+warp instructions / issue rate and tensor-core FLOPs / dense rate. Instructions: each SASS loop
+is matched to the ``for`` of the kernel source it compiles (the source line of its backward
+branch, from ``nvdisasm -g``), and its own instructions count as often as that loop's body runs
+over the grid, counted by running the planned launch under Triton's interpreter (two programs
+per grid row, or all of them when those two miss a loop: see :func:`trace_trips`); the
+instructions outside every loop count once per program. Every path of a loop body counts (a branch skipped at run time still counts), so the
+term is an upper bound of the work per iteration. Where a loop cannot be matched (or with
+``--no-trace``) the older heuristic applies, marked "heuristic": loops of at least a quarter of
+the hot loop's size once per score tile (it charges a tile every alternative loop and a loop
+over diagonals once), every other loop once, and for kernels without a score tile that is a
+lower bound (marked ``>=``). Bytes: every distinct tensor a launch is given, touched once. The
+baseline beside each op: SDPA-equivalent FLOPs and bytes for attention, a same-size clone for
+rotary/rotatory, ``nn.Linear`` for concat-projection.
 """
 
 from __future__ import annotations
@@ -162,7 +169,7 @@ def _tools():
     import triton
 
     bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    return {name: str(bin_dir / name) for name in ("ptxas", "cuobjdump")}
+    return {name: str(bin_dir / name) for name in ("ptxas", "cuobjdump", "nvdisasm")}
 
 
 def specialize(launch):
@@ -213,13 +220,14 @@ def compile_launch(launch) -> dict:
             out = str(pathlib.Path(tmp) / "p.cubin")
             ptxas_log = _run([tools["ptxas"], "-lineinfo", "-v", "--gpu-name=sm_90a", str(ptx), "-o", out])
         sass = _run([tools["cuobjdump"], "-sass", str(cubin)])
+        line_of = parse_line_info(_run([tools["nvdisasm"], "-c", "-g", str(cubin)]))
     resources = parse_ptxas(ptxas_log)
     if len(resources) != 1:
         raise RuntimeError(f"{launch.kernel.__name__}: expected one ptxas entry, got {list(resources)}:\n{ptxas_log}")
     res = next(iter(resources.values()))
     res["shared_bytes"] += compiled.metadata.shared  # Triton's shared memory is dynamic
     functions = parse_sass(sass)
-    return dict(res, **analyse_sass(next(iter(functions.values()))))
+    return dict(res, **analyse_sass(next(iter(functions.values())), line_of))
 
 
 def _run(cmd) -> str:
@@ -281,6 +289,20 @@ def parse_sass(text: str) -> dict:
     return functions
 
 
+def parse_line_info(text: str) -> dict:
+    """{address: "file.py:line"} from ``nvdisasm -g`` (the source line of each SASS instruction)."""
+    line_of, current = {}, None
+    for line in text.splitlines():
+        m = re.match(r'\s*//## File "([^"]+)", line (\d+)', line)
+        if m:
+            current = f"{os.path.basename(m.group(1))}:{m.group(2)}"
+            continue
+        m = re.match(r"^\s*/\*([0-9a-f]{4,})\*/", line)
+        if m and current is not None:
+            line_of[int(m.group(1), 16)] = current
+    return line_of
+
+
 CATEGORIES = {  # opcode (before the first dot) -> class, for the hot-loop mix
     "tensor": {"HGMMA", "HMMA", "IMMA", "WGMMA", "QGMMA", "IGMMA"},
     "compare_select": {"ISETP", "FSETP", "DSETP", "HSETP2", "SEL", "FSEL", "PLOP3", "P2R", "R2P",
@@ -329,8 +351,10 @@ def find_loops(instructions):
     return sorted(loops, key=lambda se: (se[0], -se[1]))
 
 
-def analyse_sass(instructions) -> dict:
-    """Instruction counts of the whole kernel and of its hot loop (see the module docstring)."""
+def analyse_sass(instructions, line_of=None) -> dict:
+    """Instruction counts of the whole kernel and of its hot loop (see the module docstring), and
+    per loop its own instructions and tensor FLOPs (outside loops nested in it) and the source
+    line of its backward branch (the ``for`` it compiles, given ``line_of`` from nvdisasm)."""
     real = [ins for ins in instructions if ins[1] != "NOP"]
     loops = [(s, e) for s, e in find_loops(instructions)]
 
@@ -352,6 +376,16 @@ def analyse_sass(instructions) -> dict:
         spill_instructions=sum(1 for _a, op, _o in real if op.split(".")[0] in ("LDL", "STL")),
         loops=len(loops),
     )
+    own_flops = {}
+    for loop in loops:
+        nested = [other for other in loops if inside(other, loop)]
+        outermost_nested = [n for n in nested if not any(inside(n, o) for o in nested)]
+        own_flops[loop] = (sum(_tensor_flops(op) for _a, op, _o in instructions[loop[0]:loop[1] + 1])
+                           - sum(_tensor_flops(op) for n in outermost_nested for _a, op, _o in instructions[n[0]:n[1] + 1]))
+    result["loop_list"] = [dict(line=(line_of or {}).get(instructions[e][0]), instructions=own[(s, e)],
+                                tensor_flops=own_flops[(s, e)]) for s, e in loops]
+    result["outside_loops_instructions"] = len(real) - sum(own.values())
+    result["outside_loops_tensor_flops"] = total_flops - sum(own_flops.values())
     if not loops:
         return dict(result, hot_loop_instructions=0, hot_loop_tensor_core_instructions=0, hot_loop_mix={},
                     heavy_loop_instructions=0, heavy_loop_tensor_flops=0.0, once_instructions=len(real),
@@ -391,6 +425,115 @@ def occupancy(registers, shared_bytes, num_warps):
 
 
 # ----------------------------------------------------------------------------------------------
+# loop trip counts: the planned launches run under Triton's interpreter, two programs per row
+# ----------------------------------------------------------------------------------------------
+
+
+# Constexprs the interpreter cannot run (inline assembly, libdevice's fast paths), replaced by
+# their portable forms for tracing: neither changes a loop.
+_INTERPRETABLE = {"FAST_TRIG": False, "PIN_BUCKETS": lambda v: min(v, 1)}
+
+
+def launch_spec(launch) -> dict:
+    """A launch as JSON: its kernel by module and name, tensors by shape, strides and dtype."""
+    def arg(value):
+        if isinstance(value, torch.Tensor):
+            return dict(tensor=list(value.shape), stride=list(value.stride()), dtype=str(value.dtype).removeprefix("torch."))
+        return value
+
+    consts = dict(launch.constexprs)
+    for key, safe in _INTERPRETABLE.items():
+        if key in consts:
+            consts[key] = safe(consts[key]) if callable(safe) else safe
+    return dict(module=launch.kernel.fn.__module__, kernel=launch.kernel.__name__, grid=list(launch.grid),
+                args={k: arg(v) for k, v in launch.args.items()}, constexprs=consts,
+                num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+
+def _zeros_like_spec(v):
+    extent = 1 + sum((n - 1) * st for n, st in zip(v["tensor"], v["stride"]) if n > 0)
+    return torch.zeros(extent, dtype=getattr(torch, v["dtype"])).as_strided(v["tensor"], v["stride"])
+
+
+def trace_trips(specs) -> list:
+    """For each launch spec (:func:`launch_spec`), ``{"file.py:line": iterations}``: how often the
+    body of each ``for`` of the kernel's source runs over the whole grid. Needs ``TRITON_INTERPRET=1``
+    (see :func:`traced_trips`). Of the programs along the grid's first axis (batch x heads, or
+    sequence groups) only the first and the last run, the first standing for all but the last;
+    every program along the other axes runs. The inputs are zeros (no key padding), and no loop
+    bound depends on the data otherwise, so the counts are those of a launch of these shapes."""
+    import builtins
+    import importlib
+
+    from triton.runtime import interpreter
+
+    weight, counts = [1], {}
+
+    class CountedRange:
+        """``range`` that counts its iterations per call site, times the running program's weight."""
+
+        def __init__(self, *args):
+            frame = sys._getframe(1)
+            self.key = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+            self.args = args
+            counts.setdefault(self.key, 0)  # a loop that never runs is known to run 0 times
+
+        def __iter__(self):
+            for value in builtins.range(*self.args):
+                counts[self.key] = counts.get(self.key, 0) + weight[0]
+                yield value
+
+    modules = [importlib.import_module(f"fastpe.kernels.triton.{name}") for name in ("concat", "interval", "rmha", "rotations")]
+    builder = interpreter.interpreter_builder
+    set_idx, set_dim = builder.set_grid_idx, builder.set_grid_dim
+    out = []
+    try:
+        for module in modules:
+            module.range = CountedRange
+        for spec in specs:
+            kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+            args = {k: _zeros_like_spec(v) if isinstance(v, dict) and "tensor" in v else v for k, v in spec["args"].items()}
+            grid = tuple(spec["grid"]) + (1,) * (3 - len(spec["grid"]))
+            if spec.get("all_programs"):
+                firsts, weights = list(range(grid[0])), [1] * grid[0]
+            else:
+                firsts = [0] if grid[0] == 1 else [0, grid[0] - 1]
+                weights = [grid[0] - len(firsts) + 1, 1]
+
+            def run_as(x, y, z, firsts=firsts, weights=weights):
+                weight[0] = weights[x]
+                set_idx(firsts[x], y, z)
+
+            builder.set_grid_dim = lambda _x, _y, _z, grid=grid: set_dim(*grid)  # the kernel sees its real grid
+            builder.set_grid_idx = run_as
+            counts.clear()
+            kernel[(len(firsts), grid[1], grid[2])](**args, **spec["constexprs"], num_warps=spec["num_warps"],
+                                                    num_stages=spec["num_stages"])
+            out.append(dict(counts))
+    finally:
+        builder.set_grid_idx, builder.set_grid_dim = set_idx, set_dim
+        for module in modules:
+            vars(module).pop("range", None)
+    return out
+
+
+def traced_trips(launches, all_programs=False) -> list | None:
+    """:func:`trace_trips` of these launches in a child process with the interpreter on; None
+    (and the heuristic model) if it fails. ``all_programs``: run every program of the grid (for
+    kernels whose programs take different branches by their id, which two programs miss)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump([dict(launch_spec(launch), all_programs=all_programs) for launch in launches], f)
+        f.flush()
+        proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "--trace-trips", f.name],
+                              capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"tracing loop trips failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
 # records and the time model
 # ----------------------------------------------------------------------------------------------
 
@@ -423,7 +566,10 @@ def model_time(bytes_, warp_instructions, tensor_flops):
     return {f"t_{k}_us": v * 1e6 for k, v in terms.items()} | {"time_us": terms[bound] * 1e6, "bound": bound}
 
 
-def launch_record(op, shape_name, dims, dtype, dropout, direction, index, launch, analysis):
+def launch_record(op, shape_name, dims, dtype, dropout, direction, index, launch, analysis, trips=None):
+    """One launch's row. ``trips``: the traced iterations of each source loop over the grid
+    (:func:`trace_trips`); when every SASS loop's source line is among them, the instruction and
+    FLOP terms count each loop's own instructions that many times, else the per-tile heuristic."""
     b, h, length, dh = dims
     ctas = math.prod(launch.grid)
     consts = launch.constexprs
@@ -431,7 +577,14 @@ def launch_record(op, shape_name, dims, dtype, dropout, direction, index, launch
     threads = launch.num_warps * 32
     per_thread = consts["BLOCK_M"] * consts["BLOCK_N"] / threads if score_tile else None
     ctas_per_sm = occupancy(analysis["registers"], analysis["shared_bytes"], launch.num_warps)
-    if score_tile:
+    loops = analysis["loop_list"]
+    traced = trips is not None and all(loop["line"] in trips for loop in loops)
+    if traced:
+        warp_instr = launch.num_warps * (ctas * analysis["outside_loops_instructions"]
+                                         + sum(loop["instructions"] * trips[loop["line"]] for loop in loops))
+        flops = launch.num_warps * (ctas * analysis["outside_loops_tensor_flops"]
+                                    + sum(loop["tensor_flops"] * trips[loop["line"]] for loop in loops))
+    elif score_tile:
         tiles = b * h * math.ceil(length / consts["BLOCK_M"]) * math.ceil(length / consts["BLOCK_N"])
         warp_instr = launch.num_warps * (tiles * analysis["heavy_loop_instructions"] + ctas * analysis["once_instructions"])
         flops = launch.num_warps * (tiles * analysis["heavy_loop_tensor_flops"] + ctas * analysis["once_tensor_flops"])
@@ -459,8 +612,12 @@ def launch_record(op, shape_name, dims, dtype, dropout, direction, index, launch
             round(analysis["hot_loop_instructions"] / per_thread, 1) if per_thread else None),
         score_loops_instructions_per_score_element=(
             round(analysis["heavy_loop_instructions"] / per_thread, 1) if per_thread else None),
-        model=dict(bytes=bytes_, warp_instructions=warp_instr, tensor_flops=flops,
-                   lower_bound=not score_tile and analysis["loops"] > 0, **model_time(bytes_, warp_instr, flops)),
+        # every instruction the launch runs (all threads) per score element of the L x L problem
+        kernel_instructions_per_score_element=(
+            round(32 * warp_instr / (b * h * length * length), 1) if score_tile and traced else None),
+        loop_trips=[dict(loop, trips=trips.get(loop["line"])) for loop in loops] if trips is not None else None,
+        model=dict(bytes=bytes_, warp_instructions=warp_instr, tensor_flops=flops, trips="traced" if traced else "heuristic",
+                   lower_bound=not traced and not score_tile and analysis["loops"] > 0, **model_time(bytes_, warp_instr, flops)),
     )
     return rec
 
@@ -521,6 +678,7 @@ def compile_cuda(source: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 _VARIANTS: list = []  # unique launches, read by the forked compile workers
+_PROBLEMS: list = []  # (op, shape, dims, dropout, launches, baseline), read by the forked tracing workers
 
 
 def _compile_index(i):
@@ -537,8 +695,14 @@ def _cuda_job(source):
         return source, [], f"{type(exc).__name__}: {exc}"
 
 
-def build(ops, shapes, dropouts, dtype, cuda, jobs, log=print):
-    global _VARIANTS
+def _trips_job(i):
+    return i, traced_trips([launch for direction in _PROBLEMS[i][4].values() for launch in direction])
+
+
+def build(ops, shapes, dropouts, dtype, cuda, jobs, log=print, trace=True):
+    """Plan, compile and model every launch. ``trace``: count loop trips under the interpreter
+    (:func:`trace_trips`); without it every record uses the per-tile heuristic."""
+    global _VARIANTS, _PROBLEMS
     problems = []  # (op, shape name, dims, dropout, {direction: launches}, baseline)
     for shape_name, dims in shapes:
         for op in ops:
@@ -556,32 +720,50 @@ def build(ops, shapes, dropouts, dtype, cuda, jobs, log=print):
     index_of = {key: i for i, key in enumerate(unique)}
     every_source = sorted(p.name for p in (ROOT / "csrc").glob("*.cu"))
     sources = [s for s in every_source if cuda and set(CUDA_SOURCES.get(s, OPS)) & set(ops)]
+    _PROBLEMS = problems
     log(f"compiling {len(_VARIANTS)} Triton variants ({len(keys)} launches) and {len(sources)} CUDA files "
-        f"for sm_90a with {jobs} jobs")
+        f"for sm_90a with {jobs} jobs" + (f", tracing the loops of {len(problems)} problems" if trace else ""))
     start = time.perf_counter()
+    traced = range(len(problems)) if trace else ()
     if jobs > 1:
         import multiprocessing
 
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
             cuda_futures = [pool.submit(_cuda_job, s) for s in sources]
+            trip_futures = [pool.submit(_trips_job, i) for i in traced]
             results = list(pool.map(_compile_index, range(len(_VARIANTS))))
             cuda_results = [f.result() for f in cuda_futures]
+            trip_results = dict(f.result() for f in trip_futures)
     else:
         results = [_compile_index(i) for i in range(len(_VARIANTS))]
         cuda_results = [_cuda_job(s) for s in sources]
-    log(f"compiled in {time.perf_counter() - start:.0f} s")
+        trip_results = dict(_trips_job(i) for i in traced)
+    log(f"compiled and traced in {time.perf_counter() - start:.0f} s")
+    analyses = {i: a for i, a, _e in results}
+    # A loop the first and last programs never reached (a branch taken by the program id): trace
+    # every program of that launch, when the grid is small enough for the interpreter.
+    for p, (*_head, launches, _b) in enumerate(problems):
+        flat = [launch for direction in launches.values() for launch in direction]
+        for i, (launch, trips) in enumerate(zip(flat, trip_results.get(p) or [])):
+            analysis = analyses.get(index_of[variant_key(launch)])
+            if (analysis and math.prod(launch.grid) <= 4096
+                    and any(loop["line"] not in trips for loop in analysis["loop_list"])):
+                retraced = traced_trips([launch], all_programs=True)
+                if retraced:
+                    trip_results[p][i] = retraced[0]
     failures = [f"{_VARIANTS[i].kernel.__name__}: {err}" for i, _a, err in results if err]
     failures += [f"csrc/{s}: {err}" for s, _r, err in cuda_results if err]
-    analyses = {i: a for i, a, _e in results}
     records, summary = [], []
-    for op, shape_name, dims, dropout, launches, baseline in problems:
+    for p, (op, shape_name, dims, dropout, launches, baseline) in enumerate(problems):
+        problem_trips = iter(trip_results.get(p) or [])
         for direction, direction_launches in launches.items():
             rows = []
             for index, launch in enumerate(direction_launches):
+                trips = next(problem_trips, None)
                 analysis = analyses.get(index_of[variant_key(launch)])
                 if analysis is None:
                     continue
-                rows.append(launch_record(op, shape_name, dims, dtype, dropout, direction, index, launch, analysis))
+                rows.append(launch_record(op, shape_name, dims, dtype, dropout, direction, index, launch, analysis, trips))
             records += rows
             name, b_bytes, b_flops = baseline[direction]
             base = model_time(b_bytes, 0, b_flops)
@@ -592,6 +774,7 @@ def build(ops, shapes, dropouts, dtype, cuda, jobs, log=print):
                 launches=len(direction_launches), time_us=round(total, 3),
                 bound=f"{slowest['kernel']}: {slowest['model']['bound']}" if slowest else None,
                 lower_bound=any(r["model"]["lower_bound"] for r in rows),
+                trips="traced" if rows and all(r["model"]["trips"] == "traced" for r in rows) else "heuristic",
                 baseline=dict(name=name, bytes=b_bytes, flops=b_flops, time_us=round(base["time_us"], 3), bound=base["bound"]),
                 ratio=round(total / base["time_us"], 2) if base["time_us"] else None,
             ))
@@ -614,12 +797,12 @@ def attention_table(report) -> list[str]:
     if not rows:
         return []
     lines = ["| shape | dropout | dir | kernel | regs | spill B | elems/thread | instr/elem (hot loop) | "
-             "instr/elem (all score loops) | CTAs/SM | waves |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "instr/elem (whole kernel) | CTAs/SM | waves |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {'yes' if r['dropout'] else 'no'} | {r['direction']} | {r['kernel']} | "
                      f"{r['registers']} | {r['spill_bytes']} | {_fmt(r['hot_loop_score_elements'])} | "
                      f"{_fmt(r['hot_loop_instructions_per_score_element'])} | "
-                     f"{_fmt(r['score_loops_instructions_per_score_element'])} | {r['ctas_per_sm']} | {_fmt(r['waves'], 2)} |")
+                     f"{_fmt(r.get('kernel_instructions_per_score_element'))} | {r['ctas_per_sm']} | {_fmt(r['waves'], 2)} |")
     return lines
 
 
@@ -639,8 +822,8 @@ def comparison_table(before, after) -> list[str]:
     for r in after["records"]:
         if r.get("hot_loop_score_elements"):
             new_score.setdefault(key(r), []).append(r)
-    lines = ["| op | shape | dropout | dir | model us | launches | score kernel | regs | spill B | instr/elem | waves |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| op | shape | dropout | dir | model us | launches | score kernel | regs | spill B | instr/elem (hot loop) | "
+             "instr/elem (whole kernel) | waves |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def arrow(a, b, digits=1):
         return f"{_fmt(a, digits)} -> {_fmt(b, digits)}"
@@ -653,11 +836,12 @@ def comparison_table(before, after) -> list[str]:
                 f"{arrow(old['time_us'], s['time_us'])} | {old['launches']} -> {s['launches']} |")
         pairs = list(zip(old_score.get(key(s), []), new_score.get(key(s), [])))
         if not pairs:
-            lines.append(head + " - | - | - | - | - |")
+            lines.append(head + " - | - | - | - | - | - |")
         for o, n in pairs:
             lines.append(head + f" {n['kernel']} | {o['registers']} -> {n['registers']} | "
                          f"{o['spill_bytes']} -> {n['spill_bytes']} | "
                          f"{arrow(o['hot_loop_instructions_per_score_element'], n['hot_loop_instructions_per_score_element'])} | "
+                         f"{arrow(o.get('kernel_instructions_per_score_element'), n.get('kernel_instructions_per_score_element'))} | "
                          f"{arrow(o['waves'], n['waves'], 2)} |")
     return lines
 
@@ -674,14 +858,14 @@ def markdown(report, command, before=None) -> str:
           if before else []),
         *(["## Relative attention: score kernels", "", *attention_table(report), ""] if attention_table(report) else []),
         "## Per op: modelled time against the baseline", "",
-        "| op | shape | dropout | dir | launches | model us | bound (slowest launch) | baseline | baseline us | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| op | shape | dropout | dir | launches | model us | loops | bound (slowest launch) | baseline | baseline us | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["summary"]:
         mark = ">=" if s["lower_bound"] else ""
         lines.append(f"| {s['op']} | {s['shape']} | {'yes' if s['dropout'] else 'no'} | {s['direction']} | {s['launches']} | "
-                     f"{mark}{s['time_us']:.2f} | {s['bound']} | {s['baseline']['name']} | {s['baseline']['time_us']:.2f} | "
-                     f"{mark}{s['ratio']} |")
+                     f"{mark}{s['time_us']:.2f} | {s.get('trips', 'heuristic')} | {s['bound']} | {s['baseline']['name']} | "
+                     f"{s['baseline']['time_us']:.2f} | {mark}{s['ratio']} |")
     lines += [
         "", "## Triton launches", "",
         "| op | shape | drop | dir | kernel | grid | warps/stages | regs | spill B | smem KiB | CTAs/SM | waves | "
@@ -722,6 +906,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA kernels in csrc/")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--no-trace", action="store_true",
+                        help="skip counting loop trips under the interpreter (faster; per-tile heuristic time model)")
     parser.add_argument("--compare", type=pathlib.Path, metavar="JSON",
                         help="an earlier static_sm90.json: add a before -> after table")
     args = parser.parse_args(argv)
@@ -752,7 +938,8 @@ def main(argv=None) -> int:
         before["path"] = str(args.compare)
     dropouts = {"both": (False, True), "off": (False,), "on": (True,)}[args.dropout]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    report, failures = build(ops, shapes, dropouts, dtype, cuda, args.jobs, log=lambda m: print(m, file=sys.stderr))
+    report, failures = build(ops, shapes, dropouts, dtype, cuda, args.jobs, log=lambda m: print(m, file=sys.stderr),
+                             trace=not args.no_trace)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python3 benchmarks/static_report.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     (args.out / "static_sm90.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -764,4 +951,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--trace-trips"]:  # the child process of traced_trips
+        print(json.dumps(trace_trips(json.loads(pathlib.Path(sys.argv[2]).read_text()))))
+        sys.exit(0)
     sys.exit(main())

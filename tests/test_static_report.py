@@ -76,6 +76,58 @@ def test_hot_loop_is_the_loop_with_most_instructions_of_its_own():
     # heavy loops (own size at least a quarter of the hot loop's own 10): the outer one only
     assert a["heavy_loop_instructions"] == 12 and a["once_instructions"] == 5
     assert a["heavy_loop_tensor_flops"] == 2 * 64 * 64 * 16 / 4  # one warp's share of a warpgroup MMA
+    # per loop, its own instructions (nested loops left out) and the source line of its back edge
+    line_of = {16 * i: f"k.py:{100 + i}" for i in range(len(body))}
+    loops = sr.analyse_sass(ins, line_of)["loop_list"]
+    assert [(loop["line"], loop["instructions"]) for loop in loops] == [("k.py:113", 10), ("k.py:104", 2), ("k.py:115", 2)]
+    assert loops[0]["tensor_flops"] == 2 * 64 * 64 * 16 / 4 and loops[1]["tensor_flops"] == 0
+    assert a["outside_loops_instructions"] == 17 - 14
+
+
+NVDISASM = """\
+_k:
+	//## File "/src/fastpe/kernels/triton/rmha.py", line 338
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+	//## File "/src/fastpe/kernels/triton/rmha.py", line 407
+        /*0010*/                   IMAD.U32 R2, RZ, RZ, UR7 ;
+        /*0020*/              @!P2 BRA `(.L_x_2) ;
+.L_x_0:
+	//## File "/src/fastpe/kernels/triton/_launch.py", line 12
+        /*0030*/                   EXIT ;
+"""
+
+
+def test_line_info_maps_each_address_to_file_and_line():
+    assert sr.parse_line_info(NVDISASM) == {0x0: "rmha.py:338", 0x10: "rmha.py:407", 0x20: "rmha.py:407",
+                                            0x30: "_launch.py:12"}
+
+
+def _record(trips):
+    from fastpe.kernels.triton._launch import Launch
+
+    def kernel():
+        pass
+
+    launch = Launch(kernel, (10, 2), {}, {"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)
+    analysis = dict(registers=128, shared_bytes=0, spill_bytes=0, spill_store_bytes=0, spill_load_bytes=0,
+                    stack_bytes=0, sass_instructions=160, tensor_core_instructions=0, spill_instructions=0, loops=2,
+                    hot_loop_instructions=100, hot_loop_tensor_core_instructions=0, hot_loop_mix={},
+                    heavy_loop_instructions=150, heavy_loop_tensor_flops=0.0, once_instructions=10,
+                    once_tensor_flops=0.0, outside_loops_instructions=10, outside_loops_tensor_flops=0.0,
+                    loop_list=[dict(line="k.py:5", instructions=100, tensor_flops=0.0),
+                               dict(line="k.py:9", instructions=50, tensor_flops=0.0)])
+    return sr.launch_record("rmha", "X", (5, 2, 32, 16), sr.torch.bfloat16, False, "fwd", 0, launch, analysis, trips)
+
+
+def test_traced_trips_weight_each_loop_and_a_missing_line_falls_back_to_the_heuristic():
+    rec = _record({"k.py:5": 40, "k.py:9": 7})
+    # 4 warps x (20 CTAs x 10 outside + 100 x 40 + 50 x 7)
+    assert rec["model"]["trips"] == "traced" and rec["model"]["warp_instructions"] == 4 * (200 + 4000 + 350)
+    assert rec["kernel_instructions_per_score_element"] == round(32 * 4 * 4550 / (5 * 2 * 32 * 32), 1)
+    rec = _record({"k.py:5": 40})
+    # heuristic: 4 warps x (tiles x heavy + CTAs x once), tiles = 5 x 2 x 2 x 2
+    assert rec["model"]["trips"] == "heuristic" and rec["model"]["warp_instructions"] == 4 * (40 * 150 + 20 * 10)
+    assert rec["kernel_instructions_per_score_element"] is None
 
 
 def test_kernel_without_loops_has_an_empty_hot_loop():
@@ -129,6 +181,13 @@ def test_report_at_a_small_shape(tmp_path):
             assert r["hot_loop_instructions_per_score_element"] > 0
         else:
             assert r["hot_loop_score_elements"] is None
+    # every loop's trips were counted under the interpreter: the forward (one key block) runs its
+    # one loop once per program (4 sequences x 2 query blocks of 16 rows)
+    assert all(r["model"]["trips"] == "traced" for r in records)
+    fwd = next(r for r in records if r["kernel"] == "_rmha_fwd_kernel")
+    assert fwd["constexprs"]["ONE_KEY_BLOCK"] and fwd["grid"] == [4, 2]
+    assert [loop["trips"] for loop in fwd["loop_trips"]] == [8]
+    assert fwd["kernel_instructions_per_score_element"] > 0
     directions = {(s["op"], s["direction"]) for s in report["summary"]}
     assert directions == {("rmha", "fwd"), ("rmha", "bwd")}
     assert all(s["baseline"]["name"] == "SDPA" and s["ratio"] > 0 for s in report["summary"])
