@@ -22,8 +22,8 @@ Backward: recomputes ``P`` from the saved log-sum-exp. Two modes:
 * ``split``: a program owns key block ``n`` (``dk, dv``: loop over query blocks) and query
   block ``n`` (``dq``: loop over key blocks); for long sequences or few (batch, head) pairs.
 
-The inner band buckets' sums (one element per row each) are recomputed per query block along
-the ``2k - 1`` diagonals in a loop, outside the tile loop.
+The inner band buckets hold one element per row each: both passes gather them from the ``P~``
+(and ``dS``) of each tile that meets the band (:func:`_inner_diagonals`).
 
 Relative-table gradients (``drk = sum dS_bucket^T Q``, ``drv = sum P~_bucket^T dO``) are
 accumulated per program in registers, written to a partial buffer (one row per program) and
@@ -34,7 +34,7 @@ generator by the caller, so ``torch.manual_seed`` reproduces it and a captured C
 replays fresh randomness), 7 rounds, counters ``((j // 32) * 4 + (j // 2) % 4, i, batch*head, 0)``:
 one call's 128 bits are eight 16-bit draws for the eight keys of a row that one thread holds of
 an MMA accumulator tile (see :func:`_keep_tile`; a per-element call would cost ~50 instructions
-per score element); the backward and the band's diagonals regenerate the same keep decisions.
+per score element); the backward regenerates the same keep decisions.
 
 Head sizes are padded to a multiple of 16 (as two power-of-two chunks, see
 :func:`fastpe.kernels.triton._launch.split_pow2`), never to the next power of two.
@@ -126,30 +126,52 @@ def _left_of_band(rows, col0, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, KPM, skpb, skpn,
-                 BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX: tl.constexpr, DH: tl.constexpr,
-                 DA: tl.constexpr, DB: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, ALIGN: tl.constexpr = 0):
-    """Masked logits (log2 units) of the diagonal ``j = i + r - k`` of the query block, ``[BLOCK_M]``,
-    and its key indices: the band path. An inner bucket holds one element per row, so its sums
-    are these elements, computed once per query block instead of looked up per tile element."""
-    offs_j = offs_m + (r - KMAX)
-    ok = (offs_j >= 0) & (offs_j < LK) & m_mask
-    if IS_CAUSAL:
-        ok = ok & (offs_j <= offs_m)
-    if HAS_KPM:
-        pad = tl.load(KPM + b * skpb + offs_j * skpn, mask=ok, other=1)
-        ok = ok & (pad == 0)
-    k_a = _load_rows(k_base, offs_j, ok, skn, skd, 0, DA, DH, ALIGN)
-    dot = tl.sum(q_a.to(tl.float32) * k_a.to(tl.float32), axis=1)
-    if DB > 0:
-        k_b = _load_rows(k_base, offs_j, ok, skn, skd, DA, DB, DH, ALIGN)
-        dot += tl.sum(q_b.to(tl.float32) * k_b.to(tl.float32), axis=1)
-    s = (dot + tl.sum(tl.where(rcols[None, :] == r, qr, 0.0), axis=1)) * qk_scale
-    if HAS_BIAS:
-        bias = tl.load(BIAS + b * sbb + h * sbh + offs_m * sbm + offs_j * sbn, mask=ok, other=0.0)
-        s = s + bias.to(tl.float32) * 1.4426950408889634
-    return tl.where(ok, s, float("-inf")), offs_j
+def _inner_diagonals(p, rows, delta, rcols, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The inner buckets ``0 < r < 2k`` of a band tile ``p`` as ``[BLOCK_M, R_PAD]`` (column ``r``):
+    bucket ``r`` of row ``i`` is the one element ``j = i + r - k``, column ``i + r - k - delta`` of the
+    tile when the tile holds it. One gather along the rows, instead of a compare-and-select pass
+    per bucket, or a pass per diagonal after the key loop (which loaded the diagonal's keys
+    again, and drew its dropout per element)."""
+    col = rows[:, None] + (rcols[None, :] - KMAX - delta)
+    ok = (col >= 0) & (col < BLOCK_N) & (rcols[None, :] > 0) & (rcols[None, :] < 2 * KMAX)
+    return tl.where(ok, tl.gather(p, col & (BLOCK_N - 1), axis=1), 0)  # (masked where it wraps)
+
+
+@triton.jit
+def _add_band_grads(inner_a, inner_b, p_lo, ds_lo, rows, delta, rcols, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add a band tile's inner diagonals of P~ and dS (:func:`_inner_diagonals`) to the query block's
+    accumulators. 16-bit tiles travel packed in 32 bits, so one gather moves both, and stay packed:
+    every inner element lies in exactly one tile, so OR-ing is the sum and 16 bits hold it exactly
+    (``inner_a``: the packed pairs, ``inner_b`` unused). Float32: a gather and a table each."""
+    if p_lo.dtype.primitive_bitwidth == 16:
+        packed = (p_lo.to(tl.uint16, bitcast=True).to(tl.uint32)
+                  | (ds_lo.to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
+        inner_a = inner_a | _inner_diagonals(packed, rows, delta, rcols, KMAX, BLOCK_N)
+    else:
+        inner_a += _inner_diagonals(p_lo, rows, delta, rcols, KMAX, BLOCK_N)
+        inner_b += _inner_diagonals(ds_lo, rows, delta, rcols, KMAX, BLOCK_N)
+    return inner_a, inner_b
+
+
+@triton.jit
+def _inner_zeros(BLOCK_M: tl.constexpr, R_PAD: tl.constexpr, dt):
+    """Empty :func:`_add_band_grads` accumulators for tiles of dtype ``dt``."""
+    if dt.primitive_bitwidth == 16:
+        return tl.zeros([BLOCK_M, R_PAD], tl.uint32), tl.zeros([1, 1], tl.float32)
+    else:
+        return tl.zeros([BLOCK_M, R_PAD], tl.float32), tl.zeros([BLOCK_M, R_PAD], tl.float32)
+
+
+@triton.jit
+def _inner_tables(inner_a, inner_b, dt):
+    """The inner bucket sums of P~ and dS in float32 from :func:`_add_band_grads`'s accumulators."""
+    if dt.primitive_bitwidth == 16:
+        inner_p = (inner_a & 0xFFFF).to(tl.uint16).to(dt, bitcast=True).to(tl.float32)
+        inner_ds = (inner_a >> 16).to(tl.uint16).to(dt, bitcast=True).to(tl.float32)
+    else:
+        inner_p = inner_a
+        inner_ds = inner_b
+    return inner_p, inner_ds
 
 
 @triton.jit
@@ -216,40 +238,13 @@ def _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
     return tl.reshape(u, [M, BLOCK_N]) >= _keep_threshold(dropout_p)
 
 
-@triton.jit
-def _keep_elems(seed, bh, offs_m, offs_j, dropout_p):
-    """The keep decisions of :func:`_keep_tile` for single elements ``(offs_m[t], offs_j[t])``."""
-    c0 = (offs_j >> 5) * 4 + ((offs_j >> 1) & 3)
-    word = (offs_j >> 3) & 3
-    c2 = tl.zeros(c0.shape, tl.int32) + bh
-    r0, r1, r2, r3 = tl.philox(seed, c0, offs_m, c2, c2 * 0, PHILOX_ROUNDS)
-    r = tl.where(word < 2, tl.where(word == 0, r0, r1), tl.where(word == 2, r2, r3))
-    u = tl.where((offs_j & 1) == 0, r & 0xFFFF, r >> 16)
-    return u >= _keep_threshold(dropout_p)
-
-
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _diag_probs(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, bh, KPM, skpb, skpn,
-                BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, lse, seed, dropout_p,
-                KMAX: tl.constexpr, DH: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_KPM: tl.constexpr,
-                HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ALIGN: tl.constexpr = 0):
-    """Normalised P~ on the diagonal ``j = i + r - k``, ``[BLOCK_M]``."""
-    s_d, offs_j = _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, KPM, skpb, skpn,
-                               BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, ALIGN)
-    p_d = tl.exp2(s_d - lse)
-    if HAS_DROPOUT:
-        keep_d = _keep_elems(seed, bh, offs_m, offs_j, dropout_p)
-        p_d = tl.where(keep_d, p_d * (1.0 / (1.0 - dropout_p)), 0.0)
-    return p_d
-
-
-@triton.jit
-def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_side, dloc, offs_m, m_mask, offs_m_local, rcols,
+def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_side, dloc, offs_m, m_mask, offs_m_local, rcols,
               k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
               LK, qk_scale, seed, dropout_p,
               KMAX: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr,
@@ -298,16 +293,18 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr
         if DVB > 0:
             v_b = _load_rows(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV, ALIGN)
             acc_b = tl.dot(p_lo, v_b, acc_b * alpha[:, None], input_precision=DOT_PREC)
-        # bucket 0 sums of P~ and all of P~ (bucket 2k takes the rest, the inner buckets come later)
+        # bucket 0 and inner sums of P~ and all of P~ (bucket 2k takes the rest)
         if BAND:
             pl = pl * alpha + tl.sum(tl.where(_left_of_band(offs_m_local, delta, KMAX, BLOCK_N), p, 0.0), axis=1)
-        elif SIDE_COL == 0:
+            inner = inner * alpha[:, None] + _inner_diagonals(p, offs_m_local, delta, rcols, KMAX, BLOCK_N)
+        elif SIDE_COL == 0:  # (before the band: no inner sums yet)
             pl = pl * alpha + tl.sum(p, axis=1)
         else:
             pl = pl * alpha
+            inner = inner * alpha[:, None]
         pt = pt * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    return acc_a, acc_b, m_i, l_i, pl, pt
+    return acc_a, acc_b, m_i, l_i, pl, pt, inner
 
 
 @triton.jit
@@ -377,6 +374,7 @@ def _rmha_fwd_kernel(
     acc_b = tl.zeros([BLOCK_M, DVB if DVB > 0 else 16], tl.float32)
     pl = tl.zeros([BLOCK_M], tl.float32)  # bucket 0 sums of P~ (unnormalised)
     pt = tl.zeros([BLOCK_M], tl.float32)  # row sums of P~ (unnormalised)
+    inner = tl.zeros([BLOCK_M, R_PAD], tl.float32)  # inner bucket sums of P~ (unnormalised)
 
     hi = LK
     if IS_CAUSAL:
@@ -391,22 +389,22 @@ def _rmha_fwd_kernel(
     if not ONE_KEY_BLOCK:
         qr_left = _table_col(qr, rcols, 0)
         for start_n in range(0, lo_band, BLOCK_N):
-            acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
-                acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
+            acc_a, acc_b, m_i, l_i, pl, pt, inner = _fwd_tile(
+                acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
                 k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
                 LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
                 HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0, ALIGN, POS_SCALE)
     for start_n in range(lo_band, mid_band, BLOCK_N):
-        acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(  # (band tiles ignore qr_side: m_i stands in)
-            acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, m_i, dloc, offs_m, m_mask, offs_m_local, rcols,
+        acc_a, acc_b, m_i, l_i, pl, pt, inner = _fwd_tile(  # (band tiles ignore qr_side: m_i stands in)
+            acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, m_i, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
             HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE)
     if not ONE_KEY_BLOCK:
         qr_right = _table_col(qr, rcols, 2 * KMAX)
         for start_n in range(end_band, hi, BLOCK_N):
-            acc_a, acc_b, m_i, l_i, pl, pt = _fwd_tile(
-                acc_a, acc_b, m_i, l_i, pl, pt, start_n, start_m, q_a, q_b, qr, qr_right, dloc, offs_m, m_mask, offs_m_local, rcols,
+            acc_a, acc_b, m_i, l_i, pl, pt, inner = _fwd_tile(
+                acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_right, dloc, offs_m, m_mask, offs_m_local, rcols,
                 k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
                 LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
                 HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX, ALIGN, POS_SCALE)
@@ -417,14 +415,7 @@ def _rmha_fwd_kernel(
     inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
     if HAS_DROPOUT:  # the kept probabilities' scale, left out of the tiles
         inv_l = inv_l * (1.0 / (1.0 - dropout_p))
-    # bucket sums of the normalised P~: the inner buckets from the band's diagonals
-    inner = tl.zeros([BLOCK_M, R_PAD], tl.float32)
-    # a loop, not unrolled: unrolled diagonals load concurrently and spill at dh = 90
-    for r in range(1, 2 * KMAX):
-        p_d = _diag_probs(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, bh, KPM, skpb, skpn,
-                          BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, lse, seed, dropout_p,
-                          KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, ALIGN)
-        inner = tl.where(rcols[None, :] == r, p_d[:, None], inner)
+    inner = inner * inv_l[:, None]
     left = pl * inv_l
     right = pt * inv_l - left - tl.sum(inner, axis=1)
     # (added, not selected: with k = 0 both outer buckets are bucket 0)
@@ -501,55 +492,6 @@ def _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
         dprob = dpt
     ds = p * (dprob - di[:, None]) * scale
     return p_drop, ds
-
-
-@triton.jit
-def _diag_grad(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
-               b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
-               KMAX: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
-               DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ALIGN: tl.constexpr = 0):
-    """P~ and dS on the diagonal ``j = i + r - k``, ``[BLOCK_M]`` each."""
-    s_d, offs_j = _diag_logits(q_a, q_b, qr, rcols, r, offs_m, m_mask, k_base, skn, skd, b, h, KPM, skpb, skpn,
-                               BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, KMAX, DH, DA, DB, HAS_KPM, HAS_BIAS, IS_CAUSAL, ALIGN)
-    p_d = tl.exp2(s_d - lse)
-    in_range = s_d > float("-inf")  # allowed keys only: padding is never read
-    v_a = _load_rows(v_base, offs_j, in_range, svn, svd, 0, DVA, DV, ALIGN)
-    dp_d = tl.sum(do_a.to(tl.float32) * v_a.to(tl.float32), axis=1)
-    if DVB > 0:
-        v_b = _load_rows(v_base, offs_j, in_range, svn, svd, DVA, DVB, DV, ALIGN)
-        dp_d += tl.sum(do_b.to(tl.float32) * v_b.to(tl.float32), axis=1)
-    dp_d += tl.sum(tl.where(rcols[None, :] == r, dorv, 0.0), axis=1)
-    if HAS_DROPOUT:
-        keep_d = _keep_elems(seed, bh, offs_m, offs_j, dropout_p)
-        inv_keep = 1.0 / (1.0 - dropout_p)
-        p_drop_d = tl.where(keep_d, p_d * inv_keep, 0.0)
-        dp_d = tl.where(keep_d, dp_d * inv_keep, 0.0)
-    else:
-        p_drop_d = p_d
-    return p_drop_d, p_d * (dp_d - di) * scale
-
-
-@triton.jit
-def _diag_grads(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
-                b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
-                KMAX: tl.constexpr, R_PAD: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
-                DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, ALIGN: tl.constexpr = 0):
-    """P~ and dS on the inner diagonals of the band (the inner bucket sums), ``[BLOCK_M, R_PAD]`` each,
-    recomputed from q, k, v once per query block. A loop, not unrolled: unrolled diagonals load
-    their keys and values at once and spill (dh = 90); gathering them from the score tiles instead
-    costs a warp shuffle per tile column and output (more than the recomputation)."""
-    inner_p = tl.zeros([offs_m.shape[0], R_PAD], tl.float32)
-    inner_ds = tl.zeros([offs_m.shape[0], R_PAD], tl.float32)
-    for r in range(1, 2 * KMAX):
-        p_d, ds_d = _diag_grad(q_a, q_b, do_a, do_b, qr, dorv, di, lse, rcols, r, offs_m, m_mask, k_base, v_base,
-                               skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK,
-                               qk_scale, scale, seed, dropout_p, KMAX, DH, DV, DA, DB, DVA, DVB,
-                               HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, ALIGN)
-        inner_p = tl.where(rcols[None, :] == r, p_d[:, None], inner_p)
-        inner_ds = tl.where(rcols[None, :] == r, ds_d[:, None], inner_ds)
-    return inner_p, inner_ds
 
 
 @triton.jit
@@ -724,6 +666,7 @@ def _rmha_bwd_kernel(
                 total_p = tl.zeros([BLOCK_M], tl.float32)
                 left_ds = tl.zeros([BLOCK_M], tl.float32)
                 total_ds = tl.zeros([BLOCK_M], tl.float32)
+                inner_a, inner_b = _inner_zeros(BLOCK_M, R_PAD, dt)
                 hi_n = LK
                 if IS_CAUSAL:
                     hi_n = tl.minimum(LK, start_m + BLOCK_M)
@@ -743,6 +686,9 @@ def _rmha_bwd_kernel(
                             p_drop, ds, left_p, total_p, left_ds, total_ds, offs_m, start_n, delta, KMAX, BLOCK_M, BLOCK_N)
                         p_lo = p_drop.to(dt)
                         ds_lo = ds.to(dt)
+                        if _meets_band(delta, KMAX, BLOCK_M, BLOCK_N):
+                            inner_a, inner_b = _add_band_grads(inner_a, inner_b, p_lo, ds_lo, offs_m_local, delta,
+                                                               offs_r, KMAX, BLOCK_N)
                         dq_a = tl.dot(ds_lo, k_a, dq_a, input_precision=DOT_PREC)
                         if DB > 0:
                             dq_b = tl.dot(ds_lo, k_b, dq_b, input_precision=DOT_PREC)
@@ -768,10 +714,7 @@ def _rmha_bwd_kernel(
                                 acc = _load_rows(acc_k, offs_n, n_mask, DHP, 1, DA, DB, DHP, 16)
                                 _store_rows(acc_k, tl.dot(tl.trans(ds_lo), q_b, acc, input_precision=DOT_PREC),
                                             offs_n, n_mask, DHP, 1, DA, DB, DHP)
-                inner_p, inner_ds = _diag_grads(
-                    q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
-                    b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
-                    KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, ALIGN)
+                inner_p, inner_ds = _inner_tables(inner_a, inner_b, dt)
                 _finish_query_block(
                     q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                     left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
@@ -856,6 +799,7 @@ def _rmha_bwd_kernel(
             total_p = tl.zeros([BLOCK_M], tl.float32)
             left_ds = tl.zeros([BLOCK_M], tl.float32)
             total_ds = tl.zeros([BLOCK_M], tl.float32)
+            inner_a, inner_b = _inner_zeros(BLOCK_M, R_PAD, dt)
             hi_n = LK
             if IS_CAUSAL:
                 hi_n = tl.minimum(LK, start_m + BLOCK_M)
@@ -875,15 +819,15 @@ def _rmha_bwd_kernel(
                     left_p, total_p, left_ds, total_ds = _row_stats(
                         p2, ds2, left_p, total_p, left_ds, total_ds, offs_m, start_n2, delta2, KMAX, BLOCK_M, BLOCK_N)
                     ds2_lo = ds2.to(dt)
+                    if _meets_band(delta2, KMAX, BLOCK_M, BLOCK_N):
+                        inner_a, inner_b = _add_band_grads(inner_a, inner_b, p2.to(dt), ds2_lo, offs_m_local, delta2,
+                                                           offs_r, KMAX, BLOCK_N)
                     dq_a = tl.dot(ds2_lo, k2_a, dq_a, input_precision=DOT_PREC)
                     if DB > 0:
                         dq_b = tl.dot(ds2_lo, k2_b, dq_b, input_precision=DOT_PREC)
             if start_m < LQ:
                 tl.debug_barrier()  # the partial row written by other threads before
-                inner_p, inner_ds = _diag_grads(
-                    q_a, q_b, do_a, do_b, qr, dorv, di, lse, offs_r, offs_m, m_mask, k_base, v_base, skn, skd, svn, svd,
-                    b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, scale, seed, dropout_p,
-                    KMAX, R_PAD, DH, DV, DA, DB, DVA, DVB, HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, ALIGN)
+                inner_p, inner_ds = _inner_tables(inner_a, inner_b, dt)
                 _finish_query_block(
                     q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                     left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
