@@ -918,6 +918,12 @@ def fwd_config(b, h, lq, lk, dh, dv, device, dtype):
     # 64-key blocks at most: a 64 x 128 tile needs 8 warps (16 score elements per thread, the
     # per-tile work dominates) and still spills (benchmarks/static_report.py, L = 200, dh = 64)
     block_n = min(max(16, _launch.next_pow2(lk)), 64)
+    if 64 < lk <= 256:
+        # A tile meeting the band costs about twice one off it (the gathers), and 32-key blocks
+        # halve the band's share of the keys (static sm_90a, instructions per score element over
+        # the kernel: L = 128 dh 64 44.8 -> 41.8, L = 200 dh 64 53.0 -> 47.2, dh 32 49.5 -> 41.8;
+        # at L = 512 the band is a small share and 64 stays, 24.0 against 24.6).
+        block_n = 32
     block_m = min(max(16, _launch.next_pow2(lq)), 64 if widest <= 128 else 32)
     if 64 < widest <= 128 and lq <= 128:
         # Wide heads, one query block per sequence: 128 queries over 8 warps and 32-key tiles
