@@ -67,15 +67,21 @@ def _gemm_kernel(
     if HAS_TAB:
         rows = _token_rows(POS, offs_m // L, offs_m % L, spb, spl, m_mask, POS_KIND)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # Two loops, the x columns then the table's: each K block loads one source, not both masked.
+    for k0 in range(0, KA, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(A + offs_m[:, None] * sam + offs_k[None, :] * sak, mask=m_mask[:, None] & (offs_k < KA)[None, :], other=0.0)
-        if HAS_TAB:
-            in_tab = (offs_k >= KA) & (offs_k < K)
-            t = tl.load(TAB + rows[:, None] * str_ + (offs_k - KA)[None, :] * stc, mask=m_mask[:, None] & in_tab[None, :], other=0.0)
-            a += t.to(a.dtype)
-        b = tl.load(Bm + offs_k[:, None] * sbk + offs_n[None, :] * sbn, mask=(offs_k < K)[:, None] & n_mask[None, :], other=0.0)
+        k_mask = offs_k < KA
+        a = tl.load(A + offs_m[:, None] * sam + offs_k[None, :] * sak, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(Bm + offs_k[:, None] * sbk + offs_n[None, :] * sbn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PREC)
+    if HAS_TAB:
+        for k0 in range(0, K - KA, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K - KA
+            t = tl.load(TAB + rows[:, None] * str_ + offs_k[None, :] * stc, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(Bm + (KA + offs_k)[:, None] * sbk + offs_n[None, :] * sbn, mask=k_mask[:, None] & n_mask[None, :],
+                        other=0.0)
+            acc = tl.dot(t.to(A.dtype.element_ty), b.to(A.dtype.element_ty), acc, input_precision=DOT_PREC)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(C + offs_m[:, None] * scm + offs_n[None, :] * scn, acc.to(C.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
