@@ -460,8 +460,10 @@ def trace_trips(specs) -> list:
     body of each ``for`` of the kernel's source runs over the whole grid. Needs ``TRITON_INTERPRET=1``
     (see :func:`traced_trips`). Of the programs along the grid's first axis (batch x heads, or
     sequence groups) only the first and the last run, the first standing for all but the last;
-    every program along the other axes runs. The inputs are zeros (no key padding), and no loop
-    bound depends on the data otherwise, so the counts are those of a launch of these shapes."""
+    every program along the other axes runs. The inputs are zeros: no key padding, and for the
+    time-interval kernels all time steps equal, so their loops over the 64-bucket chunks a query
+    block uses run once (a best case: real time steps use a few chunks). No other loop bound
+    depends on the data."""
     import builtins
     import importlib
 
