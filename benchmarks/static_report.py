@@ -361,14 +361,18 @@ def analyse_sass(instructions, line_of=None) -> dict:
     def count(s, e):
         return sum(1 for ins in instructions[s:e + 1] if ins[1] != "NOP")
 
+    def flops(s, e):
+        return sum(_tensor_flops(op) for _a, op, _o in instructions[s:e + 1])
+
     def inside(inner, outer):
         return inner != outer and outer[0] <= inner[0] and inner[1] <= outer[1]
 
-    own = {}
+    own, own_flops = {}, {}  # per loop, what lies outside the loops nested in it
     for loop in loops:
         nested = [other for other in loops if inside(other, loop)]
         outermost_nested = [n for n in nested if not any(inside(n, o) for o in nested)]
         own[loop] = count(*loop) - sum(count(*n) for n in outermost_nested)
+        own_flops[loop] = flops(*loop) - sum(flops(*n) for n in outermost_nested)
     total_flops = sum(_tensor_flops(op) for _a, op, _o in real)
     result = dict(
         sass_instructions=len(real),
@@ -376,12 +380,6 @@ def analyse_sass(instructions, line_of=None) -> dict:
         spill_instructions=sum(1 for _a, op, _o in real if op.split(".")[0] in ("LDL", "STL")),
         loops=len(loops),
     )
-    own_flops = {}
-    for loop in loops:
-        nested = [other for other in loops if inside(other, loop)]
-        outermost_nested = [n for n in nested if not any(inside(n, o) for o in nested)]
-        own_flops[loop] = (sum(_tensor_flops(op) for _a, op, _o in instructions[loop[0]:loop[1] + 1])
-                           - sum(_tensor_flops(op) for n in outermost_nested for _a, op, _o in instructions[n[0]:n[1] + 1]))
     result["loop_list"] = [dict(line=(line_of or {}).get(instructions[e][0]), instructions=own[(s, e)],
                                 tensor_flops=own_flops[(s, e)]) for s, e in loops]
     result["outside_loops_instructions"] = len(real) - sum(own.values())
@@ -400,7 +398,7 @@ def analyse_sass(instructions, line_of=None) -> dict:
     heavy = [loop for loop in loops if own[loop] * 4 >= own[hot]]
     heavy = [loop for loop in heavy if not any(inside(loop, other) for other in heavy)]
     heavy_instructions = sum(count(*loop) for loop in heavy)
-    heavy_flops = sum(_tensor_flops(op) for loop in heavy for _a, op, _o in instructions[loop[0]:loop[1] + 1])
+    heavy_flops = sum(flops(*loop) for loop in heavy)
     return dict(
         result,
         hot_loop_instructions=len(body),
@@ -482,7 +480,7 @@ def trace_trips(specs) -> list:
 
         def __iter__(self):
             for value in builtins.range(*self.args):
-                counts[self.key] = counts.get(self.key, 0) + weight[0]
+                counts[self.key] += weight[0]
                 yield value
 
     modules = [importlib.import_module(f"fastpe.kernels.triton.{name}") for name in ("concat", "interval", "rmha", "rotations")]
@@ -697,8 +695,13 @@ def _cuda_job(source):
         return source, [], f"{type(exc).__name__}: {exc}"
 
 
+def _flat(launches) -> list:
+    """A problem's ``{direction: [Launch]}`` in one list: the order its traced trips come in."""
+    return [launch for direction in launches.values() for launch in direction]
+
+
 def _trips_job(i):
-    return i, traced_trips([launch for direction in _PROBLEMS[i][4].values() for launch in direction])
+    return i, traced_trips(_flat(_PROBLEMS[i][4]))
 
 
 def build(ops, shapes, dropouts, dtype, cuda, jobs, log=print, trace=True):
@@ -745,8 +748,7 @@ def build(ops, shapes, dropouts, dtype, cuda, jobs, log=print, trace=True):
     # A loop the first and last programs never reached (a branch taken by the program id): trace
     # every program of that launch, when the grid is small enough for the interpreter.
     for p, (*_head, launches, _b) in enumerate(problems):
-        flat = [launch for direction in launches.values() for launch in direction]
-        for i, (launch, trips) in enumerate(zip(flat, trip_results.get(p) or [])):
+        for i, (launch, trips) in enumerate(zip(_flat(launches), trip_results.get(p) or [])):
             analysis = analyses.get(index_of[variant_key(launch)])
             if (analysis and math.prod(launch.grid) <= 4096
                     and any(loop["line"] not in trips for loop in analysis["loop_list"])):

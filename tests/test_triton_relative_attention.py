@@ -329,8 +329,8 @@ def test_dropout_mask_does_not_depend_on_the_block_size():
                                           ("split", 40, 32), ("fused", 70, 64)])
 def test_dropout_backward_uses_the_forward_mask(mode, L, block):
     """Outputs and all gradients equal the float64 reference fed the kernel's own keep mask (at L = 40
-    with k = 2 over 16-wide blocks: key blocks off the band, and the band's diagonals, which draw
-    their keep decisions apart from the tiles; 32- and 64-wide key blocks draw a tile's keys from
+    with k = 2 over 16-wide blocks: key blocks off the band, and blocks meeting it, whose inner
+    buckets are gathered from the dropped tile; 32- and 64-wide key blocks draw a tile's keys from
     whole 32-key Philox spans, 16-wide ones from half of one)."""
     b, h, p = 2, 2, 0.25
     kw = {"key_padding_mask": masks_on_device("padding", b, h, L, L)["key_padding_mask"], "is_causal": True}
