@@ -25,9 +25,11 @@ Time model per launch (README, "Static kernel report"): the largest of bytes / H
 warp instructions / issue rate and tensor-core FLOPs / dense rate. Instructions: each SASS loop
 is matched to the ``for`` of the kernel source it compiles (the source line of its backward
 branch, from ``nvdisasm -g``), and its own instructions count as often as that loop's body runs
-over the grid, counted by running the planned launch under Triton's interpreter (two programs
-per grid row, or all of them when those two miss a loop: see :func:`trace_trips`); the
-instructions outside every loop count once per program. Every path of a loop body counts (a branch skipped at run time still counts), so the
+over the grid, counted by running the planned launch under Triton's interpreter (the first and
+last program per grid row and, where they differ, a bisection for where the first one's counts
+end; all programs when those miss a loop: see :func:`trace_trips`); the instructions outside
+every loop count once per program. Every path of a loop body counts (a branch skipped at run
+time still counts), so the
 term is an upper bound of the work per iteration. Where a loop cannot be matched (or with
 ``--no-trace``) the older heuristic applies, marked "heuristic": loops of at least a quarter of
 the hot loop's size once per score tile (it charges a tile every alternative loop and a loop
@@ -456,9 +458,13 @@ def _zeros_like_spec(v):
 def trace_trips(specs) -> list:
     """For each launch spec (:func:`launch_spec`), ``{"file.py:line": iterations}``: how often the
     body of each ``for`` of the kernel's source runs over the whole grid. Needs ``TRITON_INTERPRET=1``
-    (see :func:`traced_trips`). Of the programs along the grid's first axis (batch x heads, or
-    sequence groups) only the first and the last run, the first standing for all but the last;
-    every program along the other axes runs. The inputs are zeros: no key padding, and for the
+    (see :func:`traced_trips`). Along the grid's first axis (batch x heads, sequence groups, or
+    persistent programs) the first and the last program run; when their counts differ, as in a
+    persistent kernel whose first programs take one tile more than the rest, a bisection finds
+    where the first program's counts end (assumed: programs ``0..p`` count like the first, the rest
+    like the last, as ``range(pid, tiles, programs)`` gives; a third count found on the way falls
+    back to the first program standing for all but the last). Every program along the other axes
+    runs. The inputs are zeros: no key padding, and for the
     time-interval kernels all time steps equal, so their loops over the 64-bucket chunks a query
     block uses run once (a best case: real time steps use a few chunks). No other loop bound
     depends on the data."""
@@ -467,10 +473,10 @@ def trace_trips(specs) -> list:
 
     from triton.runtime import interpreter
 
-    weight, counts = [1], {}
+    counts = {}
 
     class CountedRange:
-        """``range`` that counts its iterations per call site, times the running program's weight."""
+        """``range`` that counts its iterations per call site."""
 
         def __init__(self, *args):
             frame = sys._getframe(1)
@@ -480,7 +486,7 @@ def trace_trips(specs) -> list:
 
         def __iter__(self):
             for value in builtins.range(*self.args):
-                counts[self.key] += weight[0]
+                counts[self.key] += 1
                 yield value
 
     modules = [importlib.import_module(f"fastpe.kernels.triton.{name}") for name in ("concat", "interval", "rmha", "rotations")]
@@ -494,22 +500,34 @@ def trace_trips(specs) -> list:
             kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
             args = {k: _zeros_like_spec(v) if isinstance(v, dict) and "tensor" in v else v for k, v in spec["args"].items()}
             grid = tuple(spec["grid"]) + (1,) * (3 - len(spec["grid"]))
-            if spec.get("all_programs"):
-                firsts, weights = list(range(grid[0])), [1] * grid[0]
-            else:
-                firsts = [0] if grid[0] == 1 else [0, grid[0] - 1]
-                weights = [grid[0] - len(firsts) + 1, 1]
-
-            def run_as(x, y, z, firsts=firsts, weights=weights):
-                weight[0] = weights[x]
-                set_idx(firsts[x], y, z)
-
             builder.set_grid_dim = lambda _x, _y, _z, grid=grid: set_dim(*grid)  # the kernel sees its real grid
-            builder.set_grid_idx = run_as
-            counts.clear()
-            kernel[(len(firsts), grid[1], grid[2])](**args, **spec["constexprs"], num_warps=spec["num_warps"],
-                                                    num_stages=spec["num_stages"])
-            out.append(dict(counts))
+
+            def run(programs, kernel=kernel, args=args, spec=spec, grid=grid):
+                """Counts of these programs along axis 0 (with every program along the others)."""
+                builder.set_grid_idx = lambda x, y, z: set_idx(programs[x], y, z)
+                counts.clear()
+                kernel[(len(programs), grid[1], grid[2])](**args, **spec["constexprs"], num_warps=spec["num_warps"],
+                                                          num_stages=spec["num_stages"])
+                return dict(counts)
+
+            if spec.get("all_programs"):
+                out.append(run(list(range(grid[0]))))
+                continue
+            first = run([0])
+            last = run([grid[0] - 1]) if grid[0] > 1 else first
+            like_first = grid[0] - 1  # the last program that counts like the first
+            if first != last:
+                lo, hi = 0, grid[0] - 1
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    seen = run([mid])
+                    if seen not in (first, last):
+                        lo = grid[0] - 2  # not two-valued: the first stands for all but the last
+                        break
+                    lo, hi = (mid, hi) if seen == first else (lo, mid)
+                like_first = lo
+            n_first, n_last = like_first + 1, grid[0] - like_first - 1
+            out.append({key: first.get(key, 0) * n_first + last.get(key, 0) * n_last for key in first.keys() | last.keys()})
     finally:
         builder.set_grid_idx, builder.set_grid_dim = set_idx, set_dim
         for module in modules:

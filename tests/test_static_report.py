@@ -210,3 +210,24 @@ def test_comparison_pairs_rows_of_two_reports():
     assert len(rows) == 3
     assert rows[2].startswith("| rmha | S2 | no | fwd | 118.9 -> 30.0 | 1 -> 1 | _rmha_fwd_kernel |")
     assert "448 -> 0" in rows[2] and "107.3 -> 20.0" in rows[2]
+
+
+@pytest.mark.parametrize("programs", [4, 5])
+def test_persistent_programs_with_unequal_tiles_are_counted_exactly(programs):
+    """A persistent launch whose first programs take one tile more than the others: the traced
+    count of its tile loop is the number of tiles, not the first program's count times the grid."""
+    pytest.importorskip("triton")
+    import torch
+
+    from fastpe.kernels.triton import _launch
+
+    name, dims = sr.parse_shape("B3h1L20dh16")
+    with _launch.override("tisas_fwd", programs=programs, block_m=16, block_n=32):
+        launches, _baseline = sr.plan_op("tisas", dims, torch.float16, False)
+    fwd = launches["fwd"][0]
+    assert fwd.grid == (programs,) and fwd.constexprs["BLOCK_M"] == 16
+    tiles = 3 * 1 * 2  # sequences x heads x query blocks of 16 rows
+    source = (ROOT / "fastpe" / "kernels" / "triton" / "interval.py").read_text().splitlines()
+    line = 1 + next(i for i, text in enumerate(source) if "for tile in range(pid, N_TILES, nprog):" in text)
+    (trips,) = sr.traced_trips([fwd])
+    assert trips[f"interval.py:{line}"] == tiles, trips
