@@ -22,7 +22,8 @@ relative-attention kernels (those with ``BLOCK_M`` and ``BLOCK_N``) one pass of 
 one ``BLOCK_M x BLOCK_N`` score tile, so ``hot_loop_score_elements`` is that tile per thread.
 
 Time model per launch (README, "Static kernel report"): the largest of bytes / HBM bandwidth,
-warp instructions / issue rate and tensor-core FLOPs / dense rate. Instructions: each SASS loop
+warp instructions / issue rate and tensor-core FLOPs / dense rate, the last two for the busiest
+SM (``ceil(CTAs / SMs)`` equal CTAs; see :func:`busiest_sm_factor`). Instructions: each SASS loop
 is matched to the ``for`` of the kernel source it compiles (the source line of its backward
 branch, from ``nvdisasm -g``), and its own instructions count as often as that loop's body runs
 over the grid, counted by running the planned launch under Triton's interpreter (the first and
@@ -574,14 +575,25 @@ def launch_bytes(launch) -> int:
     return sum(min(sum(views.values()), hi - lo) for views, lo, hi in per_storage.values())
 
 
-def model_time(bytes_, warp_instructions, tensor_flops):
+def busiest_sm_factor(ctas):
+    """How much more than its even share the busiest SM issues: equal CTAs spread over the SMs,
+    the busiest gets ``ceil(ctas / SMs)`` of them (150 CTAs on 132 SMs: 2, so 1.76x the 150/132
+    an even spread would give; 38 CTAs: 132/38, the other SMs idle). 1 when the CTAs divide evenly."""
+    return math.ceil(ctas / MACHINE["sms"]) * MACHINE["sms"] / ctas
+
+
+def model_time(bytes_, warp_instructions, tensor_flops, ctas=None):
+    """The largest of the three terms; the issue and tensor terms are those of the busiest SM
+    (:func:`busiest_sm_factor`) when the launch's CTA count is given (a baseline has none: ideal)."""
+    tail = busiest_sm_factor(ctas) if ctas else 1.0
     terms = {
         "memory": bytes_ / MACHINE["hbm_bytes_per_s"],
-        "issue": warp_instructions / MACHINE["issue_per_s"],
-        "tensor": tensor_flops / MACHINE["tensor_flops_per_s"],
+        "issue": tail * warp_instructions / MACHINE["issue_per_s"],
+        "tensor": tail * tensor_flops / MACHINE["tensor_flops_per_s"],
     }
     bound = max(terms, key=terms.get)
-    return {f"t_{k}_us": v * 1e6 for k, v in terms.items()} | {"time_us": terms[bound] * 1e6, "bound": bound}
+    return {f"t_{k}_us": v * 1e6 for k, v in terms.items()} | {"time_us": terms[bound] * 1e6, "bound": bound,
+                                                                "busiest_sm_factor": round(tail, 3)}
 
 
 def launch_record(op, shape_name, dims, dtype, dropout, direction, index, launch, analysis, trips=None):
@@ -635,7 +647,7 @@ def launch_record(op, shape_name, dims, dtype, dropout, direction, index, launch
             round(32 * warp_instr / (b * h * length * length), 1) if score_tile and traced else None),
         loop_trips=[dict(loop, trips=trips.get(loop["line"])) for loop in loops] if trips is not None else None,
         model=dict(bytes=bytes_, warp_instructions=warp_instr, tensor_flops=flops, trips="traced" if traced else "heuristic",
-                   lower_bound=not traced and not score_tile and analysis["loops"] > 0, **model_time(bytes_, warp_instr, flops)),
+                   lower_bound=not traced and not score_tile and analysis["loops"] > 0, **model_time(bytes_, warp_instr, flops, ctas)),
     )
     return rec
 

@@ -130,6 +130,19 @@ def test_traced_trips_weight_each_loop_and_a_missing_line_falls_back_to_the_heur
     assert rec["kernel_instructions_per_score_element"] is None
 
 
+def test_issue_time_is_the_busiest_sms():
+    """20 CTAs leave 112 of the 132 SMs idle: the issue term is that of one SM's CTA, not an
+    even share of the launch; 264 CTAs (two per SM) divide evenly."""
+    rec = _record({"k.py:5": 40, "k.py:9": 7})
+    per_sm = rec["model"]["warp_instructions"] / 20  # one CTA on the busiest SM
+    assert rec["model"]["busiest_sm_factor"] == round(132 / 20, 3)
+    per_sm_rate = sr.MACHINE["issue_per_s"] / sr.MACHINE["sms"]
+    assert rec["model"]["t_issue_us"] == pytest.approx(per_sm / per_sm_rate * 1e6)
+    assert sr.busiest_sm_factor(264) == 1.0 and sr.busiest_sm_factor(150) == pytest.approx(2 * 132 / 150)
+    ideal = sr.model_time(0, 1e6, 0)
+    assert ideal["busiest_sm_factor"] == 1.0 and ideal["t_issue_us"] == pytest.approx(1e6 / sr.MACHINE["issue_per_s"] * 1e6)
+
+
 def test_kernel_without_loops_has_an_empty_hot_loop():
     a = sr.analyse_sass(sr.parse_sass(_sass(["HMMA.16816.F32.BF16 R0, R2, R4, R0", "EXIT", "BRA 0x20"]))["k"])
     assert a["loops"] == 0 and a["hot_loop_instructions"] == 0
