@@ -67,6 +67,25 @@ def test_non_contiguous_x_and_only_some_gradients():
     torch.testing.assert_close(weight.grad.double(), w_ref.grad, atol=1e-4, rtol=1e-5)
 
 
+def test_alignment_hints_follow_addresses_and_strides():
+    """The GEMM tells Triton how its rows are aligned (the interpreter ignores the hint, so a wrong
+    one would only show on a GPU: check the planner's numbers here). d = 90 in bf16: 180-byte
+    rows, 4-byte aligned; the weight's K-contiguous rows (W^T) 360 bytes: 8."""
+    from fastpe.kernels.triton import _launch, concat
+
+    x = torch.randn(2, 5, 90, dtype=torch.bfloat16)
+    table = torch.randn(5, 90, dtype=torch.bfloat16)
+    weight = torch.randn(90, 180, dtype=torch.bfloat16)
+    consts = concat.plan_forward(x, table, weight, None, None)[1][0].constexprs
+    assert (consts["ALIGN_A"], consts["ALIGN_T"], consts["ALIGN_B"], consts["ALIGN_C"]) == (4, 4, 8, 4)
+    assert (consts["KA"], consts["K"], consts["N"]) == (90, 180, 90)
+    shifted = torch.randn(x.numel() + 1, dtype=torch.bfloat16)[1:].view(x.shape)  # one element in
+    assert concat.plan_forward(shifted, table, weight, None, None)[1][0].constexprs["ALIGN_A"] == 2
+    assert _launch.run_alignment(torch.randn(4, 8).t()) == 0  # rows not contiguous: no hint
+    assert _launch.run_alignment(torch.randn(4, 8).t(), 0) == 16
+    assert _launch.run_alignment(torch.randn(6, 45, dtype=torch.float16)) == 2  # odd row stride
+
+
 def test_weight_table_bias_gradients_are_bitwise_reproducible():
     inputs, positions = concat_inputs(4, 9, 16, 8, 12, True, "2d", device=DEVICE)
     cfg = launch_cfg()

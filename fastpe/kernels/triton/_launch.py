@@ -130,6 +130,23 @@ def num_sms(device: torch.device) -> int:
     return ASSUMED_SMS
 
 
+def run_alignment(t: torch.Tensor, dim: int = -1) -> int:
+    """Bytes (a power of two, at most 16) dividing the address where every contiguous run of ``t``
+    along ``dim`` starts: kernels pass it to ``tl.multiple_of`` so that rows of odd widths (a head
+    or model size of 90: 180-byte rows, 4-byte aligned) load as vectors, where Triton itself only
+    assumes 16-byte alignment or none. 0 (no hint) when ``t`` is not contiguous along ``dim``."""
+    dim = dim % t.dim()
+    if t.stride(dim) != 1 and t.shape[dim] > 1:
+        return 0
+    size = t.element_size()
+    align = 16
+    others = [abs(st) * size for d, (n, st) in enumerate(zip(t.shape, t.stride())) if d != dim and n > 1]
+    for v in [t.data_ptr()] + others:
+        if v:
+            align = min(align, v & -v)
+    return align
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: float32 follows torch's TF32 switch (off by default), as matmul does."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:

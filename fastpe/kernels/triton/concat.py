@@ -51,15 +51,31 @@ def _token_rows(POS, b, l, spb, spl, mask, POS_KIND: tl.constexpr):
 
 
 @triton.jit
+def _tile(base, rows, cols, stride_r, stride_c, ALIGN: tl.constexpr):
+    """Pointers ``base + rows x stride_r + cols x stride_c`` whose contiguous runs start at
+    multiples of ``ALIGN`` bytes (the planner checked, :func:`fastpe.kernels.triton._launch.run_alignment`):
+    loads and stores become vectors. (The hint must be given where the pointers are computed: on a
+    helper's argument it is lost.)"""
+    ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
+    if ALIGN > 0:
+        ptrs = tl.multiple_of(ptrs, [ALIGN, ALIGN])
+    return ptrs
+
+
+@triton.jit
 def _gemm_kernel(
     A, TAB, POS, Bm, BIAS, C,
-    M, L, KA, K, N,
+    M, L,
     sam, sak, str_, stc, spb, spl, sbk, sbn, scm, scn,
+    KA: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     POS_KIND: tl.constexpr, HAS_TAB: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+    ALIGN_A: tl.constexpr = 0, ALIGN_T: tl.constexpr = 0, ALIGN_B: tl.constexpr = 0, ALIGN_C: tl.constexpr = 0,
 ):
     """``C = [A | TAB[row(m)]] @ B (+ BIAS)``: columns ``k < KA`` of the left operand come from
-    ``A [M, KA]``, the rest from the token's table row (token ``m`` is ``(m // L, m % L)``)."""
+    ``A [M, KA]``, the rest from the token's table row (token ``m`` is ``(m // L, m % L)``).
+    The widths are compile-time constants (a model has a few): the masks of a width such as 90
+    are then known to hold in pairs, so aligned pairs load as one 32-bit word."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
@@ -71,20 +87,24 @@ def _gemm_kernel(
     for k0 in range(0, KA, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < KA
-        a = tl.load(A + offs_m[:, None] * sam + offs_k[None, :] * sak, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(Bm + offs_k[:, None] * sbk + offs_n[None, :] * sbn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a = tl.load(_tile(A, offs_m, offs_k, sam, sak, ALIGN_A),
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(_tile(Bm, offs_k, offs_n, sbk, sbn, ALIGN_B),
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PREC)
     if HAS_TAB:
         for k0 in range(0, K - KA, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K - KA
-            t = tl.load(TAB + rows[:, None] * str_ + offs_k[None, :] * stc, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(Bm + (KA + offs_k)[:, None] * sbk + offs_n[None, :] * sbn, mask=k_mask[:, None] & n_mask[None, :],
-                        other=0.0)
+            t = tl.load(_tile(TAB, rows, offs_k, str_, stc, ALIGN_T),
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(_tile(Bm, KA + offs_k, offs_n, sbk, sbn, ALIGN_B),
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc = tl.dot(t.to(A.dtype.element_ty), b.to(A.dtype.element_ty), acc, input_precision=DOT_PREC)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(C + offs_m[:, None] * scm + offs_n[None, :] * scn, acc.to(C.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(_tile(C, offs_m, offs_n, scm, scn, ALIGN_C), acc.to(C.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -299,23 +319,31 @@ def plan_gemm(a, b, out, *, table=None, positions=None, length=1, bias=None):
     m, n = out.shape
     ka = a.shape[1]
     k = b.shape[0]
+    one_n_tile = n <= 128  # SRS widths: 4 warps and 32-wide K blocks (sm_90a at B128 L75 d90: 183 ->
+    # 171 instructions per K block, 128 -> 151 registers, 2.7 -> 1.9 us modelled; B512 L50 d32 and
+    # B256 L200 d64 stay memory-bound either way)
     cfg = _launch.knobs(
         "concat_gemm",
         block_m=64 if m >= 64 else max(16, _launch.next_pow2(m)),
         block_n=max(16, min(128, _launch.next_pow2(n))),
-        block_k=max(16, min(64, _launch.next_pow2(k))),
-        num_warps=8, num_stages=2,
+        block_k=max(16, min(32 if one_n_tile else 64, _launch.next_pow2(k))),
+        num_warps=4 if one_n_tile else 8, num_stages=2,
     )
     pos, spb, spl, pos_kind = _pos_args(positions)
     args = dict(
         A=a, TAB=table if table is not None else a, POS=pos if pos is not None else a, Bm=b,
-        BIAS=bias if bias is not None else out, C=out, M=m, L=length, KA=ka, K=k, N=n,
+        BIAS=bias if bias is not None else out, C=out, M=m, L=length,
         sam=a.stride(0), sak=a.stride(1), str_=table.stride(0) if table is not None else 0,
         stc=table.stride(1) if table is not None else 0, spb=spb, spl=spl,
         sbk=b.stride(0), sbn=b.stride(1), scm=out.stride(0), scn=out.stride(1),
     )
-    constexprs = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], POS_KIND=pos_kind,
-                      HAS_TAB=table is not None, HAS_BIAS=bias is not None, DOT_PREC=_launch.dot_precision(a.dtype))
+    constexprs = dict(KA=ka, K=k, N=n, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+                      POS_KIND=pos_kind, HAS_TAB=table is not None, HAS_BIAS=bias is not None,
+                      DOT_PREC=_launch.dot_precision(a.dtype),
+                      ALIGN_A=_launch.run_alignment(a), ALIGN_C=_launch.run_alignment(out),
+                      ALIGN_T=_launch.run_alignment(table) if table is not None else 0,
+                      # the weight is contiguous along K (W^T of a Linear) or along N
+                      ALIGN_B=max(_launch.run_alignment(b, 0), _launch.run_alignment(b, 1)))
     grid = (triton.cdiv(m, cfg["block_m"]), triton.cdiv(n, cfg["block_n"]))
     return Launch(_gemm_kernel, grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 

@@ -996,15 +996,7 @@ def _row_alignment(*tensors: torch.Tensor) -> int:
     these tensors: the kernels load and store head rows with vectors that wide. Triton itself only
     sees 16-byte alignment, so a head size of 90 in a fused projection (rows 4-byte aligned) would
     be read one element at a time. 0 (no hint) when a last stride is not 1."""
-    align = 16
-    for t in tensors:
-        if t.stride(-1) != 1 and t.shape[-1] > 1:
-            return 0
-        size = t.element_size()
-        for v in [t.data_ptr()] + [abs(st) * size for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1]:
-            if v:
-                align = min(align, v & -v)
-    return align
+    return min(_launch.run_alignment(t) for t in tensors)
 
 
 def _table_strides(t: torch.Tensor):
