@@ -110,10 +110,13 @@ def _gemm_kernel(
 @triton.jit
 def _bwd_kernel(
     DY, X, TAB, POS, W, DX, PART_W, PART_G,
-    B, L, DOUT, DIN, WCOLS, ROWS, BATCHES_PER_GROUP, L_BLOCKS,
+    B, L, ROWS, BATCHES_PER_GROUP, L_BLOCKS,
     sdm, sdn, sxm, sxk, str_, stc, spb, spl, swo, swi, sxo_m, sxo_k,
+    DOUT: tl.constexpr, DIN: tl.constexpr, WCOLS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr, POS_KIND: tl.constexpr, FUSE_DX: tl.constexpr, DOT_PREC: tl.constexpr,
+    ALIGN_DY: tl.constexpr = 0, ALIGN_X: tl.constexpr = 0, ALIGN_T: tl.constexpr = 0, ALIGN_W: tl.constexpr = 0,
+    ALIGN_DX: tl.constexpr = 0,
 ):
     """One (token group, concat-column tile, d_out tile): partial ``dy^T [x | table[p]]``
     ``[BLOCK_O, BLOCK_C]`` into ``PART_W[group]`` over its first ``WCOLS`` columns (all of them
@@ -144,7 +147,7 @@ def _bwd_kernel(
     first_tile = pid_c == 0
     has_x = pid_c * BLOCK_C < DIN
     if FUSE_DX:  # Wx[o, c] for this tile's x columns: dx = dy @ Wx
-        wx = tl.load(W + offs_o[:, None] * swo + offs_c[None, :] * swi, mask=o_mask[:, None] & is_x[None, :], other=0.0)
+        wx = tl.load(_tile(W, offs_o, offs_c, swo, swi, ALIGN_W), mask=o_mask[:, None] & is_x[None, :], other=0.0)
 
     acc = tl.zeros([BLOCK_O, BLOCK_C], tl.float32)
     acc_db = tl.zeros([BLOCK_O], tl.float32)
@@ -153,17 +156,17 @@ def _bwd_kernel(
         b = b0 + offs_r // BLOCK_L
         valid = (b < b_hi) & (l < L)
         m = b * L + l
-        dy_t = tl.load(DY + m[None, :] * sdm + offs_o[:, None] * sdn, mask=o_mask[:, None] & valid[None, :], other=0.0)
-        ext = tl.load(X + m[:, None] * sxm + offs_c[None, :] * sxk, mask=valid[:, None] & is_x[None, :], other=0.0)
+        dy_t = tl.load(_tile(DY, offs_o, m, sdn, sdm, ALIGN_DY), mask=o_mask[:, None] & valid[None, :], other=0.0)
+        ext = tl.load(_tile(X, m, offs_c, sxm, sxk, ALIGN_X), mask=valid[:, None] & is_x[None, :], other=0.0)
         if POS_KIND == 2:
             rows = _token_rows(POS, b, l, spb, spl, valid, POS_KIND)
-            tb = tl.load(TAB + rows[:, None] * str_ + (offs_c - DIN)[None, :] * stc, mask=valid[:, None] & is_t[None, :], other=0.0)
+            tb = tl.load(_tile(TAB, rows, offs_c - DIN, str_, stc, ALIGN_T), mask=valid[:, None] & is_t[None, :], other=0.0)
             ext += tb.to(ext.dtype)
         acc = tl.dot(dy_t, ext.to(dy_t.dtype), acc, input_precision=DOT_PREC)
         if FUSE_DX:
             if has_x:
                 dx = tl.dot(tl.trans(dy_t), wx.to(dy_t.dtype), input_precision=DOT_PREC)
-                tl.store(DX + m[:, None] * sxo_m + offs_c[None, :] * sxo_k, dx.to(DX.dtype.element_ty),
+                tl.store(_tile(DX, m, offs_c, sxo_m, sxo_k, ALIGN_DX), dx.to(DX.dtype.element_ty),
                          mask=valid[:, None] & is_x[None, :])
         if first_tile:
             dy_f = dy_t.to(tl.float32)
@@ -188,7 +191,8 @@ def _bwd_kernel(
                     b = b0 + offs_r // BLOCK_L
                     valid = (b < b_hi) & (l < L)
                     rows = tl.load(POS + b * spb + l * spl, mask=valid, other=-1)
-                    dy = tl.load(DY + (b * L + l)[:, None] * sdm + offs_o[None, :] * sdn, mask=valid[:, None] & o_mask[None, :], other=0.0)
+                    dy = tl.load(_tile(DY, b * L + l, offs_o, sdm, sdn, ALIGN_DY), mask=valid[:, None] & o_mask[None, :],
+                                 other=0.0)
                     onehot = (offs_t[:, None] == rows[None, :]).to(dy.dtype)
                     acc_t = tl.dot(onehot, dy, acc_t, input_precision=DOT_PREC)
                 tl.store(part_g + offs_t[:, None] * DOUT + offs_o[None, :], acc_t, mask=(offs_t < ROWS)[:, None] & o_mask[None, :])
@@ -427,14 +431,18 @@ def plan_backward(dy, x, table, weight, positions, has_bias, need_dx=True, need_
     dx2 = dx.view(m, d_in) if dx is not None else x2
     args = dict(
         DY=dy2, X=x2, TAB=table, POS=pos if pos is not None else table, W=weight, DX=dx2, PART_W=part_w, PART_G=part_g,
-        B=b, L=L, DOUT=d_out, DIN=d_in, WCOLS=w_cols, ROWS=rows, BATCHES_PER_GROUP=per_group,
+        B=b, L=L, ROWS=rows, BATCHES_PER_GROUP=per_group,
         L_BLOCKS=l_blocks,
         sdm=dy2.stride(0), sdn=dy2.stride(1), sxm=x2.stride(0), sxk=x2.stride(1), str_=table.stride(0),
         stc=table.stride(1), spb=spb, spl=spl, swo=weight.stride(0), swi=weight.stride(1),
         sxo_m=dx2.stride(0), sxo_k=dx2.stride(1),
     )
-    constexprs = dict(BLOCK_B=block_b, BLOCK_L=block_l, BLOCK_O=cfg["block_o"], BLOCK_C=cfg["block_c"],
-                      BLOCK_R=cfg["block_r"], POS_KIND=pos_kind, FUSE_DX=fuse_dx, DOT_PREC=_launch.dot_precision(x.dtype))
+    constexprs = dict(DOUT=d_out, DIN=d_in, WCOLS=w_cols,
+                      BLOCK_B=block_b, BLOCK_L=block_l, BLOCK_O=cfg["block_o"], BLOCK_C=cfg["block_c"],
+                      BLOCK_R=cfg["block_r"], POS_KIND=pos_kind, FUSE_DX=fuse_dx, DOT_PREC=_launch.dot_precision(x.dtype),
+                      ALIGN_DY=_launch.run_alignment(dy2), ALIGN_X=_launch.run_alignment(x2),
+                      ALIGN_T=_launch.run_alignment(table), ALIGN_W=_launch.run_alignment(weight),
+                      ALIGN_DX=_launch.run_alignment(dx2))
     grid = (groups, triton.cdiv(w_cols, cfg["block_c"]), triton.cdiv(d_out, cfg["block_o"]))
     launches.append(Launch(_bwd_kernel, grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
 
