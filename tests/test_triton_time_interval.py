@@ -177,6 +177,23 @@ def test_one_key_block_forward_with_and_without_bucket_pinning(pin):
         check(b, h, L, dh, 256, "fully_padded", seed=16)
 
 
+@pytest.mark.parametrize("dh,align", [(64, 16), (90, 4)])
+def test_kernels_are_told_the_row_alignment(dh, align):
+    """Head rows of 90 bf16 elements are 4-byte aligned: the planners say so (the compiled kernels
+    load them as 32-bit words instead of one element at a time; the interpreter ignores the hint,
+    so only the planners' numbers can be checked here)."""
+    from fastpe.kernels.triton import interval
+
+    b, h, L = 2, 2, 21
+    q = torch.zeros(b, h, L, dh, dtype=torch.bfloat16)
+    tau = torch.zeros(b, L, dtype=torch.int32)
+    rk = torch.zeros(1, 257, dh, dtype=torch.bfloat16)
+    out, lse, (fwd,) = interval.plan_forward(q, q, q, rk, rk, tau, None, None, None, False, 0.0, 0.1)
+    assert fwd.constexprs["ALIGN"] == align
+    *_, launches = interval.plan_backward(out, q, q, q, rk, rk, tau, None, None, None, out, lse, False, 0.0, 0.1)
+    assert launches[0].constexprs["ALIGN"] == align
+
+
 def test_rows_past_the_sequence_leave_the_scratch_clear():
     """A program's query block reads back (and clears) only the table chunks its valid elements
     use. Rows past the end of a partial block must add nothing: here the last block of sequence 0

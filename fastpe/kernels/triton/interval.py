@@ -86,6 +86,7 @@ from fastpe.kernels.triton.rmha import (
     _load_rows,
     _load_split,
     _masked_logits,
+    _row_alignment,
     _store_rows,
     _sum_row_groups_kernel,
     _table_strides,
@@ -205,17 +206,17 @@ def _dot_row(x_a, x_b, base, stride_d, DA: tl.constexpr, DB: tl.constexpr, D: tl
 
 @triton.jit
 def _build_table(x_a, x_b, tab, t_base, st_r, st_d, c0, c1, KT: tl.constexpr, KP: tl.constexpr, RC: tl.constexpr,
-                 DA: tl.constexpr, DB: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr):
+                 DA: tl.constexpr, DB: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr):
     """Write ``x_i . t[r]`` for the buckets of chunks ``[c0, c1)`` into the slot rows; returns
     ``max_r |x_i . t[r]|`` over them."""
     cols = tl.arange(0, RC)
     absmax = tl.zeros([x_a.shape[0]], tl.float32)
     for c in range(c0, c1, RC):
         rows = c + cols
-        t_a = _load_rows(t_base + c * st_r, cols, rows < KT, st_r, st_d, 0, DA, D)
+        t_a = _load_rows(t_base + c * st_r, cols, rows < KT, st_r, st_d, 0, DA, D, ALIGN)
         xt = tl.dot(x_a, tl.trans(t_a), input_precision=DOT_PREC)
         if DB > 0:
-            t_b = _load_rows(t_base + c * st_r, cols, rows < KT, st_r, st_d, DA, DB, D)
+            t_b = _load_rows(t_base + c * st_r, cols, rows < KT, st_r, st_d, DA, DB, D, ALIGN)
             xt = tl.dot(x_b, tl.trans(t_b), xt, input_precision=DOT_PREC)
         tl.store(tab + tl.arange(0, x_a.shape[0])[:, None] * KP + rows[None, :], xt)
         absmax = tl.maximum(absmax, tl.max(tl.abs(xt), axis=1))
@@ -257,7 +258,8 @@ def _read_back(w, c, cols, KP: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.const
 def _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, start_n, offs_m, m_mask, offs_n, col_ok, v_base, svn,
                svd, wtab,
                bh, seed, dropout_p, p_fixed, KT: tl.constexpr, BLOCK_N: tl.constexpr, DV: tl.constexpr,
-               DVA: tl.constexpr, DVB: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+               DVA: tl.constexpr, DVB: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+               ALIGN: tl.constexpr):
     """Normalised P~ of one key block into ``acc += P~ V``, the fixed-point bucket sums (atomics into
     the slot) and the clip bucket's sums. Rows past the sequence get P~ = 0: their slot rows must
     stay clear (only the chunks valid elements use are read back and cleared)."""
@@ -269,10 +271,10 @@ def _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, start_n, offs_m, m
     tl.atomic_add(wtab + idx, (p * p_fixed).to(tl.int32), mask=near & (p > 0.0), sem="relaxed")
     far += tl.sum(tl.where(near, 0.0, p), axis=1)  # (p = 0 at elements that are not valid)
     p_lo = p.to(v_base.dtype.element_ty)
-    v_a = _load_rows(v_base, offs_n, col_ok, svn, svd, 0, DVA, DV)  # padded values are never read
+    v_a = _load_rows(v_base, offs_n, col_ok, svn, svd, 0, DVA, DV, ALIGN)  # padded values are never read
     acc_a = tl.dot(p_lo, v_a, acc_a, input_precision=DOT_PREC)
     if DVB > 0:
-        v_b = _load_rows(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV)
+        v_b = _load_rows(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV, ALIGN)
         acc_b = tl.dot(p_lo, v_b, acc_b, input_precision=DOT_PREC)
     return acc_a, acc_b, far
 
@@ -292,7 +294,7 @@ def _tisas_fwd_kernel(
     KT: tl.constexpr, KP: tl.constexpr, RC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ONE_KEY_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, PIN_BUCKETS: tl.constexpr,
+    ONE_KEY_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, PIN_BUCKETS: tl.constexpr, ALIGN: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -321,7 +323,7 @@ def _tisas_fwd_kernel(
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
         tl.debug_barrier()  # the previous tile's table reads and read-back are done
-        q_a, q_b = _load_split(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
+        q_a, q_b = _load_split(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH, ALIGN)
         qr_far = _dot_row(q_a, q_b, RK + h * srkh + KT * srkr, srkd, DA, DB, DH)
         tau_m = tl.load(TAU + b * stb + offs_m, mask=m_mask, other=0)
         hi = L
@@ -336,9 +338,9 @@ def _tisas_fwd_kernel(
             idx = row_start + bucket
             lo_b, hi_b = _bucket_bounds(bucket, near, KT)
             c0, c1 = _chunk_range(lo_b, hi_b, RC)
-            _build_table(q_a, q_b, qtab, RK + h * srkh, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC)
+            _build_table(q_a, q_b, qtab, RK + h * srkh, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC, ALIGN)
             tl.debug_barrier()  # the table is written
-            k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
+            k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH, ALIGN)
             s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok, b, h,
                         BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
             m_i = tl.max(s, axis=1)
@@ -348,10 +350,10 @@ def _tisas_fwd_kernel(
             acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, 0, offs_m, m_mask, offs_n,
                                            col_ok,
                                            v_base, svn, svd, wtab, bh, seed, dropout_p, p_fixed,
-                                           KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC)
+                                           KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC, ALIGN)
         else:
             c0, c1 = _block_range(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT, RC, BLOCK_N, HAS_KPM)
-            _build_table(q_a, q_b, qtab, RK + h * srkh, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC)
+            _build_table(q_a, q_b, qtab, RK + h * srkh, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC, ALIGN)
             tl.debug_barrier()  # the table is written
             # pass 1: the row max and sum (online), so that pass 2 accumulates normalised P~
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -360,7 +362,7 @@ def _tisas_fwd_kernel(
                 offs_n, n_mask, col_ok, any_key, bucket, near = _key_block(
                     start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L, KT, BLOCK_N, HAS_KPM)
                 if any_key:
-                    k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
+                    k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH, ALIGN)
                     idx = row_start + bucket
                     s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
                                 b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
@@ -374,14 +376,14 @@ def _tisas_fwd_kernel(
                 offs_n, n_mask, col_ok, any_key, bucket, near = _key_block(
                     start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L, KT, BLOCK_N, HAS_KPM)
                 if any_key:
-                    k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
+                    k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH, ALIGN)
                     idx = row_start + bucket
                     s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
                                 b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
                     acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, start_n, offs_m,
                                                    m_mask, offs_n, col_ok, v_base, svn, svd, wtab, bh, seed, dropout_p,
                                                    p_fixed,
-                                                   KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC)
+                                                   KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC, ALIGN)
 
         # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0)
         lse = tl.where(l_i > 0.0, m_use + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), 0.0)
@@ -389,17 +391,17 @@ def _tisas_fwd_kernel(
         rv_base = RV + h * srvh
         for c in range(c0, c1, RC):
             w = (_read_back(wtab, c, cols, KP, BLOCK_M, RC) * inv_fixed).to(dt)
-            rv_a = _load_rows(rv_base + c * srvr, cols, c + cols < KT, srvr, srvd, 0, DVA, DV)
+            rv_a = _load_rows(rv_base + c * srvr, cols, c + cols < KT, srvr, srvd, 0, DVA, DV, ALIGN)
             acc_a = tl.dot(w, rv_a, acc_a, input_precision=DOT_PREC)
             if DVB > 0:
-                rv_b = _load_rows(rv_base + c * srvr, cols, c + cols < KT, srvr, srvd, DVA, DVB, DV)
+                rv_b = _load_rows(rv_base + c * srvr, cols, c + cols < KT, srvr, srvd, DVA, DVB, DV, ALIGN)
                 acc_b = tl.dot(w, rv_b, acc_b, input_precision=DOT_PREC)
         o_base = O + b * sob + h * soh
         acc_a += far[:, None] * _row_vector(rv_base + KT * srvr, srvd, 0, DVA, DV)[None, :]
-        _store_rows(o_base, acc_a, offs_m, m_mask, som, sod, 0, DVA, DV)
+        _store_rows(o_base, acc_a, offs_m, m_mask, som, sod, 0, DVA, DV, ALIGN)
         if DVB > 0:
             acc_b += far[:, None] * _row_vector(rv_base + KT * srvr, srvd, DVA, DVB, DV)[None, :]
-            _store_rows(o_base, acc_b, offs_m, m_mask, som, sod, DVA, DVB, DV)
+            _store_rows(o_base, acc_b, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN)
         tl.store(LSE + bh * L + offs_m, lse, mask=m_mask)
 
 
@@ -448,6 +450,7 @@ def _tisas_bwd_kernel(
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ZC: tl.constexpr, DOT_PREC: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr, SHARED_TABLES: tl.constexpr,
+    ALIGN: tl.constexpr = 0,
 ):
     R: tl.constexpr = KT + 1
     WIDTH: tl.constexpr = R * (DH + DV)
@@ -503,18 +506,18 @@ def _tisas_bwd_kernel(
             offs_n = start_n + offs_nl
             n_mask = offs_n < L
             col_ok, _any = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
-            v_a, v_b = _load_split(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV)
+            v_a, v_b = _load_split(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV, ALIGN)
             vsq = tl.sum(v_a.to(tl.float32) * v_a.to(tl.float32), axis=1)
             if DVB > 0:
                 vsq += tl.sum(v_b.to(tl.float32) * v_b.to(tl.float32), axis=1)
             vsq_max = tl.maximum(vsq_max, vsq)
             if not ONE_KEY_BLOCK:
-                _store_rows(dkacc, tl.zeros([BLOCK_N, DA], tl.float32), offs_n, n_mask, DH, 1, 0, DA, DH)
-                _store_rows(dvacc, tl.zeros([BLOCK_N, DVA], tl.float32), offs_n, n_mask, DV, 1, 0, DVA, DV)
+                _store_rows(dkacc, tl.zeros([BLOCK_N, DA], tl.float32), offs_n, n_mask, DH, 1, 0, DA, DH, ALIGN)
+                _store_rows(dvacc, tl.zeros([BLOCK_N, DVA], tl.float32), offs_n, n_mask, DV, 1, 0, DVA, DV, ALIGN)
                 if DB > 0:
-                    _store_rows(dkacc, tl.zeros([BLOCK_N, DBX], tl.float32), offs_n, n_mask, DH, 1, DA, DB, DH)
+                    _store_rows(dkacc, tl.zeros([BLOCK_N, DBX], tl.float32), offs_n, n_mask, DH, 1, DA, DB, DH, ALIGN)
                 if DVB > 0:
-                    _store_rows(dvacc, tl.zeros([BLOCK_N, DVBX], tl.float32), offs_n, n_mask, DV, 1, DVA, DVB, DV)
+                    _store_rows(dvacc, tl.zeros([BLOCK_N, DVBX], tl.float32), offs_n, n_mask, DV, 1, DVA, DVB, DV, ALIGN)
         vmax = tl.sqrt(tl.max(vsq_max, axis=0))
         if ONE_KEY_BLOCK:  # dk, dv of the sequence stay in registers across its query blocks
             dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
@@ -526,9 +529,9 @@ def _tisas_bwd_kernel(
             offs_m = start_m + offs_ml
             m_mask = offs_m < L
             tl.debug_barrier()  # accumulator rows, tables and read-back of the previous block are done
-            q_a, q_b = _load_split(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH)
-            do_a, do_b = _load_split(do_base, offs_m, m_mask, sdom, sdod, DVA, DVB, DV)
-            o_a, o_b = _load_split(o_base, offs_m, m_mask, som, sod, DVA, DVB, DV)
+            q_a, q_b = _load_split(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH, ALIGN)
+            do_a, do_b = _load_split(do_base, offs_m, m_mask, sdom, sdod, DVA, DVB, DV, ALIGN)
+            o_a, o_b = _load_split(o_base, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN)
             di = tl.sum(do_a.to(tl.float32) * o_a.to(tl.float32), axis=1)
             do_sq = tl.sum(do_a.to(tl.float32) * do_a.to(tl.float32), axis=1)
             if DVB > 0:
@@ -540,8 +543,8 @@ def _tisas_bwd_kernel(
             if IS_CAUSAL:
                 hi = tl.minimum(L, start_m + BLOCK_M)
             c0, c1 = _block_range(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT, RC, BLOCK_N, HAS_KPM)
-            _build_table(q_a, q_b, qtab, rk_base, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC)
-            dorv_max = _build_table(do_a, do_b, dtab, rv_base, srvr, srvd, c0, c1, KT, KP, RC, DVA, DVB, DV, DOT_PREC)
+            _build_table(q_a, q_b, qtab, rk_base, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC, ALIGN)
+            dorv_max = _build_table(do_a, do_b, dtab, rv_base, srvr, srvd, c0, c1, KT, KP, RC, DVA, DVB, DV, DOT_PREC, ALIGN)
             qr_far = _dot_row(q_a, q_b, rk_base + KT * srkr, srkd, DA, DB, DH)
             dorv_far = _dot_row(do_a, do_b, rv_base + KT * srvr, srvd, DVA, DVB, DV)
             dorv_max = tl.maximum(dorv_max, tl.abs(dorv_far))
@@ -561,8 +564,8 @@ def _tisas_bwd_kernel(
                 offs_n, n_mask, col_ok, any_key, bucket, near = _key_block(
                     start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L, KT, BLOCK_N, HAS_KPM)
                 if any_key:
-                    k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH)
-                    v_a, v_b = _load_split(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV)
+                    k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH, ALIGN)
+                    v_a, v_b = _load_split(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV, ALIGN)
                     idx = row_start + bucket
                     s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
                                 b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
@@ -615,12 +618,12 @@ def _tisas_bwd_kernel(
                 wp = (_read_back(wptab, c, cols, KP, BLOCK_M, RC) * inv_p_fixed).to(dt)
                 wd = (_read_back(wdtab, c, cols, KP, BLOCK_M, RC) * inv_ds_fixed[:, None]).to(dt)
                 # dq_i += sum_r W_dS[i, r] rk[r]; drk[r] += sum_i W_dS[i, r] q_i; drv[r] += sum_i W_P~[i, r] dO_i
-                rk_a = _load_rows(rk_base + c * srkr, cols, r_ok, srkr, srkd, 0, DA, DH)
+                rk_a = _load_rows(rk_base + c * srkr, cols, r_ok, srkr, srkd, 0, DA, DH, ALIGN)
                 dq_a = tl.dot(wd, rk_a, dq_a, input_precision=DOT_PREC)
                 _dot_add_rows(prow, rows, r_ok, DH, wd, q_a, 0, DA, DH, DOT_PREC)
                 _dot_add_rows(prow + R * DH, rows, r_ok, DV, wp, do_a, 0, DVA, DV, DOT_PREC)
                 if DB > 0:
-                    rk_b = _load_rows(rk_base + c * srkr, cols, r_ok, srkr, srkd, DA, DB, DH)
+                    rk_b = _load_rows(rk_base + c * srkr, cols, r_ok, srkr, srkd, DA, DB, DH, ALIGN)
                     dq_b = tl.dot(wd, rk_b, dq_b, input_precision=DOT_PREC)
                     _dot_add_rows(prow, rows, r_ok, DH, wd, q_b, DA, DB, DH, DOT_PREC)
                 if DVB > 0:
@@ -633,12 +636,12 @@ def _tisas_bwd_kernel(
             _add_rows(prow + R * DH, one, one_ok, DV, tl.sum(far_p[:, None] * do_a.to(tl.float32), axis=0)[None, :],
                       0, DVA, DV)
             dq_base = DQ + b * sdqb + h * sdqh
-            _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH)
+            _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH, ALIGN)
             if DB > 0:
                 dq_b += far_ds[:, None] * _row_vector(rk_base + KT * srkr, srkd, DA, DB, DH)[None, :]
                 _add_rows(prow, one, one_ok, DH, tl.sum(far_ds[:, None] * q_b.to(tl.float32), axis=0)[None, :],
                           DA, DB, DH)
-                _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH)
+                _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH, ALIGN)
             if DVB > 0:
                 _add_rows(prow + R * DH, one, one_ok, DV,
                           tl.sum(far_p[:, None] * do_b.to(tl.float32), axis=0)[None, :], DVA, DVB, DV)
@@ -650,14 +653,14 @@ def _tisas_bwd_kernel(
             if ONE_KEY_BLOCK:
                 dk_out_a, dk_out_b, dv_out_a, dv_out_b = dk_a, dk_b, dv_a, dv_b
             else:
-                dk_out_a, dk_out_b = _load_split(dkacc, offs_n, n_mask, DH, 1, DA, DB, DH)
-                dv_out_a, dv_out_b = _load_split(dvacc, offs_n, n_mask, DV, 1, DVA, DVB, DV)
-            _store_rows(DK + b * sdkb + h * sdkh, dk_out_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH)
-            _store_rows(DV_ + b * sdvb + h * sdvh, dv_out_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV)
+                dk_out_a, dk_out_b = _load_split(dkacc, offs_n, n_mask, DH, 1, DA, DB, DH, ALIGN)
+                dv_out_a, dv_out_b = _load_split(dvacc, offs_n, n_mask, DV, 1, DVA, DVB, DV, ALIGN)
+            _store_rows(DK + b * sdkb + h * sdkh, dk_out_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH, ALIGN)
+            _store_rows(DV_ + b * sdvb + h * sdvh, dv_out_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN)
             if DB > 0:
-                _store_rows(DK + b * sdkb + h * sdkh, dk_out_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH)
+                _store_rows(DK + b * sdkb + h * sdkh, dk_out_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH, ALIGN)
             if DVB > 0:
-                _store_rows(DV_ + b * sdvb + h * sdvh, dv_out_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV)
+                _store_rows(DV_ + b * sdvb + h * sdvh, dv_out_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -780,6 +783,7 @@ def plan_forward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout
                 H=h, L=length, NUM_MB=num_mb, N_TILES=tiles, qk_scale=float(scale) * LOG2E,
                 dropout_p=float(dropout_p), p_fixed=_p_fixed(dropout_p))
     consts["ONE_KEY_BLOCK"] = length <= cfg["block_n"]
+    consts["ALIGN"] = _row_alignment(q, k, v, rel_k, rel_v, out)
     # see _key_block (measured on sm_90a); the interpreter has no inline assembly
     pin = consts["ONE_KEY_BLOCK"] and cfg["num_warps"] == 4 and cfg["pin_buckets"]
     consts["PIN_BUCKETS"] = (1 if triton_interpreter_enabled() else 2) if pin else 0
@@ -845,5 +849,6 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, i
     consts["ZC"] = 4096 if triton_interpreter_enabled() else 256  # columns zeroed per store
     consts["ONE_KEY_BLOCK"] = one_key_block
     consts["SHARED_TABLES"] = shared_tables
+    consts["ALIGN"] = _row_alignment(dout, q, k, v, rel_k, rel_v, out, dq, dk, dvv, dk_acc, dv_acc)
     main = Launch(_tisas_bwd_kernel, (programs,), args, consts, num_warps=cfg["num_warps"], num_stages=1)
     return dq, dk, dvv, drk, drv, [main, *plan_reduce(partial, drk, drv)]
