@@ -161,6 +161,18 @@ def test_one_key_block_backward_with_dropout():
     assert_matches_reference(kernel, reference, inputs(b, h, L, 16, 16, seed=15), torch.float32, NAMES)
 
 
+@pytest.mark.parametrize("dh,dtype", [(90, torch.float32), (128, torch.float16)])
+def test_wide_heads_take_one_key_block_of_up_to_128_keys(dh, dtype, monkeypatch):
+    """Head sizes 65-128 with 64 < L <= 128: the forward's one 128-key block with 16-row query
+    blocks (five of them at L = 75), NaN-filled buffers, left padding and a fully padded row."""
+    from fastpe.kernels.triton import interval
+
+    cfg = interval.fwd_config(2, 1, 75, dh, dh, DEVICE)
+    assert (cfg["block_n"], cfg["block_m"]) == (128, 16)
+    monkeypatch.setattr(launch_cfg(), "POISON", True)
+    check(2, 1, 75, dh, 256, "fully_padded", dtype, seed=17)
+
+
 @pytest.mark.parametrize("pin", [True, False])
 def test_one_key_block_forward_with_and_without_bucket_pinning(pin):
     """The one-key-block forward at 4 warps carries each element's bucket as one int32 (-1 where it

@@ -702,15 +702,21 @@ def fwd_config(b, h, length, dh, dv, device):
     B256 h2 L200 dh64: 123 instead of 176 instructions per score element, fewer spills)."""
     widest = max(_launch.pad16(dh), _launch.pad16(dv))
     whole = max(16, _launch.next_pow2(length))
+    pin = True
     if widest <= 64 and whole <= 256:
         block_n = whole
         block_m = min(64, max(16, 8192 // whole), whole)
+    elif widest <= 128 and whole <= 128:
+        # wider heads: one key block still, with 16-row query blocks (sm_90a, B128 h1 L75 dh90:
+        # 15.5 -> 10.2 us modelled, though 780 -> 1432 spilled bytes; L128 dh128: 14.3 -> 10.4 us,
+        # 0 -> 448 B). Pinned buckets spill more at these tiles.
+        block_n, block_m, pin = whole, 16, False
     else:
         block_n = min(whole, 128 if widest <= 64 else 64)
         block_m = min(whole, 64 if widest <= 64 else 32)
     return _launch.knobs("tisas_fwd", block_m=block_m, block_n=block_n,
                          num_warps=4 if block_m * block_n <= 64 * 64 else 8, programs=0, table_chunk=0,
-                         pin_buckets=True)
+                         pin_buckets=pin)
 
 
 def bwd_config(b, h, length, dh, dv, device):
