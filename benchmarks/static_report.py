@@ -43,6 +43,7 @@ rotary/rotatory, ``nn.Linear`` for concat-projection.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import io
@@ -610,10 +611,17 @@ def launch_record(op, shape_name, dims, dtype, dropout, direction, index, launch
     loops = analysis["loop_list"]
     traced = trips is not None and all(loop["line"] in trips for loop in loops)
     if traced:
+        # A helper's loop inlined at several call sites compiles to one SASS loop per site, all on
+        # the helper's line, while the trace counts the line's iterations over every site: each
+        # copy gets an equal share (exact when the sites run equally often, as the time-interval
+        # backward's two table builds per query block do; charging each copy the whole count
+        # double-counted them).
+        copies = collections.Counter(loop["line"] for loop in loops)
+        loops = [dict(loop, trips=trips[loop["line"]] / copies[loop["line"]]) for loop in loops]
         warp_instr = launch.num_warps * (ctas * analysis["outside_loops_instructions"]
-                                         + sum(loop["instructions"] * trips[loop["line"]] for loop in loops))
+                                         + sum(loop["instructions"] * loop["trips"] for loop in loops))
         flops = launch.num_warps * (ctas * analysis["outside_loops_tensor_flops"]
-                                    + sum(loop["tensor_flops"] * trips[loop["line"]] for loop in loops))
+                                    + sum(loop["tensor_flops"] * loop["trips"] for loop in loops))
     elif score_tile:
         tiles = b * h * math.ceil(length / consts["BLOCK_M"]) * math.ceil(length / consts["BLOCK_N"])
         warp_instr = launch.num_warps * (tiles * analysis["heavy_loop_instructions"] + ctas * analysis["once_instructions"])
@@ -645,7 +653,8 @@ def launch_record(op, shape_name, dims, dtype, dropout, direction, index, launch
         # every instruction the launch runs (all threads) per score element of the L x L problem
         kernel_instructions_per_score_element=(
             round(32 * warp_instr / (b * h * length * length), 1) if score_tile and traced else None),
-        loop_trips=[dict(loop, trips=trips.get(loop["line"])) for loop in loops] if trips is not None else None,
+        loop_trips=(loops if traced else [dict(loop, trips=trips.get(loop["line"])) for loop in loops])
+        if trips is not None else None,
         model=dict(bytes=bytes_, warp_instructions=warp_instr, tensor_flops=flops, trips="traced" if traced else "heuristic",
                    lower_bound=not traced and not score_tile and analysis["loops"] > 0, **model_time(bytes_, warp_instr, flops, ctas)),
     )

@@ -102,7 +102,7 @@ def test_line_info_maps_each_address_to_file_and_line():
                                             0x30: "_launch.py:12"}
 
 
-def _record(trips):
+def _record(trips, lines=("k.py:5", "k.py:9")):
     from fastpe.kernels.triton._launch import Launch
 
     def kernel():
@@ -114,8 +114,8 @@ def _record(trips):
                     hot_loop_instructions=100, hot_loop_tensor_core_instructions=0, hot_loop_mix={},
                     heavy_loop_instructions=150, heavy_loop_tensor_flops=0.0, once_instructions=10,
                     once_tensor_flops=0.0, outside_loops_instructions=10, outside_loops_tensor_flops=0.0,
-                    loop_list=[dict(line="k.py:5", instructions=100, tensor_flops=0.0),
-                               dict(line="k.py:9", instructions=50, tensor_flops=0.0)])
+                    loop_list=[dict(line=lines[0], instructions=100, tensor_flops=0.0),
+                               dict(line=lines[1], instructions=50, tensor_flops=0.0)])
     return sr.launch_record("rmha", "X", (5, 2, 32, 16), sr.torch.bfloat16, False, "fwd", 0, launch, analysis, trips)
 
 
@@ -128,6 +128,15 @@ def test_traced_trips_weight_each_loop_and_a_missing_line_falls_back_to_the_heur
     # heuristic: 4 warps x (tiles x heavy + CTAs x once), tiles = 5 x 2 x 2 x 2
     assert rec["model"]["trips"] == "heuristic" and rec["model"]["warp_instructions"] == 4 * (40 * 150 + 20 * 10)
     assert rec["kernel_instructions_per_score_element"] is None
+
+
+def test_copies_of_an_inlined_loop_share_its_traced_trips():
+    """A helper's loop inlined at two call sites: two SASS loops on one source line, whose traced
+    count (40) covers both sites, so each copy runs 20 times, not 40."""
+    rec = _record({"k.py:5": 40}, lines=("k.py:5", "k.py:5"))
+    assert rec["model"]["trips"] == "traced"
+    assert rec["model"]["warp_instructions"] == 4 * (20 * 10 + 100 * 20 + 50 * 20)
+    assert [loop["trips"] for loop in rec["loop_trips"]] == [20, 20]
 
 
 def test_issue_time_is_the_busiest_sms():
