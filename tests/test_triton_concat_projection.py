@@ -68,17 +68,26 @@ def test_non_contiguous_x_and_only_some_gradients():
 
 
 def test_alignment_hints_follow_addresses_and_strides():
-    """The GEMM tells Triton how its rows are aligned (the interpreter ignores the hint, so a wrong
-    one would only show on a GPU: check the planner's numbers here). d = 90 in bf16: 180-byte
-    rows, 4-byte aligned; the weight's K-contiguous rows (W^T) 360 bytes: 8."""
+    """The kernels tell Triton how their rows are aligned (the interpreter ignores the hint, so a
+    wrong one would only show on a GPU, as a misaligned vector load: check the planners' numbers
+    here). d = 90 in bf16: 180-byte rows, 4-byte aligned; the weight's K-contiguous rows (W^T) are
+    360 bytes apart, but its table part starts 90 columns (180 bytes) in: 4, not 8."""
     from fastpe.kernels.triton import _launch, concat
 
     x = torch.randn(2, 5, 90, dtype=torch.bfloat16)
     table = torch.randn(5, 90, dtype=torch.bfloat16)
     weight = torch.randn(90, 180, dtype=torch.bfloat16)
     consts = concat.plan_forward(x, table, weight, None, None)[1][0].constexprs
-    assert (consts["ALIGN_A"], consts["ALIGN_T"], consts["ALIGN_B"], consts["ALIGN_C"]) == (4, 4, 8, 4)
+    assert (consts["ALIGN_A"], consts["ALIGN_T"], consts["ALIGN_B"], consts["ALIGN_C"]) == (4, 4, 4, 4)
     assert (consts["KA"], consts["K"], consts["N"]) == (90, 180, 90)
+    # 128-byte weight rows (16-byte aligned) whose table part starts 36 columns (72 bytes) in: 8
+    x36, t28, w = torch.randn(2, 5, 36), torch.randn(5, 28), torch.randn(32, 64)
+    assert concat.plan_forward(x36.half(), t28.half(), w.half(), None, None)[1][0].constexprs["ALIGN_B"] == 8
+    # the backward reads the table's 64-byte rows 36 columns into its concat tile: 8, not 16
+    x36, t32, w = (t.half() for t in (x36, torch.randn(5, 32), torch.randn(32, 68)))
+    *_, launches = concat.plan_backward(torch.randn(2, 5, 32).half(), x36, t32, w, None, True)
+    bwd = next(launch for launch in launches if launch.kernel is concat._bwd_kernel)
+    assert (bwd.constexprs["ALIGN_T"], bwd.constexprs["ALIGN_X"], bwd.constexprs["ALIGN_W"]) == (8, 8, 8)
     shifted = torch.randn(x.numel() + 1, dtype=torch.bfloat16)[1:].view(x.shape)  # one element in
     assert concat.plan_forward(shifted, table, weight, None, None)[1][0].constexprs["ALIGN_A"] == 2
     assert _launch.run_alignment(torch.randn(4, 8).t()) == 0  # rows not contiguous: no hint

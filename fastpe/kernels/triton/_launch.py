@@ -147,6 +147,12 @@ def run_alignment(t: torch.Tensor, dim: int = -1) -> int:
     return align
 
 
+def offset_alignment(nbytes: int) -> int:
+    """Bytes (a power of two, at most 16) dividing a byte offset that a kernel adds to aligned
+    runs (a run starting ``KA`` columns in): a hint must be the smaller of this and the runs'."""
+    return min(16, nbytes & -nbytes) if nbytes else 16
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: float32 follows torch's TF32 switch (off by default), as matmul does."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:

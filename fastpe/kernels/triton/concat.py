@@ -323,9 +323,9 @@ def plan_gemm(a, b, out, *, table=None, positions=None, length=1, bias=None):
     m, n = out.shape
     ka = a.shape[1]
     k = b.shape[0]
-    one_n_tile = n <= 128  # SRS widths: 4 warps and 32-wide K blocks (sm_90a at B128 L75 d90: 183 ->
-    # 171 instructions per K block, 128 -> 151 registers, 2.7 -> 1.9 us modelled; B512 L50 d32 and
-    # B256 L200 d64 stay memory-bound either way)
+    one_n_tile = n <= 128  # SRS widths: 4 warps and 32-wide K blocks (sm_90a at B128 L75 d90: 3.0 ->
+    # 2.3 us modelled; 16-wide blocks or 32-row tiles model slower; B512 L50 d32 and B256 L200 d64
+    # stay memory-bound either way)
     cfg = _launch.knobs(
         "concat_gemm",
         block_m=64 if m >= 64 else max(16, _launch.next_pow2(m)),
@@ -346,8 +346,10 @@ def plan_gemm(a, b, out, *, table=None, positions=None, length=1, bias=None):
                       DOT_PREC=_launch.dot_precision(a.dtype),
                       ALIGN_A=_launch.run_alignment(a), ALIGN_C=_launch.run_alignment(out),
                       ALIGN_T=_launch.run_alignment(table) if table is not None else 0,
-                      # the weight is contiguous along K (W^T of a Linear) or along N
-                      ALIGN_B=max(_launch.run_alignment(b, 0), _launch.run_alignment(b, 1)))
+                      # the weight is contiguous along K (W^T of a Linear) or along N; its table
+                      # rows start KA rows in (KA = 90 in bf16: 180 bytes, so 4-byte runs at most)
+                      ALIGN_B=min(max(_launch.run_alignment(b, 0), _launch.run_alignment(b, 1)),
+                                  _launch.offset_alignment(ka * b.stride(0) * b.element_size())))
     grid = (triton.cdiv(m, cfg["block_m"]), triton.cdiv(n, cfg["block_n"]))
     return Launch(_gemm_kernel, grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -441,7 +443,10 @@ def plan_backward(dy, x, table, weight, positions, has_bias, need_dx=True, need_
                       BLOCK_B=block_b, BLOCK_L=block_l, BLOCK_O=cfg["block_o"], BLOCK_C=cfg["block_c"],
                       BLOCK_R=cfg["block_r"], POS_KIND=pos_kind, FUSE_DX=fuse_dx, DOT_PREC=_launch.dot_precision(x.dtype),
                       ALIGN_DY=_launch.run_alignment(dy2), ALIGN_X=_launch.run_alignment(x2),
-                      ALIGN_T=_launch.run_alignment(table), ALIGN_W=_launch.run_alignment(weight),
+                      # the table's columns are read d_in columns into the concat tile
+                      ALIGN_T=min(_launch.run_alignment(table),
+                                  _launch.offset_alignment(d_in * table.stride(1) * table.element_size())),
+                      ALIGN_W=_launch.run_alignment(weight),
                       ALIGN_DX=_launch.run_alignment(dx2))
     grid = (groups, triton.cdiv(w_cols, cfg["block_c"]), triton.cdiv(d_out, cfg["block_o"]))
     launches.append(Launch(_bwd_kernel, grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
