@@ -427,7 +427,7 @@ def occupancy(registers, shared_bytes, num_warps):
 
 
 # ----------------------------------------------------------------------------------------------
-# loop trip counts: the planned launches run under Triton's interpreter, two programs per row
+# loop trip counts: the planned launches run under Triton's interpreter, a few programs per row
 # ----------------------------------------------------------------------------------------------
 
 
@@ -540,7 +540,7 @@ def trace_trips(specs) -> list:
 def traced_trips(launches, all_programs=False) -> list | None:
     """:func:`trace_trips` of these launches in a child process with the interpreter on; None
     (and the heuristic model) if it fails. ``all_programs``: run every program of the grid (for
-    kernels whose programs take different branches by their id, which two programs miss)."""
+    kernels whose programs take different branches by their id, which the sampled programs miss)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump([dict(launch_spec(launch), all_programs=all_programs) for launch in launches], f)

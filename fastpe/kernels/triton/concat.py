@@ -35,6 +35,7 @@ import triton.language as tl
 from fastpe.kernels.triton import _launch
 from fastpe.kernels.triton._launch import Launch
 from fastpe.kernels.triton._limits import MAX_TABLE_ROWS
+from fastpe.kernels.triton.rmha import _tile
 
 MAX_FUSED_DOUT = 128  # widest d_out whose dx the backward kernel writes itself
 
@@ -48,18 +49,6 @@ def _token_rows(POS, b, l, spb, spl, mask, POS_KIND: tl.constexpr):
         return tl.load(POS + l * spl, mask=mask, other=0)
     else:
         return tl.load(POS + b * spb + l * spl, mask=mask, other=0)
-
-
-@triton.jit
-def _tile(base, rows, cols, stride_r, stride_c, ALIGN: tl.constexpr):
-    """Pointers ``base + rows x stride_r + cols x stride_c`` whose contiguous runs start at
-    multiples of ``ALIGN`` bytes (the planner checked, :func:`fastpe.kernels.triton._launch.run_alignment`):
-    loads and stores become vectors. (The hint must be given where the pointers are computed: on a
-    helper's argument it is lost.)"""
-    ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
-    if ALIGN > 0:
-        ptrs = tl.multiple_of(ptrs, [ALIGN, ALIGN])
-    return ptrs
 
 
 @triton.jit

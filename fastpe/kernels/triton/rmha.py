@@ -65,13 +65,23 @@ PHILOX_ROUNDS = tl.constexpr(7)
 
 
 @triton.jit
+def _tile(base, rows, cols, stride_r, stride_c, ALIGN: tl.constexpr = 0):
+    """Pointers ``base + rows x stride_r + cols x stride_c`` whose contiguous runs start at
+    multiples of ``ALIGN`` bytes (the planner checked, :func:`fastpe.kernels.triton._launch.run_alignment`;
+    0: no hint): loads and stores become vectors. The hint must be given where the pointers are
+    computed, as here: given to a helper's pointer argument, Triton drops it."""
+    ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
+    if ALIGN > 0:
+        ptrs = tl.multiple_of(ptrs, [ALIGN, ALIGN])
+    return ptrs
+
+
+@triton.jit
 def _load_rows(base, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr, ALIGN: tl.constexpr = 0):
     """``[len(rows), C]`` tile of columns ``C0 .. C0+C`` (zero beyond ``CMAX`` and masked rows)."""
     cols = C0 + tl.arange(0, C)
-    ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
-    if ALIGN > 0:  # every row starts at a multiple of ALIGN bytes (the planner checked): wider loads
-        ptrs = tl.multiple_of(ptrs, [ALIGN, ALIGN])
-    return tl.load(ptrs, mask=row_mask[:, None] & (cols[None, :] < CMAX), other=0.0)
+    return tl.load(_tile(base, rows, cols, stride_r, stride_c, ALIGN), mask=row_mask[:, None] & (cols[None, :] < CMAX),
+                   other=0.0)
 
 
 @triton.jit
@@ -88,10 +98,8 @@ def _load_split(base, rows, row_mask, stride_r, stride_c, DA: tl.constexpr, DB: 
 @triton.jit
 def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr, ALIGN: tl.constexpr = 0):
     cols = C0 + tl.arange(0, C)
-    ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
-    if ALIGN > 0:
-        ptrs = tl.multiple_of(ptrs, [ALIGN, ALIGN])
-    tl.store(ptrs, val.to(base.dtype.element_ty), mask=row_mask[:, None] & (cols[None, :] < CMAX))
+    tl.store(_tile(base, rows, cols, stride_r, stride_c, ALIGN), val.to(base.dtype.element_ty),
+             mask=row_mask[:, None] & (cols[None, :] < CMAX))
 
 
 @triton.jit
