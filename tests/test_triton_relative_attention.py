@@ -160,6 +160,22 @@ def test_one_pass_backward_over_several_key_blocks_dh90(dtype, kind, monkeypatch
         check(3, 1, 37, 37, 90, kind, dtype, kmax=2)
 
 
+def test_wide_head_backward_takes_128_row_blocks_on_8_warps(monkeypatch):
+    """Heads of 65-128 columns over several key blocks: one-pass backward with 128-row query blocks
+    (8 warps need 128 rows: over 64 both warpgroups would compute the same score tile), and 4 warps
+    where the blocks are shorter. The default plan at L = 75, dh = 90 (one query block past the
+    queries, two key blocks), fp32, NaN-filled outputs, left padding and a fully padded row."""
+    from fastpe.kernels.triton import rmha
+
+    cfg = rmha.bwd_config(3, 1, 75, 75, 90, 90, torch.device(DEVICE), torch.float32)
+    assert (cfg["mode"], cfg["block_m"], cfg["block_n"], cfg["num_warps"]) == ("fused", 128, 64, 8)
+    for lq, lk in [(50, 50), (512, 512)]:  # one 64-key block; split mode (few sequences)
+        short = rmha.bwd_config(1, 1, lq, lk, 90, 90, torch.device(DEVICE), torch.float32)
+        assert short["block_m"] < 128 and short["num_warps"] == 4
+    monkeypatch.setattr(launch_cfg(), "POISON", True)
+    check(3, 1, 75, 75, 90, "fully_padded", torch.float32, kmax=4)
+
+
 @pytest.mark.parametrize("lq,lk,mode", [(5, 40, "fused"), (40, 5, "split"), (21, 40, "split"), (40, 21, "fused")])
 def test_unequal_query_and_key_lengths(lq, lk, mode):
     cfg = launch_cfg()

@@ -268,14 +268,18 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
     col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
     if any_key:
         k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH, ALIGN)
-        qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
-        if DB > 0:
-            qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
         delta = start_n - start_m
+        # The relative key term enters as the dot's accumulator, which pins it to the MMA layout.
+        # Added after the dot, the gather's layout spread: the compiler kept the row statistics in
+        # it and computed the softmax twice, once per layout (sm_90a, B128 h1 L75 dh90: 954 -> 633
+        # instructions per key block per thread).
         if BAND:
-            s = qk + tl.gather(qr, _band_tile_buckets(dloc, delta, KMAX), axis=1)
+            rel = tl.gather(qr, _band_tile_buckets(dloc, delta, KMAX), axis=1)
         else:
-            s = qk + qr_side[:, None]
+            rel = qr_side[:, None] + tl.zeros([1, BLOCK_N], tl.float32)
+        s = tl.dot(q_a, tl.trans(k_a), rel, input_precision=DOT_PREC)
+        if DB > 0:
+            s = tl.dot(q_b, tl.trans(k_b), s, input_precision=DOT_PREC)
         if HAS_BIAS or not POS_SCALE:
             s = _masked_logits(s * qk_scale, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
                                HAS_BIAS, IS_CAUSAL)
@@ -479,17 +483,17 @@ def _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
     terms of the elements are gathered from the per-row tables ``qr`` and ``dorv`` by bucket."""
     # j - i from the row and column indices (a hoisted [BLOCK_M, BLOCK_N] table would hold registers)
     bucket = _band_tile_buckets(offs_n[None, :] - offs_m[:, None], 0, KMAX)
-    qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
+    # (the gathered terms enter as the dots' accumulators, as in _fwd_tile)
+    qk = tl.dot(q_a, tl.trans(k_a), tl.gather(qr, bucket, axis=1), input_precision=DOT_PREC)
     if DB > 0:
         qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
-    s = _masked_logits((qk + tl.gather(qr, bucket, axis=1)) * qk_scale, offs_m, offs_n, m_mask, n_mask, col_ok,
+    s = _masked_logits(qk * qk_scale, offs_m, offs_n, m_mask, n_mask, col_ok,
                        b, h, BIAS, sbb, sbh, sbm, sbn, HAS_BIAS, IS_CAUSAL)
     p = tl.exp2(s - lse[:, None])
     # dP~_ij = dO_i . (v_j + rv[r(i,j)])
-    dpt = tl.dot(do_a, tl.trans(v_a), input_precision=DOT_PREC)
+    dpt = tl.dot(do_a, tl.trans(v_a), tl.gather(dorv, bucket, axis=1), input_precision=DOT_PREC)
     if DVB > 0:
         dpt = tl.dot(do_b, tl.trans(v_b), dpt, input_precision=DOT_PREC)
-    dpt = dpt + tl.gather(dorv, bucket, axis=1)
     if HAS_DROPOUT:
         keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, offs_n.shape[0])
         inv_keep = 1.0 / (1.0 - dropout_p)
@@ -963,7 +967,7 @@ def bwd_config(b, h, lq, lk, dh, dv, device, dtype):
         mode = "fused"
         # (measured with benchmarks/static_report.py: spills and instructions per score element)
         block_n = whole if whole <= 64 else 64
-        block_m = 128 if (block_n < whole and widest <= 64) else 64
+        block_m = 128 if (block_n < whole and widest <= 128) else 64
     else:
         mode = "split"
         block_n = 64 if (lk >= 128 and widest <= 64) else 32
@@ -975,8 +979,12 @@ def bwd_config(b, h, lq, lk, dh, dv, device, dtype):
     cfg["block_n"] = min(cfg["block_n"], whole)
     nblk = 1 if cfg["mode"] == "fused" else max(triton.cdiv(lq, cfg["block_m"]), triton.cdiv(lk, cfg["block_n"]))
     if not cfg["num_warps"]:
+        # 8 warps only for 128-row blocks: a warpgroup's MMA takes 64 rows, and with 8 warps over a
+        # 64-row block both warpgroups computed the same score tile (sm_90a, B128 h1 L75 dh90:
+        # 64 x 64 on 8 warps 11.2 us modelled, 128 x 64 on 8 warps 7.8; split mode at L = 512
+        # dh 90, 32 x 32 tiles: 8 warps 65.5 us, 4 warps 40.5)
         small = cfg["block_m"] * cfg["block_n"] <= 64 * 64 and cfg["block_n"] <= 128 and widest <= 64
-        cfg["num_warps"] = 4 if small else 8
+        cfg["num_warps"] = 4 if (small or cfg["block_m"] < 128) else 8
     if not cfg["b_per_prog"]:
         # Several sequences per program when there are many: fewer partial table rows (a short
         # reduction after), and as many programs as fit the card at once (two per SM with 4 warps,
