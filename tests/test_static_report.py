@@ -152,6 +152,21 @@ def test_issue_time_is_the_busiest_sms():
     assert ideal["busiest_sm_factor"] == 1.0 and ideal["t_issue_us"] == pytest.approx(1e6 / sr.MACHINE["issue_per_s"] * 1e6)
 
 
+def test_hot_loop_is_the_loop_with_the_tensor_core_work():
+    # an outer loop with a long epilogue of its own (6 instructions) around an inner loop with the
+    # MMA (3): the inner one is the loop over score tiles
+    body = ["MOV R1, R2",
+            "HGMMA.64x64x16.F32.BF16 R0, gdesc[UR4], R0", "FADD R1, R1, R2", "@P1 BRA {1}",
+            "FADD R1, R1, R2", "FADD R1, R1, R2", "FADD R1, R1, R2", "FADD R1, R1, R2", "FADD R1, R1, R2",
+            "@!P0 BRA {1}",
+            "EXIT", "BRA {11}"]
+    body = [line.format(*[f"0x{i * 16:x}" for i in range(len(body))]) for line in body]
+    ins = sr.parse_sass(_sass(body))["k"]
+    assert sr.find_loops(ins) == [(1, 9), (1, 3)]
+    a = sr.analyse_sass(ins)
+    assert a["hot_loop_instructions"] == 3 and a["hot_loop_tensor_core_instructions"] == 1
+
+
 def test_kernel_without_loops_has_an_empty_hot_loop():
     a = sr.analyse_sass(sr.parse_sass(_sass(["HMMA.16816.F32.BF16 R0, R2, R4, R0", "EXIT", "BRA 0x20"]))["k"])
     assert a["loops"] == 0 and a["hot_loop_instructions"] == 0
