@@ -194,17 +194,29 @@ def _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def _masked_logits(s, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
-                   HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """Mask (and bias) logits ``s`` given in log2 units."""
+def _allowed(offs_m, offs_n, col_ok, IS_CAUSAL: tl.constexpr):
+    """Which elements of a tile may attend: keys that exist and are not padding, causal order."""
     valid = col_ok[None, :]
     if IS_CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    return valid
+
+
+@triton.jit
+def _add_bias(s, offs_m, offs_n, m_mask, n_mask, b, h, BIAS, sbb, sbh, sbm, sbn):
+    """``s`` (log2 units) plus the tile of the additive bias, converted to log2 units."""
+    bias = tl.load(BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
+                   mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+    return s + bias.to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _masked_logits(s, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
+                   HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Mask (and bias) logits ``s`` given in log2 units."""
     if HAS_BIAS:
-        bias = tl.load(BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
-                       mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-        s = s + bias.to(tl.float32) * 1.4426950408889634
-    return tl.where(valid, s, float("-inf"))
+        s = _add_bias(s, offs_m, offs_n, m_mask, n_mask, b, h, BIAS, sbb, sbh, sbm, sbn)
+    return tl.where(_allowed(offs_m, offs_n, col_ok, IS_CAUSAL), s, float("-inf"))
 
 
 @triton.jit
@@ -487,22 +499,26 @@ def _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
     qk = tl.dot(q_a, tl.trans(k_a), tl.gather(qr, bucket, axis=1), input_precision=DOT_PREC)
     if DB > 0:
         qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
-    s = _masked_logits(qk * qk_scale, offs_m, offs_n, m_mask, n_mask, col_ok,
-                       b, h, BIAS, sbb, sbh, sbm, sbn, HAS_BIAS, IS_CAUSAL)
-    p = tl.exp2(s - lse[:, None])
+    # one FMA per element to the exponent; masked after the exp2, which holds for either sign of
+    # the scale (a masked element's exp2 may overflow: the select drops it)
+    s = qk * qk_scale - lse[:, None]
+    if HAS_BIAS:
+        s = _add_bias(s, offs_m, offs_n, m_mask, n_mask, b, h, BIAS, sbb, sbh, sbm, sbn)
+    p = tl.where(_allowed(offs_m, offs_n, col_ok, IS_CAUSAL), tl.exp2(s), 0.0)
     # dP~_ij = dO_i . (v_j + rv[r(i,j)])
     dpt = tl.dot(do_a, tl.trans(v_a), tl.gather(dorv, bucket, axis=1), input_precision=DOT_PREC)
     if DVB > 0:
         dpt = tl.dot(do_b, tl.trans(v_b), dpt, input_precision=DOT_PREC)
+    # dS = P (dP - D) scale, as P (dP~ keep c - D scale): one FMA and one multiply per element
+    di_scaled = di * scale
     if HAS_DROPOUT:
         keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, offs_n.shape[0])
         inv_keep = 1.0 / (1.0 - dropout_p)
         p_drop = tl.where(keep, p * inv_keep, 0.0)
-        dprob = tl.where(keep, dpt * inv_keep, 0.0)
+        ds = p * (tl.where(keep, dpt, 0.0) * (inv_keep * scale) - di_scaled[:, None])
     else:
         p_drop = p
-        dprob = dpt
-    ds = p * (dprob - di[:, None]) * scale
+        ds = p * (dpt * scale - di_scaled[:, None])
     return p_drop, ds
 
 
