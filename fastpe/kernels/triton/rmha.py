@@ -514,12 +514,21 @@ def _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
     if HAS_DROPOUT:
         keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, offs_n.shape[0])
         inv_keep = 1.0 / (1.0 - dropout_p)
-        p_drop = tl.where(keep, p * inv_keep, 0.0)
+        # kept, not yet scaled by 1 / (1 - p): dv and the P~ bucket sums take that factor at the end
+        p_drop = tl.where(keep, p, 0.0)
         ds = p * (tl.where(keep, dpt, 0.0) * (inv_keep * scale) - di_scaled[:, None])
     else:
         p_drop = p
         ds = p * (dpt * scale - di_scaled[:, None])
     return p_drop, ds
+
+
+@triton.jit
+def _scaled(x, factor, ON: tl.constexpr):
+    """``x * factor`` where ``ON``, else ``x`` (no multiply compiled)."""
+    if ON:
+        x = x * factor
+    return x
 
 
 @triton.jit
@@ -561,7 +570,7 @@ def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, offs_m, start_n, delta
 @triton.jit
 def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                         left_p, total_p, left_ds, total_ds, inner_p, inner_ds, rcols, offs_m, m_mask, dq_base,
-                        sdqm, sdqd, dt, KMAX: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
+                        sdqm, sdqd, p_scale, dt, KMAX: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
                         DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr = 0):
     """A query block whose keys are all visited: its bucket tables give the table gradients
     (``drk[r] += sum_i dS_bucket[i, r] q_i``, ``drv[r] += sum_i P~_bucket[i, r] dO_i``, added to this
@@ -571,7 +580,7 @@ def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, r
     R: tl.constexpr = 2 * KMAX + 1
     r_mask = rcols < R
     dsb = _bucket_table(inner_ds, left_ds, total_ds, rcols, KMAX).to(dt)
-    pbt = _bucket_table(inner_p, left_p, total_p, rcols, KMAX).to(dt)
+    pbt = (_bucket_table(inner_p, left_p, total_p, rcols, KMAX) * p_scale).to(dt)  # (see _bwd_tile)
     drv_row = row + R * DH
     _store_rows(row, tl.dot(tl.trans(dsb), q_a, _load_rows(row, rcols, r_mask, DH, 1, 0, DA, DH), input_precision=DOT_PREC),
                 rcols, r_mask, DH, 1, 0, DA, DH)
@@ -639,8 +648,10 @@ def _rmha_bwd_kernel(
         _store_rows(row + R * DH, tl.zeros([R_PAD, DVBX], tl.float32), offs_r, r_mask, DV, 1, DVA, DVB, DV)
 
     seed = 0
+    p_scale = 1.0  # P~ leaves the tiles unscaled by 1 / (1 - p) (see _bwd_tile)
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+        p_scale = 1.0 / (1.0 - dropout_p)
     # this program's fp32 dk, dv accumulators for a whole sequence (one-pass mode, several key blocks);
     # rows padded to the split head sizes: 16-byte aligned, no column masks
     DHP: tl.constexpr = DA + DB
@@ -746,26 +757,28 @@ def _rmha_bwd_kernel(
                 _finish_query_block(
                     q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                     left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
-                    sdqm, sdqd, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN)
+                    sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN)
             if KV_IN_REGS:
                 kv_ok = offs_kv < LK
                 _store_rows(dk_base, dk_a, offs_kv, kv_ok, sdkn, sdkd, 0, DA, DH, ALIGN)
-                _store_rows(dv_base, dv_a, offs_kv, kv_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
+                _store_rows(dv_base, _scaled(dv_a, p_scale, HAS_DROPOUT), offs_kv, kv_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
                 if DB > 0:
                     _store_rows(dk_base, dk_b, offs_kv, kv_ok, sdkn, sdkd, DA, DB, DH, ALIGN)
                 if DVB > 0:
-                    _store_rows(dv_base, dv_b, offs_kv, kv_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+                    _store_rows(dv_base, _scaled(dv_b, p_scale, HAS_DROPOUT), offs_kv, kv_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
             else:
                 tl.debug_barrier()
                 for z in range(0, LK, BLOCK_N):
                     rows = z + offs_kv
                     row_ok = rows < LK
                     _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DHP, 1, 0, DA, DHP, 16), rows, row_ok, sdkn, sdkd, 0, DA, DH, ALIGN)
-                    _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DVP, 1, 0, DVA, DVP, 16), rows, row_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
+                    _store_rows(dv_base, _scaled(_load_rows(acc_v, rows, row_ok, DVP, 1, 0, DVA, DVP, 16), p_scale, HAS_DROPOUT),
+                                rows, row_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
                     if DB > 0:
                         _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DHP, 1, DA, DB, DHP, 16), rows, row_ok, sdkn, sdkd, DA, DB, DH, ALIGN)
                     if DVB > 0:
-                        _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DVP, 1, DVA, DVB, DVP, 16), rows, row_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+                        _store_rows(dv_base, _scaled(_load_rows(acc_v, rows, row_ok, DVP, 1, DVA, DVB, DVP, 16), p_scale, HAS_DROPOUT),
+                                    rows, row_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
                 tl.debug_barrier()  # the next sequence zeroes the accumulator rows again
         else:
             # ---- split, key block pid_blk: dk, dv ----
@@ -806,11 +819,11 @@ def _rmha_bwd_kernel(
                 if DB > 0:
                     dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
             _store_rows(dk_base, dk_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH, ALIGN)
-            _store_rows(dv_base, dv_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN)
+            _store_rows(dv_base, _scaled(dv_a, p_scale, HAS_DROPOUT), offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN)
             if DB > 0:
                 _store_rows(dk_base, dk_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH, ALIGN)
             if DVB > 0:
-                _store_rows(dv_base, dv_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+                _store_rows(dv_base, _scaled(dv_b, p_scale, HAS_DROPOUT), offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN)
 
             # ---- split, query block pid_blk: dq and the table gradients, visiting the key blocks again ----
             start_m = pid_blk * BLOCK_M
@@ -859,7 +872,7 @@ def _rmha_bwd_kernel(
                 _finish_query_block(
                     q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                     left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
-                    sdqm, sdqd, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN)
+                    sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN)
 
 
 @triton.jit
