@@ -152,19 +152,25 @@ def test_issue_time_is_the_busiest_sms():
     assert ideal["busiest_sm_factor"] == 1.0 and ideal["t_issue_us"] == pytest.approx(1e6 / sr.MACHINE["issue_per_s"] * 1e6)
 
 
-def test_hot_loop_is_the_loop_with_the_tensor_core_work():
-    # an outer loop with a long epilogue of its own (6 instructions) around an inner loop with the
-    # MMA (3): the inner one is the loop over score tiles
-    body = ["MOV R1, R2",
-            "HGMMA.64x64x16.F32.BF16 R0, gdesc[UR4], R0", "FADD R1, R1, R2", "@P1 BRA {1}",
-            "FADD R1, R1, R2", "FADD R1, R1, R2", "FADD R1, R1, R2", "FADD R1, R1, R2", "FADD R1, R1, R2",
-            "@!P0 BRA {1}",
-            "EXIT", "BRA {11}"]
+def _nested_loops(inner, outer_own):
+    """SASS of an outer loop with ``outer_own`` FADDs of its own around an inner loop of an MMA and
+    ``inner - 2`` FADDs (plus its branch), then EXIT."""
+    body = (["MOV R1, R2", "HGMMA.64x64x16.F32.BF16 R0, gdesc[UR4], R0"] + ["FADD R1, R1, R2"] * (inner - 2)
+            + ["@P1 BRA {1}"] + ["FADD R1, R1, R2"] * outer_own + ["@!P0 BRA {1}", "EXIT", "BRA {%d}" % (inner + outer_own + 3)])
     body = [line.format(*[f"0x{i * 16:x}" for i in range(len(body))]) for line in body]
-    ins = sr.parse_sass(_sass(body))["k"]
+    return sr.parse_sass(_sass(body))["k"]
+
+
+def test_hot_loop_is_the_loop_with_the_tensor_core_work():
+    # an outer loop with a longer epilogue of its own (5 + its branch) around an inner loop with
+    # the MMA (3): the inner one is the loop over score tiles
+    ins = _nested_loops(inner=3, outer_own=5)
     assert sr.find_loops(ins) == [(1, 9), (1, 3)]
     a = sr.analyse_sass(ins)
     assert a["hot_loop_instructions"] == 3 and a["hot_loop_tensor_core_instructions"] == 1
+    # an inner MMA loop under a quarter of the outer loop's own size is not: the outer one is
+    a = sr.analyse_sass(_nested_loops(inner=3, outer_own=12))
+    assert a["hot_loop_instructions"] == 16 and a["hot_loop_tensor_core_instructions"] == 1
 
 
 def test_kernel_without_loops_has_an_empty_hot_loop():
