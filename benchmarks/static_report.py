@@ -16,11 +16,11 @@ Shapes: S1 = B512 h2 L50 dh32, S2 = B256 h2 L200 dh64, S3 = B128 h1 L75 dh90, or
 ``B<b>h<h>L<l>dh<dh>``. The non-attention ops run at the same size: rotary on ``x [B, L, h, dh]``,
 rotatory and concat-projection on ``x [B, L, d = h*dh]``.
 
-The hot loop of a kernel is, among the SASS loops (backward branches) with at least a quarter of
-the largest count of instructions of their own (outside loops nested in them), the one with the
-most tensor-core work of its own, then the most instructions of its own: the loop over score
-tiles, not an outer loop over query blocks whose own epilogue may be longer, nor a short inner
-loop of a few MMAs; its count is static (every path of the body). For the
+The hot loop of a kernel is the SASS loop (a backward branch) with the most instructions of its
+own (outside loops nested in it); for the Triton kernels, among the loops with at least a quarter
+of that count, the one with the most tensor-core work of its own (then the most instructions):
+the loop over score tiles, not an outer loop over query blocks whose own epilogue may be longer,
+nor a short inner loop of a few MMAs. Its count is static (every path of the body). For the
 relative-attention kernels (those with ``BLOCK_M`` and ``BLOCK_N``) one pass of a loop handles
 one ``BLOCK_M x BLOCK_N`` score tile, so ``hot_loop_score_elements`` is that tile per thread.
 
@@ -234,7 +234,7 @@ def compile_launch(launch) -> dict:
     res = next(iter(resources.values()))
     res["shared_bytes"] += compiled.metadata.shared  # Triton's shared memory is dynamic
     functions = parse_sass(sass)
-    return dict(res, **analyse_sass(next(iter(functions.values())), line_of))
+    return dict(res, **analyse_sass(next(iter(functions.values())), line_of, by_tensor_work=True))
 
 
 def _run(cmd) -> str:
@@ -358,10 +358,11 @@ def find_loops(instructions):
     return sorted(loops, key=lambda se: (se[0], -se[1]))
 
 
-def analyse_sass(instructions, line_of=None) -> dict:
-    """Instruction counts of the whole kernel and of its hot loop (see the module docstring), and
-    per loop its own instructions and tensor FLOPs (outside loops nested in it) and the source
-    line of its backward branch (the ``for`` it compiles, given ``line_of`` from nvdisasm)."""
+def analyse_sass(instructions, line_of=None, by_tensor_work=False) -> dict:
+    """Instruction counts of the whole kernel and of its hot loop (see the module docstring;
+    ``by_tensor_work``: the Triton rule), and per loop its own instructions and tensor FLOPs
+    (outside loops nested in it) and the source line of its backward branch (the ``for`` it
+    compiles, given ``line_of`` from nvdisasm)."""
     real = [ins for ins in instructions if ins[1] != "NOP"]
     loops = [(s, e) for s, e in find_loops(instructions)]
 
@@ -395,11 +396,12 @@ def analyse_sass(instructions, line_of=None) -> dict:
         return dict(result, hot_loop_instructions=0, hot_loop_tensor_core_instructions=0, hot_loop_mix={},
                     heavy_loop_instructions=0, heavy_loop_tensor_flops=0.0, once_instructions=len(real),
                     once_tensor_flops=total_flops)
-    # among the loops of at least a quarter of the largest own size, the one with the most tensor
-    # work of its own (an inner loop of a few MMAs in the CUDA kernels stays out)
-    biggest = max(own.values())
-    hot = max((loop for loop in loops if own[loop] * 4 >= biggest),
-              key=lambda loop: (own_flops[loop], own[loop], count(*loop)))
+    if by_tensor_work:  # Triton: among the loops of at least a quarter of the largest own size
+        biggest = max(own.values())
+        hot = max((loop for loop in loops if own[loop] * 4 >= biggest),
+                  key=lambda loop: (own_flops[loop], own[loop], count(*loop)))
+    else:
+        hot = max(loops, key=lambda loop: (own[loop], count(*loop)))
     body = [ins for ins in instructions[hot[0]:hot[1] + 1] if ins[1] != "NOP"]
     mix = {}
     for _a, op, _o in body:

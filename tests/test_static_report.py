@@ -161,15 +161,16 @@ def _nested_loops(inner, outer_own):
     return sr.parse_sass(_sass(body))["k"]
 
 
-def test_hot_loop_is_the_loop_with_the_tensor_core_work():
+def test_triton_hot_loop_is_the_loop_with_the_tensor_core_work():
     # an outer loop with a longer epilogue of its own (5 + its branch) around an inner loop with
     # the MMA (3): the inner one is the loop over score tiles
     ins = _nested_loops(inner=3, outer_own=5)
     assert sr.find_loops(ins) == [(1, 9), (1, 3)]
-    a = sr.analyse_sass(ins)
+    a = sr.analyse_sass(ins, by_tensor_work=True)
     assert a["hot_loop_instructions"] == 3 and a["hot_loop_tensor_core_instructions"] == 1
+    assert sr.analyse_sass(ins)["hot_loop_instructions"] == 9  # the CUDA rule: the most of its own
     # an inner MMA loop under a quarter of the outer loop's own size is not: the outer one is
-    a = sr.analyse_sass(_nested_loops(inner=3, outer_own=12))
+    a = sr.analyse_sass(_nested_loops(inner=3, outer_own=12), by_tensor_work=True)
     assert a["hot_loop_instructions"] == 16 and a["hot_loop_tensor_core_instructions"] == 1
 
 
