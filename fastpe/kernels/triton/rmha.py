@@ -491,8 +491,9 @@ def _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
               BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
               KMAX: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
               HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Recompute one tile: P~ (dropped probabilities) and dS (w.r.t. q.k + q.rk). The relative
-    terms of the elements are gathered from the per-row tables ``qr`` and ``dorv`` by bucket."""
+    """Recompute one tile: P~ (the kept probabilities, not yet scaled by 1 / (1 - p): dv and the P~
+    bucket sums take that factor at the end) and dS (w.r.t. q.k + q.rk). The relative terms of
+    the elements are gathered from the per-row tables ``qr`` and ``dorv`` by bucket."""
     # j - i from the row and column indices (a hoisted [BLOCK_M, BLOCK_N] table would hold registers)
     bucket = _band_tile_buckets(offs_n[None, :] - offs_m[:, None], 0, KMAX)
     # (the gathered terms enter as the dots' accumulators, as in _fwd_tile)
