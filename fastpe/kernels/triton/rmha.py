@@ -205,8 +205,7 @@ def _allowed(offs_m, offs_n, col_ok, IS_CAUSAL: tl.constexpr):
 @triton.jit
 def _add_bias(s, offs_m, offs_n, m_mask, n_mask, b, h, BIAS, sbb, sbh, sbm, sbn):
     """``s`` (log2 units) plus the tile of the additive bias, converted to log2 units."""
-    bias = tl.load(BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
-                   mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+    bias = tl.load(_tile(BIAS + b * sbb + h * sbh, offs_m, offs_n, sbm, sbn), mask=m_mask[:, None] & n_mask[None, :], other=0.0)
     return s + bias.to(tl.float32) * 1.4426950408889634
 
 
@@ -525,14 +524,6 @@ def _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
 
 
 @triton.jit
-def _scaled(x, factor, ON: tl.constexpr):
-    """``x * factor`` where ``ON``, else ``x`` (no multiply compiled)."""
-    if ON:
-        x = x * factor
-    return x
-
-
-@triton.jit
 def _meets_band(delta, KMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Whether a tile with ``delta = start_n - start_m`` holds an element with ``|j - i| < k``."""
     return (delta < BLOCK_M + KMAX - 1) & (delta > 1 - BLOCK_N - KMAX)
@@ -649,7 +640,7 @@ def _rmha_bwd_kernel(
         _store_rows(row + R * DH, tl.zeros([R_PAD, DVBX], tl.float32), offs_r, r_mask, DV, 1, DVA, DVB, DV)
 
     seed = 0
-    p_scale = 1.0  # P~ leaves the tiles unscaled by 1 / (1 - p) (see _bwd_tile)
+    p_scale = 1.0  # P~ leaves the tiles unscaled by 1 / (1 - p) (see _bwd_tile); x * 1.0 compiles to x
     if HAS_DROPOUT:
         seed = tl.load(SEED)
         p_scale = 1.0 / (1.0 - dropout_p)
@@ -762,23 +753,23 @@ def _rmha_bwd_kernel(
             if KV_IN_REGS:
                 kv_ok = offs_kv < LK
                 _store_rows(dk_base, dk_a, offs_kv, kv_ok, sdkn, sdkd, 0, DA, DH, ALIGN)
-                _store_rows(dv_base, _scaled(dv_a, p_scale, HAS_DROPOUT), offs_kv, kv_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
+                _store_rows(dv_base, dv_a * p_scale, offs_kv, kv_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
                 if DB > 0:
                     _store_rows(dk_base, dk_b, offs_kv, kv_ok, sdkn, sdkd, DA, DB, DH, ALIGN)
                 if DVB > 0:
-                    _store_rows(dv_base, _scaled(dv_b, p_scale, HAS_DROPOUT), offs_kv, kv_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+                    _store_rows(dv_base, dv_b * p_scale, offs_kv, kv_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
             else:
                 tl.debug_barrier()
                 for z in range(0, LK, BLOCK_N):
                     rows = z + offs_kv
                     row_ok = rows < LK
                     _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DHP, 1, 0, DA, DHP, 16), rows, row_ok, sdkn, sdkd, 0, DA, DH, ALIGN)
-                    _store_rows(dv_base, _scaled(_load_rows(acc_v, rows, row_ok, DVP, 1, 0, DVA, DVP, 16), p_scale, HAS_DROPOUT),
+                    _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DVP, 1, 0, DVA, DVP, 16) * p_scale,
                                 rows, row_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
                     if DB > 0:
                         _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DHP, 1, DA, DB, DHP, 16), rows, row_ok, sdkn, sdkd, DA, DB, DH, ALIGN)
                     if DVB > 0:
-                        _store_rows(dv_base, _scaled(_load_rows(acc_v, rows, row_ok, DVP, 1, DVA, DVB, DVP, 16), p_scale, HAS_DROPOUT),
+                        _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DVP, 1, DVA, DVB, DVP, 16) * p_scale,
                                     rows, row_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
                 tl.debug_barrier()  # the next sequence zeroes the accumulator rows again
         else:
@@ -820,11 +811,11 @@ def _rmha_bwd_kernel(
                 if DB > 0:
                     dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
             _store_rows(dk_base, dk_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH, ALIGN)
-            _store_rows(dv_base, _scaled(dv_a, p_scale, HAS_DROPOUT), offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN)
+            _store_rows(dv_base, dv_a * p_scale, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN)
             if DB > 0:
                 _store_rows(dk_base, dk_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH, ALIGN)
             if DVB > 0:
-                _store_rows(dv_base, _scaled(dv_b, p_scale, HAS_DROPOUT), offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+                _store_rows(dv_base, dv_b * p_scale, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN)
 
             # ---- split, query block pid_blk: dq and the table gradients, visiting the key blocks again ----
             start_m = pid_blk * BLOCK_M
