@@ -462,10 +462,10 @@ def _rmha_fwd_kernel(
 
 @triton.jit
 def _load_query_block(q_base, do_base, o_base, lse_base, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
-                      rk_a, rk_b, rv_a, rv_b, DA: tl.constexpr, DB: tl.constexpr, DH: tl.constexpr,
+                      rk_a, rk_b, rv_a, rv_b, scale, DA: tl.constexpr, DB: tl.constexpr, DH: tl.constexpr,
                       DVA: tl.constexpr, DVB: tl.constexpr, DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr = 0):
-    """What the backward needs of one query block: q and dO (split at DA / DVA), D_i = rowsum(dO o O),
-    q.rk^T and dO.rv^T over the buckets, and the forward's log-sum-exp."""
+    """What the backward needs of one query block: q and dO (split at DA / DVA), D_i scale with
+    D_i = rowsum(dO o O), q.rk^T and dO.rv^T over the buckets, and the forward's log-sum-exp."""
     q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH, ALIGN)
     do_a = _load_rows(do_base, offs_m, m_mask, sdom, sdod, 0, DVA, DV, ALIGN)
     di = tl.sum(do_a.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, 0, DVA, DV, ALIGN).to(tl.float32), axis=1)
@@ -481,11 +481,11 @@ def _load_query_block(q_base, do_base, o_base, lse_base, offs_m, m_mask, sqm, sq
         di += tl.sum(do_b.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN).to(tl.float32), axis=1)
         dorv = tl.dot(do_b, tl.trans(rv_b), dorv, input_precision=DOT_PREC)
     lse = tl.load(lse_base + offs_m, mask=m_mask, other=0.0)
-    return q_a, q_b, do_a, do_b, di, qr, dorv, lse
+    return q_a, q_b, do_a, do_b, di * scale, qr, dorv, lse
 
 
 @triton.jit
-def _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
+def _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di_scaled, lse,
               offs_m, offs_n, start_n, m_mask, n_mask, col_ok, b, h, bh,
               BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
               KMAX: tl.constexpr, DB: tl.constexpr, DVB: tl.constexpr,
@@ -510,7 +510,6 @@ def _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
     if DVB > 0:
         dpt = tl.dot(do_b, tl.trans(v_b), dpt, input_precision=DOT_PREC)
     # dS = P (dP - D) scale, as P (dP~ keep c - D scale): one FMA and one multiply per element
-    di_scaled = di * scale
     if HAS_DROPOUT:
         keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, offs_n.shape[0])
         inv_keep = 1.0 / (1.0 - dropout_p)
@@ -688,9 +687,9 @@ def _rmha_bwd_kernel(
                 m_mask = _below(start_m, BLOCK_M, LQ)
                 rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
                 rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
-                q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
+                q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse = _load_query_block(
                     q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
-                    rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
+                    rk_a, rk_b, rv_a, rv_b, scale, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
                 dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
                 dq_b = tl.zeros([BLOCK_M, DBX], tl.float32)
                 left_p = tl.zeros([BLOCK_M], tl.float32)
@@ -709,7 +708,7 @@ def _rmha_bwd_kernel(
                         k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH, ALIGN)
                         v_a, v_b = _load_split(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV, ALIGN)
                         delta = start_n - start_m
-                        p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
+                        p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di_scaled, lse,
                                                offs_m, offs_n, start_n, m_mask, n_mask, col_ok, b, h, bh,
                                                BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
                                                KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
@@ -794,11 +793,11 @@ def _rmha_bwd_kernel(
                 m_mask = _below(start_m, BLOCK_M, LQ)
                 rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
                 rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
-                q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
+                q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse = _load_query_block(
                     q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
-                    rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
+                    rk_a, rk_b, rv_a, rv_b, scale, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
                 delta = start_n - start_m
-                p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di, lse,
+                p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di_scaled, lse,
                                        offs_m, offs_n, start_n, m_mask, n_mask, col_ok, b, h, bh,
                                        BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
                                        KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
@@ -823,9 +822,9 @@ def _rmha_bwd_kernel(
             m_mask = offs_m < LQ
             rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
             rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
-            q_a, q_b, do_a, do_b, di, qr, dorv, lse = _load_query_block(
+            q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse = _load_query_block(
                 q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
-                rk_a, rk_b, rv_a, rv_b, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
+                rk_a, rk_b, rv_a, rv_b, scale, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
             dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
             dq_b = tl.zeros([BLOCK_M, DBX], tl.float32)
             left_p = tl.zeros([BLOCK_M], tl.float32)
@@ -845,7 +844,7 @@ def _rmha_bwd_kernel(
                     k2_a, k2_b = _load_split(k_base, offs_n2, n_mask2, skn, skd, DA, DB, DH, ALIGN)
                     v2_a, v2_b = _load_split(v_base, offs_n2, n_mask2, svn, svd, DVA, DVB, DV, ALIGN)
                     delta2 = start_n2 - start_m
-                    p2, ds2 = _bwd_tile(q_a, q_b, k2_a, k2_b, v2_a, v2_b, do_a, do_b, qr, dorv, di, lse,
+                    p2, ds2 = _bwd_tile(q_a, q_b, k2_a, k2_b, v2_a, v2_b, do_a, do_b, qr, dorv, di_scaled, lse,
                                         offs_m, offs_n2, start_n2, m_mask, n_mask2, col_ok2, b, h, bh,
                                         BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
                                         KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
