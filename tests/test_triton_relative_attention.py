@@ -107,6 +107,18 @@ def test_key_blocks_left_of_on_and_right_of_the_band(dtype, kind, monkeypatch):
         check(2, 1, 70, 70, 16, kind, dtype, kmax=2)
 
 
+@pytest.mark.parametrize("kind", ["padding", "padding+causal"])
+def test_band_tiles_of_64_keys_gather_column_pairs(kind, monkeypatch):
+    """fp16 (the interpreter's bf16 ``tl.dot`` is wrong; both 16-bit types take the same path): a
+    64-wide key block meeting the band gathers its inner buckets from column pairs. 16-row query
+    blocks over 150 positions with k = 4 put the band at every offset in a block, left of it, at its
+    start and across its end and the next block's start. Outputs start as NaN."""
+    cfg = launch_cfg()
+    monkeypatch.setattr(cfg, "POISON", True)
+    with cfg.override("rmha_fwd", block_m=16, block_n=64), cfg.override("rmha_bwd", mode="split", block_m=16, block_n=64):
+        check(2, 1, 150, 150, 16, kind, torch.float16, kmax=4)
+
+
 @pytest.mark.parametrize("bwd_mode", ["split", "fused"])
 def test_fully_padded_key_blocks_are_skipped_for_every_left_padding_length(bwd_mode, monkeypatch):
     """One sequence per left-padding length 0..17 over 16-wide key blocks of 33 positions. Keys and
@@ -341,13 +353,16 @@ def test_dropout_mask_does_not_depend_on_the_block_size():
     assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
 
 
-@pytest.mark.parametrize("mode,L,block", [("split", 12, 16), ("fused", 12, 16), ("split", 40, 16), ("fused", 40, 16),
-                                          ("split", 40, 32), ("fused", 70, 64)])
-def test_dropout_backward_uses_the_forward_mask(mode, L, block):
+@pytest.mark.parametrize("mode,L,block,dtype", [("split", 12, 16, torch.float32), ("fused", 12, 16, torch.float32),
+                                                ("split", 40, 16, torch.float32), ("fused", 40, 16, torch.float32),
+                                                ("split", 40, 32, torch.float32), ("fused", 70, 64, torch.float32),
+                                                ("fused", 70, 64, torch.float16)])
+def test_dropout_backward_uses_the_forward_mask(mode, L, block, dtype):
     """Outputs and all gradients equal the float64 reference fed the kernel's own keep mask (at L = 40
     with k = 2 over 16-wide blocks: key blocks off the band, and blocks meeting it, whose inner
     buckets are gathered from the dropped tile; 32- and 64-wide key blocks draw a tile's keys from
-    whole 32-key Philox spans, 16-wide ones from half of one)."""
+    whole 32-key Philox spans, 16-wide ones from half of one; in fp16 the 64-wide band tiles gather
+    their inner buckets from column pairs of the dropped tile)."""
     b, h, p = 2, 2, 0.25
     kw = {"key_padding_mask": masks_on_device("padding", b, h, L, L)["key_padding_mask"], "is_causal": True}
     cfg = launch_cfg()
@@ -362,7 +377,7 @@ def test_dropout_backward_uses_the_forward_mask(mode, L, block):
         def reference(*t):
             return _reference_with_keep(*t, keep=keep.double(), p=p, **kw)
 
-        assert_matches_reference(kernel, reference, inputs, torch.float32, NAMES)
+        assert_matches_reference(kernel, reference, inputs, dtype, NAMES)
 
 
 def test_dropout_seed_comes_from_torch_generator():
