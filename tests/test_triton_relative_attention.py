@@ -107,15 +107,16 @@ def test_key_blocks_left_of_on_and_right_of_the_band(dtype, kind, monkeypatch):
         check(2, 1, 70, 70, 16, kind, dtype, kmax=2)
 
 
-@pytest.mark.parametrize("kind", ["padding", "padding+causal"])
-def test_band_tiles_of_64_keys_gather_column_pairs(kind, monkeypatch):
+@pytest.mark.parametrize("kind,bwd_mode", [("padding", "split"), ("padding+causal", "fused")])
+def test_band_tiles_of_64_keys_gather_column_pairs(kind, bwd_mode, monkeypatch):
     """fp16 (the interpreter's bf16 ``tl.dot`` is wrong; both 16-bit types take the same path): a
-    64-wide key block meeting the band gathers its inner buckets from column pairs. 16-row query
-    blocks over 150 positions with k = 4 put the band at every offset in a block, left of it, at its
-    start and across its end and the next block's start. Outputs start as NaN."""
+    64-wide key block meeting the band gathers its inner buckets (forward: of P~; backward: of P~
+    and dS) from column pairs. 16-row query blocks over 150 positions with k = 4 put the band at
+    every offset in a key block: inside it, across its start and across its end into the next
+    one. Outputs start as NaN."""
     cfg = launch_cfg()
     monkeypatch.setattr(cfg, "POISON", True)
-    with cfg.override("rmha_fwd", block_m=16, block_n=64), cfg.override("rmha_bwd", mode="split", block_m=16, block_n=64):
+    with cfg.override("rmha_fwd", block_m=16, block_n=64), cfg.override("rmha_bwd", mode=bwd_mode, block_m=16, block_n=64):
         check(2, 1, 150, 150, 16, kind, torch.float16, kmax=4)
 
 

@@ -146,20 +146,31 @@ def _inner_diagonals(p, rows, delta, rcols, KMAX: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
-def _inner_diagonals_paired(p_lo, rows, delta, rcols, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
-    """:func:`_inner_diagonals` of a 16-bit tile, gathered from its adjacent columns packed in pairs
-    (``[M, N / 2]`` uint32; in the MMA layout one thread holds both columns of a pair). The gather
-    runs with the source's columns over a warp's 32 lanes: with 64 columns pairing halves the
-    elements each lane holds and trades (sm_90a, B512 h2 L50 dh32 bf16: 981 -> 882 instructions per
-    band tile per thread, 1239 -> 1149 with dropout); with 32 or fewer it would only add work."""
-    M: tl.constexpr = p_lo.shape[0]
-    even, odd = tl.split(tl.reshape(p_lo.to(tl.uint16, bitcast=True), [M, BLOCK_N // 2, 2]))
-    pairs = even.to(tl.uint32) | (odd.to(tl.uint32) << 16)
+def _pair_columns(x):
+    """Adjacent columns of an unsigned ``[M, N]`` tile packed in pairs: ``[M, N / 2]`` of twice the
+    width, column ``2c`` in the low half of element ``c`` and ``2c + 1`` in the high half. In the MMA
+    layout one thread holds both columns of a pair: no data moves."""
+    M: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    wide = tl.uint64 if x.dtype.primitive_bitwidth == 32 else tl.uint32
+    even, odd = tl.split(tl.reshape(x, [M, N // 2, 2]))
+    return even.to(wide) | (odd.to(wide) << x.dtype.primitive_bitwidth)
+
+
+@triton.jit
+def _inner_diagonals_of_pairs(pairs, rows, delta, rcols, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """:func:`_inner_diagonals` of a tile given as :func:`_pair_columns`: the unsigned halves, and
+    where the tile holds the inner element (elsewhere the halves are garbage: the caller masks). ``tl.gather`` lays the source's columns over a warp's 32 lanes:
+    a 64-column tile puts two on each lane, its pairs one, and the gather costs fewer instructions
+    (sm_90a, bf16, instructions per band tile per thread: forward S1 981 -> 882, 1239 -> 1149 with
+    dropout; backward, P~ and dS packed, S1 1494 -> 1394, S2 1808 -> 1692, S3 2069 -> 1918, and
+    fewer spills). With 32 columns or fewer the source already holds one per lane: not used there."""
+    HALF: tl.constexpr = pairs.dtype.primitive_bitwidth // 2
+    narrow = tl.uint32 if HALF == 32 else tl.uint16
     col = rows[:, None] + (rcols[None, :] - KMAX - delta)
     ok = (col >= 0) & (col < BLOCK_N) & (rcols[None, :] > 0) & (rcols[None, :] < 2 * KMAX)
     g = tl.gather(pairs, (col >> 1) & (BLOCK_N // 2 - 1), axis=1)
-    half = tl.where((col & 1) == 1, g >> 16, g & 0xFFFF).to(tl.uint16).to(p_lo.dtype, bitcast=True)
-    return tl.where(ok, half.to(tl.float32), 0.0)  # (masked where it wraps)
+    return tl.where((col & 1) == 1, g >> HALF, g).to(narrow), ok
 
 
 @triton.jit
@@ -171,7 +182,11 @@ def _add_band_grads(inner_a, inner_b, p_lo, ds_lo, rows, delta, rcols, KMAX: tl.
     if p_lo.dtype.primitive_bitwidth == 16:
         packed = (p_lo.to(tl.uint16, bitcast=True).to(tl.uint32)
                   | (ds_lo.to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
-        inner_a = inner_a | _inner_diagonals(packed, rows, delta, rcols, KMAX, BLOCK_N)
+        if BLOCK_N > 32:
+            bits, ok = _inner_diagonals_of_pairs(_pair_columns(packed), rows, delta, rcols, KMAX, BLOCK_N)
+            inner_a = inner_a | tl.where(ok, bits, 0)
+        else:
+            inner_a = inner_a | _inner_diagonals(packed, rows, delta, rcols, KMAX, BLOCK_N)
     else:
         inner_a += _inner_diagonals(p_lo, rows, delta, rcols, KMAX, BLOCK_N)
         inner_b += _inner_diagonals(ds_lo, rows, delta, rcols, KMAX, BLOCK_N)
@@ -336,8 +351,10 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
         # bucket 0 and inner sums of P~ and all of P~ (bucket 2k takes the rest)
         if BAND:
             pl = pl * alpha + tl.sum(tl.where(_left_of_band(offs_m_local, delta, KMAX, BLOCK_N), p, 0.0), axis=1)
-            if BLOCK_N > 32 and p_lo.dtype.primitive_bitwidth == 16:
-                diag = _inner_diagonals_paired(p_lo, offs_m_local, delta, rcols, KMAX, BLOCK_N)
+            if BLOCK_N > 32 and p_lo.dtype.primitive_bitwidth == 16:  # (from P~ rounded as the dot takes it)
+                bits, ok = _inner_diagonals_of_pairs(_pair_columns(p_lo.to(tl.uint16, bitcast=True)), offs_m_local,
+                                                     delta, rcols, KMAX, BLOCK_N)
+                diag = tl.where(ok, bits.to(p_lo.dtype, bitcast=True).to(tl.float32), 0.0)
             else:
                 diag = _inner_diagonals(p, offs_m_local, delta, rcols, KMAX, BLOCK_N)
             inner = inner * alpha[:, None] + diag
