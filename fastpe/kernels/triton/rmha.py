@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastpe.backends import triton_interpreter_enabled
 from fastpe.kernels.triton import _launch
 from fastpe.kernels.triton._launch import Launch
 from fastpe.kernels.triton._limits import MAX_BUCKETS, MAX_HEAD_DIM
@@ -146,25 +147,42 @@ def _inner_diagonals(p, rows, delta, rcols, KMAX: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
+def _round_pack(hi, lo, dt, CVT_ASM: tl.constexpr):
+    """Float32 ``hi`` and ``lo`` rounded to nearest in the 16-bit ``dt`` and packed in a uint32,
+    ``lo`` in the low half. ``CVT_ASM``: one PTX ``cvt.rn.{bf16x2,f16x2}.f32`` per pair, the
+    instruction a plain ``.to(dt)`` of an MMA tile compiles to. Written as conversions, bitcasts and
+    shifts, the compiler converted every element on its own and permuted bytes to pair them, for
+    the dots' operands as well (sm_90a, bf16: S1 forward band tile 882 -> 818 instructions per
+    thread, S1 backward 1394 -> 1227). Without it (Triton's interpreter has no inline assembly)
+    those same bits in portable code."""
+    if CVT_ASM:
+        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $2;" if dt == tl.bfloat16 else
+                                         "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,r,r", [hi, lo], dtype=tl.uint32,
+                                         is_pure=True, pack=1)
+    else:
+        return (lo.to(dt).to(tl.uint16, bitcast=True).to(tl.uint32)
+                | (hi.to(dt).to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
+
+
+@triton.jit
 def _pair_columns(x):
-    """Adjacent columns of an unsigned ``[M, N]`` tile packed in pairs: ``[M, N / 2]`` of twice the
-    width, column ``2c`` in the low half of element ``c`` and ``2c + 1`` in the high half. In the MMA
-    layout one thread holds both columns of a pair: no data moves."""
-    M: tl.constexpr = x.shape[0]
-    N: tl.constexpr = x.shape[1]
-    wide = tl.uint64 if x.dtype.primitive_bitwidth == 32 else tl.uint32
-    even, odd = tl.split(tl.reshape(x, [M, N // 2, 2]))
-    return even.to(wide) | (odd.to(wide) << x.dtype.primitive_bitwidth)
+    """Adjacent columns of a uint32 ``[M, N]`` tile packed in pairs, ``[M, N / 2]`` uint64 (see
+    :func:`_inner_diagonals_of_pairs`). In the MMA layout one thread holds both columns of a pair:
+    no data moves."""
+    even, odd = tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
+    return even.to(tl.uint64) | (odd.to(tl.uint64) << 32)
 
 
 @triton.jit
 def _inner_diagonals_of_pairs(pairs, rows, delta, rcols, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
-    """:func:`_inner_diagonals` of a tile given as :func:`_pair_columns`: the unsigned halves, and
-    where the tile holds the inner element (elsewhere the halves are garbage: the caller masks). ``tl.gather`` lays the source's columns over a warp's 32 lanes:
-    a 64-column tile puts two on each lane, its pairs one, and the gather costs fewer instructions
-    (sm_90a, bf16, instructions per band tile per thread: forward S1 981 -> 882, 1239 -> 1149 with
-    dropout; backward, P~ and dS packed, S1 1494 -> 1394, S2 1808 -> 1692, S3 2069 -> 1918, and
-    fewer spills). With 32 columns or fewer the source already holds one per lane: not used there."""
+    """:func:`_inner_diagonals` of a tile whose adjacent columns come packed in pairs (column ``2c`` in
+    the low half of element ``c``, ``2c + 1`` in the high half): the unsigned halves, and where the
+    tile holds the inner element (elsewhere the halves are garbage: the caller masks).
+    ``tl.gather`` first moves its whole source into a layout with the gather axis over a warp's
+    lanes (through shared memory), then shuffles: pairs halve both. With :func:`_round_pack`'s
+    packing (sm_90a, bf16, instructions per band tile per thread, without / with dropout): forward
+    S1 981 -> 818 / 1239 -> 1099, S2 575 -> 532 / 726 -> 698, S3 633 -> 621 / 804 -> 764; backward
+    S1 1494 -> 1227 / 1790 -> 1554, S2 1808 -> 1538 / 2091 -> 1851, S3 2069 -> 1746 / 2323 -> 2093."""
     HALF: tl.constexpr = pairs.dtype.primitive_bitwidth // 2
     narrow = tl.uint32 if HALF == 32 else tl.uint16
     col = rows[:, None] + (rcols[None, :] - KMAX - delta)
@@ -174,22 +192,20 @@ def _inner_diagonals_of_pairs(pairs, rows, delta, rcols, KMAX: tl.constexpr, BLO
 
 
 @triton.jit
-def _add_band_grads(inner_a, inner_b, p_lo, ds_lo, rows, delta, rcols, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Add a band tile's inner diagonals of P~ and dS (:func:`_inner_diagonals`) to the query block's
-    accumulators. 16-bit tiles travel packed in 32 bits, so one gather moves both, and stay packed:
+def _add_band_grads(inner_a, inner_b, p, ds, dt, rows, delta, rcols, KMAX: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CVT_ASM: tl.constexpr):
+    """Add a band tile's inner diagonals of P~ and dS (float32 ``p``, ``ds``; :func:`_inner_diagonals`)
+    to the query block's accumulators. 16-bit ``dt``: rounded as the dots take them and packed in
+    32 bits (P~ low, dS high), adjacent columns paired, so one gather moves both; they stay packed:
     every inner element lies in exactly one tile, so OR-ing is the sum and 16 bits hold it exactly
     (``inner_a``: the packed pairs, ``inner_b`` unused). Float32: a gather and a table each."""
-    if p_lo.dtype.primitive_bitwidth == 16:
-        packed = (p_lo.to(tl.uint16, bitcast=True).to(tl.uint32)
-                  | (ds_lo.to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
-        if BLOCK_N > 32:
-            bits, ok = _inner_diagonals_of_pairs(_pair_columns(packed), rows, delta, rcols, KMAX, BLOCK_N)
-            inner_a = inner_a | tl.where(ok, bits, 0)
-        else:
-            inner_a = inner_a | _inner_diagonals(packed, rows, delta, rcols, KMAX, BLOCK_N)
+    if dt.primitive_bitwidth == 16:
+        packed = _round_pack(ds, p, dt, CVT_ASM)
+        bits, ok = _inner_diagonals_of_pairs(_pair_columns(packed), rows, delta, rcols, KMAX, BLOCK_N)
+        inner_a = inner_a | tl.where(ok, bits, 0)
     else:
-        inner_a += _inner_diagonals(p_lo, rows, delta, rcols, KMAX, BLOCK_N)
-        inner_b += _inner_diagonals(ds_lo, rows, delta, rcols, KMAX, BLOCK_N)
+        inner_a += _inner_diagonals(p, rows, delta, rcols, KMAX, BLOCK_N)
+        inner_b += _inner_diagonals(ds, rows, delta, rcols, KMAX, BLOCK_N)
     return inner_a, inner_b
 
 
@@ -302,7 +318,7 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
               DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
               HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               DOT_PREC: tl.constexpr, BAND: tl.constexpr, SIDE_COL: tl.constexpr, ALIGN: tl.constexpr = 0,
-              POS_SCALE: tl.constexpr = False):
+              POS_SCALE: tl.constexpr = False, CVT_ASM: tl.constexpr = False):
     """One key block of the online softmax. ``BAND``: the block meets the band ``|j - i| < k`` and
     every element needs its bucket; otherwise every element is in bucket ``SIDE_COL`` (0 or 2k)
     and the relative key term is the per-row ``qr_side``."""
@@ -351,8 +367,9 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
         # bucket 0 and inner sums of P~ and all of P~ (bucket 2k takes the rest)
         if BAND:
             pl = pl * alpha + tl.sum(tl.where(_left_of_band(offs_m_local, delta, KMAX, BLOCK_N), p, 0.0), axis=1)
-            if BLOCK_N > 32 and p_lo.dtype.primitive_bitwidth == 16:  # (from P~ rounded as the dot takes it)
-                bits, ok = _inner_diagonals_of_pairs(_pair_columns(p_lo.to(tl.uint16, bitcast=True)), offs_m_local,
+            if p_lo.dtype.primitive_bitwidth == 16:  # (P~ rounded as the dot takes it)
+                even, odd = tl.split(tl.reshape(p, [p.shape[0], BLOCK_N // 2, 2]))
+                bits, ok = _inner_diagonals_of_pairs(_round_pack(odd, even, p_lo.dtype, CVT_ASM), offs_m_local,
                                                      delta, rcols, KMAX, BLOCK_N)
                 diag = tl.where(ok, bits.to(p_lo.dtype, bitcast=True).to(tl.float32), 0.0)
             else:
@@ -395,6 +412,7 @@ def _rmha_fwd_kernel(
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr, ALIGN: tl.constexpr, POS_SCALE: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
+    CVT_ASM: tl.constexpr,
 ):
     R: tl.constexpr = 2 * KMAX + 1
     bh = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
@@ -454,13 +472,13 @@ def _rmha_fwd_kernel(
                 acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
                 k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
                 LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0, ALIGN, POS_SCALE)
+                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0, ALIGN, POS_SCALE, CVT_ASM)
     for start_n in range(lo_band, mid_band, BLOCK_N):
         acc_a, acc_b, m_i, l_i, pl, pt, inner = _fwd_tile(  # (band tiles ignore qr_side: m_i stands in)
             acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, m_i, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE)
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE, CVT_ASM)
     if not ONE_KEY_BLOCK:
         qr_right = _table_col(qr, rcols, 2 * KMAX)
         for start_n in range(end_band, hi, BLOCK_N):
@@ -468,7 +486,7 @@ def _rmha_fwd_kernel(
                 acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_right, dloc, offs_m, m_mask, offs_m_local, rcols,
                 k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
                 LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX, ALIGN, POS_SCALE)
+                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX, ALIGN, POS_SCALE, CVT_ASM)
 
     has_key = l_i > 0.0
     # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0).
@@ -650,6 +668,7 @@ def _rmha_bwd_kernel(
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     FUSED_DQ: tl.constexpr, KV_IN_REGS: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
+    CVT_ASM: tl.constexpr,
 ):
     R: tl.constexpr = 2 * KMAX + 1
     DBX: tl.constexpr = DB if DB > 0 else 16
@@ -755,8 +774,8 @@ def _rmha_bwd_kernel(
                         p_lo = p_drop.to(dt)
                         ds_lo = ds.to(dt)
                         if _meets_band(delta, KMAX, BLOCK_M, BLOCK_N):
-                            inner_a, inner_b = _add_band_grads(inner_a, inner_b, p_lo, ds_lo, offs_m_local, delta,
-                                                               offs_r, KMAX, BLOCK_N)
+                            inner_a, inner_b = _add_band_grads(inner_a, inner_b, p_drop, ds, dt, offs_m_local, delta,
+                                                               offs_r, KMAX, BLOCK_N, CVT_ASM)
                         dq_a = tl.dot(ds_lo, k_a, dq_a, input_precision=DOT_PREC)
                         if DB > 0:
                             dq_b = tl.dot(ds_lo, k_b, dq_b, input_precision=DOT_PREC)
@@ -890,8 +909,8 @@ def _rmha_bwd_kernel(
                         p2, ds2, left_p, total_p, left_ds, total_ds, offs_m, start_n2, delta2, KMAX, BLOCK_M, BLOCK_N)
                     ds2_lo = ds2.to(dt)
                     if _meets_band(delta2, KMAX, BLOCK_M, BLOCK_N):
-                        inner_a, inner_b = _add_band_grads(inner_a, inner_b, p2.to(dt), ds2_lo, offs_m_local, delta2,
-                                                           offs_r, KMAX, BLOCK_N)
+                        inner_a, inner_b = _add_band_grads(inner_a, inner_b, p2, ds2, dt, offs_m_local, delta2,
+                                                           offs_r, KMAX, BLOCK_N, CVT_ASM)
                     dq_a = tl.dot(ds2_lo, k2_a, dq_a, input_precision=DOT_PREC)
                     if DB > 0:
                         dq_b = tl.dot(ds2_lo, k2_b, dq_b, input_precision=DOT_PREC)
@@ -1062,6 +1081,7 @@ def _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p):
         DH=q.shape[-1], DV=v.shape[-1], DA=da, DB=db, DVA=dva, DVB=dvb,
         HAS_KPM=kpm is not None, HAS_BIAS=bias is not None, IS_CAUSAL=bool(is_causal),
         HAS_DROPOUT=dropout_p > 0.0, DOT_PREC=_launch.dot_precision(q.dtype),
+        CVT_ASM=not triton_interpreter_enabled(),  # (see _round_pack)
     )
 
 
