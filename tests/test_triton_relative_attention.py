@@ -461,3 +461,22 @@ def test_row_alignment_hint():
     assert _row_alignment(x, x[..., 1:]) == 2  # a view one element in
     assert _row_alignment(x.transpose(-1, -2)) == 0  # columns not contiguous: no hint
     assert _row_alignment(torch.zeros(1, 1, 1, 90, dtype=torch.bfloat16)) == 16  # one row: only the address counts
+
+
+def test_packed_conversions_need_sm80_and_a_compiled_kernel(monkeypatch):
+    """The band gathers' inline ``cvt.rn.{bf16x2,f16x2}.f32`` (rmha ``_round_pack``): never under the
+    interpreter (these tests run its portable form, the same bits), never before sm_80 (the
+    instruction does not exist there), and on for the sm_90a card planned without a GPU."""
+    from fastpe.kernels.triton import _launch
+    from fastpe.kernels.triton.rmha import plan_forward
+
+    q, k, v, rk, rv = (t.detach().half() for t in rmha_inputs(1, 1, 20, 20, 16, per_head=True))
+    [launch] = plan_forward(q, k, v, rk, rv, None, None, None, False, 0.0, 0.25)[2]
+    assert launch.constexprs["CVT_ASM"] is _launch.packed_cvt(q.device)
+    monkeypatch.setattr(_launch, "triton_interpreter_enabled", lambda: True)
+    assert not _launch.packed_cvt(torch.device("cpu"))
+    monkeypatch.setattr(_launch, "triton_interpreter_enabled", lambda: False)
+    assert _launch.packed_cvt(torch.device("cpu"))
+    for capability, expected in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert _launch.packed_cvt(torch.device("cuda", 0)) is expected

@@ -130,6 +130,17 @@ def num_sms(device: torch.device) -> int:
     return ASSUMED_SMS
 
 
+def packed_cvt(device: torch.device) -> bool:
+    """Whether kernels may convert float32 pairs with PTX ``cvt.rn.{bf16x2,f16x2}.f32`` (sm_80 and
+    later): on a CUDA device its compute capability; never under the interpreter (no inline
+    assembly); planned without a GPU (static report, compile check) the assumed sm_90a card."""
+    if triton_interpreter_enabled():
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return True
+
+
 def run_alignment(t: torch.Tensor, dim: int = -1) -> int:
     """Bytes (a power of two, at most 16) dividing the address where every contiguous run of ``t``
     along ``dim`` starts: kernels pass it to ``tl.multiple_of`` so that rows of odd widths (a head

@@ -48,7 +48,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpe.backends import triton_interpreter_enabled
 from fastpe.kernels.triton import _launch
 from fastpe.kernels.triton._launch import Launch
 from fastpe.kernels.triton._limits import MAX_BUCKETS, MAX_HEAD_DIM
@@ -153,8 +152,9 @@ def _round_pack(hi, lo, dt, CVT_ASM: tl.constexpr):
     instruction a plain ``.to(dt)`` of an MMA tile compiles to. Written as conversions, bitcasts and
     shifts, the compiler converted every element on its own and permuted bytes to pair them, for
     the dots' operands as well (sm_90a, bf16: S1 forward band tile 882 -> 818 instructions per
-    thread, S1 backward 1394 -> 1227). Without it (Triton's interpreter has no inline assembly)
-    those same bits in portable code."""
+    thread, S1 backward 1394 -> 1227). Without it (Triton's interpreter has no inline assembly,
+    cards before sm_80 no such instruction: :func:`fastpe.kernels.triton._launch.packed_cvt`) those
+    same bits in portable code."""
     if CVT_ASM:
         return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $2;" if dt == tl.bfloat16 else
                                          "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,r,r", [hi, lo], dtype=tl.uint32,
@@ -1081,7 +1081,7 @@ def _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p):
         DH=q.shape[-1], DV=v.shape[-1], DA=da, DB=db, DVA=dva, DVB=dvb,
         HAS_KPM=kpm is not None, HAS_BIAS=bias is not None, IS_CAUSAL=bool(is_causal),
         HAS_DROPOUT=dropout_p > 0.0, DOT_PREC=_launch.dot_precision(q.dtype),
-        CVT_ASM=not triton_interpreter_enabled(),  # (see _round_pack)
+        CVT_ASM=_launch.packed_cvt(q.device),  # (see _round_pack)
     )
 
 
