@@ -134,14 +134,22 @@ def _left_of_band(rows, col0, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _inner_columns(rows, delta, rcols, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the inner buckets ``0 < r < 2k`` (column ``r`` of ``[BLOCK_M, R_PAD]``) of a band tile with
+    ``delta = start_n - start_m``: the tile column ``i + r - k - delta`` of bucket ``r`` of row ``i``,
+    and whether the tile holds it."""
+    col = rows[:, None] + (rcols[None, :] - KMAX - delta)
+    return col, (col >= 0) & (col < BLOCK_N) & (rcols[None, :] > 0) & (rcols[None, :] < 2 * KMAX)
+
+
+@triton.jit
 def _inner_diagonals(p, rows, delta, rcols, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
     """The inner buckets ``0 < r < 2k`` of a band tile ``p`` as ``[BLOCK_M, R_PAD]`` (column ``r``):
     bucket ``r`` of row ``i`` is the one element ``j = i + r - k``, column ``i + r - k - delta`` of the
     tile when the tile holds it. One gather along the rows, instead of a compare-and-select pass
     per bucket, or a pass per diagonal after the key loop (which loaded the diagonal's keys
     again, and drew its dropout per element)."""
-    col = rows[:, None] + (rcols[None, :] - KMAX - delta)
-    ok = (col >= 0) & (col < BLOCK_N) & (rcols[None, :] > 0) & (rcols[None, :] < 2 * KMAX)
+    col, ok = _inner_columns(rows, delta, rcols, KMAX, BLOCK_N)
     return tl.where(ok, tl.gather(p, col & (BLOCK_N - 1), axis=1), 0)  # (masked where it wraps)
 
 
@@ -185,8 +193,7 @@ def _inner_diagonals_of_pairs(pairs, rows, delta, rcols, KMAX: tl.constexpr, BLO
     S1 1494 -> 1227 / 1790 -> 1554, S2 1808 -> 1538 / 2091 -> 1851, S3 2069 -> 1746 / 2323 -> 2093."""
     HALF: tl.constexpr = pairs.dtype.primitive_bitwidth // 2
     narrow = tl.uint32 if HALF == 32 else tl.uint16
-    col = rows[:, None] + (rcols[None, :] - KMAX - delta)
-    ok = (col >= 0) & (col < BLOCK_N) & (rcols[None, :] > 0) & (rcols[None, :] < 2 * KMAX)
+    col, ok = _inner_columns(rows, delta, rcols, KMAX, BLOCK_N)
     g = tl.gather(pairs, (col >> 1) & (BLOCK_N // 2 - 1), axis=1)
     return tl.where((col & 1) == 1, g >> HALF, g).to(narrow), ok
 
