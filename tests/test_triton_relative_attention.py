@@ -120,12 +120,15 @@ def test_band_tiles_of_64_keys_gather_column_pairs(kind, bwd_mode, monkeypatch):
         check(2, 1, 150, 150, 16, kind, torch.float16, kmax=4)
 
 
-@pytest.mark.parametrize("bwd_mode", ["split", "fused"])
-def test_fully_padded_key_blocks_are_skipped_for_every_left_padding_length(bwd_mode, monkeypatch):
+@pytest.mark.parametrize("bwd_mode,bwd_block_m", [("split", 16), ("fused", 16), ("fused", 64)],
+                         ids=["split", "fused-buffer", "fused-direct"])
+def test_fully_padded_key_blocks_are_skipped_for_every_left_padding_length(bwd_mode, bwd_block_m, monkeypatch):
     """One sequence per left-padding length 0..17 over 16-wide key blocks of 33 positions. Keys and
     values of every fully padded block are NaN: a kernel that reads such a block (instead of
-    skipping it) turns outputs or gradients into NaN. Outputs start as NaN too. Both backward
-    modes: split, and the one pass over several key blocks (dk, dv in the per-program buffer)."""
+    skipping it) turns outputs or gradients into NaN. Outputs start as NaN too. Every backward
+    mode: split, and the one pass over several key blocks, with dk, dv in the per-program buffer
+    (16-row query blocks) or written per key block (one 64-row query block holds every query; the
+    skipped blocks' dk, dv are written as zeros after the tiles)."""
     cfg = launch_cfg()
     monkeypatch.setattr(cfg, "POISON", True)
     L, pads = 33, list(range(18))
@@ -142,7 +145,7 @@ def test_fully_padded_key_blocks_are_skipped_for_every_left_padding_length(bwd_m
     for t in low[1:3]:
         t[:, 0][dead.to(DEVICE)] = float("nan")
     low = [t.requires_grad_() for t in low]
-    with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode=bwd_mode, block_m=16, block_n=16):
+    with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode=bwd_mode, block_m=bwd_block_m, block_n=16):
         out = relative_attention(*low, key_padding_mask=kpm, backend="triton")
         grads = torch.autograd.grad(out, low, dout.float())
     atol, rtol = TOLERANCES[torch.float32]
@@ -182,6 +185,10 @@ def test_wide_head_backward_takes_128_row_blocks_on_8_warps(monkeypatch):
 
     cfg = rmha.bwd_config(3, 1, 75, 75, 90, 90, torch.device(DEVICE), torch.float32)
     assert (cfg["mode"], cfg["block_m"], cfg["block_n"], cfg["num_warps"]) == ("fused", 128, 64, 8)
+    q = torch.zeros(3, 1, 75, 90)
+    tables = torch.zeros(1, 9, 90)
+    *_grads, (main, _reduce) = rmha.plan_backward(q, q, q, q, tables, tables, None, None, None, q, q[..., 0], False, 0.0, 0.1)
+    assert main.constexprs["KV_DIRECT"] and not main.constexprs["KV_IN_REGS"]  # one query block: dk, dv per key block
     for lq, lk in [(50, 50), (512, 512)]:  # one 64-key block; split mode (few sequences)
         short = rmha.bwd_config(1, 1, lq, lk, 90, 90, torch.device(DEVICE), torch.float32)
         assert short["block_m"] < 128 and short["num_warps"] == 4

@@ -674,8 +674,8 @@ def _rmha_bwd_kernel(
     KMAX: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    FUSED_DQ: tl.constexpr, KV_IN_REGS: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr,
-    CVT_ASM: tl.constexpr,
+    FUSED_DQ: tl.constexpr, KV_IN_REGS: tl.constexpr, KV_DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
+    ALIGN: tl.constexpr, CVT_ASM: tl.constexpr,
 ):
     R: tl.constexpr = 2 * KMAX + 1
     DBX: tl.constexpr = DB if DB > 0 else 16
@@ -735,7 +735,7 @@ def _rmha_bwd_kernel(
                 dk_b = tl.zeros([BLOCK_N, DBX], tl.float32)
                 dv_a = tl.zeros([BLOCK_N, DVA], tl.float32)
                 dv_b = tl.zeros([BLOCK_N, DVBX], tl.float32)
-            else:
+            elif not KV_DIRECT:
                 for z in range(0, LK, BLOCK_N):
                     rows = z + offs_kv
                     row_ok = rows < LK
@@ -793,6 +793,17 @@ def _rmha_bwd_kernel(
                                 dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
                             if DB > 0:
                                 dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
+                        elif KV_DIRECT:  # the only query block: this key block's dk, dv are complete
+                            _store_rows(dv_base, tl.dot(tl.trans(p_lo), do_a, input_precision=DOT_PREC) * p_scale,
+                                        offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN)
+                            _store_rows(dk_base, tl.dot(tl.trans(ds_lo), q_a, input_precision=DOT_PREC),
+                                        offs_n, n_mask, sdkn, sdkd, 0, DA, DH, ALIGN)
+                            if DVB > 0:
+                                _store_rows(dv_base, tl.dot(tl.trans(p_lo), do_b, input_precision=DOT_PREC) * p_scale,
+                                            offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+                            if DB > 0:
+                                _store_rows(dk_base, tl.dot(tl.trans(ds_lo), q_b, input_precision=DOT_PREC),
+                                            offs_n, n_mask, sdkn, sdkd, DA, DB, DH, ALIGN)
                         else:  # read-modify-write of this program's accumulator rows (no other program touches them)
                             acc = _load_rows(acc_v, offs_n, n_mask, DVP, 1, 0, DVA, DVP, 16)
                             _store_rows(acc_v, tl.dot(tl.trans(p_lo), do_a, acc, input_precision=DOT_PREC),
@@ -821,6 +832,23 @@ def _rmha_bwd_kernel(
                     _store_rows(dk_base, dk_b, offs_kv, kv_ok, sdkn, sdkd, DA, DB, DH, ALIGN)
                 if DVB > 0:
                     _store_rows(dv_base, dv_b * p_scale, offs_kv, kv_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+            elif KV_DIRECT:
+                # the key blocks the query block skipped (all padding, or after it when causal):
+                # dk = dv = 0 (a second, cheap look at the mask keeps these stores out of the tile loop)
+                for z in range(0, LK, BLOCK_N):
+                    rows = z + offs_kv
+                    row_ok = rows < LK
+                    _cols, any_key = _key_columns(KPM, b, skpb, skpn, rows, row_ok, HAS_KPM)
+                    skipped = not any_key
+                    if IS_CAUSAL:
+                        skipped = skipped | (z >= tl.minimum(LK, BLOCK_M))
+                    if skipped:
+                        _store_rows(dk_base, tl.zeros([BLOCK_N, DA], tl.float32), rows, row_ok, sdkn, sdkd, 0, DA, DH, ALIGN)
+                        _store_rows(dv_base, tl.zeros([BLOCK_N, DVA], tl.float32), rows, row_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
+                        if DB > 0:
+                            _store_rows(dk_base, tl.zeros([BLOCK_N, DBX], tl.float32), rows, row_ok, sdkn, sdkd, DA, DB, DH, ALIGN)
+                        if DVB > 0:
+                            _store_rows(dv_base, tl.zeros([BLOCK_N, DVBX], tl.float32), rows, row_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
             else:
                 tl.debug_barrier()
                 for z in range(0, LK, BLOCK_N):
@@ -1149,9 +1177,11 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_cau
     width = n_buckets * (dh + dv)
     partial = _launch.empty((h * nbg * nblk, width), torch.float32, q.device)
     kv_in_regs = cfg["mode"] != "fused" or cfg["block_n"] >= lk
-    # one-pass mode over several key blocks: each program's dk, dv accumulators (fp32, one sequence)
-    acc = _launch.empty((h * nbg, lk * (sum(_launch.split_pow2(dh)) + sum(_launch.split_pow2(dv)))) if not kv_in_regs else (1,),
-                        torch.float32, q.device)
+    # one-pass mode over several key blocks and one query block: each key block's dk, dv are
+    # complete after it; over several query blocks, each program's fp32 accumulators (one sequence)
+    kv_direct = not kv_in_regs and cfg["block_m"] >= lq
+    acc = _launch.empty((h * nbg, lk * (sum(_launch.split_pow2(dh)) + sum(_launch.split_pow2(dv))))
+                        if not (kv_in_regs or kv_direct) else (1,), torch.float32, q.device)
     # rel_k and rel_v may differ in sharing (one per head or one for all heads)
     drk = _launch.empty((rel_k.shape[0], n_buckets, dh), rel_k.dtype, q.device)
     drv = _launch.empty((rel_v.shape[0], n_buckets, dv), rel_v.dtype, q.device)
@@ -1174,7 +1204,7 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_cau
                 qk_scale=float(scale) * LOG2E, scale=float(scale), dropout_p=float(dropout_p))
     constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
     constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FUSED_DQ=cfg["mode"] == "fused",
-                      KV_IN_REGS=kv_in_regs, ALIGN=_row_alignment(dout, q, k, v, out, dq, dk, dvv))
+                      KV_IN_REGS=kv_in_regs, KV_DIRECT=kv_direct, ALIGN=_row_alignment(dout, q, k, v, out, dq, dk, dvv))
     main = Launch(_rmha_bwd_kernel, (h * nbg, nblk), args, constexprs,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dq, dk, dvv, drk, drv, [main, *plan_sum_row_groups(partial, drk, drv)]
