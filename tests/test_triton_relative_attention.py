@@ -166,13 +166,15 @@ def test_one_pass_backward_up_to_256_keys(L, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kind", ["padding", "padding+causal"])
-def test_one_pass_backward_over_several_key_blocks_dh90(dtype, kind, monkeypatch):
-    """The one-pass backward with 16-wide key blocks over 37 positions and dh = 90 (64 + 32): dk, dv
-    accumulate in the per-program buffer over the query blocks, band and off-band tiles, two
-    sequences per program (the buffer is zeroed again per sequence). Outputs start as NaN."""
+@pytest.mark.parametrize("block_m", [16, 64], ids=["buffer", "direct"])
+def test_one_pass_backward_over_several_key_blocks_dh90(dtype, kind, block_m, monkeypatch):
+    """The one-pass backward with 16-wide key blocks over 37 positions and dh = 90 (64 + 32), band
+    and off-band tiles, two sequences per program. 16-row query blocks: dk, dv accumulate in the
+    per-program buffer over the query blocks (zeroed again per sequence); one 64-row query block:
+    each key block's dk, dv are written after its tile. Outputs start as NaN."""
     cfg = launch_cfg()
     monkeypatch.setattr(cfg, "POISON", True)
-    with cfg.override("rmha_bwd", mode="fused", block_m=16, block_n=16, b_per_prog=2):
+    with cfg.override("rmha_bwd", mode="fused", block_m=block_m, block_n=16, b_per_prog=2):
         check(3, 1, 37, 37, 90, kind, dtype, kmax=2)
 
 
@@ -364,17 +366,20 @@ def test_dropout_mask_does_not_depend_on_the_block_size():
 @pytest.mark.parametrize("mode,L,block,dtype", [("split", 12, 16, torch.float32), ("fused", 12, 16, torch.float32),
                                                 ("split", 40, 16, torch.float32), ("fused", 40, 16, torch.float32),
                                                 ("split", 40, 32, torch.float32), ("fused", 70, 64, torch.float32),
-                                                ("fused", 70, 64, torch.float16)])
+                                                ("fused", 70, 64, torch.float16), ("fused-direct", 40, 16, torch.float16)])
 def test_dropout_backward_uses_the_forward_mask(mode, L, block, dtype):
     """Outputs and all gradients equal the float64 reference fed the kernel's own keep mask (at L = 40
     with k = 2 over 16-wide blocks: key blocks off the band, and blocks meeting it, whose inner
     buckets are gathered from the dropped tile; 32- and 64-wide key blocks draw a tile's keys from
     whole 32-key Philox spans, 16-wide ones from half of one; in fp16 the 64-wide band tiles gather
-    their inner buckets from column pairs of the dropped tile)."""
+    their inner buckets from column pairs of the dropped tile; "fused-direct": one 64-row query block
+    writing each key block's dk, dv, dv scaled by 1 / (1 - p) per key block)."""
     b, h, p = 2, 2, 0.25
+    bwd_block_m = 64 if mode == "fused-direct" else 16
+    mode = mode.removesuffix("-direct")
     kw = {"key_padding_mask": masks_on_device("padding", b, h, L, L)["key_padding_mask"], "is_causal": True}
     cfg = launch_cfg()
-    with cfg.override("rmha_fwd", block_m=16, block_n=block), cfg.override("rmha_bwd", mode=mode, block_m=16, block_n=block):
+    with cfg.override("rmha_fwd", block_m=16, block_n=block), cfg.override("rmha_bwd", mode=mode, block_m=bwd_block_m, block_n=block):
         keep = _keep_mask(11, b, h, L, L, p, **kw)
         inputs = rmha_inputs(b, h, L, L, 16, kmax=2, per_head=True)
 
