@@ -17,8 +17,9 @@ Backward: recomputes ``P`` from the saved log-sum-exp. Two modes:
 * ``fused`` (one pass, up to 256 keys): a program owns whole (batch, head) sequences, loops over
   query blocks and, inside, over key blocks; every tile's ``P~`` and ``dS`` is computed once, and
   ``dq`` is written once per query block. ``dk, dv`` accumulate in registers when one key block
-  holds every key, else in a per-program fp32 buffer (read-modify-write by that program only,
-  copied to ``dk, dv`` after the sequence).
+  holds every key; else, with one query block, they are final after each key block's tile and
+  stored directly; else they accumulate in a per-program fp32 buffer (read-modify-write by that
+  program only, copied to ``dk, dv`` after the sequence).
 * ``split``: a program owns key block ``n`` (``dk, dv``: loop over query blocks) and query
   block ``n`` (``dq``: loop over key blocks); for long sequences or few (batch, head) pairs.
 
@@ -1070,7 +1071,8 @@ def bwd_config(b, h, lq, lk, dh, dv, device, dtype):
     """Backward mode and block sizes. ``fused`` (one pass: every tile's P~ and dS computed once, dq
     written once per query block) up to 256 keys when there are enough (batch, head) pairs to fill
     the card: a program owns whole sequences, query blocks outside, key blocks inside; dk and dv
-    stay in registers when one key block holds every key, else in a per-program fp32 buffer.
+    stay in registers when one key block holds every key, are stored per key block when one query
+    block holds every query, else accumulate in a per-program fp32 buffer.
     ``split`` otherwise (long sequences, few pairs)."""
     sms = _launch.num_sms(device)
     widest = max(_launch.pad16(dh), _launch.pad16(dv))
