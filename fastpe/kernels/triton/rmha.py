@@ -326,13 +326,17 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
               DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
               HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               DOT_PREC: tl.constexpr, BAND: tl.constexpr, SIDE_COL: tl.constexpr, ALIGN: tl.constexpr = 0,
-              POS_SCALE: tl.constexpr = False, CVT_ASM: tl.constexpr = False):
+              POS_SCALE: tl.constexpr = False, CVT_ASM: tl.constexpr = False, SKIP_PADDED: tl.constexpr = True):
     """One key block of the online softmax. ``BAND``: the block meets the band ``|j - i| < k`` and
     every element needs its bucket; otherwise every element is in bucket ``SIDE_COL`` (0 or 2k)
-    and the relative key term is the per-row ``qr_side``."""
+    and the relative key term is the per-row ``qr_side``. ``SKIP_PADDED``: skip a key block of
+    padding only (not worth its test, a block-wide reduction, when one block holds every key: then
+    only a fully padded sequence would skip it, and its masked tile gives the same zeros)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_mask = _below(start_n, BLOCK_N, LK)
     col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+    if not SKIP_PADDED:
+        any_key = True
     if any_key:
         k_a, k_b = _load_split(k_base, offs_n, n_mask, skn, skd, DA, DB, DH, ALIGN)
         delta = start_n - start_m
@@ -486,7 +490,7 @@ def _rmha_fwd_kernel(
             acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, m_i, dloc, offs_m, m_mask, offs_m_local, rcols,
             k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
             LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE, CVT_ASM)
+            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE, CVT_ASM, not ONE_KEY_BLOCK)
     if not ONE_KEY_BLOCK:
         qr_right = _table_col(qr, rcols, 2 * KMAX)
         for start_n in range(end_band, hi, BLOCK_N):
