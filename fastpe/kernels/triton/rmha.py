@@ -661,6 +661,20 @@ def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, r
 
 
 @triton.jit
+def _store_kv_rows(dk_base, dv_base, dk_a, dk_b, dv_a, dv_b, rows, row_ok, sdkn, sdkd, sdvn, sdvd,
+                   DA: tl.constexpr, DB: tl.constexpr, DH: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
+                   DV: tl.constexpr, ALIGN: tl.constexpr):
+    """``dk, dv`` rows of a key block, each in its two head-size parts (the second only where the
+    head size is not a power of two)."""
+    _store_rows(dk_base, dk_a, rows, row_ok, sdkn, sdkd, 0, DA, DH, ALIGN)
+    _store_rows(dv_base, dv_a, rows, row_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
+    if DB > 0:
+        _store_rows(dk_base, dk_b, rows, row_ok, sdkn, sdkd, DA, DB, DH, ALIGN)
+    if DVB > 0:
+        _store_rows(dv_base, dv_b, rows, row_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+
+
+@triton.jit
 def _rmha_bwd_kernel(
     Q, K, V, RK, RV, KPM, BIAS, SEED, O, DO, LSE, DQ, DK, DV_, DTAB, ACC,
     sqb, sqh, sqm, sqd,
@@ -799,6 +813,7 @@ def _rmha_bwd_kernel(
                             if DB > 0:
                                 dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
                         elif KV_DIRECT:  # the only query block: this key block's dk, dv are complete
+                            # (each part stored as soon as it is computed: fewer live registers)
                             _store_rows(dv_base, tl.dot(tl.trans(p_lo), do_a, input_precision=DOT_PREC) * p_scale,
                                         offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN)
                             _store_rows(dk_base, tl.dot(tl.trans(ds_lo), q_a, input_precision=DOT_PREC),
@@ -831,12 +846,8 @@ def _rmha_bwd_kernel(
                     sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN)
             if KV_IN_REGS:
                 kv_ok = offs_kv < LK
-                _store_rows(dk_base, dk_a, offs_kv, kv_ok, sdkn, sdkd, 0, DA, DH, ALIGN)
-                _store_rows(dv_base, dv_a * p_scale, offs_kv, kv_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
-                if DB > 0:
-                    _store_rows(dk_base, dk_b, offs_kv, kv_ok, sdkn, sdkd, DA, DB, DH, ALIGN)
-                if DVB > 0:
-                    _store_rows(dv_base, dv_b * p_scale, offs_kv, kv_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+                _store_kv_rows(dk_base, dv_base, dk_a, dk_b, dv_a * p_scale, dv_b * p_scale, offs_kv, kv_ok,
+                               sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN)
             elif KV_DIRECT:
                 # the key blocks the query block skipped (all padding, or after it when causal):
                 # dk = dv = 0 (a second, cheap look at the mask keeps these stores out of the tile loop)
@@ -848,25 +859,18 @@ def _rmha_bwd_kernel(
                     if IS_CAUSAL:
                         skipped = skipped | (z >= tl.minimum(LK, BLOCK_M))
                     if skipped:
-                        _store_rows(dk_base, tl.zeros([BLOCK_N, DA], tl.float32), rows, row_ok, sdkn, sdkd, 0, DA, DH, ALIGN)
-                        _store_rows(dv_base, tl.zeros([BLOCK_N, DVA], tl.float32), rows, row_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
-                        if DB > 0:
-                            _store_rows(dk_base, tl.zeros([BLOCK_N, DBX], tl.float32), rows, row_ok, sdkn, sdkd, DA, DB, DH, ALIGN)
-                        if DVB > 0:
-                            _store_rows(dv_base, tl.zeros([BLOCK_N, DVBX], tl.float32), rows, row_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+                        _store_kv_rows(dk_base, dv_base, tl.zeros([BLOCK_N, DA], tl.float32),
+                                       tl.zeros([BLOCK_N, DBX], tl.float32), tl.zeros([BLOCK_N, DVA], tl.float32),
+                                       tl.zeros([BLOCK_N, DVBX], tl.float32), rows, row_ok, sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN)
             else:
                 tl.debug_barrier()
                 for z in range(0, LK, BLOCK_N):
                     rows = z + offs_kv
                     row_ok = rows < LK
-                    _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DHP, 1, 0, DA, DHP, 16), rows, row_ok, sdkn, sdkd, 0, DA, DH, ALIGN)
-                    _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DVP, 1, 0, DVA, DVP, 16) * p_scale,
-                                rows, row_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
-                    if DB > 0:
-                        _store_rows(dk_base, _load_rows(acc_k, rows, row_ok, DHP, 1, DA, DB, DHP, 16), rows, row_ok, sdkn, sdkd, DA, DB, DH, ALIGN)
-                    if DVB > 0:
-                        _store_rows(dv_base, _load_rows(acc_v, rows, row_ok, DVP, 1, DVA, DVB, DVP, 16) * p_scale,
-                                    rows, row_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+                    acc_k_a, acc_k_b = _load_split(acc_k, rows, row_ok, DHP, 1, DA, DB, DHP, 16)
+                    acc_v_a, acc_v_b = _load_split(acc_v, rows, row_ok, DVP, 1, DVA, DVB, DVP, 16)
+                    _store_kv_rows(dk_base, dv_base, acc_k_a, acc_k_b, acc_v_a * p_scale, acc_v_b * p_scale, rows, row_ok,
+                                   sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN)
                 tl.debug_barrier()  # the next sequence zeroes the accumulator rows again
         else:
             # ---- split, key block pid_blk: dk, dv ----
@@ -906,12 +910,7 @@ def _rmha_bwd_kernel(
                     dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
                 if DB > 0:
                     dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
-            _store_rows(dk_base, dk_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH, ALIGN)
-            _store_rows(dv_base, dv_a * p_scale, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN)
-            if DB > 0:
-                _store_rows(dk_base, dk_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH, ALIGN)
-            if DVB > 0:
-                _store_rows(dv_base, dv_b * p_scale, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+            _store_kv_rows(dk_base, dv_base, dk_a, dk_b, dv_a * p_scale, dv_b * p_scale, offs_n, n_mask, sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN)
 
             # ---- split, query block pid_blk: dq and the table gradients, visiting the key blocks again ----
             start_m = pid_blk * BLOCK_M
