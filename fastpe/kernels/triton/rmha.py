@@ -861,7 +861,8 @@ def _rmha_bwd_kernel(
                     if skipped:
                         _store_kv_rows(dk_base, dv_base, tl.zeros([BLOCK_N, DA], tl.float32),
                                        tl.zeros([BLOCK_N, DBX], tl.float32), tl.zeros([BLOCK_N, DVA], tl.float32),
-                                       tl.zeros([BLOCK_N, DVBX], tl.float32), rows, row_ok, sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN)
+                                       tl.zeros([BLOCK_N, DVBX], tl.float32), rows, row_ok,
+                                       sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN)
             else:
                 tl.debug_barrier()
                 for z in range(0, LK, BLOCK_N):
@@ -910,7 +911,8 @@ def _rmha_bwd_kernel(
                     dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
                 if DB > 0:
                     dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
-            _store_kv_rows(dk_base, dv_base, dk_a, dk_b, dv_a * p_scale, dv_b * p_scale, offs_n, n_mask, sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN)
+            _store_kv_rows(dk_base, dv_base, dk_a, dk_b, dv_a * p_scale, dv_b * p_scale, offs_n, n_mask,
+                           sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN)
 
             # ---- split, query block pid_blk: dq and the table gradients, visiting the key blocks again ----
             start_m = pid_blk * BLOCK_M
