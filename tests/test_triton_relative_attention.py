@@ -439,6 +439,30 @@ def test_gpu_shapes_and_dtypes(dtype, b, h, L, dh):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,h,L,dh,direct", [(128, 1, 75, 90, True), (8, 2, 200, 64, False)], ids=["direct", "buffer"])
+def test_gpu_one_pass_backward_over_several_key_blocks(dtype, b, h, L, dh, direct):
+    """The one-pass backward's two multi-key-block paths compiled for the card (the shape tests
+    above take the split backward where the card has more SMs than twice their (batch, head)
+    pairs): one 128-row query block storing each key block's dk, dv (L = 75, dh 90), and several
+    query blocks over the per-program fp32 buffer (L = 200); padding and causal."""
+    from fastpe.kernels.triton import rmha
+
+    cfg = launch_cfg()
+    inputs = rmha_inputs(b, h, L, L, dh)
+    masks = masks_on_device("padding+causal", b, h, L, L)
+    atol, rtol = TOLERANCES[dtype]
+    with cfg.override("rmha_bwd", mode="fused"):
+        q = torch.zeros(b, h, L, dh, dtype=dtype, device=DEVICE)
+        tables = torch.zeros(1, 9, dh, dtype=dtype, device=DEVICE)
+        *_grads, (main, *_rest) = rmha.plan_backward(q, q, q, q, tables, tables, None, None, None, q, q[..., 0].float(),
+                                                     True, 0.0, 0.1)
+        assert main.constexprs["FUSED_DQ"] and main.constexprs["KV_DIRECT"] == direct and not main.constexprs["KV_IN_REGS"]
+        assert_matches_reference(op("triton", **masks), op("reference", **masks), inputs, dtype, NAMES,
+                                 tol=(atol * 2, rtol * 2))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", MASK_KINDS)
 def test_gpu_masks_bf16(kind):
     inputs = rmha_inputs(8, 2, 77, 77, 48, per_head=True)
