@@ -54,6 +54,17 @@ def _call(q, k, v, rk, rv, **kw):
     return relative_attention(q, k, v, rk, rv, **kw)
 
 
+def backward_constexprs(b, h, L, dh, dtype=torch.float32):
+    """The constexprs of the backward's main launch as planned for a self-attention shape."""
+    from fastpe.kernels.triton import rmha
+
+    q = torch.zeros(b, h, L, dh, dtype=dtype, device=DEVICE)
+    tables = torch.zeros(1, 9, dh, dtype=dtype, device=DEVICE)
+    *_grads, (main, *_rest) = rmha.plan_backward(q, q, q, q, tables, tables, None, None, None, q, q[..., 0].float(),
+                                                 False, 0.0, 0.1)
+    return main.constexprs
+
+
 def check(b, h, lq, lk, dh, kind="padding", dtype=torch.float32, **kw):
     inputs = rmha_inputs(b, h, lq, lk, dh, **kw)
     masks = masks_on_device(kind, b, h, lq, lk)
@@ -187,10 +198,8 @@ def test_wide_head_backward_takes_128_row_blocks_on_8_warps(monkeypatch):
 
     cfg = rmha.bwd_config(3, 1, 75, 75, 90, 90, torch.device(DEVICE), torch.float32)
     assert (cfg["mode"], cfg["block_m"], cfg["block_n"], cfg["num_warps"]) == ("fused", 128, 64, 8)
-    q = torch.zeros(3, 1, 75, 90)
-    tables = torch.zeros(1, 9, 90)
-    *_grads, (main, _reduce) = rmha.plan_backward(q, q, q, q, tables, tables, None, None, None, q, q[..., 0], False, 0.0, 0.1)
-    assert main.constexprs["KV_DIRECT"] and not main.constexprs["KV_IN_REGS"]  # one query block: dk, dv per key block
+    planned = backward_constexprs(3, 1, 75, 90)
+    assert planned["KV_DIRECT"] and not planned["KV_IN_REGS"]  # one query block: dk, dv per key block
     for lq, lk in [(50, 50), (512, 512)]:  # one 64-key block; split mode (few sequences)
         short = rmha.bwd_config(1, 1, lq, lk, 90, 90, torch.device(DEVICE), torch.float32)
         assert short["block_m"] < 128 and short["num_warps"] == 4
@@ -446,18 +455,13 @@ def test_gpu_one_pass_backward_over_several_key_blocks(dtype, b, h, L, dh, direc
     above take the split backward where the card has more SMs than twice their (batch, head)
     pairs): one 128-row query block storing each key block's dk, dv (L = 75, dh 90), and several
     query blocks over the per-program fp32 buffer (L = 200); padding and causal."""
-    from fastpe.kernels.triton import rmha
-
     cfg = launch_cfg()
     inputs = rmha_inputs(b, h, L, L, dh)
     masks = masks_on_device("padding+causal", b, h, L, L)
     atol, rtol = TOLERANCES[dtype]
     with cfg.override("rmha_bwd", mode="fused"):
-        q = torch.zeros(b, h, L, dh, dtype=dtype, device=DEVICE)
-        tables = torch.zeros(1, 9, dh, dtype=dtype, device=DEVICE)
-        *_grads, (main, *_rest) = rmha.plan_backward(q, q, q, q, tables, tables, None, None, None, q, q[..., 0].float(),
-                                                     True, 0.0, 0.1)
-        assert main.constexprs["FUSED_DQ"] and main.constexprs["KV_DIRECT"] == direct and not main.constexprs["KV_IN_REGS"]
+        planned = backward_constexprs(b, h, L, dh, dtype)
+        assert planned["FUSED_DQ"] and planned["KV_DIRECT"] == direct and not planned["KV_IN_REGS"]
         assert_matches_reference(op("triton", **masks), op("reference", **masks), inputs, dtype, NAMES,
                                  tol=(atol * 2, rtol * 2))
 

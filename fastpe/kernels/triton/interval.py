@@ -83,6 +83,7 @@ from fastpe.kernels.triton.rmha import (
     _bias_strides,
     _keep_tile,
     _key_columns,
+    _key_end,
     _load_rows,
     _load_split,
     _masked_logits,
@@ -326,9 +327,7 @@ def _tisas_fwd_kernel(
         q_a, q_b = _load_split(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH, ALIGN)
         qr_far = _dot_row(q_a, q_b, RK + h * srkh + KT * srkr, srkd, DA, DB, DH)
         tau_m = tl.load(TAU + b * stb + offs_m, mask=m_mask, other=0)
-        hi = L
-        if IS_CAUSAL:
-            hi = tl.minimum(L, start_m + BLOCK_M)
+        hi = _key_end(start_m, L, IS_CAUSAL, BLOCK_M)
         acc_a = tl.zeros([BLOCK_M, DVA], tl.float32)
         acc_b = tl.zeros([BLOCK_M, DVB if DVB > 0 else 16], tl.float32)
         far = tl.zeros([BLOCK_M], tl.float32)
@@ -539,9 +538,7 @@ def _tisas_bwd_kernel(
                 do_sq += tl.sum(do_b.to(tl.float32) * do_b.to(tl.float32), axis=1)
             lse = tl.load(LSE + bh * L + offs_m, mask=m_mask, other=0.0)
             tau_m = tl.load(TAU + b * stb + offs_m, mask=m_mask, other=0)
-            hi = L
-            if IS_CAUSAL:
-                hi = tl.minimum(L, start_m + BLOCK_M)
+            hi = _key_end(start_m, L, IS_CAUSAL, BLOCK_M)
             c0, c1 = _block_range(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT, RC, BLOCK_N, HAS_KPM)
             _build_table(q_a, q_b, qtab, rk_base, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC, ALIGN)
             dorv_max = _build_table(do_a, do_b, dtab, rv_base, srvr, srvd, c0, c1, KT, KP, RC, DVA, DVB, DV, DOT_PREC, ALIGN)

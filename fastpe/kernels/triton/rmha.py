@@ -250,6 +250,15 @@ def _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
+def _key_end(start_m, LK, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """End of the keys query block ``start_m`` attends to (with a causal mask, none after its last row)."""
+    if IS_CAUSAL:
+        return tl.minimum(LK, start_m + BLOCK_M)
+    else:
+        return LK
+
+
+@triton.jit
 def _allowed(offs_m, offs_n, col_ok, IS_CAUSAL: tl.constexpr):
     """Which elements of a tile may attend: keys that exist and are not padding, causal order."""
     valid = col_ok[None, :]
@@ -467,9 +476,7 @@ def _rmha_fwd_kernel(
     pt = tl.zeros([BLOCK_M], tl.float32)  # row sums of P~ (unnormalised)
     inner = tl.zeros([BLOCK_M, R_PAD], tl.float32)  # inner bucket sums of P~ (unnormalised)
 
-    hi = LK
-    if IS_CAUSAL:
-        hi = tl.minimum(LK, start_m + BLOCK_M)
+    hi = _key_end(start_m, LK, IS_CAUSAL, BLOCK_M)
     lo_band, mid_band, end_band = _band_key_range(start_m, hi, KMAX, BLOCK_M, BLOCK_N)
     if ONE_KEY_BLOCK:
         # The one key block goes through the band loop (its general path: right for a block off
@@ -780,10 +787,7 @@ def _rmha_bwd_kernel(
                 left_ds = tl.zeros([BLOCK_M], tl.float32)
                 total_ds = tl.zeros([BLOCK_M], tl.float32)
                 inner_a, inner_b = _inner_zeros(BLOCK_M, R_PAD, dt)
-                hi_n = LK
-                if IS_CAUSAL:
-                    hi_n = tl.minimum(LK, start_m + BLOCK_M)
-                for start_n in range(0, hi_n, BLOCK_N):
+                for start_n in range(0, _key_end(start_m, LK, IS_CAUSAL, BLOCK_M), BLOCK_N):
                     offs_n = start_n + offs_kv
                     n_mask = _below(start_n, BLOCK_N, LK)
                     col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
@@ -855,10 +859,7 @@ def _rmha_bwd_kernel(
                     rows = z + offs_kv
                     row_ok = rows < LK
                     _cols, any_key = _key_columns(KPM, b, skpb, skpn, rows, row_ok, HAS_KPM)
-                    skipped = not any_key
-                    if IS_CAUSAL:
-                        skipped = skipped | (z >= tl.minimum(LK, BLOCK_M))
-                    if skipped:
+                    if (not any_key) | (z >= _key_end(0, LK, IS_CAUSAL, BLOCK_M)):  # (the tile loop's bound)
                         _store_kv_rows(dk_base, dv_base, tl.zeros([BLOCK_N, DA], tl.float32),
                                        tl.zeros([BLOCK_N, DBX], tl.float32), tl.zeros([BLOCK_N, DVA], tl.float32),
                                        tl.zeros([BLOCK_N, DVBX], tl.float32), rows, row_ok,
@@ -930,10 +931,7 @@ def _rmha_bwd_kernel(
             left_ds = tl.zeros([BLOCK_M], tl.float32)
             total_ds = tl.zeros([BLOCK_M], tl.float32)
             inner_a, inner_b = _inner_zeros(BLOCK_M, R_PAD, dt)
-            hi_n = LK
-            if IS_CAUSAL:
-                hi_n = tl.minimum(LK, start_m + BLOCK_M)
-            hi_n = tl.where(start_m < LQ, hi_n, 0)
+            hi_n = tl.where(start_m < LQ, _key_end(start_m, LK, IS_CAUSAL, BLOCK_M), 0)
             for start_n2 in range(0, hi_n, BLOCK_N):
                 offs_n2 = start_n2 + tl.arange(0, BLOCK_N)
                 n_mask2 = _below(start_n2, BLOCK_N, LK)
