@@ -442,7 +442,7 @@ def occupancy(registers, shared_bytes, num_warps):
 
 # Constexprs the interpreter cannot run (inline assembly, libdevice's fast paths), replaced by
 # their portable forms for tracing: neither changes a loop.
-_INTERPRETABLE = {"FAST_TRIG": False, "PIN_BUCKETS": lambda v: min(v, 1), "CVT_ASM": False}
+_INTERPRETABLE = {"FAST_TRIG": False, "CVT_ASM": False, "PTX": False}
 
 
 def launch_spec(launch) -> dict:

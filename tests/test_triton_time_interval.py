@@ -173,20 +173,24 @@ def test_wide_heads_take_one_key_block_of_up_to_128_keys(dh, dtype, monkeypatch)
     check(2, 1, 75, dh, 256, "fully_padded", dtype, seed=17)
 
 
-@pytest.mark.parametrize("pin", [True, False])
-def test_one_key_block_forward_with_and_without_bucket_pinning(pin):
-    """The one-key-block forward at 4 warps carries each element's bucket as one int32 (-1 where it
-    is not below the clip; compiled, through an opaque identity): both forms give the reference."""
-    from fastpe.kernels.triton import interval
+def test_inline_ptx_only_for_compiled_kernels(monkeypatch):
+    """The gathers and bucket-sum reductions as inline PTX (``_gather``, ``_red_add``): never under
+    the interpreter (no inline assembly; these tests run the ``tl.load`` / ``tl.atomic_add`` form,
+    the same values), on for a CUDA card and for the sm_90a card planned without a GPU. Only the
+    GPU tests (``pytest -m gpu``) run the PTX form."""
+    from fastpe.kernels.triton import _launch, interval
 
-    b, h, L, dh = 2, 2, 21, 30
-    with launch_cfg().override("tisas_fwd", pin_buckets=pin):
-        q = torch.zeros(b, h, L, dh, device=DEVICE)
-        tau = torch.zeros(b, L, dtype=torch.int32, device=DEVICE)
-        rk = torch.zeros(1, 257, dh, device=DEVICE)
-        *_, (launch,) = interval.plan_forward(q, q, q, rk, rk, tau, None, None, None, False, 0.0, 0.1)
-        assert launch.constexprs["PIN_BUCKETS"] == (1 if pin else 0)  # (2 when compiled)
-        check(b, h, L, dh, 256, "fully_padded", seed=16)
+    q = torch.zeros(2, 1, 21, 16)
+    tau = torch.zeros(2, 21, dtype=torch.int32)
+    rk = torch.zeros(1, 257, 16)
+    *_, (launch,) = interval.plan_forward(q, q, q, rk, rk, tau, None, None, None, False, 0.0, 0.25)
+    assert launch.constexprs["PTX"] is _launch.inline_ptx(q.device)
+    monkeypatch.setattr(_launch, "triton_interpreter_enabled", lambda: True)
+    assert not _launch.inline_ptx(torch.device("cpu"))
+    assert not _launch.inline_ptx(torch.device("cuda", 0))
+    monkeypatch.setattr(_launch, "triton_interpreter_enabled", lambda: False)
+    assert _launch.inline_ptx(torch.device("cpu"))
+    assert _launch.inline_ptx(torch.device("cuda", 0))
 
 
 @pytest.mark.parametrize("dh,align", [(64, 16), (90, 4)])

@@ -141,6 +141,13 @@ def packed_cvt(device: torch.device) -> bool:
     return True
 
 
+def inline_ptx(device: torch.device) -> bool:
+    """Whether kernels may use inline PTX for plain per-element memory instructions (predicated
+    ``ld.global``, ``red.global.add``, in every PTX version): on a CUDA device, and for the sm_90a
+    card planned without a GPU (static report, compile check); never under the interpreter."""
+    return not triton_interpreter_enabled() and device.type in ("cuda", "cpu")
+
+
 def run_alignment(t: torch.Tensor, dim: int = -1) -> int:
     """Bytes (a power of two, at most 16) dividing the address where every contiguous run of ``t``
     along ``dim`` starts: kernels pass it to ``tl.multiple_of`` so that rows of odd widths (a head

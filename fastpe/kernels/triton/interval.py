@@ -125,39 +125,76 @@ def _near(bucket, valid, KT: tl.constexpr):
 
 @triton.jit
 def _key_block(start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L, KT: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_KPM: tl.constexpr, PIN: tl.constexpr = 0):
+               HAS_KPM: tl.constexpr):
     """The key block at ``start_n``: its key offsets, which keys exist and are not padding (and
-    whether any does), each element's bucket and :func:`_near` flag (with ``PIN`` the bucket is -1
-    where it is not near).
-
-    ``PIN = 2``: the buckets pass through an opaque identity (one ``mov``), so the compiler computes them
-    once and moves them between the register layouts of the logits, the gather, the atomics and
-    the bucket bounds, instead of recomputing them (time steps and padding reloaded per element)
-    in each: at 4 warps with one 64-key block (sm_90a, L = 50) 116 -> 110 instructions per score
-    element and no spills; at larger tiles it costs more than it saves. ``PIN = 1``: the same without
-    the identity (the interpreter has no inline assembly; its tests cover the rest of the path)."""
+    whether any does), each element's bucket and :func:`_near` flag."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_mask = offs_n < L
     col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
     tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
     bucket = _buckets(tau_m, tau_n, KT)
     near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
-    if PIN > 0:  # one int32 per element (-1: not near) ...
-        bucket = tl.where(near, bucket, -1)
-        if PIN > 1:  # ... through an identity that is not pure: never duplicated
-            bucket = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [bucket], dtype=tl.int32, is_pure=False,
-                                               pack=1)
-        near = bucket >= 0
     return offs_n, n_mask, col_ok, any_key, bucket, near
 
 
 @triton.jit
-def _gather(table, far, idx, near):
+def _address(table, idx):
+    """Byte address of ``table[idx]`` per element, for inline PTX."""
+    return table.to(tl.int64, bitcast=True) + idx.to(tl.int64) * table.dtype.element_ty.primitive_bitwidth // 8
+
+
+@triton.jit
+def _gather(table, far, idx, near, PTX: tl.constexpr):
     """Per-element value of a per-row bucket table in a scratch slot (``table``: the slot, ``idx``:
     row * KP + bucket, one int32 offset per element shared by every table of the slot); ``far`` is
     bucket ``K`` and stands in for elements that are not ``near`` (see :func:`_near`: only table
-    columns that near elements use are written, see :func:`_chunk_range`)."""
+    columns that near elements use are written, see :func:`_chunk_range`).
+
+    ``PTX``: one predicated ``ld.global`` per element, in the layout the element already has (the
+    score tile's MMA layout). ``tl.load`` of a computed address takes a layout of its own (the
+    coalescing pass gives every gather a blocked one), and the compiler then recomputed the
+    buckets, and reloaded the time steps and the padding mask, in that layout too, or moved tiles
+    through shared memory. The load is marked pure (a side effect here cost 7% of the S1
+    forward's loop: the compiler then keeps every copy), so ``table`` must come from
+    :func:`_published` after the barrier that publishes the table: nothing can move it above."""
+    if PTX:
+        far_bits = tl.broadcast_to(far[:, None], idx.shape).to(tl.int32, bitcast=True)
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.b32 $0, $3; @p ld.global.b32 $0, [$1]; }",
+            "=r,l,r,r", [_address(table, idx), near.to(tl.int32), far_bits], dtype=tl.int32, is_pure=True,
+            pack=1).to(tl.float32, bitcast=True)
     return tl.where(near, tl.load(table + idx, mask=near, other=0.0), far[:, None])
+
+
+@triton.jit
+def _published(table, PTX: tl.constexpr):
+    """``table`` passed through an identity that is not pure, placed after the barrier that
+    publishes the table: operations that are not pure keep their order, so the gathers, whose
+    addresses derive from this one, cannot be computed before the barrier."""
+    if PTX:
+        addr = tl.inline_asm_elementwise("mov.b64 $0, $1;", "=l,l", [table.to(tl.int64, bitcast=True)],
+                                         dtype=tl.int64, is_pure=False, pack=1)
+        return addr.to(table.dtype, bitcast=True)
+    return table
+
+
+@triton.jit
+def _red_add(table, idx, val, PTX: tl.constexpr):
+    """``table[idx] += val`` per element where ``val != 0`` (int32 or int64 fixed-point sums in a
+    scratch slot; unordered, the result is not read). ``PTX``: one ``red.global.add`` per element
+    in the element's own layout (see :func:`_gather`; ``tl.atomic_add`` also returns the old
+    value and moved the values, the addresses and the mask through shared memory)."""
+    if PTX:
+        if val.dtype == tl.int64:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.s64 p, $2, 0; @p red.global.add.u64 [$1], $2; mov.b32 $0, 0; }",
+                "=r,l,l", [_address(table, idx), val], dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p red.global.add.u32 [$1], $2; mov.b32 $0, 0; }",
+                "=r,l,r", [_address(table, idx), val], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.atomic_add(table + idx, val, mask=val != 0, sem="relaxed")
 
 
 @triton.jit
@@ -233,12 +270,12 @@ def _pow2(e):
 @triton.jit
 def _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok, b, h,
             BIAS, sbb, sbh, sbm, sbn, qk_scale, KT: tl.constexpr, DB: tl.constexpr, HAS_BIAS: tl.constexpr,
-            IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+            IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, PTX: tl.constexpr):
     """Masked logits of a tile in log2 units."""
     qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
     if DB > 0:
         qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
-    s = (qk + _gather(qtab, qr_far, idx, near)) * qk_scale
+    s = (qk + _gather(qtab, qr_far, idx, near, PTX)) * qk_scale
     return _masked_logits(s, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
                           HAS_BIAS, IS_CAUSAL)
 
@@ -260,7 +297,7 @@ def _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, start_n, offs_m, m
                svd, wtab,
                bh, seed, dropout_p, p_fixed, KT: tl.constexpr, BLOCK_N: tl.constexpr, DV: tl.constexpr,
                DVA: tl.constexpr, DVB: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-               ALIGN: tl.constexpr):
+               ALIGN: tl.constexpr, PTX: tl.constexpr):
     """Normalised P~ of one key block into ``acc += P~ V``, the fixed-point bucket sums (atomics into
     the slot) and the clip bucket's sums. Rows past the sequence get P~ = 0: their slot rows must
     stay clear (only the chunks valid elements use are read back and cleared)."""
@@ -269,7 +306,7 @@ def _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, start_n, offs_m, m
         keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
         p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
     # bucket sums first: P~ in float32 dies before the GEMM
-    tl.atomic_add(wtab + idx, (p * p_fixed).to(tl.int32), mask=near & (p > 0.0), sem="relaxed")
+    _red_add(wtab, idx, tl.where(near, (p * p_fixed).to(tl.int32), 0), PTX)
     far += tl.sum(tl.where(near, 0.0, p), axis=1)  # (p = 0 at elements that are not valid)
     p_lo = p.to(v_base.dtype.element_ty)
     v_a = _load_rows(v_base, offs_n, col_ok, svn, svd, 0, DVA, DV, ALIGN)  # padded values are never read
@@ -295,7 +332,7 @@ def _tisas_fwd_kernel(
     KT: tl.constexpr, KP: tl.constexpr, RC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ONE_KEY_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, PIN_BUCKETS: tl.constexpr, ALIGN: tl.constexpr = 0,
+    ONE_KEY_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr = 0, PTX: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -333,15 +370,16 @@ def _tisas_fwd_kernel(
         far = tl.zeros([BLOCK_M], tl.float32)
         if ONE_KEY_BLOCK:
             offs_n, n_mask, col_ok, _any, bucket, near = _key_block(0, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L,
-                                                                   KT, BLOCK_N, HAS_KPM, PIN_BUCKETS)
+                                                                   KT, BLOCK_N, HAS_KPM)
             idx = row_start + bucket
             lo_b, hi_b = _bucket_bounds(bucket, near, KT)
             c0, c1 = _chunk_range(lo_b, hi_b, RC)
             _build_table(q_a, q_b, qtab, RK + h * srkh, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC, ALIGN)
             tl.debug_barrier()  # the table is written
+            table = _published(qtab, PTX)
             k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH, ALIGN)
-            s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok, b, h,
-                        BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
+            s = _logits(q_a, q_b, k_a, k_b, table, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok, b, h,
+                        BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC, PTX)
             m_i = tl.max(s, axis=1)
             m_use = tl.where(m_i == float("-inf"), 0.0, m_i)  # rows with no allowed key: p = 0, no NaN
             l_i = tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
@@ -349,11 +387,12 @@ def _tisas_fwd_kernel(
             acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, 0, offs_m, m_mask, offs_n,
                                            col_ok,
                                            v_base, svn, svd, wtab, bh, seed, dropout_p, p_fixed,
-                                           KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC, ALIGN)
+                                           KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC, ALIGN, PTX)
         else:
             c0, c1 = _block_range(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT, RC, BLOCK_N, HAS_KPM)
             _build_table(q_a, q_b, qtab, RK + h * srkh, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC, ALIGN)
             tl.debug_barrier()  # the table is written
+            table = _published(qtab, PTX)
             # pass 1: the row max and sum (online), so that pass 2 accumulates normalised P~
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -363,8 +402,8 @@ def _tisas_fwd_kernel(
                 if any_key:
                     k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH, ALIGN)
                     idx = row_start + bucket
-                    s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
-                                b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
+                    s = _logits(q_a, q_b, k_a, k_b, table, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
+                                b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC, PTX)
                     m_new = tl.maximum(m_i, tl.max(s, axis=1))
                     m_new_use = tl.where(m_new == float("-inf"), 0.0, m_new)
                     l_i = l_i * tl.exp2(m_i - m_new_use) + tl.sum(tl.exp2(s - m_new_use[:, None]), axis=1)
@@ -377,12 +416,12 @@ def _tisas_fwd_kernel(
                 if any_key:
                     k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH, ALIGN)
                     idx = row_start + bucket
-                    s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
-                                b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
+                    s = _logits(q_a, q_b, k_a, k_b, table, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
+                                b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC, PTX)
                     acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, start_n, offs_m,
                                                    m_mask, offs_n, col_ok, v_base, svn, svd, wtab, bh, seed, dropout_p,
                                                    p_fixed,
-                                                   KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC, ALIGN)
+                                                   KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC, ALIGN, PTX)
 
         # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0)
         lse = tl.where(l_i > 0.0, m_use + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), 0.0)
@@ -449,7 +488,7 @@ def _tisas_bwd_kernel(
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ZC: tl.constexpr, DOT_PREC: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr, SHARED_TABLES: tl.constexpr,
-    ALIGN: tl.constexpr = 0,
+    ALIGN: tl.constexpr = 0, PTX: tl.constexpr = False,
 ):
     R: tl.constexpr = KT + 1
     WIDTH: tl.constexpr = R * (DH + DV)
@@ -552,6 +591,8 @@ def _tisas_bwd_kernel(
             expo = tl.where(ok, tl.minimum(tl.maximum(expo, -126), 126), 0)
             ds_fixed = _pow2(expo)
             tl.debug_barrier()  # the tables are written
+            table = _published(qtab, PTX)
+            dtable = _published(dtab, PTX)
 
             dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
             dq_b = tl.zeros([BLOCK_M, DBX], tl.float32)
@@ -564,14 +605,14 @@ def _tisas_bwd_kernel(
                     k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH, ALIGN)
                     v_a, v_b = _load_split(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV, ALIGN)
                     idx = row_start + bucket
-                    s = _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
-                                b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC)
+                    s = _logits(q_a, q_b, k_a, k_b, table, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
+                                b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC, PTX)
                     p = tl.where(m_mask[:, None], tl.exp2(s - lse[:, None]), 0.0)
                     # dP~_ij = dO_i . (v_j + rv[r_ij])
                     dpt = tl.dot(do_a, tl.trans(v_a), input_precision=DOT_PREC)
                     if DVB > 0:
                         dpt = tl.dot(do_b, tl.trans(v_b), dpt, input_precision=DOT_PREC)
-                    dpt = dpt + _gather(dtab, dorv_far, idx, near)
+                    dpt = dpt + _gather(dtable, dorv_far, idx, near, PTX)
                     if HAS_DROPOUT:
                         keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
                         p_drop = tl.where(keep, p * inv_keep, 0.0)
@@ -581,10 +622,8 @@ def _tisas_bwd_kernel(
                         dprob = dpt
                     ds = p * (dprob - di[:, None]) * scale
                     # bucket sums first: P~ and dS in float32 die before the GEMMs
-                    tl.atomic_add(wptab + idx, (p_drop * p_fixed).to(tl.int64),
-                                  mask=near & (p_drop != 0.0), sem="relaxed")
-                    tl.atomic_add(wdtab + idx, (ds * ds_fixed[:, None]).to(tl.int64),
-                                  mask=near & (ds != 0.0), sem="relaxed")
+                    _red_add(wptab, idx, tl.where(near, (p_drop * p_fixed).to(tl.int64), 0), PTX)
+                    _red_add(wdtab, idx, tl.where(near, (ds * ds_fixed[:, None]).to(tl.int64), 0), PTX)
                     far_p += tl.sum(tl.where(near, 0.0, p_drop), axis=1)
                     far_ds += tl.sum(tl.where(near, 0.0, ds), axis=1)
                     ds_lo = ds.to(dt)
@@ -699,21 +738,19 @@ def fwd_config(b, h, length, dh, dv, device):
     B256 h2 L200 dh64: 123 instead of 176 instructions per score element, fewer spills)."""
     widest = max(_launch.pad16(dh), _launch.pad16(dv))
     whole = max(16, _launch.next_pow2(length))
-    pin = True
     if widest <= 64 and whole <= 256:
         block_n = whole
         block_m = min(64, max(16, 8192 // whole), whole)
     elif widest <= 128 and whole <= 128:
         # wider heads: one key block still, with 16-row query blocks (sm_90a, B128 h1 L75 dh90:
         # 15.5 -> 10.2 us modelled, though 780 -> 1432 spilled bytes; L128 dh128: 14.3 -> 10.4 us,
-        # 0 -> 448 B). Pinned buckets spill more at these tiles.
-        block_n, block_m, pin = whole, 16, False
+        # 0 -> 448 B)
+        block_n, block_m = whole, 16
     else:
         block_n = min(whole, 128 if widest <= 64 else 64)
         block_m = min(whole, 64 if widest <= 64 else 32)
     return _launch.knobs("tisas_fwd", block_m=block_m, block_n=block_n,
-                         num_warps=4 if block_m * block_n <= 64 * 64 else 8, programs=0, table_chunk=0,
-                         pin_buckets=pin)
+                         num_warps=4 if block_m * block_n <= 64 * 64 else 8, programs=0, table_chunk=0)
 
 
 def bwd_config(b, h, length, dh, dv, device):
@@ -740,6 +777,7 @@ def _constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p, cfg):
         DH=q.shape[-1], DV=v.shape[-1], DA=da, DB=db, DVA=dva, DVB=dvb,
         HAS_KPM=kpm is not None, HAS_BIAS=bias is not None, IS_CAUSAL=bool(is_causal),
         HAS_DROPOUT=dropout_p > 0.0, DOT_PREC=_launch.dot_precision(q.dtype),
+        PTX=_launch.inline_ptx(q.device),  # (see _gather, _red_add)
     )
 
 
@@ -787,9 +825,6 @@ def plan_forward(q, k, v, rel_k, rel_v, tau, kpm, bias, seed, is_causal, dropout
                 dropout_p=float(dropout_p), p_fixed=_p_fixed(dropout_p))
     consts["ONE_KEY_BLOCK"] = length <= cfg["block_n"]
     consts["ALIGN"] = _row_alignment(q, k, v, rel_k, rel_v, out)
-    # see _key_block (measured on sm_90a); the interpreter has no inline assembly
-    pin = consts["ONE_KEY_BLOCK"] and cfg["num_warps"] == 4 and cfg["pin_buckets"]
-    consts["PIN_BUCKETS"] = (1 if triton_interpreter_enabled() else 2) if pin else 0
     launch = Launch(_tisas_fwd_kernel, (programs,), args, consts, num_warps=cfg["num_warps"], num_stages=1)
     return out, lse, [launch]
 
