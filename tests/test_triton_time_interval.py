@@ -227,6 +227,23 @@ def test_rows_past_the_sequence_leave_the_scratch_clear():
                                  inputs(2, 1, L, 16, span, seed=12), torch.float32, NAMES)
 
 
+@pytest.mark.parametrize("one_key_block", [True, False])
+def test_table_chunks_cover_every_bucket_a_block_uses(one_key_block, monkeypatch):
+    """Time steps 7 apart (buckets 0, 7, 14, 21, 28 and the clip, K = 30) in 16-bucket chunks:
+    every query block's elements use both chunks, from a block range the kernels bound by the
+    time steps of its rows and keys. A chunk left out is never built (NaN-filled scratch) and its
+    sums never read back. Also with one 64-key block (the forward's single-pass path)."""
+    cfg = launch_cfg()
+    monkeypatch.setattr(cfg, "POISON", True)
+    L, span = 40, 30
+    t = (7 * torch.arange(L)).repeat(2, 1)
+    fwd = dict(block_m=16, block_n=64 if one_key_block else 16, table_chunk=16)
+    with cfg.override("tisas_fwd", **fwd), cfg.override("tisas_bwd", block_m=16, block_n=16, table_chunk=16):
+        t = t.to(DEVICE)
+        assert_matches_reference(op("triton", t, time_unit=1.0), op("reference", t, time_unit=1.0),
+                                 inputs(2, 1, L, 16, span, seed=18), torch.float32, NAMES)
+
+
 @pytest.mark.parametrize("per_head", [True, False])
 def test_poisoned_buffers_are_all_written(per_head, monkeypatch):
     """Every buffer the kernels fill starts as NaN (the scratch slots and partials too): an element
