@@ -34,7 +34,8 @@ kernel in a fixed order (deterministic, no float atomics). The tables are built,
 read back, only over the 64-bucket chunks the query block's elements use (the forward bounds
 them by the time steps of the block's rows and keys, the backward finds them exactly with a pass
 over the keys' buckets): per query row the tables cost O(K) at most, less when the block's
-times span fewer than K steps. Rows past the end of the sequence add nothing, so the chunks a block skips stay clear.
+times span fewer than K steps. Rows past the end of the sequence add nothing, so the chunks a
+block skips stay clear.
 The fixed point costs one fp32 -> integer conversion and one predicated integer reduction per
 element below the clip (32-bit for the forward's ``P~``; 64-bit in the backward, where 32-bit
 ``P~`` sums measured no fewer instructions and more spills; see
@@ -403,6 +404,7 @@ def _tisas_fwd_kernel(
             offs_n, n_mask, col_ok, _any, bucket, near = _key_block(0, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L,
                                                                    KT, BLOCK_N, HAS_KPM)
             idx = row_start + bucket
+            # (its loads of the block's time steps and padding are _key_block's: the compiler merges them)
             c0, c1 = _step_chunks(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, BLOCK_N, L, KT, RC, BLOCK_N, HAS_KPM)
             _build_table(q_a, q_b, qtab, RK + h * srkh, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC, ALIGN)
             tl.debug_barrier()  # the table is written
