@@ -16,7 +16,9 @@ Shapes: S1 = B512 h2 L50 dh32, S2 = B256 h2 L200 dh64, S3 = B128 h1 L75 dh90, or
 ``B<b>h<h>L<l>dh<dh>``. The non-attention ops run at the same size: rotary on ``x [B, L, h, dh]``,
 rotatory and concat-projection on ``x [B, L, d = h*dh]``.
 
-The hot loop of a kernel is the SASS loop (a backward branch) with the most instructions of its
+A SASS loop is a backward branch to an instruction on every path to it (a natural loop of the
+control-flow graph; ptxas also branches back from cold paths it places after the code, which are
+not loops). The hot loop of a kernel is the SASS loop with the most instructions of its
 own (outside loops nested in it); for the Triton kernels, among the loops with at least a quarter
 of that count, the one with the most tensor-core work of its own (then the most instructions):
 the loop over score tiles, not an outer loop over query blocks whose own epilogue may be longer,
@@ -279,7 +281,8 @@ _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
 def parse_sass(text: str) -> dict:
-    """{function: [(address, opcode, operands)]} from ``cuobjdump -sass``."""
+    """{function: [(address, opcode, operands, guard)]} from ``cuobjdump -sass``; ``guard`` is the
+    instruction's predicate (``"@!P0"``), empty when it always runs."""
     functions = {}
     current = None
     for line in text.splitlines():
@@ -289,10 +292,10 @@ def parse_sass(text: str) -> dict:
             continue
         m = _SASS_LINE.match(line)
         if m and current is not None:
-            body = m.group(2)
-            body = re.sub(r"^@!?U?P[T0-9]+\s+", "", body)  # predicate
+            guard = re.match(r"^(@!?U?P[T0-9]+)\s+", m.group(2))
+            body = m.group(2)[guard.end():] if guard else m.group(2)
             opcode, _, operands = body.partition(" ")
-            current.append((int(m.group(1), 16), opcode, operands.strip()))
+            current.append((int(m.group(1), 16), opcode, operands.strip(), guard.group(1) if guard else ""))
     return functions
 
 
@@ -341,20 +344,96 @@ def _tensor_flops(opcode: str) -> float:
     return 0.0
 
 
+def _branch_target(opcode, operands):
+    """Address a direct branch goes to, else None."""
+    if opcode.split(".")[0] not in ("BRA", "JMP"):
+        return None
+    m = re.search(r"(?:^|[ ,`(])(0x[0-9a-f]+)", operands)
+    return int(m.group(1), 16) if m else None
+
+
+def _successors(instructions):
+    """Per instruction, the indices control can go to next: a branch's or call's target, and the
+    next instruction unless the instruction always leaves (an unguarded ``BRA``/``JMP``, ``EXIT``,
+    ``RET``; a call returns to the next one). ``BRA.DIV`` (taken when the warp has diverged) and
+    guarded ones may fall through."""
+    index_of = {addr: i for i, (addr, *_rest) in enumerate(instructions)}
+    succ = []
+    for i, (_addr, opcode, operands, guard) in enumerate(instructions):
+        base = opcode.split(".")[0]
+        target = _branch_target(opcode, operands) if base != "CALL" else _branch_target("BRA", operands)
+        out = [index_of[target]] if target in index_of else []
+        always = guard in ("", "@PT") and ".DIV" not in opcode and not re.match(r"!?U?P[T0-9]+,", operands)
+        if not (always and base in ("BRA", "JMP", "EXIT", "RET", "KILL")) and i + 1 < len(instructions):
+            out.append(i + 1)
+        succ.append(out)
+    return succ
+
+
+def _dominators(succ):
+    """Immediate dominator per reachable instruction (``{index: index}``, the entry maps to itself),
+    by the iterative algorithm of Cooper, Harvey and Kennedy over reverse postorder."""
+    order, seen, stack = [], {0}, [(0, iter(succ[0]))]
+    while stack:  # postorder without recursion
+        node, children = stack[-1]
+        child = next((c for c in children if c not in seen), None)
+        if child is None:
+            order.append(node)
+            stack.pop()
+        else:
+            seen.add(child)
+            stack.append((child, iter(succ[child])))
+    rpo = order[::-1]
+    position = {n: k for k, n in enumerate(rpo)}
+    preds = collections.defaultdict(list)
+    for n in rpo:
+        for c in succ[n]:
+            preds[c].append(n)
+    idom = {0: 0}
+    changed = True
+    while changed:
+        changed = False
+        for n in rpo[1:]:
+            done = [p for p in preds[n] if p in idom]
+            new = done[0]
+            for p in done[1:]:
+                a, b = p, new
+                while a != b:
+                    while position[a] > position[b]:
+                        a = idom[a]
+                    while position[b] > position[a]:
+                        b = idom[b]
+                new = a
+            if idom.get(n) != new:
+                idom[n] = new
+                changed = True
+    return idom
+
+
 def find_loops(instructions):
-    """Loops as (start index, end index) of a backward branch and its target, widest first."""
-    index_of = {addr: i for i, (addr, _op, _args) in enumerate(instructions)}
+    """Loops as (start index, end index) of a backward branch and its target, widest first: the
+    back edges of natural loops, where the target dominates the branch (every path from the
+    entry to the branch passes the target). Other backward branches are not loops: ptxas places
+    cold paths (a warp-collective reduction for a diverged warp, entered by ``BRA.DIV``) after
+    the code and branches back into the loop from there."""
+    if not instructions:
+        return []
+    succ = _successors(instructions)
+    idom = _dominators(succ)
+
+    def dominates(a, b):
+        while b != a and idom[b] != b:
+            b = idom[b]
+        return b == a
+
     loops = set()
-    for i, (addr, opcode, operands) in enumerate(instructions):
-        if opcode.split(".")[0] not in ("BRA", "JMP"):
-            continue
-        m = re.match(r"`?\(?(0x[0-9a-f]+)", operands)
-        if not m:
-            continue
-        target = int(m.group(1), 16)
-        if target < addr and target in index_of:
-            loops.add((index_of[target], i))
-        # a branch to itself is the trap after EXIT, not a loop
+    for i, (addr, opcode, operands, _guard) in enumerate(instructions):
+        target = _branch_target(opcode, operands)
+        # a branch to itself is the trap after EXIT (unreachable), not a loop
+        if i in idom and target is not None and target < addr:
+            t = next(j for j in succ[i] if instructions[j][0] == target)
+            if dominates(t, i):
+                loops.add((t, i))
     return sorted(loops, key=lambda se: (se[0], -se[1]))
 
 
@@ -370,7 +449,7 @@ def analyse_sass(instructions, line_of=None, by_tensor_work=False) -> dict:
         return sum(1 for ins in instructions[s:e + 1] if ins[1] != "NOP")
 
     def flops(s, e):
-        return sum(_tensor_flops(op) for _a, op, _o in instructions[s:e + 1])
+        return sum(_tensor_flops(op) for _a, op, *_rest in instructions[s:e + 1])
 
     def inside(inner, outer):
         return inner != outer and outer[0] <= inner[0] and inner[1] <= outer[1]
@@ -381,11 +460,11 @@ def analyse_sass(instructions, line_of=None, by_tensor_work=False) -> dict:
         outermost_nested = [n for n in nested if not any(inside(n, o) for o in nested)]
         own[loop] = count(*loop) - sum(count(*n) for n in outermost_nested)
         own_flops[loop] = flops(*loop) - sum(flops(*n) for n in outermost_nested)
-    total_flops = sum(_tensor_flops(op) for _a, op, _o in real)
+    total_flops = sum(_tensor_flops(op) for _a, op, *_rest in real)
     result = dict(
         sass_instructions=len(real),
-        tensor_core_instructions=sum(1 for _a, op, _o in real if _CATEGORY_OF.get(op.split(".")[0]) == "tensor"),
-        spill_instructions=sum(1 for _a, op, _o in real if op.split(".")[0] in ("LDL", "STL")),
+        tensor_core_instructions=sum(1 for _a, op, *_rest in real if _CATEGORY_OF.get(op.split(".")[0]) == "tensor"),
+        spill_instructions=sum(1 for _a, op, *_rest in real if op.split(".")[0] in ("LDL", "STL")),
         loops=len(loops),
     )
     result["loop_list"] = [dict(line=(line_of or {}).get(instructions[e][0]), instructions=own[(s, e)],
@@ -404,7 +483,7 @@ def analyse_sass(instructions, line_of=None, by_tensor_work=False) -> dict:
         hot = max(loops, key=lambda loop: (own[loop], count(*loop)))
     body = [ins for ins in instructions[hot[0]:hot[1] + 1] if ins[1] != "NOP"]
     mix = {}
-    for _a, op, _o in body:
+    for _a, op, *_rest in body:
         cat = _CATEGORY_OF.get(op.split(".")[0], "other")
         mix[cat] = mix.get(cat, 0) + 1
     # loops at least a quarter of the hot loop's size run once per score tile (time model)

@@ -84,6 +84,34 @@ def test_hot_loop_is_the_loop_with_most_instructions_of_its_own():
     assert a["outside_loops_instructions"] == 17 - 14
 
 
+def test_a_branch_back_from_a_cold_path_is_not_a_loop():
+    """ptxas puts a diverged warp's collective reduction after the code (entered by ``BRA.DIV``)
+    and branches from there back into the loop body: a backward branch whose target does not
+    dominate it. Only the loop's own back edge is a loop; the cold path counts outside loops."""
+    body = ["MOV R1, R2",
+            "HMMA.16816.F32.BF16 R0, R2, R4, R0",  # 1: loop head
+            "BRA.DIV UR5, {6}",
+            "SHFL.BFLY PT, R3, R1, 0x1, 0x1f",  # 3: where the cold path comes back
+            "@!P0 BRA {1}",
+            "EXIT",
+            "WARPSYNC.COLLECTIVE R4, {7}",  # 6: the cold path
+            "SHFL.BFLY PT, R3, R1, 0x1, 0x1f",
+            "BRA {3}",
+            "BRA {9}"]
+    body = [line.format(*[f"0x{i * 16:x}" for i in range(len(body))]) for line in body]
+    ins = sr.parse_sass(_sass(body))["k"]
+    assert ins[4][3] == "@!P0" and ins[2][3] == ""
+    assert sr.find_loops(ins) == [(1, 4)]
+    a = sr.analyse_sass(ins, by_tensor_work=True)
+    assert a["loops"] == 1 and a["hot_loop_instructions"] == 4 and a["outside_loops_instructions"] == 10 - 4
+    # the same branch back with the head on every path to it (a second back edge of the loop) is one
+    body[2] = "NOP"
+    body[5] = "@P1 BRA {6}"
+    body[6] = "SHFL.BFLY PT, R3, R1, 0x1, 0x1f"
+    body[8] = "BRA 0x10"
+    assert sr.find_loops(sr.parse_sass(_sass(body))["k"]) == [(1, 8), (1, 4)]
+
+
 NVDISASM = """\
 _k:
 	//## File "/src/fastpe/kernels/triton/rmha.py", line 338
