@@ -13,7 +13,11 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from fastpe._masks import combined_bias, masked_softmax  # noqa: E402
+from fastpe.kernels.triton.interval import _ceil_log2  # noqa: E402
 from fastpe.ops import time_interval_attention  # noqa: E402
 from fastpe.ops.relative_attention import personal_time_steps, time_interval_buckets  # noqa: E402
 from fastpe.reference import time_interval_buckets_reference  # noqa: E402
@@ -232,13 +236,14 @@ def test_table_chunks_cover_every_bucket_a_block_uses(one_key_block, monkeypatch
     """Time steps 7 apart (buckets 0, 7, 14, 21, 28 and the clip, K = 30) in 16-bucket chunks:
     every query block's elements use both chunks, from a block range the kernels bound by the
     time steps of its rows and keys. A chunk left out is never built (NaN-filled scratch) and its
-    sums never read back. Also with one 64-key block (the forward's single-pass path)."""
+    sums never read back. Also with one 64-key block (the forward's single-pass path, the
+    backward's dk, dv in registers)."""
     cfg = launch_cfg()
     monkeypatch.setattr(cfg, "POISON", True)
     L, span = 40, 30
     t = (7 * torch.arange(L)).repeat(2, 1)
     fwd = dict(block_m=16, block_n=64 if one_key_block else 16, table_chunk=16)
-    with cfg.override("tisas_fwd", **fwd), cfg.override("tisas_bwd", block_m=16, block_n=16, table_chunk=16):
+    with cfg.override("tisas_fwd", **fwd), cfg.override("tisas_bwd", **fwd):
         t = t.to(DEVICE)
         assert_matches_reference(op("triton", t, time_unit=1.0), op("reference", t, time_unit=1.0),
                                  inputs(2, 1, L, 16, span, seed=18), torch.float32, NAMES)
@@ -520,3 +525,29 @@ def test_gpu_table_gradients_are_bitwise_reproducible():
     _, g2 = _grads(leaves, t)
     for a, c in zip(g1, g2):
         assert torch.equal(a, c)
+
+
+@triton.jit
+def _ceil_log2_kernel(X, OUT, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(OUT + offs, _ceil_log2(tl.load(X + offs)))
+
+
+def test_ceil_log2_of_the_fixed_point_bound_is_exact():
+    """The backward's dS scale is 2**(61 - ceil(log2(bound))): the exponent read from the bits must
+    equal the exact ceil(log2) (never below it, or the fixed-point sums could overflow), at powers
+    of two, just above and below them, and for subnormals (-126, where the caller clamps)."""
+    import math
+
+    tiny = torch.finfo(torch.float32).tiny
+    values = [1.0, 2.0, 0.5, 3.0, 1e-30, 3e38, tiny, 2.0 ** -100, 7.0 * 2.0 ** 40]
+    values += [math.nextafter(2.0 ** e, math.inf) for e in (-20, 0, 5)]
+    values += [math.nextafter(2.0 ** e, 0.0) for e in (-20, 1, 5)]
+    x = torch.tensor(values, dtype=torch.float32)
+    x = torch.cat([x, torch.tensor([tiny / 2, tiny / 1024])])  # subnormals
+    x = torch.cat([x, torch.rand(64 - len(x), generator=torch.Generator().manual_seed(0)) * 1e6 + 1e-3])
+    out = torch.full((64,), -999, dtype=torch.int32)
+    out = out.to(DEVICE)
+    _ceil_log2_kernel[(1,)](x.to(DEVICE), out, N=64)
+    expected = [max(math.ceil(math.log2(v)), -126) for v in x.double().tolist()]
+    assert out.cpu().tolist() == expected

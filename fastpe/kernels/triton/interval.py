@@ -31,11 +31,10 @@ program reads its slot back (atomic exchange with 0, which also clears it for th
 and applies ``W`` with GEMMs: ``o += W rv``, ``dq += W_dS rk``, and per-program partial table
 gradients ``W_dS^T q``, ``W_P~^T dO`` in its own rows of a partial buffer, summed by a second
 kernel in a fixed order (deterministic, no float atomics). The tables are built, and the sums
-read back, only over the 64-bucket chunks the query block's elements use (the forward bounds
-them by the time steps of the block's rows and keys, the backward finds them exactly with a pass
-over the keys' buckets): per query row the tables cost O(K) at most, less when the block's
-times span fewer than K steps. Rows past the end of the sequence add nothing, so the chunks a
-block skips stay clear.
+read back, only over the 64-bucket chunks the query block's elements may use (bounded by the
+smallest and largest time steps of the block's rows and keys): per query row the tables cost
+O(K) at most, less when the block's times span fewer than K steps. Rows past the end of the
+sequence add nothing, so the chunks a block skips stay clear.
 The fixed point costs one fp32 -> integer conversion and one predicated integer reduction per
 element below the clip (32-bit for the forward's ``P~``; 64-bit in the backward, where 32-bit
 ``P~`` sums measured no fewer instructions and more spills; see
@@ -207,23 +206,6 @@ def _chunks(lo, hi, RC: tl.constexpr):
     return lo // RC * RC, hi + 1
 
 
-@triton.jit
-def _bucket_range(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT: tl.constexpr, RC: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr):
-    """:func:`_chunks` of the buckets below the clip that a query block's elements over its keys
-    ``[0, hi)`` use, exactly (a pass over the key blocks, each bucket tile reduced block-wide).
-    The backward's choice: the bound of :func:`_step_chunks` there made ptxas lay out its query
-    loop as a control flow the static report's loop tracer cannot map (see static_sm90_tisas.md)."""
-    lo_b = KT
-    hi_b = -1
-    for start_n in range(0, hi, BLOCK_N):
-        _offs_n, _n_mask, _col_ok, _any, bucket, near = _key_block(start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask,
-                                                                   L, KT, BLOCK_N, HAS_KPM)
-        lo_b = tl.minimum(lo_b, tl.min(tl.where(near, bucket, KT)))
-        hi_b = tl.maximum(hi_b, tl.max(tl.where(near, bucket, -1)))
-    return _chunks(lo_b, hi_b, RC)
-
-
 _NO_STEP = tl.constexpr(2**29)  # beyond every time step (below (L - 1)(K + 1) + 1, see interval_steps)
 
 
@@ -238,11 +220,11 @@ def _step_chunks(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT: tl.cons
                  BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr):
     """:func:`_chunks` covering every bucket below the clip between the query block's rows and its
     keys ``[0, hi)``, bounded by four numbers: the smallest and largest time step of the rows and
-    of the keys. A superset of the buckets the elements use; the forward's choice: reducing the
-    bucket tile itself (:func:`_bucket_range`) cost the one-key-block forward a second copy of
-    every bucket in the layout of that reduction (S1 with the bound: 2660 -> 2117 SASS
-    instructions per tile), and on MovieLens-100K the bound builds 3.52 instead of 3.29 of the 4
-    chunks per 50-row block (3.84 instead of 3.72 per 32-row block at L = 200)."""
+    of the keys. A superset of the buckets the elements use: reducing the bucket tile itself
+    instead kept a second copy of every bucket in the layout of that reduction (sm_90a S1
+    forward: 2660 SASS instructions per tile against 2117 with the bound), and on MovieLens-100K
+    the bound builds 3.52 instead of 3.29 of the 4 chunks per 50-row block (3.84 instead of 3.72
+    per 32-row block at L = 200)."""
     row_lo, row_hi = _step_range(tau_m, m_mask)
     col_lo = _NO_STEP
     col_hi = -_NO_STEP
@@ -297,6 +279,15 @@ def _build_table(x_a, x_b, tab, t_base, st_r, st_d, c0, c1, KT: tl.constexpr, KP
 def _pow2(e):
     """``2**e`` exactly for integer ``e`` in [-126, 127] (int32 in, float32 out)."""
     return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _ceil_log2(x):
+    """``ceil(log2(x))`` for finite float32 ``x > 0``, exactly, from its bits (the exponent, one up
+    unless ``x`` is a power of two): ``2**result >= x`` always (-126 for subnormals, whose callers
+    clamp there). ``tl.log2`` is the approximate MUFU one and cost more instructions."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
 
 
 @triton.jit
@@ -610,7 +601,7 @@ def _tisas_bwd_kernel(
             lse = tl.load(LSE + bh * L + offs_m, mask=m_mask, other=0.0)
             tau_m = tl.load(TAU + b * stb + offs_m, mask=m_mask, other=0)
             hi = _key_end(start_m, L, IS_CAUSAL, BLOCK_M)
-            c0, c1 = _bucket_range(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT, RC, BLOCK_N, HAS_KPM)
+            c0, c1 = _step_chunks(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, hi, L, KT, RC, BLOCK_N, HAS_KPM)
             _build_table(q_a, q_b, qtab, rk_base, srkr, srkd, c0, c1, KT, KP, RC, DA, DB, DH, DOT_PREC, ALIGN)
             dorv_max = _build_table(do_a, do_b, dtab, rv_base, srvr, srvd, c0, c1, KT, KP, RC, DVA, DVB, DV, DOT_PREC, ALIGN)
             qr_far = _dot_row(q_a, q_b, rk_base + KT * srkr, srkd, DA, DB, DH)
@@ -619,7 +610,7 @@ def _tisas_bwd_kernel(
             # fixed-point scale of the row's dS sums: 2**(61 - ceil(log2(bound))), bound >= sum_j |dS_ij|
             bound = 4.0 * scale * inv_keep * (tl.sqrt(do_sq) * vmax + dorv_max)
             ok = (bound > 0.0) & (bound < float("inf"))
-            expo = _FIXED_BITS - tl.ceil(tl.log2(tl.where(ok, bound, 1.0))).to(tl.int32)
+            expo = _FIXED_BITS - _ceil_log2(tl.where(ok, bound, 1.0))
             expo = tl.where(ok, tl.minimum(tl.maximum(expo, -126), 126), 0)
             ds_fixed = _pow2(expo)
             tl.debug_barrier()  # the tables are written
