@@ -82,6 +82,7 @@ from fastpe.kernels.triton._limits import MAX_INTERVAL_BUCKETS
 from fastpe.kernels.triton.rmha import (
     LOG2E,
     _bias_strides,
+    _dot_add_rows,
     _keep_tile,
     _key_columns,
     _key_end,
@@ -481,17 +482,6 @@ def _add_rows(base, rows, row_mask, stride_r, x, C0: tl.constexpr, C: tl.constex
 
 
 @triton.jit
-def _dot_add_rows(base, rows, row_mask, stride_r, a, b_, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
-    """``base[rows, C0:C0+C] += a^T @ b_`` (float32 rows the program owns)."""
-    cols = C0 + tl.arange(0, C)
-    ptrs = base + rows[:, None] * stride_r + cols[None, :]
-    mask = row_mask[:, None] & (cols[None, :] < CMAX)
-    acc = tl.dot(tl.trans(a), b_, tl.load(ptrs, mask=mask, other=0.0), input_precision=DOT_PREC)
-    tl.store(ptrs, acc, mask=mask)
-
-
-@triton.jit
 def _tisas_bwd_kernel(
     Q, K, V, RK, RV, TAU, KPM, BIAS, SEED, O, DO, LSE, DQ, DK, DV_, DKACC, DVACC, TABS, WTABS, PART,
     sqb, sqh, sqm, sqd,
@@ -661,13 +651,13 @@ def _tisas_bwd_kernel(
                         if DVB > 0:
                             dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
                     else:
-                        _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_a, 0, DA, DH, DOT_PREC)
-                        _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_a, 0, DVA, DV, DOT_PREC)
+                        _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_a, 0, DA, DH, DOT_PREC, PTX)
+                        _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_a, 0, DVA, DV, DOT_PREC, PTX)
                         if DB > 0:
                             dq_b = tl.dot(ds_lo, k_b, dq_b, input_precision=DOT_PREC)
-                            _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_b, DA, DB, DH, DOT_PREC)
+                            _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_b, DA, DB, DH, DOT_PREC, PTX)
                         if DVB > 0:
-                            _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_b, DVA, DVB, DV, DOT_PREC)
+                            _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_b, DVA, DVB, DV, DOT_PREC, PTX)
 
             tl.debug_barrier()  # every atomic of the block has landed
             inv_ds_fixed = _pow2(-expo)
@@ -679,14 +669,14 @@ def _tisas_bwd_kernel(
                 # dq_i += sum_r W_dS[i, r] rk[r]; drk[r] += sum_i W_dS[i, r] q_i; drv[r] += sum_i W_P~[i, r] dO_i
                 rk_a = _load_rows(rk_base + c * srkr, cols, r_ok, srkr, srkd, 0, DA, DH, ALIGN)
                 dq_a = tl.dot(wd, rk_a, dq_a, input_precision=DOT_PREC)
-                _dot_add_rows(prow, rows, r_ok, DH, wd, q_a, 0, DA, DH, DOT_PREC)
-                _dot_add_rows(prow + R * DH, rows, r_ok, DV, wp, do_a, 0, DVA, DV, DOT_PREC)
+                _dot_add_rows(prow, rows, r_ok, DH, wd, q_a, 0, DA, DH, DOT_PREC, PTX)
+                _dot_add_rows(prow + R * DH, rows, r_ok, DV, wp, do_a, 0, DVA, DV, DOT_PREC, PTX)
                 if DB > 0:
                     rk_b = _load_rows(rk_base + c * srkr, cols, r_ok, srkr, srkd, DA, DB, DH, ALIGN)
                     dq_b = tl.dot(wd, rk_b, dq_b, input_precision=DOT_PREC)
-                    _dot_add_rows(prow, rows, r_ok, DH, wd, q_b, DA, DB, DH, DOT_PREC)
+                    _dot_add_rows(prow, rows, r_ok, DH, wd, q_b, DA, DB, DH, DOT_PREC, PTX)
                 if DVB > 0:
-                    _dot_add_rows(prow + R * DH, rows, r_ok, DV, wp, do_b, DVA, DVB, DV, DOT_PREC)
+                    _dot_add_rows(prow + R * DH, rows, r_ok, DV, wp, do_b, DVA, DVB, DV, DOT_PREC, PTX)
             # the clip bucket K
             one = tl.arange(0, 1) + KT
             one_ok = one < R
