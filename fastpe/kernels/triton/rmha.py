@@ -97,10 +97,26 @@ def _load_split(base, rows, row_mask, stride_r, stride_c, DA: tl.constexpr, DB: 
 
 
 @triton.jit
-def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr, ALIGN: tl.constexpr = 0):
+def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr,
+                ALIGN: tl.constexpr = 0, PTX: tl.constexpr = False):
     cols = C0 + tl.arange(0, C)
-    tl.store(_tile(base, rows, cols, stride_r, stride_c, ALIGN), val.to(base.dtype.element_ty),
-             mask=row_mask[:, None] & (cols[None, :] < CMAX))
+    ptrs = _tile(base, rows, cols, stride_r, stride_c, ALIGN)
+    mask = row_mask[:, None] & (cols[None, :] < CMAX)
+    out = val.to(base.dtype.element_ty)
+    if PTX:
+        ok = mask.to(tl.int32)
+        if base.dtype.element_ty.primitive_bitwidth == 16:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p st.global.b16 [$1], $3; mov.b32 $0, 0; }",
+                "=r,l,r,h", [ptrs.to(tl.int64, bitcast=True), ok, out.to(tl.int16, bitcast=True)], dtype=tl.int32,
+                is_pure=False, pack=1)
+        else:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p st.global.b32 [$1], $3; mov.b32 $0, 0; }",
+                "=r,l,r,r", [ptrs.to(tl.int64, bitcast=True), ok, out.to(tl.int32, bitcast=True)], dtype=tl.int32,
+                is_pure=False, pack=1)
+    else:
+        tl.store(ptrs, out, mask=mask)
 
 
 @triton.jit
@@ -849,15 +865,15 @@ def _rmha_bwd_kernel(
                         elif KV_DIRECT:  # the only query block: this key block's dk, dv are complete
                             # (each part stored as soon as it is computed: fewer live registers)
                             _store_rows(dv_base, tl.dot(tl.trans(p_lo), do_a, input_precision=DOT_PREC) * p_scale,
-                                        offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN)
+                                        offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN, PTX)
                             _store_rows(dk_base, tl.dot(tl.trans(ds_lo), q_a, input_precision=DOT_PREC),
-                                        offs_n, n_mask, sdkn, sdkd, 0, DA, DH, ALIGN)
+                                        offs_n, n_mask, sdkn, sdkd, 0, DA, DH, ALIGN, PTX)
                             if DVB > 0:
                                 _store_rows(dv_base, tl.dot(tl.trans(p_lo), do_b, input_precision=DOT_PREC) * p_scale,
-                                            offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+                                            offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN, PTX)
                             if DB > 0:
                                 _store_rows(dk_base, tl.dot(tl.trans(ds_lo), q_b, input_precision=DOT_PREC),
-                                            offs_n, n_mask, sdkn, sdkd, DA, DB, DH, ALIGN)
+                                            offs_n, n_mask, sdkn, sdkd, DA, DB, DH, ALIGN, PTX)
                         else:  # read-modify-write of this program's accumulator rows (no other program touches them)
                             _dot_add_rows(acc_v, offs_n, n_mask, DVP, p_lo, do_a, 0, DVA, DVP, DOT_PREC, PTX, 16)
                             _dot_add_rows(acc_k, offs_n, n_mask, DHP, ds_lo, q_a, 0, DA, DHP, DOT_PREC, PTX, 16)
