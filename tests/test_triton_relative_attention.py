@@ -503,23 +503,28 @@ def test_row_alignment_hint():
     assert _row_alignment(torch.zeros(1, 1, 1, 90, dtype=torch.bfloat16)) == 16  # one row: only the address counts
 
 
-def test_backward_accumulator_rows_use_inline_ptx_only_in_compiled_kernels(monkeypatch):
-    """dk, dv read-modify-written in the per-program fp32 rows (rmha ``_dot_add_rows``) as inline
-    PTX loads and stores in the dot's own layout: never under the interpreter (these tests run the
-    ``tl.load`` / ``tl.store`` form, the same values), on for the sm_90a card planned without a GPU
-    (``_launch.inline_ptx``, as for the time-interval kernels). Only ``pytest -m gpu`` runs it."""
+def test_compiled_only_paths_use_inline_ptx_only_in_compiled_kernels(monkeypatch):
+    """The backward's dk, dv read-modify-written in the per-program fp32 rows (rmha
+    ``_dot_add_rows``) and stored directly (``_store_rows``) with inline PTX in the dot's own
+    layout, and the forward's log2-sum-exp with the approximate ``lg2`` (``_log2``): never under
+    the interpreter (these tests run ``tl.load`` / ``tl.store`` / ``tl.log2``: the same values, the
+    log2 to within about 2**-22), on for the sm_90a card planned without a GPU
+    (``_launch.inline_ptx``, as for the time-interval kernels). Only ``pytest -m gpu`` runs them."""
     from fastpe.kernels.triton import _launch
-    from fastpe.kernels.triton.rmha import plan_backward
+    from fastpe.kernels.triton.rmha import plan_backward, plan_forward
 
     q, k, v, rk, rv = (t.detach().half() for t in rmha_inputs(1, 1, 20, 20, 16, per_head=True))
     out, lse = torch.zeros_like(q), torch.zeros(q.shape[:3])
 
     def planned():
-        return plan_backward(q, q, k, v, rk, rv, None, None, None, out, lse, False, 0.0, 0.25)[-1][0].constexprs["PTX"]
+        [fwd] = plan_forward(q, k, v, rk, rv, None, None, None, False, 0.0, 0.25)[2]
+        bwd = plan_backward(q, q, k, v, rk, rv, None, None, None, out, lse, False, 0.0, 0.25)[-1][0]
+        return fwd.constexprs["PTX"], bwd.constexprs["PTX"]
 
-    assert planned() is _launch.inline_ptx(q.device) is (not _launch.triton_interpreter_enabled())
+    compiled = not _launch.triton_interpreter_enabled()
+    assert planned() == (compiled, compiled) and _launch.inline_ptx(q.device) is compiled
     monkeypatch.setattr(_launch, "triton_interpreter_enabled", lambda: False)
-    assert planned() is True
+    assert planned() == (True, True)
 
 
 def test_packed_conversions_need_sm80_and_a_compiled_kernel(monkeypatch):

@@ -178,10 +178,11 @@ def test_wide_heads_take_one_key_block_of_up_to_128_keys(dh, dtype, monkeypatch)
 
 
 def test_inline_ptx_only_for_compiled_kernels(monkeypatch):
-    """The gathers and bucket-sum reductions as inline PTX (``_gather``, ``_red_add``): never under
-    the interpreter (no inline assembly; these tests run the ``tl.load`` / ``tl.atomic_add`` form,
-    the same values), on for a CUDA card and for the sm_90a card planned without a GPU. Only the
-    GPU tests (``pytest -m gpu``) run the PTX form."""
+    """The gathers and bucket-sum reductions as inline PTX (``_gather``, ``_red_add``; also the
+    backward's accumulator rows, ``_dot_add_rows``, and the forward's approximate ``_log2``): never
+    under the interpreter (no inline assembly; these tests run ``tl.load`` / ``tl.atomic_add`` /
+    ``tl.log2``: the same values, the log2 to within about 2**-22), on for a CUDA card and for the
+    sm_90a card planned without a GPU. Only the GPU tests (``pytest -m gpu``) run the PTX form."""
     from fastpe.kernels.triton import _launch, interval
 
     q = torch.zeros(2, 1, 21, 16)

@@ -84,6 +84,7 @@ from fastpe.kernels.triton.rmha import (
     _bias_strides,
     _dot_add_rows,
     _keep_tile,
+    _log2,
     _key_columns,
     _key_end,
     _load_rows,
@@ -286,7 +287,7 @@ def _pow2(e):
 def _ceil_log2(x):
     """``ceil(log2(x))`` for finite float32 ``x > 0``, exactly, from its bits (the exponent, one up
     unless ``x`` is a power of two): ``2**result >= x`` always (-126 for subnormals, whose callers
-    clamp there). ``tl.log2`` is the approximate MUFU one and cost more instructions."""
+    clamp there). ``ceil(tl.log2(x))`` (libdevice's log2f, a polynomial) cost more instructions."""
     bits = x.to(tl.int32, bitcast=True)
     return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
 
@@ -448,7 +449,7 @@ def _tisas_fwd_kernel(
                                                    KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC, ALIGN, PTX)
 
         # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0)
-        lse = tl.where(l_i > 0.0, m_use + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), 0.0)
+        lse = tl.where(l_i > 0.0, m_use + _log2(tl.where(l_i > 0.0, l_i, 1.0), PTX), 0.0)
         tl.debug_barrier()  # every atomic of the block has landed
         rv_base = RV + h * srvh
         for c in range(c0, c1, RC):

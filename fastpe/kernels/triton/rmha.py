@@ -48,6 +48,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from fastpe.kernels.triton import _launch
 from fastpe.kernels.triton._launch import Launch
@@ -117,6 +118,17 @@ def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr,
                 is_pure=False, pack=1)
     else:
         tl.store(ptrs, out, mask=mask)
+
+
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    """log2 of float32 row sums of exponentials (at least 1 where used). ``FAST`` (compiled
+    kernels): the approximate ``lg2.approx`` (libdevice ``fast_log2f``, absolute error about
+    2**-22 there, as FlashAttention's ``__logf``); ``tl.log2`` is libdevice's correctly rounded
+    ``log2f``, a polynomial of about 30 instructions per value, and the interpreter's form."""
+    if FAST:
+        return libdevice.fast_log2f(x)
+    return tl.log2(x)
 
 
 @triton.jit
@@ -479,7 +491,7 @@ def _rmha_fwd_kernel(
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr, ALIGN: tl.constexpr, POS_SCALE: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
-    CVT_ASM: tl.constexpr,
+    CVT_ASM: tl.constexpr, PTX: tl.constexpr = False,
 ):
     R: tl.constexpr = 2 * KMAX + 1
     bh = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
@@ -555,7 +567,7 @@ def _rmha_fwd_kernel(
 
     has_key = l_i > 0.0
     # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0).
-    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), 0.0)
+    lse = tl.where(has_key, m_i + _log2(tl.where(has_key, l_i, 1.0), PTX), 0.0)
     inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
     if HAS_DROPOUT:  # the kept probabilities' scale, left out of the tiles
         inv_l = inv_l * (1.0 / (1.0 - dropout_p))
@@ -1160,6 +1172,7 @@ def _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p):
         HAS_KPM=kpm is not None, HAS_BIAS=bias is not None, IS_CAUSAL=bool(is_causal),
         HAS_DROPOUT=dropout_p > 0.0, DOT_PREC=_launch.dot_precision(q.dtype),
         CVT_ASM=_launch.packed_cvt(q.device),  # (see _round_pack)
+        PTX=_launch.inline_ptx(q.device),  # (see _dot_add_rows, _log2)
     )
 
 
@@ -1247,8 +1260,7 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_cau
                 qk_scale=float(scale) * LOG2E, scale=float(scale), dropout_p=float(dropout_p))
     constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
     constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FUSED_DQ=cfg["mode"] == "fused",
-                      KV_IN_REGS=kv_in_regs, KV_DIRECT=kv_direct, ALIGN=_row_alignment(dout, q, k, v, out, dq, dk, dvv),
-                      PTX=_launch.inline_ptx(q.device))  # (see _dot_add_rows)
+                      KV_IN_REGS=kv_in_regs, KV_DIRECT=kv_direct, ALIGN=_row_alignment(dout, q, k, v, out, dq, dk, dvv))
     main = Launch(_rmha_bwd_kernel, (h * nbg, nblk), args, constexprs,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dq, dk, dvv, drk, drv, [main, *plan_sum_row_groups(partial, drk, drv)]
