@@ -344,12 +344,15 @@ def _tensor_flops(opcode: str) -> float:
     return 0.0
 
 
-def _branch_target(opcode, operands):
-    """Address a direct branch goes to, else None."""
-    if opcode.split(".")[0] not in ("BRA", "JMP"):
-        return None
+def _target_address(operands):
+    """The code address among a branch's or call's operands, else None."""
     m = re.search(r"(?:^|[ ,`(])(0x[0-9a-f]+)", operands)
     return int(m.group(1), 16) if m else None
+
+
+def _branch_target(opcode, operands):
+    """Address a direct branch goes to, else None."""
+    return _target_address(operands) if opcode.split(".")[0] in ("BRA", "JMP") else None
 
 
 def _successors(instructions):
@@ -361,7 +364,7 @@ def _successors(instructions):
     succ = []
     for i, (_addr, opcode, operands, guard) in enumerate(instructions):
         base = opcode.split(".")[0]
-        target = _branch_target(opcode, operands) if base != "CALL" else _branch_target("BRA", operands)
+        target = _target_address(operands) if base in ("BRA", "JMP", "CALL") else None
         out = [index_of[target]] if target in index_of else []
         always = guard in ("", "@PT") and ".DIV" not in opcode and not re.match(r"!?U?P[T0-9]+,", operands)
         if not (always and base in ("BRA", "JMP", "EXIT", "RET", "KILL")) and i + 1 < len(instructions):

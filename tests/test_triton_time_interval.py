@@ -243,8 +243,8 @@ def test_table_chunks_cover_every_bucket_a_block_uses(one_key_block, monkeypatch
     monkeypatch.setattr(cfg, "POISON", True)
     L, span = 40, 30
     t = (7 * torch.arange(L)).repeat(2, 1)
-    fwd = dict(block_m=16, block_n=64 if one_key_block else 16, table_chunk=16)
-    with cfg.override("tisas_fwd", **fwd), cfg.override("tisas_bwd", **fwd):
+    blocks = dict(block_m=16, block_n=64 if one_key_block else 16, table_chunk=16)
+    with cfg.override("tisas_fwd", **blocks), cfg.override("tisas_bwd", **blocks):
         t = t.to(DEVICE)
         assert_matches_reference(op("triton", t, time_unit=1.0), op("reference", t, time_unit=1.0),
                                  inputs(2, 1, L, 16, span, seed=18), torch.float32, NAMES)

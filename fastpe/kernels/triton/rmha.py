@@ -152,18 +152,14 @@ def _dot_add_rows(base, rows, row_mask, stride_r, a, b_, C0: tl.constexpr, C: tl
     ptrs = _tile(base, rows, cols, stride_r, 1, ALIGN)
     mask = row_mask[:, None] & (cols[None, :] < CMAX)
     if PTX:
-        addr = ptrs.to(tl.int64, bitcast=True)
-        ok = mask.to(tl.int32)
         old = tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.b32 $0, 0; @p ld.global.b32 $0, [$1]; }",
-            "=r,l,r", [addr, ok], dtype=tl.int32, is_pure=False, pack=1).to(tl.float32, bitcast=True)
-        acc = tl.dot(tl.trans(a), b_, old, input_precision=DOT_PREC)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p st.global.b32 [$1], $3; mov.b32 $0, 0; }",
-            "=r,l,r,r", [addr, ok, acc.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=False, pack=1)
+            "=r,l,r", [ptrs.to(tl.int64, bitcast=True), mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
+            pack=1).to(tl.float32, bitcast=True)
     else:
-        acc = tl.dot(tl.trans(a), b_, tl.load(ptrs, mask=mask, other=0.0), input_precision=DOT_PREC)
-        tl.store(ptrs, acc, mask=mask)
+        old = tl.load(ptrs, mask=mask, other=0.0)
+    acc = tl.dot(tl.trans(a), b_, old, input_precision=DOT_PREC)
+    _store_rows(base, acc, rows, row_mask, stride_r, 1, C0, C, CMAX, ALIGN, PTX)
 
 
 @triton.jit
