@@ -108,14 +108,19 @@ def test_multi_block_paths(fwd, bwd, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kind", ["padding", "padding+causal"])
-def test_key_blocks_left_of_on_and_right_of_the_band(dtype, kind, monkeypatch):
-    """16-wide blocks over 70 positions with k = 2: the forward visits key blocks wholly left of the
-    band (bucket 0), blocks meeting it (gathered buckets) and blocks wholly right of it (bucket 2k);
-    the split backward sums the buckets over several key blocks. Outputs start as NaN."""
+@pytest.mark.parametrize("diag,kmax", [(1, 2), (0, 2), (1, 9)], ids=["by-column", "gathered", "wide-band-gathered"])
+def test_key_blocks_left_of_on_and_right_of_the_band(dtype, kind, diag, kmax, monkeypatch):
+    """16-wide blocks over 70 positions: the forward visits key blocks wholly left of the band
+    (bucket 0), blocks meeting it and blocks wholly right of it (bucket 2k); the split backward sums
+    the buckets over several key blocks. Band tiles of the forward: by tile column (``diag``: the
+    inner buckets' q . rk and logits kept per column) or gathered per tile; with k = 9 the 17 inner
+    diagonals are wider than a key block, so the planner gathers even when asked for columns.
+    Outputs start as NaN."""
     cfg = launch_cfg()
     monkeypatch.setattr(cfg, "POISON", True)
-    with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode="split", block_m=16, block_n=16):
-        check(2, 1, 70, 70, 16, kind, dtype, kmax=2)
+    with cfg.override("rmha_fwd", block_m=16, block_n=16, diag=diag), \
+            cfg.override("rmha_bwd", mode="split", block_m=16, block_n=16):
+        check(2, 1, 70, 70, 16, kind, dtype, kmax=kmax)
 
 
 @pytest.mark.parametrize("kind,bwd_mode", [("padding", "split"), ("padding+causal", "fused")])
@@ -127,19 +132,21 @@ def test_band_tiles_of_64_keys_gather_column_pairs(kind, bwd_mode, monkeypatch):
     one. Outputs start as NaN."""
     cfg = launch_cfg()
     monkeypatch.setattr(cfg, "POISON", True)
-    with cfg.override("rmha_fwd", block_m=16, block_n=64), cfg.override("rmha_bwd", mode=bwd_mode, block_m=16, block_n=64):
+    with cfg.override("rmha_fwd", block_m=16, block_n=64, diag=0), \
+            cfg.override("rmha_bwd", mode=bwd_mode, block_m=16, block_n=64):
         check(2, 1, 150, 150, 16, kind, torch.float16, kmax=4)
 
 
-@pytest.mark.parametrize("bwd_mode,bwd_block_m", [("split", 16), ("fused", 16), ("fused", 64)],
+@pytest.mark.parametrize("bwd_mode,bwd_block_m,diag", [("split", 16, 1), ("fused", 16, 0), ("fused", 64, 1)],
                          ids=["split", "fused-buffer", "fused-direct"])
-def test_fully_padded_key_blocks_are_skipped_for_every_left_padding_length(bwd_mode, bwd_block_m, monkeypatch):
+def test_fully_padded_key_blocks_are_skipped_for_every_left_padding_length(bwd_mode, bwd_block_m, diag, monkeypatch):
     """One sequence per left-padding length 0..17 over 16-wide key blocks of 33 positions. Keys and
     values of every fully padded block are NaN: a kernel that reads such a block (instead of
     skipping it) turns outputs or gradients into NaN. Outputs start as NaN too. Every backward
     mode: split, and the one pass over several key blocks, with dk, dv in the per-program buffer
     (16-row query blocks) or written per key block (one 64-row query block holds every query; the
-    skipped blocks' dk, dv are written as zeros after the tiles)."""
+    skipped blocks' dk, dv are written as zeros after the tiles). The forward's band tiles: by tile
+    column (``diag``) in two of them, gathered in one."""
     cfg = launch_cfg()
     monkeypatch.setattr(cfg, "POISON", True)
     L, pads = 33, list(range(18))
@@ -156,7 +163,8 @@ def test_fully_padded_key_blocks_are_skipped_for_every_left_padding_length(bwd_m
     for t in low[1:3]:
         t[:, 0][dead.to(DEVICE)] = float("nan")
     low = [t.requires_grad_() for t in low]
-    with cfg.override("rmha_fwd", block_m=16, block_n=16), cfg.override("rmha_bwd", mode=bwd_mode, block_m=bwd_block_m, block_n=16):
+    with cfg.override("rmha_fwd", block_m=16, block_n=16, diag=diag), \
+            cfg.override("rmha_bwd", mode=bwd_mode, block_m=bwd_block_m, block_n=16):
         out = relative_attention(*low, key_padding_mask=kpm, backend="triton")
         grads = torch.autograd.grad(out, low, dout.float())
     atol, rtol = TOLERANCES[torch.float32]
@@ -382,13 +390,16 @@ def test_dropout_backward_uses_the_forward_mask(mode, L, block, dtype):
     buckets are gathered from the dropped tile; 32- and 64-wide key blocks draw a tile's keys from
     whole 32-key Philox spans, 16-wide ones from half of one; in fp16 the 64-wide band tiles gather
     their inner buckets from column pairs of the dropped tile; "fused-direct": one 64-row query block
-    writing each key block's dk, dv, dv scaled by 1 / (1 - p) per key block)."""
+    writing each key block's dk, dv, dv scaled by 1 / (1 - p) per key block; the forward keeps its
+    band tiles by tile column over 16- and 32-wide key blocks, the kept logits of the inner
+    elements, and gathers over 64-wide ones)."""
     b, h, p = 2, 2, 0.25
     bwd_block_m = 64 if mode == "fused-direct" else 16
     mode = mode.removesuffix("-direct")
     kw = {"key_padding_mask": masks_on_device("padding", b, h, L, L)["key_padding_mask"], "is_causal": True}
     cfg = launch_cfg()
-    with cfg.override("rmha_fwd", block_m=16, block_n=block), cfg.override("rmha_bwd", mode=mode, block_m=bwd_block_m, block_n=block):
+    with cfg.override("rmha_fwd", block_m=16, block_n=block, diag=int(block < 64)), \
+            cfg.override("rmha_bwd", mode=mode, block_m=bwd_block_m, block_n=block):
         keep = _keep_mask(11, b, h, L, L, p, **kw)
         inputs = rmha_inputs(b, h, L, L, 16, kmax=2, per_head=True)
 
@@ -525,6 +536,27 @@ def test_compiled_only_paths_use_inline_ptx_only_in_compiled_kernels(monkeypatch
     assert planned() == (compiled, compiled) and _launch.inline_ptx(q.device) is compiled
     monkeypatch.setattr(_launch, "triton_interpreter_enabled", lambda: False)
     assert planned() == (True, True)
+
+
+def test_band_tiles_by_column_are_planned_only_where_the_inner_diagonals_fit_a_key_block():
+    """The forward's band tiles by tile column (``DIAG``) need the 2k - 1 inner diagonals at most a
+    key block wide (each inner element in one tile column); asked for more, the planner gathers.
+    By default it takes columns up to 16 score elements per thread and from four key blocks (B256 h2
+    L200: 64 x 32 tiles on 4 warps), not for a 64 x 64 tile on 4 warps (L = 50) nor over three
+    key blocks (L = 75)."""
+    from fastpe.kernels.triton import _launch
+    from fastpe.kernels.triton.rmha import plan_forward
+
+    def diag(L, kmax, **knobs):
+        q, k, v, rk, rv = (t.detach().half() for t in rmha_inputs(2, 1, L, L, 16, kmax=kmax, per_head=True))
+        with _launch.override("rmha_fwd", **knobs):
+            [fwd] = plan_forward(q, k, v, rk, rv, None, None, None, False, 0.0, 0.25)[2]
+        return fwd.constexprs["DIAG"]
+
+    assert diag(70, 8, block_m=16, block_n=16, diag=1) and not diag(70, 9, block_m=16, block_n=16, diag=1)
+    assert not diag(70, 2, block_m=16, block_n=16, diag=0)
+    assert diag(200, 4, block_m=64, block_n=32, num_warps=4) and not diag(50, 4, block_m=64, block_n=64, num_warps=4)
+    assert not diag(75, 4, block_m=128, block_n=32, num_warps=8)
 
 
 def test_packed_conversions_need_sm80_and_a_compiled_kernel(monkeypatch):

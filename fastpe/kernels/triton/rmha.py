@@ -23,8 +23,11 @@ Backward: recomputes ``P`` from the saved log-sum-exp. Two modes:
 * ``split``: a program owns key block ``n`` (``dk, dv``: loop over query blocks) and query
   block ``n`` (``dq``: loop over key blocks); for long sequences or few (batch, head) pairs.
 
-The inner band buckets hold one element per row each: both passes gather them from the ``P~``
-(and ``dS``) of each tile that meets the band (:func:`_inner_diagonals`).
+The inner band buckets hold one element per row each. The backward gathers them from the ``P~``
+and ``dS`` of each tile that meets the band (:func:`_inner_diagonals`); so does the forward where
+the band is wider than a key block or its tiles hold 32 score elements per thread. Otherwise the
+forward keeps them by tile column (``DIAG``: an inner element sits in the same column of whichever
+tile holds it) and gathers once per query block, after its band tiles.
 
 Relative-table gradients (``drk = sum dS_bucket^T Q``, ``drv = sum P~_bucket^T dO``) are
 accumulated per program in registers, written to a partial buffer (one row per program) and
@@ -191,6 +194,12 @@ def _left_of_band(rows, col0, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
     table out of the key loop and holds it in registers (a second one beside the gather's, in
     another layout), which spilled."""
     return tl.arange(0, BLOCK_N)[None, :] <= (rows - KMAX - col0)[:, None]
+
+
+@triton.jit
+def _right_of_band(rows, col0, KMAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """As :func:`_left_of_band`, the elements right of the band (bucket 2k: ``j - i >= k``)."""
+    return tl.arange(0, BLOCK_N)[None, :] >= (rows + KMAX - col0)[:, None]
 
 
 @triton.jit
@@ -387,14 +396,16 @@ def _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_side, dloc, offs_m, m_mask, offs_m_local, rcols,
+def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_side, qr_right, qd, dloc, offs_m, m_mask,
+              offs_m_local, rcols,
               k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
               LK, qk_scale, seed, dropout_p,
               KMAX: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr,
               DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
               HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               DOT_PREC: tl.constexpr, BAND: tl.constexpr, SIDE_COL: tl.constexpr, ALIGN: tl.constexpr = 0,
-              POS_SCALE: tl.constexpr = False, CVT_ASM: tl.constexpr = False, SKIP_PADDED: tl.constexpr = True):
+              POS_SCALE: tl.constexpr = False, CVT_ASM: tl.constexpr = False, SKIP_PADDED: tl.constexpr = True,
+              DIAG: tl.constexpr = False):
     """One key block of the online softmax. ``BAND``: the block meets the band ``|j - i| < k`` and
     every element needs its bucket; otherwise every element is in bucket ``SIDE_COL`` (0 or 2k)
     and the relative key term is the per-row ``qr_side``. ``SKIP_PADDED``: skip a key block of
@@ -412,7 +423,11 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
         # Added after the dot, the gather's layout spread: the compiler kept the row statistics in
         # it and computed the softmax twice, once per layout (sm_90a, B128 h1 L75 dh90: 954 -> 633
         # instructions per key block per thread).
-        if BAND:
+        if BAND and DIAG:
+            left = _left_of_band(offs_m_local, delta, KMAX, BLOCK_N)
+            right = _right_of_band(offs_m_local, delta, KMAX, BLOCK_N)
+            rel = tl.where(left, qr_side[:, None], tl.where(right, qr_right[:, None], qd))
+        elif BAND:
             rel = tl.gather(qr, _band_tile_buckets(dloc, delta, KMAX), axis=1)
         else:
             rel = qr_side[:, None] + tl.zeros([1, BLOCK_N], tl.float32)
@@ -437,7 +452,10 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
             # kept, not yet scaled by 1 / (1 - p): the row sums and acc take that factor at the end
-            p = tl.where(_keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N), p, 0.0)
+            keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
+            p = tl.where(keep, p, 0.0)
+            if BAND and DIAG:
+                s = tl.where(keep, s, float("-inf"))
         p_lo = p.to(q_a.dtype)
         v_a = _load_rows(v_base, offs_n, n_mask, svn, svd, 0, DVA, DV, ALIGN)
         acc_a = tl.dot(p_lo, v_a, acc_a * alpha[:, None], input_precision=DOT_PREC)
@@ -445,7 +463,10 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
             v_b = _load_rows(v_base, offs_n, n_mask, svn, svd, DVA, DVB, DV, ALIGN)
             acc_b = tl.dot(p_lo, v_b, acc_b * alpha[:, None], input_precision=DOT_PREC)
         # bucket 0 and inner sums of P~ and all of P~ (bucket 2k takes the rest)
-        if BAND:
+        if BAND and DIAG:
+            pl = pl * alpha + tl.sum(tl.where(left, p, 0.0), axis=1)
+            inner = tl.where(left | right, inner, s)  # the inner logits (see the band loop)
+        elif BAND:
             pl = pl * alpha + tl.sum(tl.where(_left_of_band(offs_m_local, delta, KMAX, BLOCK_N), p, 0.0), axis=1)
             if p_lo.dtype.primitive_bitwidth == 16:  # (P~ rounded as the dot takes it)
                 even, odd = tl.split(tl.reshape(p, [p.shape[0], BLOCK_N // 2, 2]))
@@ -492,7 +513,7 @@ def _rmha_fwd_kernel(
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr, ALIGN: tl.constexpr, POS_SCALE: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
-    CVT_ASM: tl.constexpr, PTX: tl.constexpr = False,
+    CVT_ASM: tl.constexpr, PTX: tl.constexpr = False, DIAG: tl.constexpr = False,
 ):
     R: tl.constexpr = 2 * KMAX + 1
     bh = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
@@ -547,22 +568,50 @@ def _rmha_fwd_kernel(
         qr_left = _table_col(qr, rcols, 0)
         for start_n in range(0, lo_band, BLOCK_N):
             acc_a, acc_b, m_i, l_i, pl, pt, inner = _fwd_tile(
-                acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_left, dloc, offs_m, m_mask, offs_m_local, rcols,
-                k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
+                acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_left, m_i, m_i, dloc, offs_m, m_mask,
+                offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
                 LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
                 HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0, ALIGN, POS_SCALE, CVT_ASM)
-    for start_n in range(lo_band, mid_band, BLOCK_N):
-        acc_a, acc_b, m_i, l_i, pl, pt, inner = _fwd_tile(  # (band tiles ignore qr_side: m_i stands in)
-            acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, m_i, dloc, offs_m, m_mask, offs_m_local, rcols,
-            k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
-            LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-            HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE, CVT_ASM, not ONE_KEY_BLOCK)
+    # Band tiles (``DIAG``, planned when the 2k - 1 inner diagonals are at most a key block wide):
+    # an inner element of row i lies in the same tile column in whichever tile holds it (key blocks
+    # start at multiples of BLOCK_N), and in one tile only. So qd holds q . rk of each row's inner
+    # bucket by tile column, taken once; a tile selects between it and the two outer columns with
+    # two compares per element, and keeps its inner elements' logits in ``diag`` (per tile column),
+    # whose P~ is taken after the band against the running max. Without DIAG every band tile
+    # gathers from qr and from its P~ (see _inner_diagonals_of_pairs).
+    if DIAG:
+        tile_cols = tl.arange(0, BLOCK_N)[None, :]
+        # (a column that is no row's inner bucket reads a clamped, unused bucket)
+        qd = tl.gather(qr, tl.minimum((tile_cols - offs_m[:, None] + KMAX) & (BLOCK_N - 1), R_PAD - 1), axis=1)
+        qr_left = _table_col(qr, rcols, 0)
+        qr_right = _table_col(qr, rcols, 2 * KMAX)
+        diag = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+        for start_n in range(lo_band, mid_band, BLOCK_N):
+            acc_a, acc_b, m_i, l_i, pl, pt, diag = _fwd_tile(
+                acc_a, acc_b, m_i, l_i, pl, pt, diag, start_n, start_m, q_a, q_b, qr, qr_left, qr_right, qd, dloc, offs_m,
+                m_mask, offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm,
+                sbn, LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
+                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE, CVT_ASM, not ONE_KEY_BLOCK,
+                True)
+        inner_cols = (offs_m[:, None] + rcols[None, :] - KMAX) & (BLOCK_N - 1)
+        inner_s = tl.gather(diag, inner_cols, axis=1)
+        if not HAS_BIAS and POS_SCALE:  # (the tiles' logits are not scaled yet)
+            inner_s = inner_s * qk_scale
+        m_band = tl.where(m_i == float("-inf"), 0.0, m_i)
+        inner = tl.where((rcols[None, :] > 0) & (rcols[None, :] < 2 * KMAX), tl.exp2(inner_s - m_band[:, None]), 0.0)
+    else:
+        for start_n in range(lo_band, mid_band, BLOCK_N):
+            acc_a, acc_b, m_i, l_i, pl, pt, inner = _fwd_tile(  # (band tiles ignore qr_side: m_i stands in)
+                acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, m_i, m_i, m_i, dloc, offs_m, m_mask,
+                offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
+                LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
+                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE, CVT_ASM, not ONE_KEY_BLOCK)
     if not ONE_KEY_BLOCK:
         qr_right = _table_col(qr, rcols, 2 * KMAX)
         for start_n in range(end_band, hi, BLOCK_N):
             acc_a, acc_b, m_i, l_i, pl, pt, inner = _fwd_tile(
-                acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_right, dloc, offs_m, m_mask, offs_m_local, rcols,
-                k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
+                acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_right, m_i, m_i, dloc, offs_m, m_mask,
+                offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
                 LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
                 HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX, ALIGN, POS_SCALE, CVT_ASM)
 
@@ -1116,8 +1165,16 @@ def fwd_config(b, h, lq, lk, dh, dv, device, dtype):
     cfg = _launch.knobs(
         "rmha_fwd", block_m=block_m, block_n=block_n,
         num_warps=4 if block_m * block_n <= 64 * 64 and block_m < 128 else 8,
-        num_stages=1 if lk <= block_n else 2,
+        num_stages=1 if lk <= block_n else 2, diag=-1,
     )
+    if cfg["diag"] < 0:
+        # Band tiles by tile column (see _rmha_fwd_kernel) up to 16 score elements per thread; with
+        # 32 the compiler keeps no predicates across the tile and recomputes the band compares
+        # (sm_90a, B512 h2 L50 dh32, one 64 x 64 tile: 787 -> 1125 instructions per thread; B256 h2
+        # L200 dh64, 64 x 32 band tiles: 532 -> 446, modelled 28.3 -> 27.5 us). And from four key
+        # blocks: its two gathers per query block cost more than three band tiles save (B128 h1 L75
+        # dh90, 128 x 32 tiles: 621 -> 564 per tile, modelled 3.09 -> 3.15 us).
+        cfg["diag"] = int(cfg["block_m"] * cfg["block_n"] <= 16 * 32 * cfg["num_warps"] and lk >= 4 * cfg["block_n"])
     return cfg
 
 
@@ -1214,7 +1271,8 @@ def plan_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, s
     args.update(H=h, LQ=lq, LK=lk, qk_scale=float(scale) * LOG2E, dropout_p=float(dropout_p))
     constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
     constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], ALIGN=_row_alignment(q, k, v, out),
-                      POS_SCALE=scale > 0, ONE_KEY_BLOCK=lk <= cfg["block_n"])
+                      POS_SCALE=scale > 0, ONE_KEY_BLOCK=lk <= cfg["block_n"],
+                      DIAG=bool(cfg["diag"]) and 2 * constexprs["KMAX"] - 1 <= cfg["block_n"])
     launch = Launch(_rmha_fwd_kernel, (b * h, triton.cdiv(lq, cfg["block_m"])), args, constexprs,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse, [launch]
