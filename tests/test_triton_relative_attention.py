@@ -123,6 +123,18 @@ def test_key_blocks_left_of_on_and_right_of_the_band(dtype, kind, diag, kmax, mo
         check(2, 1, 70, 70, 16, kind, dtype, kmax=kmax)
 
 
+@pytest.mark.parametrize("kind", ["padding", "padding+causal"])
+def test_band_tiles_by_column_with_no_inner_buckets(kind, monkeypatch):
+    """k = 0: no inner buckets, and bucket 0 is bucket 2k (a key at j = i is both left and right of
+    the band; its bucket sum is added once). float32 only: there drk is the sum of every dS, zero
+    up to rounding, which fp16 outputs round past the tolerance in either forward."""
+    cfg = launch_cfg()
+    monkeypatch.setattr(cfg, "POISON", True)
+    with cfg.override("rmha_fwd", block_m=16, block_n=16, diag=1), \
+            cfg.override("rmha_bwd", mode="split", block_m=16, block_n=16):
+        check(2, 1, 70, 70, 16, kind, torch.float32, kmax=0)
+
+
 @pytest.mark.parametrize("kind,bwd_mode", [("padding", "split"), ("padding+causal", "fused")])
 def test_band_tiles_of_64_keys_gather_column_pairs(kind, bwd_mode, monkeypatch):
     """fp16 (the interpreter's bf16 ``tl.dot`` is wrong; both 16-bit types take the same path): a
