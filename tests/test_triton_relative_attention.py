@@ -572,8 +572,9 @@ def test_band_tiles_by_column_are_planned_only_where_the_inner_diagonals_fit_a_k
 
 
 def test_packed_conversions_need_sm80_and_a_compiled_kernel(monkeypatch):
-    """The band gathers' inline ``cvt.rn.{bf16x2,f16x2}.f32`` (rmha ``_round_pack``): never under the
-    interpreter (these tests run its portable form, the same bits), never before sm_80 (the
+    """The band gathers' inline ``cvt.rn.{bf16x2,f16x2}.f32`` (rmha ``_round_pack``), and the stores
+    of 16-bit rows that are not 16-byte aligned in column pairs (``_store_rows``): never under the
+    interpreter (these tests run the portable forms, the same bits), never before sm_80 (the
     instruction does not exist there), and on for the sm_90a card planned without a GPU."""
     from fastpe.kernels.triton import _launch
     from fastpe.kernels.triton.rmha import plan_forward

@@ -182,14 +182,20 @@ def test_inline_ptx_only_for_compiled_kernels(monkeypatch):
     backward's accumulator rows, ``_dot_add_rows``, and the forward's approximate ``_log2``): never
     under the interpreter (no inline assembly; these tests run ``tl.load`` / ``tl.atomic_add`` /
     ``tl.log2``: the same values, the log2 to within about 2**-22), on for a CUDA card and for the
-    sm_90a card planned without a GPU. Only the GPU tests (``pytest -m gpu``) run the PTX form."""
+    sm_90a card planned without a GPU. Only the GPU tests (``pytest -m gpu``) run the PTX form. The
+    backward's dq, dk, dv rows that are not 16-byte aligned (a head size of 90) are stored in column
+    pairs with ``cvt.rn.bf16x2.f32`` too (rmha ``_store_rows``): ``CVT_ASM``, sm_80 and later."""
     from fastpe.kernels.triton import _launch, interval
 
     q = torch.zeros(2, 1, 21, 16)
     tau = torch.zeros(2, 21, dtype=torch.int32)
     rk = torch.zeros(1, 257, 16)
-    *_, (launch,) = interval.plan_forward(q, q, q, rk, rk, tau, None, None, None, False, 0.0, 0.25)
+    out, lse, *_, (launch,) = interval.plan_forward(q, q, q, rk, rk, tau, None, None, None, False, 0.0, 0.25)
     assert launch.constexprs["PTX"] is _launch.inline_ptx(q.device)
+    *_, (main, _reduction) = interval.plan_backward(out, q, q, q, rk, rk, tau, None, None, None, out, lse, False, 0.0,
+                                                   0.25)
+    assert main.constexprs["PTX"] is _launch.inline_ptx(q.device)
+    assert main.constexprs["CVT_ASM"] is _launch.packed_cvt(q.device)
     monkeypatch.setattr(_launch, "triton_interpreter_enabled", lambda: True)
     assert not _launch.inline_ptx(torch.device("cpu"))
     assert not _launch.inline_ptx(torch.device("cuda", 0))

@@ -502,8 +502,9 @@ def _tisas_bwd_kernel(
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ZC: tl.constexpr, DOT_PREC: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr, SHARED_TABLES: tl.constexpr,
-    ALIGN: tl.constexpr = 0, PTX: tl.constexpr = False,
+    ALIGN: tl.constexpr = 0, PTX: tl.constexpr = False, CVT_ASM: tl.constexpr = False,
 ):
+    PAIRS: tl.constexpr = PTX and ALIGN < 16  # (outputs whose rows are not 16-byte aligned: rmha._store_rows)
     R: tl.constexpr = KT + 1
     WIDTH: tl.constexpr = R * (DH + DV)
     DBX: tl.constexpr = DB if DB > 0 else 16
@@ -686,12 +687,12 @@ def _tisas_bwd_kernel(
             _add_rows(prow + R * DH, one, one_ok, DV, tl.sum(far_p[:, None] * do_a.to(tl.float32), axis=0)[None, :],
                       0, DVA, DV)
             dq_base = DQ + b * sdqb + h * sdqh
-            _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH, ALIGN)
+            _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH, ALIGN, PAIRS, CVT_ASM)
             if DB > 0:
                 dq_b += far_ds[:, None] * _row_vector(rk_base + KT * srkr, srkd, DA, DB, DH)[None, :]
                 _add_rows(prow, one, one_ok, DH, tl.sum(far_ds[:, None] * q_b.to(tl.float32), axis=0)[None, :],
                           DA, DB, DH)
-                _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH, ALIGN)
+                _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH, ALIGN, PAIRS, CVT_ASM)
             if DVB > 0:
                 _add_rows(prow + R * DH, one, one_ok, DV,
                           tl.sum(far_p[:, None] * do_b.to(tl.float32), axis=0)[None, :], DVA, DVB, DV)
@@ -705,12 +706,14 @@ def _tisas_bwd_kernel(
             else:
                 dk_out_a, dk_out_b = _load_split(dkacc, offs_n, n_mask, DH, 1, DA, DB, DH, ALIGN)
                 dv_out_a, dv_out_b = _load_split(dvacc, offs_n, n_mask, DV, 1, DVA, DVB, DV, ALIGN)
-            _store_rows(DK + b * sdkb + h * sdkh, dk_out_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH, ALIGN)
-            _store_rows(DV_ + b * sdvb + h * sdvh, dv_out_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN)
+            dk_base = DK + b * sdkb + h * sdkh
+            dv_base = DV_ + b * sdvb + h * sdvh
+            _store_rows(dk_base, dk_out_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH, ALIGN, PAIRS, CVT_ASM)
+            _store_rows(dv_base, dv_out_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN, PAIRS, CVT_ASM)
             if DB > 0:
-                _store_rows(DK + b * sdkb + h * sdkh, dk_out_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH, ALIGN)
+                _store_rows(dk_base, dk_out_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH, ALIGN, PAIRS, CVT_ASM)
             if DVB > 0:
-                _store_rows(DV_ + b * sdvb + h * sdvh, dv_out_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+                _store_rows(dv_base, dv_out_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN, PAIRS, CVT_ASM)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -902,5 +905,8 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, i
     consts["ONE_KEY_BLOCK"] = one_key_block
     consts["SHARED_TABLES"] = shared_tables
     consts["ALIGN"] = _row_alignment(dout, q, k, v, rel_k, rel_v, out, dq, dk, dvv, dk_acc, dv_acc)
+    # dq, dk, dv rows that are not 16-byte aligned stored in column pairs (rmha._store_rows; S3:
+    # 6589 -> 6577 instructions; the forward's o stored so cost more, 3533 -> 3556 per tile)
+    consts["CVT_ASM"] = _launch.packed_cvt(q.device)
     main = Launch(_tisas_bwd_kernel, (programs,), args, consts, num_warps=cfg["num_warps"], num_stages=1)
     return dq, dk, dvv, drk, drv, [main, *plan_reduce(partial, drk, drv)]

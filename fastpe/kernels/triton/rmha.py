@@ -102,18 +102,37 @@ def _load_split(base, rows, row_mask, stride_r, stride_c, DA: tl.constexpr, DB: 
 
 @triton.jit
 def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr,
-                ALIGN: tl.constexpr = 0, PTX: tl.constexpr = False):
+                ALIGN: tl.constexpr = 0, PTX: tl.constexpr = False, CVT_ASM: tl.constexpr = False):
     """Store ``val`` in ``base``'s dtype. ``PTX``: one predicated ``st.global`` per element in
     ``val``'s own layout (see :func:`_dot_add_rows`); it pays only where the rows allow no wide
     vectors anyway (dk, dv of a head size of 90 in the relative attention's direct stores: 1816 ->
     1768 instructions per tile at B128 h1 L75); for 16-byte rows the shared-memory round trip to
-    128-bit stores costs less (the time-interval outputs: 2117 -> 2147 at B512 h2 L50 dh32)."""
+    128-bit stores costs less (the time-interval outputs: 2117 -> 2147 at B512 h2 L50 dh32).
+    With ``CVT_ASM`` too (see :func:`_round_pack`), 16-bit values, rows and widths of whole pairs:
+    adjacent columns (one thread holds both in a dot's layout) rounded by one ``cvt.rn.bf16x2.f32``
+    and stored by one ``st.global.b32``. Callers take it for rows that are not 16-byte aligned
+    (B128 h1 L75 dh90: the direct dk, dv stores 2062 -> 2022 instructions per tile with dropout;
+    with o and dq too, modelled forward 3.09 -> 2.85 us, backward 6.92 -> 6.57)."""
     cols = C0 + tl.arange(0, C)
     ptrs = _tile(base, rows, cols, stride_r, stride_c, ALIGN)
     mask = row_mask[:, None] & (cols[None, :] < CMAX)
-    out = val.to(base.dtype.element_ty)
-    if PTX:
+    if PTX and CVT_ASM and base.dtype.element_ty.primitive_bitwidth == 16 and ALIGN >= 4 and CMAX % 2 == 0:
+        # (C0 and CMAX even, ALIGN >= 4 (rows contiguous, 4-byte aligned): a pair is stored whole or not at all)
+        even_p, _odd_p = tl.split(tl.reshape(ptrs, [ptrs.shape[0], C // 2, 2]))
+        even_m, _odd_m = tl.split(tl.reshape(mask, [mask.shape[0], C // 2, 2]))
+        even, odd = tl.split(tl.reshape(val, [val.shape[0], C // 2, 2]))
+        args = [even_p.to(tl.int64, bitcast=True), even_m.to(tl.int32), odd, even]
+        if base.dtype.element_ty == tl.bfloat16:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; .reg .b32 v; setp.ne.s32 p, $2, 0; cvt.rn.bf16x2.f32 v, $3, $4; "
+                "@p st.global.b32 [$1], v; mov.b32 $0, 0; }", "=r,l,r,r,r", args, dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; .reg .b32 v; setp.ne.s32 p, $2, 0; cvt.rn.f16x2.f32 v, $3, $4; "
+                "@p st.global.b32 [$1], v; mov.b32 $0, 0; }", "=r,l,r,r,r", args, dtype=tl.int32, is_pure=False, pack=1)
+    elif PTX:
         ok = mask.to(tl.int32)
+        out = val.to(base.dtype.element_ty)
         if base.dtype.element_ty.primitive_bitwidth == 16:
             tl.inline_asm_elementwise(
                 "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p st.global.b16 [$1], $3; mov.b32 $0, 0; }",
@@ -125,7 +144,7 @@ def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr,
                 "=r,l,r,r", [ptrs.to(tl.int64, bitcast=True), ok, out.to(tl.int32, bitcast=True)], dtype=tl.int32,
                 is_pure=False, pack=1)
     else:
-        tl.store(ptrs, out, mask=mask)
+        tl.store(ptrs, val.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -396,10 +415,9 @@ def _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_side, qr_right, qd, dloc, offs_m, m_mask,
-              offs_m_local, rcols,
-              k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
-              LK, qk_scale, seed, dropout_p,
+def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_side, qr_right, qd, dloc,
+              offs_m, m_mask, offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn,
+              BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, seed, dropout_p,
               KMAX: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr,
               DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
               HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -568,9 +586,9 @@ def _rmha_fwd_kernel(
         qr_left = _table_col(qr, rcols, 0)
         for start_n in range(0, lo_band, BLOCK_N):
             acc_a, acc_b, m_i, l_i, pl, pt, inner = _fwd_tile(
-                acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_left, m_i, m_i, dloc, offs_m, m_mask,
-                offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
-                LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
+                acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_left, m_i, m_i, dloc,
+                offs_m, m_mask, offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn,
+                BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
                 HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0, ALIGN, POS_SCALE, CVT_ASM)
     # Band tiles (``DIAG``, planned when the 2k - 1 inner diagonals are at most a key block wide):
     # an inner element of row i lies in the same tile column in whichever tile holds it (key blocks
@@ -588,11 +606,11 @@ def _rmha_fwd_kernel(
         diag = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
         for start_n in range(lo_band, mid_band, BLOCK_N):
             acc_a, acc_b, m_i, l_i, pl, pt, diag = _fwd_tile(
-                acc_a, acc_b, m_i, l_i, pl, pt, diag, start_n, start_m, q_a, q_b, qr, qr_left, qr_right, qd, dloc, offs_m,
-                m_mask, offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm,
-                sbn, LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE, CVT_ASM, not ONE_KEY_BLOCK,
-                True)
+                acc_a, acc_b, m_i, l_i, pl, pt, diag, start_n, start_m, q_a, q_b, qr, qr_left, qr_right, qd, dloc,
+                offs_m, m_mask, offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn,
+                BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
+                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE, CVT_ASM,
+                not ONE_KEY_BLOCK, True)
         inner_cols = (offs_m[:, None] + rcols[None, :] - KMAX) & (BLOCK_N - 1)
         inner_s = tl.gather(diag, inner_cols, axis=1)
         if not HAS_BIAS and POS_SCALE:  # (the tiles' logits are not scaled yet)
@@ -602,17 +620,18 @@ def _rmha_fwd_kernel(
     else:
         for start_n in range(lo_band, mid_band, BLOCK_N):
             acc_a, acc_b, m_i, l_i, pl, pt, inner = _fwd_tile(  # (band tiles ignore qr_side: m_i stands in)
-                acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, m_i, m_i, m_i, dloc, offs_m, m_mask,
-                offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
-                LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE, CVT_ASM, not ONE_KEY_BLOCK)
+                acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, m_i, m_i, m_i, dloc,
+                offs_m, m_mask, offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn,
+                BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
+                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE, CVT_ASM,
+                not ONE_KEY_BLOCK)
     if not ONE_KEY_BLOCK:
         qr_right = _table_col(qr, rcols, 2 * KMAX)
         for start_n in range(end_band, hi, BLOCK_N):
             acc_a, acc_b, m_i, l_i, pl, pt, inner = _fwd_tile(
-                acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_right, m_i, m_i, dloc, offs_m, m_mask,
-                offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn, BIAS, sbb, sbh, sbm, sbn,
-                LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
+                acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_right, m_i, m_i, dloc,
+                offs_m, m_mask, offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn,
+                BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
                 HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX, ALIGN, POS_SCALE, CVT_ASM)
 
     has_key = l_i > 0.0
@@ -630,11 +649,11 @@ def _rmha_fwd_kernel(
     o_base = O + b * sob + h * soh
     rv_a = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, 0, DVA, DV)
     o_a = tl.dot(pbn, rv_a, acc_a * inv_l[:, None], input_precision=DOT_PREC)
-    _store_rows(o_base, o_a, offs_m, m_mask, som, sod, 0, DVA, DV, ALIGN)
+    _store_rows(o_base, o_a, offs_m, m_mask, som, sod, 0, DVA, DV, ALIGN, PTX and ALIGN < 16, CVT_ASM)
     if DVB > 0:
         rv_b = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, DVA, DVB, DV)
         o_b = tl.dot(pbn, rv_b, acc_b * inv_l[:, None], input_precision=DOT_PREC)
-        _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN)
+        _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN, PTX and ALIGN < 16, CVT_ASM)
     tl.store(LSE + bh * LQ + offs_m, lse, mask=m_mask)
 
 
@@ -745,7 +764,8 @@ def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, offs_m, start_n, delta
 def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                         left_p, total_p, left_ds, total_ds, inner_p, inner_ds, rcols, offs_m, m_mask, dq_base,
                         sdqm, sdqd, p_scale, dt, KMAX: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
-                        DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr = 0):
+                        DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, DOT_PREC: tl.constexpr,
+                        ALIGN: tl.constexpr = 0, PTX: tl.constexpr = False, CVT_ASM: tl.constexpr = False):
     """A query block whose keys are all visited: its bucket tables give the table gradients
     (``drk[r] += sum_i dS_bucket[i, r] q_i``, ``drv[r] += sum_i P~_bucket[i, r] dO_i``, added to this
     program's partial row ``row``, which only it touches) and the relative part of
@@ -768,25 +788,26 @@ def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, r
                                     input_precision=DOT_PREC), rcols, r_mask, DV, 1, DVA, DVB, DV)
     rk_a = _load_rows(rk_base, rcols, r_mask, srkr, srkd, 0, DA, DH)
     dq_a = tl.dot(dsb, rk_a, dq_a, input_precision=DOT_PREC)
-    _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH, ALIGN)
+    _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH, ALIGN, PTX and ALIGN < 16, CVT_ASM)
     if DB > 0:
         rk_b = _load_rows(rk_base, rcols, r_mask, srkr, srkd, DA, DB, DH)
         dq_b = tl.dot(dsb, rk_b, dq_b, input_precision=DOT_PREC)
-        _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH, ALIGN)
+        _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH, ALIGN, PTX and ALIGN < 16, CVT_ASM)
 
 
 @triton.jit
 def _store_kv_rows(dk_base, dv_base, dk_a, dk_b, dv_a, dv_b, rows, row_ok, sdkn, sdkd, sdvn, sdvd,
                    DA: tl.constexpr, DB: tl.constexpr, DH: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
-                   DV: tl.constexpr, ALIGN: tl.constexpr):
+                   DV: tl.constexpr, ALIGN: tl.constexpr, PTX: tl.constexpr = False, CVT_ASM: tl.constexpr = False):
     """``dk, dv`` rows of a key block, each in its two head-size parts (the second only where the
-    head size is not a power of two)."""
-    _store_rows(dk_base, dk_a, rows, row_ok, sdkn, sdkd, 0, DA, DH, ALIGN)
-    _store_rows(dv_base, dv_a, rows, row_ok, sdvn, sdvd, 0, DVA, DV, ALIGN)
+    head size is not a power of two). Rows not 16-byte aligned go by :func:`_store_rows`' pairs."""
+    PAIRS: tl.constexpr = PTX and ALIGN < 16
+    _store_rows(dk_base, dk_a, rows, row_ok, sdkn, sdkd, 0, DA, DH, ALIGN, PAIRS, CVT_ASM)
+    _store_rows(dv_base, dv_a, rows, row_ok, sdvn, sdvd, 0, DVA, DV, ALIGN, PAIRS, CVT_ASM)
     if DB > 0:
-        _store_rows(dk_base, dk_b, rows, row_ok, sdkn, sdkd, DA, DB, DH, ALIGN)
+        _store_rows(dk_base, dk_b, rows, row_ok, sdkn, sdkd, DA, DB, DH, ALIGN, PAIRS, CVT_ASM)
     if DVB > 0:
-        _store_rows(dv_base, dv_b, rows, row_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN)
+        _store_rows(dv_base, dv_b, rows, row_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN, PAIRS, CVT_ASM)
 
 
 @triton.jit
@@ -927,15 +948,15 @@ def _rmha_bwd_kernel(
                         elif KV_DIRECT:  # the only query block: this key block's dk, dv are complete
                             # (each part stored as soon as it is computed: fewer live registers)
                             _store_rows(dv_base, tl.dot(tl.trans(p_lo), do_a, input_precision=DOT_PREC) * p_scale,
-                                        offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN, PTX)
+                                        offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN, PTX, CVT_ASM)
                             _store_rows(dk_base, tl.dot(tl.trans(ds_lo), q_a, input_precision=DOT_PREC),
-                                        offs_n, n_mask, sdkn, sdkd, 0, DA, DH, ALIGN, PTX)
+                                        offs_n, n_mask, sdkn, sdkd, 0, DA, DH, ALIGN, PTX, CVT_ASM)
                             if DVB > 0:
                                 _store_rows(dv_base, tl.dot(tl.trans(p_lo), do_b, input_precision=DOT_PREC) * p_scale,
-                                            offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN, PTX)
+                                            offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN, PTX, CVT_ASM)
                             if DB > 0:
                                 _store_rows(dk_base, tl.dot(tl.trans(ds_lo), q_b, input_precision=DOT_PREC),
-                                            offs_n, n_mask, sdkn, sdkd, DA, DB, DH, ALIGN, PTX)
+                                            offs_n, n_mask, sdkn, sdkd, DA, DB, DH, ALIGN, PTX, CVT_ASM)
                         else:  # read-modify-write of this program's accumulator rows (no other program touches them)
                             _dot_add_rows(acc_v, offs_n, n_mask, DVP, p_lo, do_a, 0, DVA, DVP, DOT_PREC, PTX, 16)
                             _dot_add_rows(acc_k, offs_n, n_mask, DHP, ds_lo, q_a, 0, DA, DHP, DOT_PREC, PTX, 16)
@@ -947,11 +968,11 @@ def _rmha_bwd_kernel(
                 _finish_query_block(
                     q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                     left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
-                    sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN)
+                    sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN, PTX, CVT_ASM)
             if KV_IN_REGS:
                 kv_ok = offs_kv < LK
                 _store_kv_rows(dk_base, dv_base, dk_a, dk_b, dv_a * p_scale, dv_b * p_scale, offs_kv, kv_ok,
-                               sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN)
+                               sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN, PTX, CVT_ASM)
             elif KV_DIRECT:
                 # the key blocks the query block skipped (all padding, or after it when causal):
                 # dk = dv = 0 (a second, cheap look at the mask keeps these stores out of the tile loop)
@@ -963,7 +984,7 @@ def _rmha_bwd_kernel(
                         _store_kv_rows(dk_base, dv_base, tl.zeros([BLOCK_N, DA], tl.float32),
                                        tl.zeros([BLOCK_N, DBX], tl.float32), tl.zeros([BLOCK_N, DVA], tl.float32),
                                        tl.zeros([BLOCK_N, DVBX], tl.float32), rows, row_ok,
-                                       sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN)
+                                       sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN, PTX, CVT_ASM)
             else:
                 tl.debug_barrier()
                 for z in range(0, LK, BLOCK_N):
@@ -972,7 +993,7 @@ def _rmha_bwd_kernel(
                     acc_k_a, acc_k_b = _load_split(acc_k, rows, row_ok, DHP, 1, DA, DB, DHP, 16)
                     acc_v_a, acc_v_b = _load_split(acc_v, rows, row_ok, DVP, 1, DVA, DVB, DVP, 16)
                     _store_kv_rows(dk_base, dv_base, acc_k_a, acc_k_b, acc_v_a * p_scale, acc_v_b * p_scale, rows, row_ok,
-                                   sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN)
+                                   sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN, PTX, CVT_ASM)
                 tl.debug_barrier()  # the next sequence zeroes the accumulator rows again
         else:
             # ---- split, key block pid_blk: dk, dv ----
@@ -1013,7 +1034,7 @@ def _rmha_bwd_kernel(
                 if DB > 0:
                     dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
             _store_kv_rows(dk_base, dv_base, dk_a, dk_b, dv_a * p_scale, dv_b * p_scale, offs_n, n_mask,
-                           sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN)
+                           sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN, PTX, CVT_ASM)
 
             # ---- split, query block pid_blk: dq and the table gradients, visiting the key blocks again ----
             start_m = pid_blk * BLOCK_M
@@ -1059,7 +1080,7 @@ def _rmha_bwd_kernel(
                 _finish_query_block(
                     q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                     left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
-                    sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN)
+                    sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN, PTX, CVT_ASM)
 
 
 @triton.jit
