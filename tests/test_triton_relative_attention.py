@@ -94,13 +94,14 @@ def test_matches_reference_masks(kind):
     "fwd,bwd,kind",
     [
         (dict(block_m=16, block_n=16), dict(mode="split", block_m=16, block_n=16), "padding+causal"),
-        (dict(block_m=32, block_n=16), dict(mode="fused", block_m=16), "float_bias"),
+        (dict(block_m=32, block_n=16, diag=1), dict(mode="fused", block_m=16), "float_bias"),
         (dict(block_m=16, block_n=16), dict(mode="split", block_m=32, block_n=16, b_per_prog=1), "bool_3d"),
     ],
     ids=["split", "fused-multi-query-block", "split-unequal-blocks"],
 )
 def test_multi_block_paths(fwd, bwd, kind):
-    """Online softmax over several key blocks, query blocks split over programs, both backward modes."""
+    """Online softmax over several key blocks, query blocks split over programs, both backward modes
+    (the forward's band tiles by column with an additive float mask in the second)."""
     cfg = launch_cfg()
     with cfg.override("rmha_fwd", **fwd), cfg.override("rmha_bwd", **bwd):
         check(2, 2, 33, 33, 30, kind, kmax=2, per_head=True)
@@ -261,11 +262,15 @@ def test_tables_shared_differently(k_per_head):
 
 
 @pytest.mark.parametrize("scale", [0.3, -0.3])
-def test_value_head_size_differs_and_custom_scale(scale):
-    """(A negative scale takes the forward path that scales the logits before their max.)"""
+@pytest.mark.parametrize("diag", [0, 1])
+def test_value_head_size_differs_and_custom_scale(scale, diag):
+    """(A negative scale takes the forward path that scales the logits before their max; with
+    ``diag`` its band tile keeps the inner logits scaled, with a positive one unscaled.)"""
     inputs = rmha_inputs(2, 2, 11, 11, 20, dv=36)
     masks = masks_on_device("padding+causal", 2, 2, 11, 11)
-    assert_matches_reference(op("triton", scale=scale, **masks), op("reference", scale=scale, **masks), inputs, torch.float32, NAMES)
+    with launch_cfg().override("rmha_fwd", diag=diag):
+        assert_matches_reference(op("triton", scale=scale, **masks), op("reference", scale=scale, **masks), inputs,
+                                 torch.float32, NAMES)
 
 
 def test_non_contiguous_inputs():
