@@ -504,7 +504,7 @@ def _tisas_bwd_kernel(
     ZC: tl.constexpr, DOT_PREC: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr, SHARED_TABLES: tl.constexpr,
     ALIGN: tl.constexpr = 0, PTX: tl.constexpr = False, CVT_ASM: tl.constexpr = False,
 ):
-    PAIRS: tl.constexpr = PTX and ALIGN < 16  # (outputs whose rows are not 16-byte aligned: rmha._store_rows)
+    PAIRS: tl.constexpr = PTX and CVT_ASM and ALIGN < 16  # (rows not 16-byte aligned: rmha._store_rows)
     R: tl.constexpr = KT + 1
     WIDTH: tl.constexpr = R * (DH + DV)
     DBX: tl.constexpr = DB if DB > 0 else 16

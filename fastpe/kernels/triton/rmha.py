@@ -646,14 +646,15 @@ def _rmha_fwd_kernel(
     # (added, not selected: with k = 0 both outer buckets are bucket 0)
     pbn = inner + tl.where(rcols[None, :] == 0, left[:, None], 0.0) + tl.where(rcols[None, :] == 2 * KMAX, right[:, None], 0.0)
     pbn = pbn.to(dt)
+    PAIRS: tl.constexpr = PTX and CVT_ASM and ALIGN < 16  # (rows not 16-byte aligned: see _store_rows)
     o_base = O + b * sob + h * soh
     rv_a = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, 0, DVA, DV)
     o_a = tl.dot(pbn, rv_a, acc_a * inv_l[:, None], input_precision=DOT_PREC)
-    _store_rows(o_base, o_a, offs_m, m_mask, som, sod, 0, DVA, DV, ALIGN, PTX and ALIGN < 16, CVT_ASM)
+    _store_rows(o_base, o_a, offs_m, m_mask, som, sod, 0, DVA, DV, ALIGN, PAIRS, CVT_ASM)
     if DVB > 0:
         rv_b = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, DVA, DVB, DV)
         o_b = tl.dot(pbn, rv_b, acc_b * inv_l[:, None], input_precision=DOT_PREC)
-        _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN, PTX and ALIGN < 16, CVT_ASM)
+        _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN, PAIRS, CVT_ASM)
     tl.store(LSE + bh * LQ + offs_m, lse, mask=m_mask)
 
 
@@ -772,6 +773,7 @@ def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, r
     ``dq_i = sum_j dS_ij (k_j + rk[r(i, j)])``; dq is written once. The tables and the partial
     sums live in memory, not in registers across the tile loops."""
     R: tl.constexpr = 2 * KMAX + 1
+    PAIRS: tl.constexpr = PTX and CVT_ASM and ALIGN < 16  # (rows not 16-byte aligned: see _store_rows)
     r_mask = rcols < R
     dsb = _bucket_table(inner_ds, left_ds, total_ds, rcols, KMAX).to(dt)
     pbt = (_bucket_table(inner_p, left_p, total_p, rcols, KMAX) * p_scale).to(dt)  # (see _bwd_tile)
@@ -788,11 +790,11 @@ def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, r
                                     input_precision=DOT_PREC), rcols, r_mask, DV, 1, DVA, DVB, DV)
     rk_a = _load_rows(rk_base, rcols, r_mask, srkr, srkd, 0, DA, DH)
     dq_a = tl.dot(dsb, rk_a, dq_a, input_precision=DOT_PREC)
-    _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH, ALIGN, PTX and ALIGN < 16, CVT_ASM)
+    _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH, ALIGN, PAIRS, CVT_ASM)
     if DB > 0:
         rk_b = _load_rows(rk_base, rcols, r_mask, srkr, srkd, DA, DB, DH)
         dq_b = tl.dot(dsb, rk_b, dq_b, input_precision=DOT_PREC)
-        _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH, ALIGN, PTX and ALIGN < 16, CVT_ASM)
+        _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH, ALIGN, PAIRS, CVT_ASM)
 
 
 @triton.jit
@@ -801,7 +803,7 @@ def _store_kv_rows(dk_base, dv_base, dk_a, dk_b, dv_a, dv_b, rows, row_ok, sdkn,
                    DV: tl.constexpr, ALIGN: tl.constexpr, PTX: tl.constexpr = False, CVT_ASM: tl.constexpr = False):
     """``dk, dv`` rows of a key block, each in its two head-size parts (the second only where the
     head size is not a power of two). Rows not 16-byte aligned go by :func:`_store_rows`' pairs."""
-    PAIRS: tl.constexpr = PTX and ALIGN < 16
+    PAIRS: tl.constexpr = PTX and CVT_ASM and ALIGN < 16
     _store_rows(dk_base, dk_a, rows, row_ok, sdkn, sdkd, 0, DA, DH, ALIGN, PAIRS, CVT_ASM)
     _store_rows(dv_base, dv_a, rows, row_ok, sdvn, sdvd, 0, DVA, DV, ALIGN, PAIRS, CVT_ASM)
     if DB > 0:
