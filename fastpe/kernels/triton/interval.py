@@ -504,7 +504,7 @@ def _tisas_bwd_kernel(
     ZC: tl.constexpr, DOT_PREC: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr, SHARED_TABLES: tl.constexpr,
     ALIGN: tl.constexpr = 0, PTX: tl.constexpr = False, CVT_ASM: tl.constexpr = False,
 ):
-    PAIRS: tl.constexpr = PTX and CVT_ASM and ALIGN < 16  # (rows not 16-byte aligned: rmha._store_rows)
+    PAIRS: tl.constexpr = CVT_ASM and ALIGN < 16  # (rows not 16-byte aligned: rmha._store_rows)
     R: tl.constexpr = KT + 1
     WIDTH: tl.constexpr = R * (DH + DV)
     DBX: tl.constexpr = DB if DB > 0 else 16
@@ -687,12 +687,12 @@ def _tisas_bwd_kernel(
             _add_rows(prow + R * DH, one, one_ok, DV, tl.sum(far_p[:, None] * do_a.to(tl.float32), axis=0)[None, :],
                       0, DVA, DV)
             dq_base = DQ + b * sdqb + h * sdqh
-            _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH, ALIGN, PAIRS, CVT_ASM)
+            _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH, ALIGN, False, PAIRS)
             if DB > 0:
                 dq_b += far_ds[:, None] * _row_vector(rk_base + KT * srkr, srkd, DA, DB, DH)[None, :]
                 _add_rows(prow, one, one_ok, DH, tl.sum(far_ds[:, None] * q_b.to(tl.float32), axis=0)[None, :],
                           DA, DB, DH)
-                _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH, ALIGN, PAIRS, CVT_ASM)
+                _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH, ALIGN, False, PAIRS)
             if DVB > 0:
                 _add_rows(prow + R * DH, one, one_ok, DV,
                           tl.sum(far_p[:, None] * do_b.to(tl.float32), axis=0)[None, :], DVA, DVB, DV)
@@ -708,12 +708,12 @@ def _tisas_bwd_kernel(
                 dv_out_a, dv_out_b = _load_split(dvacc, offs_n, n_mask, DV, 1, DVA, DVB, DV, ALIGN)
             dk_base = DK + b * sdkb + h * sdkh
             dv_base = DV_ + b * sdvb + h * sdvh
-            _store_rows(dk_base, dk_out_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH, ALIGN, PAIRS, CVT_ASM)
-            _store_rows(dv_base, dv_out_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN, PAIRS, CVT_ASM)
+            _store_rows(dk_base, dk_out_a, offs_n, n_mask, sdkn, sdkd, 0, DA, DH, ALIGN, False, PAIRS)
+            _store_rows(dv_base, dv_out_a, offs_n, n_mask, sdvn, sdvd, 0, DVA, DV, ALIGN, False, PAIRS)
             if DB > 0:
-                _store_rows(dk_base, dk_out_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH, ALIGN, PAIRS, CVT_ASM)
+                _store_rows(dk_base, dk_out_b, offs_n, n_mask, sdkn, sdkd, DA, DB, DH, ALIGN, False, PAIRS)
             if DVB > 0:
-                _store_rows(dv_base, dv_out_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN, PAIRS, CVT_ASM)
+                _store_rows(dv_base, dv_out_b, offs_n, n_mask, sdvn, sdvd, DVA, DVB, DV, ALIGN, False, PAIRS)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -108,15 +108,16 @@ def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr,
     vectors anyway (dk, dv of a head size of 90 in the relative attention's direct stores: 1816 ->
     1768 instructions per tile at B128 h1 L75); for 16-byte rows the shared-memory round trip to
     128-bit stores costs less (the time-interval outputs: 2117 -> 2147 at B512 h2 L50 dh32).
-    With ``CVT_ASM`` too (see :func:`_round_pack`), 16-bit values, rows and widths of whole pairs:
-    adjacent columns (one thread holds both in a dot's layout) rounded by one ``cvt.rn.bf16x2.f32``
-    and stored by one ``st.global.b32``. Callers take it for rows that are not 16-byte aligned
-    (B128 h1 L75 dh90: the direct dk, dv stores 2062 -> 2022 instructions per tile with dropout;
-    with o and dq too, modelled forward 3.09 -> 2.85 us, backward 6.92 -> 6.57)."""
+    ``CVT_ASM`` (compiled kernels on sm_80 and later, see :func:`_round_pack`): 16-bit values in
+    contiguous, 4-byte aligned rows of an even width go in pairs of adjacent columns (one thread
+    holds both in a dot's layout), rounded by one ``cvt.rn.bf16x2.f32`` and stored by one
+    ``st.global.b32``; other rows fall back as above. Callers take pairs where rows are not
+    16-byte aligned (B128 h1 L75 dh90: the direct dk, dv stores 2062 -> 2022 instructions per tile
+    with dropout; with o and dq too, modelled forward 3.09 -> 2.85 us, backward 6.92 -> 6.57)."""
     cols = C0 + tl.arange(0, C)
     ptrs = _tile(base, rows, cols, stride_r, stride_c, ALIGN)
     mask = row_mask[:, None] & (cols[None, :] < CMAX)
-    if PTX and CVT_ASM and base.dtype.element_ty.primitive_bitwidth == 16 and ALIGN >= 4 and CMAX % 2 == 0:
+    if CVT_ASM and base.dtype.element_ty.primitive_bitwidth == 16 and ALIGN >= 4 and CMAX % 2 == 0:
         # (C0 and CMAX even, ALIGN >= 4 (rows contiguous, 4-byte aligned): a pair is stored whole or not at all)
         even_p, _odd_p = tl.split(tl.reshape(ptrs, [ptrs.shape[0], C // 2, 2]))
         even_m, _odd_m = tl.split(tl.reshape(mask, [mask.shape[0], C // 2, 2]))
@@ -646,15 +647,15 @@ def _rmha_fwd_kernel(
     # (added, not selected: with k = 0 both outer buckets are bucket 0)
     pbn = inner + tl.where(rcols[None, :] == 0, left[:, None], 0.0) + tl.where(rcols[None, :] == 2 * KMAX, right[:, None], 0.0)
     pbn = pbn.to(dt)
-    PAIRS: tl.constexpr = PTX and CVT_ASM and ALIGN < 16  # (rows not 16-byte aligned: see _store_rows)
+    PAIRS: tl.constexpr = CVT_ASM and ALIGN < 16  # (rows not 16-byte aligned: see _store_rows)
     o_base = O + b * sob + h * soh
     rv_a = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, 0, DVA, DV)
     o_a = tl.dot(pbn, rv_a, acc_a * inv_l[:, None], input_precision=DOT_PREC)
-    _store_rows(o_base, o_a, offs_m, m_mask, som, sod, 0, DVA, DV, ALIGN, PAIRS, CVT_ASM)
+    _store_rows(o_base, o_a, offs_m, m_mask, som, sod, 0, DVA, DV, ALIGN, False, PAIRS)
     if DVB > 0:
         rv_b = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, DVA, DVB, DV)
         o_b = tl.dot(pbn, rv_b, acc_b * inv_l[:, None], input_precision=DOT_PREC)
-        _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN, PAIRS, CVT_ASM)
+        _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN, False, PAIRS)
     tl.store(LSE + bh * LQ + offs_m, lse, mask=m_mask)
 
 
@@ -766,14 +767,13 @@ def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, r
                         left_p, total_p, left_ds, total_ds, inner_p, inner_ds, rcols, offs_m, m_mask, dq_base,
                         sdqm, sdqd, p_scale, dt, KMAX: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
                         DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, DOT_PREC: tl.constexpr,
-                        ALIGN: tl.constexpr = 0, PTX: tl.constexpr = False, CVT_ASM: tl.constexpr = False):
+                        ALIGN: tl.constexpr = 0, PAIRS: tl.constexpr = False):
     """A query block whose keys are all visited: its bucket tables give the table gradients
     (``drk[r] += sum_i dS_bucket[i, r] q_i``, ``drv[r] += sum_i P~_bucket[i, r] dO_i``, added to this
     program's partial row ``row``, which only it touches) and the relative part of
     ``dq_i = sum_j dS_ij (k_j + rk[r(i, j)])``; dq is written once. The tables and the partial
     sums live in memory, not in registers across the tile loops."""
     R: tl.constexpr = 2 * KMAX + 1
-    PAIRS: tl.constexpr = PTX and CVT_ASM and ALIGN < 16  # (rows not 16-byte aligned: see _store_rows)
     r_mask = rcols < R
     dsb = _bucket_table(inner_ds, left_ds, total_ds, rcols, KMAX).to(dt)
     pbt = (_bucket_table(inner_p, left_p, total_p, rcols, KMAX) * p_scale).to(dt)  # (see _bwd_tile)
@@ -790,26 +790,25 @@ def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, r
                                     input_precision=DOT_PREC), rcols, r_mask, DV, 1, DVA, DVB, DV)
     rk_a = _load_rows(rk_base, rcols, r_mask, srkr, srkd, 0, DA, DH)
     dq_a = tl.dot(dsb, rk_a, dq_a, input_precision=DOT_PREC)
-    _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH, ALIGN, PAIRS, CVT_ASM)
+    _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH, ALIGN, False, PAIRS)
     if DB > 0:
         rk_b = _load_rows(rk_base, rcols, r_mask, srkr, srkd, DA, DB, DH)
         dq_b = tl.dot(dsb, rk_b, dq_b, input_precision=DOT_PREC)
-        _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH, ALIGN, PAIRS, CVT_ASM)
+        _store_rows(dq_base, dq_b, offs_m, m_mask, sdqm, sdqd, DA, DB, DH, ALIGN, False, PAIRS)
 
 
 @triton.jit
 def _store_kv_rows(dk_base, dv_base, dk_a, dk_b, dv_a, dv_b, rows, row_ok, sdkn, sdkd, sdvn, sdvd,
                    DA: tl.constexpr, DB: tl.constexpr, DH: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
-                   DV: tl.constexpr, ALIGN: tl.constexpr, PTX: tl.constexpr = False, CVT_ASM: tl.constexpr = False):
+                   DV: tl.constexpr, ALIGN: tl.constexpr, PAIRS: tl.constexpr = False):
     """``dk, dv`` rows of a key block, each in its two head-size parts (the second only where the
-    head size is not a power of two). Rows not 16-byte aligned go by :func:`_store_rows`' pairs."""
-    PAIRS: tl.constexpr = PTX and CVT_ASM and ALIGN < 16
-    _store_rows(dk_base, dk_a, rows, row_ok, sdkn, sdkd, 0, DA, DH, ALIGN, PAIRS, CVT_ASM)
-    _store_rows(dv_base, dv_a, rows, row_ok, sdvn, sdvd, 0, DVA, DV, ALIGN, PAIRS, CVT_ASM)
+    head size is not a power of two); ``PAIRS``: :func:`_store_rows`' column pairs where it can."""
+    _store_rows(dk_base, dk_a, rows, row_ok, sdkn, sdkd, 0, DA, DH, ALIGN, False, PAIRS)
+    _store_rows(dv_base, dv_a, rows, row_ok, sdvn, sdvd, 0, DVA, DV, ALIGN, False, PAIRS)
     if DB > 0:
-        _store_rows(dk_base, dk_b, rows, row_ok, sdkn, sdkd, DA, DB, DH, ALIGN, PAIRS, CVT_ASM)
+        _store_rows(dk_base, dk_b, rows, row_ok, sdkn, sdkd, DA, DB, DH, ALIGN, False, PAIRS)
     if DVB > 0:
-        _store_rows(dv_base, dv_b, rows, row_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN, PAIRS, CVT_ASM)
+        _store_rows(dv_base, dv_b, rows, row_ok, sdvn, sdvd, DVA, DVB, DV, ALIGN, False, PAIRS)
 
 
 @triton.jit
@@ -835,6 +834,7 @@ def _rmha_bwd_kernel(
     ALIGN: tl.constexpr, CVT_ASM: tl.constexpr, PTX: tl.constexpr = False,
 ):
     R: tl.constexpr = 2 * KMAX + 1
+    PAIRS: tl.constexpr = CVT_ASM and ALIGN < 16  # (dq and final dk, dv rows not 16-byte aligned: _store_rows)
     DBX: tl.constexpr = DB if DB > 0 else 16
     DVBX: tl.constexpr = DVB if DVB > 0 else 16
     pid1 = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
@@ -970,11 +970,11 @@ def _rmha_bwd_kernel(
                 _finish_query_block(
                     q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                     left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
-                    sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN, PTX, CVT_ASM)
+                    sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN, PAIRS)
             if KV_IN_REGS:
                 kv_ok = offs_kv < LK
                 _store_kv_rows(dk_base, dv_base, dk_a, dk_b, dv_a * p_scale, dv_b * p_scale, offs_kv, kv_ok,
-                               sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN, PTX, CVT_ASM)
+                               sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN, PAIRS)
             elif KV_DIRECT:
                 # the key blocks the query block skipped (all padding, or after it when causal):
                 # dk = dv = 0 (a second, cheap look at the mask keeps these stores out of the tile loop)
@@ -986,7 +986,7 @@ def _rmha_bwd_kernel(
                         _store_kv_rows(dk_base, dv_base, tl.zeros([BLOCK_N, DA], tl.float32),
                                        tl.zeros([BLOCK_N, DBX], tl.float32), tl.zeros([BLOCK_N, DVA], tl.float32),
                                        tl.zeros([BLOCK_N, DVBX], tl.float32), rows, row_ok,
-                                       sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN, PTX, CVT_ASM)
+                                       sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN, PAIRS)
             else:
                 tl.debug_barrier()
                 for z in range(0, LK, BLOCK_N):
@@ -995,7 +995,7 @@ def _rmha_bwd_kernel(
                     acc_k_a, acc_k_b = _load_split(acc_k, rows, row_ok, DHP, 1, DA, DB, DHP, 16)
                     acc_v_a, acc_v_b = _load_split(acc_v, rows, row_ok, DVP, 1, DVA, DVB, DVP, 16)
                     _store_kv_rows(dk_base, dv_base, acc_k_a, acc_k_b, acc_v_a * p_scale, acc_v_b * p_scale, rows, row_ok,
-                                   sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN, PTX, CVT_ASM)
+                                   sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN, PAIRS)
                 tl.debug_barrier()  # the next sequence zeroes the accumulator rows again
         else:
             # ---- split, key block pid_blk: dk, dv ----
@@ -1036,7 +1036,7 @@ def _rmha_bwd_kernel(
                 if DB > 0:
                     dk_b = tl.dot(tl.trans(ds_lo), q_b, dk_b, input_precision=DOT_PREC)
             _store_kv_rows(dk_base, dv_base, dk_a, dk_b, dv_a * p_scale, dv_b * p_scale, offs_n, n_mask,
-                           sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN, PTX, CVT_ASM)
+                           sdkn, sdkd, sdvn, sdvd, DA, DB, DH, DVA, DVB, DV, ALIGN, PAIRS)
 
             # ---- split, query block pid_blk: dq and the table gradients, visiting the key blocks again ----
             start_m = pid_blk * BLOCK_M
@@ -1082,7 +1082,7 @@ def _rmha_bwd_kernel(
                 _finish_query_block(
                     q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                     left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
-                    sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN, PTX, CVT_ASM)
+                    sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN, PAIRS)
 
 
 @triton.jit
