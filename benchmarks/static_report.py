@@ -423,6 +423,7 @@ def find_loops(instructions):
         return []
     succ = _successors(instructions)
     idom = _dominators(succ)
+    index_of = {addr: i for i, (addr, *_rest) in enumerate(instructions)}
 
     def dominates(a, b):
         while b != a and idom[b] != b:
@@ -432,11 +433,11 @@ def find_loops(instructions):
     loops = set()
     for i, (addr, opcode, operands, _guard) in enumerate(instructions):
         target = _branch_target(opcode, operands)
-        # a branch to itself is the trap after EXIT (unreachable), not a loop
-        if i in idom and target is not None and target < addr:
-            t = next(j for j in succ[i] if instructions[j][0] == target)
-            if dominates(t, i):
-                loops.add((t, i))
+        # a branch to itself is the trap after EXIT (unreachable), not a loop; nor is a branch to
+        # an address that is no instruction of the function
+        t = index_of.get(target)
+        if i in idom and t is not None and target < addr and dominates(t, i):
+            loops.add((t, i))
     return sorted(loops, key=lambda se: (se[0], -se[1]))
 
 

@@ -84,6 +84,13 @@ def test_hot_loop_is_the_loop_with_most_instructions_of_its_own():
     assert a["outside_loops_instructions"] == 17 - 14
 
 
+def test_a_branch_to_an_address_outside_the_code_is_not_a_loop():
+    """A backward branch whose target is no instruction of the function is skipped (it raised
+    StopIteration once loops became natural loops)."""
+    ins = sr.parse_sass(_sass(["MOV R1, R2", "BRA 0x8", "EXIT"]))["k"]
+    assert sr.find_loops(ins) == []
+
+
 def test_a_branch_back_from_a_cold_path_is_not_a_loop():
     """ptxas puts a diverged warp's collective reduction after the code (entered by ``BRA.DIV``)
     and branches from there back into the loop body: a backward branch whose target does not
