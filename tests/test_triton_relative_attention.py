@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from fastpe._masks import combined_bias, masked_softmax, relative_buckets  # noqa: E402
+from fastpe.kernels.triton.rmha import dropout_rate  # noqa: E402
 from fastpe.ops.relative_attention import relative_attention  # noqa: E402
 from helpers import MASK_KINDS, TOLERANCES, assert_matches_reference, make_masks, randn  # noqa: E402
 
@@ -362,7 +363,7 @@ def _reference_with_keep(q, k, v, rk, rv, keep, p, key_padding_mask=None, attn_m
     buckets = relative_buckets(lq, lk, (rk.shape[-2] - 1) // 2, q.device)
     scores = (torch.einsum("bhid,bhjd->bhij", q, k) + torch.einsum("bhid,hijd->bhij", q, rk[:, buckets])) / q.shape[-1] ** 0.5
     probs = masked_softmax(scores, combined_bias(key_padding_mask, None, is_causal, lq, lk, q.dtype, q.device))
-    probs = probs * keep / (1 - p)
+    probs = probs * keep / (1 - dropout_rate(p))  # (the rate the kernels apply for p)
     return torch.einsum("bhij,bhjd->bhid", probs, v) + torch.einsum("bhij,hijd->bhid", probs, rv[:, buckets])
 
 
@@ -383,6 +384,30 @@ def test_dropout_is_reproducible_and_has_the_right_rate():
     assert torch.equal(a, _keep_mask(7, b, h, L, L, p))
     assert not torch.equal(a, _keep_mask(8, b, h, L, L, p))
     assert abs(a.float().mean().item() - (1 - p)) < 0.08  # 576 draws
+
+
+def test_dropout_rates_are_multiples_of_a_256th():
+    assert dropout_rate(0.0) == 0.0
+    assert dropout_rate(0.25) == 0.25
+    assert dropout_rate(0.3) == 77 / 256  # 76.8 -> 77
+    assert dropout_rate(0.2) == 51 / 256  # 51.2 -> 51
+    assert dropout_rate(1e-6) == 1 / 256  # a requested dropout never vanishes
+    assert dropout_rate(0.998) == 255 / 256
+    with pytest.raises(ValueError, match="rounds to 1"):
+        dropout_rate(0.999)
+
+
+def test_dropout_draws_of_one_philox_call_are_independent():
+    """One Philox call draws sixteen bytes for rows i, i + 8 and keys 8t + 2q + {0, 1}: a byte
+    served twice, or a word to both rows, would make those elements agree always. At p = 1/2,
+    elements whose draws are independent agree half the time (about 16k pairs per offset: the
+    fraction's standard deviation is 0.004)."""
+    b, h, L, p = 2, 2, 128, 0.5
+    keep = _keep_mask(3, b, h, L, L, p)
+    assert abs(keep.float().mean().item() - 0.5) < 0.01
+    for rows, cols in ((8, 0), (0, 1), (0, 8), (0, 16), (0, 24), (8, 1), (8, 8), (16, 0), (0, 32)):
+        same = keep[..., : L - rows, : L - cols] == keep[..., rows:, cols:]
+        assert abs(same.float().mean().item() - 0.5) < 0.03, (rows, cols)
 
 
 def test_dropout_mask_does_not_depend_on_the_block_size():

@@ -138,7 +138,7 @@ def relative_attention(q, k, v, rel_k, rel_v, key_padding_mask=None, attn_bias=N
         )
     _rmha._check_supported(q, v, rel_k)
     scale = _rmha.default_scale(q, scale)
-    dropout_p = float(dropout_p)
+    dropout_p = _rmha.dropout_rate(float(dropout_p))
     # The dropout seed is a device tensor drawn from torch's generator: torch.manual_seed
     # reproduces it, and a captured CUDA graph draws a fresh one on every replay.
     seed = torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64) if dropout_p > 0.0 else None
@@ -245,7 +245,7 @@ def time_interval_attention(q, k, v, rel_k, rel_v, timestamps, time_unit=None, k
     _interval.check_supported(q, k, v, rel_k)
     tau = _interval.interval_steps(personal_time_steps(timestamps, time_unit, key_padding_mask), rel_k.shape[-2] - 1)
     scale = _rmha.default_scale(q, scale)
-    dropout_p = float(dropout_p)
+    dropout_p = _rmha.dropout_rate(float(dropout_p))
     seed = torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64) if dropout_p > 0.0 else None
     bias = None if attn_bias is None else attn_bias.detach()
     args = (q, k, v, rel_k, rel_v, tau, key_padding_mask, bias, seed, bool(is_causal), dropout_p, scale)

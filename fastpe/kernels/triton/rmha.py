@@ -35,10 +35,14 @@ summed by a second kernel in a fixed order: bitwise reproducible, no atomics.
 
 Dropout: Philox keyed by a 64-bit seed read from a device tensor (drawn from torch's
 generator by the caller, so ``torch.manual_seed`` reproduces it and a captured CUDA graph
-replays fresh randomness), 7 rounds, counters ``((j // 32) * 4 + (j // 2) % 4, i, batch*head, 0)``:
-one call's 128 bits are eight 16-bit draws for the eight keys of a row that one thread holds of
-an MMA accumulator tile (see :func:`_keep_tile`; a per-element call would cost ~50 instructions
-per score element); the backward regenerates the same keep decisions.
+replays fresh randomness), 7 rounds, counters ``((j // 32) * 4 + (j // 2) % 4, i - (i & 8), batch*head, 0)``:
+one call's 128 bits are sixteen 8-bit draws for the eight keys of each of two rows (i, i + 8)
+that one thread holds of an MMA accumulator tile (see :func:`_keep_tile`; a per-element call would
+cost ~50 instructions per score element; sixteen-bit draws, eight per call, cost 6.6 instructions
+per element for the draws and compares where these cost 4.7: sm_90a, B128 h1 L75 dh90 backward);
+the backward regenerates the same keep decisions. Rates are multiples of 1/256
+(:func:`dropout_rate`), as with FlashAttention's 8-bit draws, and the kept scores are scaled by
+the rate actually applied.
 
 Head sizes are padded to a multiple of 16 (as two power-of-two chunks, see
 :func:`fastpe.kernels.triton._launch.split_pow2`), never to the next power of two.
@@ -60,7 +64,7 @@ from fastpe.kernels.triton._limits import MAX_BUCKETS, MAX_HEAD_DIM
 LOG2E = 1.4426950408889634
 # Philox4x32 rounds of the dropout draws: 7, as FlashAttention's dropout uses (Random123's
 # Philox4x32-7 passes BigCrush; 10 is its default safety margin). Each round is about eight
-# SASS instructions per call, and a call serves eight keys of a row.
+# SASS instructions per call, and a call serves sixteen score elements.
 PHILOX_ROUNDS = tl.constexpr(7)
 
 
@@ -371,43 +375,63 @@ def _masked_logits(s, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, s
     return tl.where(_allowed(offs_m, offs_n, col_ok, IS_CAUSAL), s, float("-inf"))
 
 
+def dropout_rate(p: float) -> float:
+    """The dropout rate the kernels apply for a requested ``p``: the nearest multiple of 1/256
+    (their draws are 8-bit, as FlashAttention's), at least 1/256 when ``p > 0``. The kept scores
+    are scaled by ``1 / (1 - rate)``, so the output's expectation stays exact."""
+    if p == 0.0:
+        return 0.0
+    steps = max(1, round(p * 256))
+    if steps >= 256:
+        raise ValueError(f"dropout_p={p} rounds to 1 on the triton backend (rates are multiples of 1/256); "
+                         "use at most 255/256 or backend='torch'")
+    return steps / 256
+
+
 @triton.jit
 def _keep_threshold(dropout_p):
-    """A 16-bit draw ``u`` is kept where ``u >= p * 2**16``; ``u`` is an integer, so that is
-    ``u >= ceil(p * 2**16)``: an integer compare, no int-to-float conversion per element."""
-    return tl.ceil(dropout_p * 65536.0).to(tl.uint32)
+    """An 8-bit draw ``u`` is kept where ``u >= p * 2**8``; ``u`` is an integer, so that is
+    ``u >= ceil(p * 2**8)``: an integer compare, no int-to-float conversion per element."""
+    return tl.ceil(dropout_p * 256.0).to(tl.uint32)
 
 
 @triton.jit
-def _draw_halves(r):
-    """The two 16-bit draws of a 32-bit Philox word, low half first, as a new last dimension."""
-    return tl.join(r & 0xFFFF, r >> 16)
+def _keep_bytes(r, thr):
+    """Which of the four 8-bit draws of a 32-bit Philox word are kept (``>= thr``), as two new last
+    dimensions: byte ``2 y + x`` at ``[..., x, y]``. Each byte is compared in place, masked, with
+    the threshold shifted to it: one AND and one compare (the top byte: one compare)."""
+    return tl.join(tl.join((r & 0xFF) >= thr, (r & 0xFF00) >= (thr << 8)),
+                   tl.join((r & 0xFF0000) >= (thr << 16), r >= (thr << 24)))
 
 
 @triton.jit
 def _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
-    """Dropout keep mask of the tile ``offs_m x [start_n, start_n + BLOCK_N)``, kept where a 16-bit
-    draw >= p * 2**16. Key ``j`` of row ``i`` takes half ``j % 2`` of word ``(j // 8) % 4`` of the
-    Philox call (seed; ``(j // 32) * 4 + (j // 2) % 4``, i, batch*head, 0): a call's eight draws
-    serve keys ``32a + 8t + 2q + {0, 1}`` (t = 0..3), the columns one thread holds of a row of an
-    MMA accumulator tile (two adjacent columns every eight), so the compiler can draw them in the
-    score tile's own layout instead of exchanging them through shared memory."""
+    """Dropout keep mask of the tile ``offs_m x [start_n, start_n + BLOCK_N)``, kept where an 8-bit
+    draw >= p * 2**8 (``p`` a multiple of 1/256, see :func:`dropout_rate`). One Philox call (seed; ``(j // 32) * 4 + (j // 2) % 4``, i0, batch*head, 0)
+    with i0 = i - (i & 8) gives sixteen draws: rows i0 and i0 + 8, keys ``32a + 8t + 2q + {0, 1}``
+    (t = 0..3), the elements one thread holds of two rows of an MMA accumulator tile (rows g and
+    g + 8 of each 16-row slab, two adjacent columns every eight), so the compiler can draw them in
+    the score tile's own layout instead of exchanging them through shared memory. Word
+    ``2 (i & 8 > 0) + t // 2``, byte ``2 (t % 2) + j % 2``. Query blocks start at multiples of 16."""
     M: tl.constexpr = offs_m.shape[0]
     SPANS: tl.constexpr = (BLOCK_N + 31) // 32
+    low = tl.min(tl.reshape(offs_m, [M // 16, 2, 8]), axis=1)  # the lower row of each pair
     calls = ((start_n // 32 + tl.arange(0, SPANS)) * 4)[:, None] + tl.arange(0, 4)[None, :]
-    c0 = calls[None, :, :] + tl.zeros([M, SPANS, 4], tl.int32)
-    c1 = offs_m[:, None, None] + tl.zeros([M, SPANS, 4], tl.int32)
+    c0 = calls[None, None, :, :] + tl.zeros([M // 16, 8, SPANS, 4], tl.int32)
+    c1 = low[:, :, None, None] + tl.zeros([M // 16, 8, SPANS, 4], tl.int32)
     c2 = tl.zeros(c0.shape, tl.int32) + bh
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c2 * 0, PHILOX_ROUNDS)
+    thr = _keep_threshold(dropout_p)
     if BLOCK_N >= 32:
-        # [M, span, q, half, t % 2, t // 2] -> [M, span, t // 2, t % 2, q, half]: key 32 span + 8 t + 2 q + half
-        u = tl.join(tl.join(_draw_halves(r0), _draw_halves(r1)), tl.join(_draw_halves(r2), _draw_halves(r3)))
-        u = tl.permute(u, (0, 1, 5, 4, 2, 3))
-    else:  # 16 keys: words 0, 1 or 2, 3 by the half of its 32-key span the tile is
+        # [M16, 8, span, q, j % 2, t % 2, t // 2, row hi] -> [M16, row hi, 8, span, t // 2, t % 2, q, j % 2]
+        u = tl.join(tl.join(_keep_bytes(r0, thr), _keep_bytes(r1, thr)),
+                    tl.join(_keep_bytes(r2, thr), _keep_bytes(r3, thr)))
+        u = tl.permute(u, (0, 7, 1, 2, 6, 5, 3, 4))
+    else:  # 16 keys: t // 2 is the half of its 32-key span the tile is
         upper = (start_n // 16) % 2 == 1
-        u = tl.join(_draw_halves(tl.where(upper, r2, r0)), _draw_halves(tl.where(upper, r3, r1)))
-        u = tl.permute(u, (0, 1, 4, 2, 3))  # [M, 1, t % 2, q, half]
-    return tl.reshape(u, [M, BLOCK_N]) >= _keep_threshold(dropout_p)
+        u = tl.join(_keep_bytes(tl.where(upper, r1, r0), thr), _keep_bytes(tl.where(upper, r3, r2), thr))
+        u = tl.permute(u, (0, 6, 1, 2, 5, 3, 4))  # [M16, row hi, 8, 1, t % 2, q, j % 2]
+    return tl.reshape(u, [M, BLOCK_N])
 
 
 # ----------------------------------------------------------------------------------------------
