@@ -425,11 +425,11 @@ def test_p_sums_at_the_int32_bound(p):
     if p == 0.0:
         check(b, h, L, 16, 8, "causal", t_kind="equal", seed=13)
         return
-    keep = _keep_mask(14, b, h, L, p, t, **kw)  # (a seed that keeps one: a mask draws it with 1/16 odds)
+    keep = _keep_mask(13, b, h, L, p, t, **kw)
     assert keep[..., 0, 0].any()  # some first row holds its one kept key: P~ = 2
 
     def kernel(*x):
-        torch.manual_seed(14)
+        torch.manual_seed(13)
         return time_interval_attention(*x, t, dropout_p=p, backend="triton", **kw)
 
     def reference(*x):

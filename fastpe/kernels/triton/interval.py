@@ -62,8 +62,9 @@ one key block holds the sequence (L <= BLOCK_N, as the RMHA kernels do), else in
 the sequence (load-add-store by the owning program: deterministic), and the bucket sums as above.
 
 Fully padded key blocks are skipped, padded keys and values are never read (they may hold NaN),
-rows with no allowed key give output 0 and zero gradients. Dropout: the Philox scheme of
-:mod:`fastpe.kernels.triton.rmha` (the backward regenerates the forward's keep decisions).
+rows with no allowed key give output 0 and zero gradients. Dropout: Philox as in
+:mod:`fastpe.kernels.triton.rmha` (rates multiples of 1/256), with 16-bit draws, eight per call for
+one row (:func:`_keep_tile`); the backward regenerates the forward's keep decisions.
 Head sizes are padded to a multiple of 16 as two power-of-two chunks.
 """
 
@@ -82,8 +83,8 @@ from fastpe.kernels.triton._limits import MAX_INTERVAL_BUCKETS
 from fastpe.kernels.triton.rmha import (
     LOG2E,
     _bias_strides,
+    PHILOX_ROUNDS,
     _dot_add_rows,
-    _keep_tile,
     _log2,
     _key_columns,
     _key_end,
@@ -112,6 +113,41 @@ P_FIXED_BITS = 31
 # ----------------------------------------------------------------------------------------------
 # helpers (inlined into the kernels)
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _draw_halves(r):
+    """The two 16-bit draws of a 32-bit Philox word, low half first, as a new last dimension."""
+    return tl.join(r & 0xFFFF, r >> 16)
+
+
+@triton.jit
+def _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
+    """Dropout keep mask of the tile ``offs_m x [start_n, start_n + BLOCK_N)``, kept where a 16-bit
+    draw >= p * 2**16 (``p`` a multiple of 1/256, see :func:`fastpe.kernels.triton.rmha.dropout_rate`:
+    exact). Key ``j`` of row ``i`` takes half ``j % 2`` of word ``(j // 8) % 4`` of the Philox call
+    (seed; ``(j // 32) * 4 + (j // 2) % 4``, i, batch*head, 0): a call's eight draws serve keys
+    ``32a + 8t + 2q + {0, 1}`` (t = 0..3) of one row.
+    Not the relative attention's 8-bit draws for two rows per call: these kernels' tiles (16 or 32
+    rows, warps side by side along the keys) took them through shared memory, and cost more per
+    element (sm_90a: S1 backward 130.4 -> 142.2, S2 backward 142.6 -> 148.3 instructions per
+    element with dropout)."""
+    M: tl.constexpr = offs_m.shape[0]
+    SPANS: tl.constexpr = (BLOCK_N + 31) // 32
+    calls = ((start_n // 32 + tl.arange(0, SPANS)) * 4)[:, None] + tl.arange(0, 4)[None, :]
+    c0 = calls[None, :, :] + tl.zeros([M, SPANS, 4], tl.int32)
+    c1 = offs_m[:, None, None] + tl.zeros([M, SPANS, 4], tl.int32)
+    c2 = tl.zeros(c0.shape, tl.int32) + bh
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c2 * 0, PHILOX_ROUNDS)
+    if BLOCK_N >= 32:
+        # [M, span, q, half, t % 2, t // 2] -> [M, span, t // 2, t % 2, q, half]: key 32 span + 8 t + 2 q + half
+        u = tl.join(tl.join(_draw_halves(r0), _draw_halves(r1)), tl.join(_draw_halves(r2), _draw_halves(r3)))
+        u = tl.permute(u, (0, 1, 5, 4, 2, 3))
+    else:  # 16 keys: words 0, 1 or 2, 3 by the half of its 32-key span the tile is
+        upper = (start_n // 16) % 2 == 1
+        u = tl.join(_draw_halves(tl.where(upper, r2, r0)), _draw_halves(tl.where(upper, r3, r1)))
+        u = tl.permute(u, (0, 1, 4, 2, 3))  # [M, 1, t % 2, q, half]
+    return tl.reshape(u, [M, BLOCK_N]) >= tl.ceil(dropout_p * 65536.0).to(tl.uint32)
 
 
 @triton.jit
