@@ -315,7 +315,9 @@ def relative_attention(
         attn_mask: ``[Lq, Lk]``, ``[B*h, Lq, Lk]`` or ``[B|1, h|1, Lq, Lk]``; bool True = not allowed,
             or additive float (as ``nn.MultiheadAttention``).
         is_causal: also mask keys after the query (``j > i``).
-        dropout_p: attention dropout probability (pass 0 in evaluation).
+        dropout_p: attention dropout probability (pass 0 in evaluation). The triton backend
+            applies the nearest multiple of 1/256 (its draws are 8-bit; kept scores are scaled by
+            the rate applied, so the expectation stays exact).
         scale: logit scale, default ``1/sqrt(dh)``.
         backend: "auto", "reference", "torch", "triton" or "cuda".
         need_weights: also return the attention probabilities ``[B, h, Lq, Lk]``; only the
