@@ -82,8 +82,8 @@ from fastpe.kernels.triton._launch import Launch
 from fastpe.kernels.triton._limits import MAX_INTERVAL_BUCKETS
 from fastpe.kernels.triton.rmha import (
     LOG2E,
-    _bias_strides,
     PHILOX_ROUNDS,
+    _bias_strides,
     _dot_add_rows,
     _log2,
     _key_columns,

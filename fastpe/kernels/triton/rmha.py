@@ -407,12 +407,12 @@ def _keep_bytes(r, thr):
 @triton.jit
 def _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
     """Dropout keep mask of the tile ``offs_m x [start_n, start_n + BLOCK_N)``, kept where an 8-bit
-    draw >= p * 2**8 (``p`` a multiple of 1/256, see :func:`dropout_rate`). One Philox call (seed; ``(j // 32) * 4 + (j // 2) % 4``, i0, batch*head, 0)
-    with i0 = i - (i & 8) gives sixteen draws: rows i0 and i0 + 8, keys ``32a + 8t + 2q + {0, 1}``
-    (t = 0..3), the elements one thread holds of two rows of an MMA accumulator tile (rows g and
-    g + 8 of each 16-row slab, two adjacent columns every eight), so the compiler can draw them in
-    the score tile's own layout instead of exchanging them through shared memory. Word
-    ``2 (i & 8 > 0) + t // 2``, byte ``2 (t % 2) + j % 2``. Query blocks start at multiples of 16."""
+    draw >= p * 2**8 (``p`` a multiple of 1/256, see :func:`dropout_rate`). One Philox call (seed;
+    ``(j // 32) * 4 + (j // 2) % 4``, i0, batch*head, 0), i0 = i - (i & 8), gives sixteen draws: rows
+    i0 and i0 + 8, keys ``32a + 8t + 2q + {0, 1}`` (t = 0..3), the elements one thread holds of two
+    rows of an MMA accumulator tile (rows g and g + 8 of each 16-row slab, two adjacent columns every
+    eight), so the compiler draws them in the score tile's own layout, not through shared memory.
+    Word ``2 (i & 8 > 0) + t // 2``, byte ``2 (t % 2) + j % 2``. Query blocks start at multiples of 16."""
     M: tl.constexpr = offs_m.shape[0]
     SPANS: tl.constexpr = (BLOCK_N + 31) // 32
     low = tl.min(tl.reshape(offs_m, [M // 16, 2, 8]), axis=1)  # the lower row of each pair
