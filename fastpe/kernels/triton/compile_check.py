@@ -95,6 +95,8 @@ def rmha_variants():
     launches += _rmha_launches(512, 2, 50, 50, 32, 32, torch.float32, ("padding",), tf32=True)
     launches += _rmha_launches(512, 2, 50, 50, 32, 32, torch.bfloat16, ("padding",))
     launches += _rmha_launches(256, 2, 200, 200, 64, 64, torch.bfloat16, ("padding",))
+    # one query block over two key blocks: dk, dv stored per key block (float32: in column pairs)
+    launches += _rmha_launches(128, 1, 75, 75, 90, 90, torch.float32, ("padding", "dropout"))
     # 41 buckets, dv != dh, Lq != Lk, a 16-wide second chunk; and the largest head size
     launches += _rmha_launches(64, 2, 37, 75, 130, 50, torch.bfloat16, ("causal",), kmax=20, per_head=True, v_per_head=False)
     launches += _rmha_launches(64, 2, 37, 75, 256, 256, torch.bfloat16, ("padding",))

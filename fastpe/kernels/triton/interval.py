@@ -542,6 +542,8 @@ def _tisas_bwd_kernel(
 ):
     PAIRS: tl.constexpr = CVT_ASM and ALIGN < 16  # (rows not 16-byte aligned: rmha._store_rows)
     R: tl.constexpr = KT + 1
+    # float32 rows (dk, dv copies, table-gradient partials) 8-byte aligned: _dot_add_rows pairs columns
+    ACC_ALIGN: tl.constexpr = 8 if DH % 2 == 0 and DV % 2 == 0 else 0
     WIDTH: tl.constexpr = R * (DH + DV)
     DBX: tl.constexpr = DB if DB > 0 else 16
     DVBX: tl.constexpr = DVB if DVB > 0 else 16
@@ -689,13 +691,13 @@ def _tisas_bwd_kernel(
                         if DVB > 0:
                             dv_b = tl.dot(tl.trans(p_lo), do_b, dv_b, input_precision=DOT_PREC)
                     else:
-                        _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_a, 0, DA, DH, DOT_PREC, PTX)
-                        _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_a, 0, DVA, DV, DOT_PREC, PTX)
+                        _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_a, 0, DA, DH, DOT_PREC, PTX, ACC_ALIGN)
+                        _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_a, 0, DVA, DV, DOT_PREC, PTX, ACC_ALIGN)
                         if DB > 0:
                             dq_b = tl.dot(ds_lo, k_b, dq_b, input_precision=DOT_PREC)
-                            _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_b, DA, DB, DH, DOT_PREC, PTX)
+                            _dot_add_rows(dkacc, offs_n, n_mask, DH, ds_lo, q_b, DA, DB, DH, DOT_PREC, PTX, ACC_ALIGN)
                         if DVB > 0:
-                            _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_b, DVA, DVB, DV, DOT_PREC, PTX)
+                            _dot_add_rows(dvacc, offs_n, n_mask, DV, p_lo, do_b, DVA, DVB, DV, DOT_PREC, PTX, ACC_ALIGN)
 
             tl.debug_barrier()  # every atomic of the block has landed
             inv_ds_fixed = _pow2(-expo)
@@ -707,14 +709,14 @@ def _tisas_bwd_kernel(
                 # dq_i += sum_r W_dS[i, r] rk[r]; drk[r] += sum_i W_dS[i, r] q_i; drv[r] += sum_i W_P~[i, r] dO_i
                 rk_a = _load_rows(rk_base + c * srkr, cols, r_ok, srkr, srkd, 0, DA, DH, ALIGN)
                 dq_a = tl.dot(wd, rk_a, dq_a, input_precision=DOT_PREC)
-                _dot_add_rows(prow, rows, r_ok, DH, wd, q_a, 0, DA, DH, DOT_PREC, PTX)
-                _dot_add_rows(prow + R * DH, rows, r_ok, DV, wp, do_a, 0, DVA, DV, DOT_PREC, PTX)
+                _dot_add_rows(prow, rows, r_ok, DH, wd, q_a, 0, DA, DH, DOT_PREC, PTX, ACC_ALIGN)
+                _dot_add_rows(prow + R * DH, rows, r_ok, DV, wp, do_a, 0, DVA, DV, DOT_PREC, PTX, ACC_ALIGN)
                 if DB > 0:
                     rk_b = _load_rows(rk_base + c * srkr, cols, r_ok, srkr, srkd, DA, DB, DH, ALIGN)
                     dq_b = tl.dot(wd, rk_b, dq_b, input_precision=DOT_PREC)
-                    _dot_add_rows(prow, rows, r_ok, DH, wd, q_b, DA, DB, DH, DOT_PREC, PTX)
+                    _dot_add_rows(prow, rows, r_ok, DH, wd, q_b, DA, DB, DH, DOT_PREC, PTX, ACC_ALIGN)
                 if DVB > 0:
-                    _dot_add_rows(prow + R * DH, rows, r_ok, DV, wp, do_b, DVA, DVB, DV, DOT_PREC, PTX)
+                    _dot_add_rows(prow + R * DH, rows, r_ok, DV, wp, do_b, DVA, DVB, DV, DOT_PREC, PTX, ACC_ALIGN)
             # the clip bucket K
             one = tl.arange(0, 1) + KT
             one_ok = one < R
