@@ -814,7 +814,7 @@ def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, r
                         left_p, total_p, left_ds, total_ds, inner_p, inner_ds, rcols, offs_m, m_mask, dq_base,
                         sdqm, sdqd, p_scale, dt, KMAX: tl.constexpr, DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr,
                         DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr, DOT_PREC: tl.constexpr,
-                        ALIGN: tl.constexpr = 0, PAIRS: tl.constexpr = False):
+                        ALIGN: tl.constexpr = 0, PAIRS: tl.constexpr = False, PTX: tl.constexpr = False):
     """A query block whose keys are all visited: its bucket tables give the table gradients
     (``drk[r] += sum_i dS_bucket[i, r] q_i``, ``drv[r] += sum_i P~_bucket[i, r] dO_i``, added to this
     program's partial row ``row``, which only it touches) and the relative part of
@@ -825,16 +825,13 @@ def _finish_query_block(q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, r
     dsb = _bucket_table(inner_ds, left_ds, total_ds, rcols, KMAX).to(dt)
     pbt = (_bucket_table(inner_p, left_p, total_p, rcols, KMAX) * p_scale).to(dt)  # (see _bwd_tile)
     drv_row = row + R * DH
-    _store_rows(row, tl.dot(tl.trans(dsb), q_a, _load_rows(row, rcols, r_mask, DH, 1, 0, DA, DH), input_precision=DOT_PREC),
-                rcols, r_mask, DH, 1, 0, DA, DH)
-    _store_rows(drv_row, tl.dot(tl.trans(pbt), do_a, _load_rows(drv_row, rcols, r_mask, DV, 1, 0, DVA, DV),
-                                input_precision=DOT_PREC), rcols, r_mask, DV, 1, 0, DVA, DV)
+    ROW_ALIGN: tl.constexpr = 8 if DH % 2 == 0 and DV % 2 == 0 else 0  # (a row holds R x (DH + DV) floats)
+    _dot_add_rows(row, rcols, r_mask, DH, dsb, q_a, 0, DA, DH, DOT_PREC, PTX, ROW_ALIGN)
+    _dot_add_rows(drv_row, rcols, r_mask, DV, pbt, do_a, 0, DVA, DV, DOT_PREC, PTX, ROW_ALIGN)
     if DB > 0:
-        _store_rows(row, tl.dot(tl.trans(dsb), q_b, _load_rows(row, rcols, r_mask, DH, 1, DA, DB, DH),
-                                input_precision=DOT_PREC), rcols, r_mask, DH, 1, DA, DB, DH)
+        _dot_add_rows(row, rcols, r_mask, DH, dsb, q_b, DA, DB, DH, DOT_PREC, PTX, ROW_ALIGN)
     if DVB > 0:
-        _store_rows(drv_row, tl.dot(tl.trans(pbt), do_b, _load_rows(drv_row, rcols, r_mask, DV, 1, DVA, DVB, DV),
-                                    input_precision=DOT_PREC), rcols, r_mask, DV, 1, DVA, DVB, DV)
+        _dot_add_rows(drv_row, rcols, r_mask, DV, pbt, do_b, DVA, DVB, DV, DOT_PREC, PTX, ROW_ALIGN)
     rk_a = _load_rows(rk_base, rcols, r_mask, srkr, srkd, 0, DA, DH)
     dq_a = tl.dot(dsb, rk_a, dq_a, input_precision=DOT_PREC)
     _store_rows(dq_base, dq_a, offs_m, m_mask, sdqm, sdqd, 0, DA, DH, ALIGN, False, PAIRS)
@@ -1017,7 +1014,7 @@ def _rmha_bwd_kernel(
                 _finish_query_block(
                     q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                     left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
-                    sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN, PAIRS)
+                    sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN, PAIRS, PTX)
             if KV_IN_REGS:
                 kv_ok = offs_kv < LK
                 _store_kv_rows(dk_base, dv_base, dk_a, dk_b, dv_a * p_scale, dv_b * p_scale, offs_kv, kv_ok,
@@ -1129,7 +1126,7 @@ def _rmha_bwd_kernel(
                 _finish_query_block(
                     q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
                     left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
-                    sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN, PAIRS)
+                    sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN, PAIRS, PTX)
 
 
 @triton.jit
