@@ -86,6 +86,13 @@ def _tile(base, rows, cols, stride_r, stride_c, ALIGN: tl.constexpr = 0):
 
 
 @triton.jit
+def _column_pairs(x):
+    """The even and the odd columns of an ``[M, N]`` tile, ``[M, N / 2]`` each. In a dot's layout
+    one thread holds both columns of a pair: no data moves."""
+    return tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
+
+
+@triton.jit
 def _load_rows(base, rows, row_mask, stride_r, stride_c, C0: tl.constexpr, C: tl.constexpr, CMAX: tl.constexpr, ALIGN: tl.constexpr = 0):
     """``[len(rows), C]`` tile of columns ``C0 .. C0+C`` (zero beyond ``CMAX`` and masked rows)."""
     cols = C0 + tl.arange(0, C)
@@ -124,9 +131,9 @@ def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr,
     mask = row_mask[:, None] & (cols[None, :] < CMAX)
     if CVT_ASM and base.dtype.element_ty.primitive_bitwidth == 16 and ALIGN >= 4 and CMAX % 2 == 0:
         # (C0 and CMAX even, ALIGN >= 4 (rows contiguous, 4-byte aligned): a pair is stored whole or not at all)
-        even_p, _odd_p = tl.split(tl.reshape(ptrs, [ptrs.shape[0], C // 2, 2]))
-        even_m, _odd_m = tl.split(tl.reshape(mask, [mask.shape[0], C // 2, 2]))
-        even, odd = tl.split(tl.reshape(val, [val.shape[0], C // 2, 2]))
+        even_p, _odd_p = _column_pairs(ptrs)
+        even_m, _odd_m = _column_pairs(mask)
+        even, odd = _column_pairs(val)
         args = [even_p.to(tl.int64, bitcast=True), even_m.to(tl.int32), odd, even]
         if base.dtype.element_ty == tl.bfloat16:
             tl.inline_asm_elementwise(
@@ -138,9 +145,9 @@ def _store_rows(base, val, rows, row_mask, stride_r, stride_c, C0: tl.constexpr,
                 "@p st.global.b32 [$1], v; mov.b32 $0, 0; }", "=r,l,r,r,r", args, dtype=tl.int32, is_pure=False, pack=1)
     elif PTX and base.dtype.element_ty == tl.float32 and ALIGN >= 8 and CMAX % 2 == 0:
         # float32 in pairs of adjacent columns, one st.global.v2 each (see _dot_add_rows)
-        even_p, _odd_p = tl.split(tl.reshape(ptrs, [ptrs.shape[0], C // 2, 2]))
-        even_m, _odd_m = tl.split(tl.reshape(mask, [mask.shape[0], C // 2, 2]))
-        even, odd = tl.split(tl.reshape(val, [val.shape[0], C // 2, 2]))
+        even_p, _odd_p = _column_pairs(ptrs)
+        even_m, _odd_m = _column_pairs(mask)
+        even, odd = _column_pairs(val)
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p st.global.v2.b32 [$1], {$3, $4}; mov.b32 $0, 0; }",
             "=r,l,r,r,r", [even_p.to(tl.int64, bitcast=True), even_m.to(tl.int32), even.to(tl.int32, bitcast=True),
@@ -193,8 +200,8 @@ def _dot_add_rows(base, rows, row_mask, stride_r, a, b_, C0: tl.constexpr, C: tl
     mask = row_mask[:, None] & (cols[None, :] < CMAX)
     if PTX and ALIGN >= 8 and CMAX % 2 == 0:
         # adjacent columns in pairs, one ld.global.v2 each (a pair is loaded whole or not at all)
-        even_p, _odd_p = tl.split(tl.reshape(ptrs, [ptrs.shape[0], C // 2, 2]))
-        even_m, _odd_m = tl.split(tl.reshape(mask, [mask.shape[0], C // 2, 2]))
+        even_p, _odd_p = _column_pairs(ptrs)
+        even_m, _odd_m = _column_pairs(mask)
         lo, hi = tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.s32 p, $3, 0; mov.b32 $0, 0; mov.b32 $1, 0; "
             "@p ld.global.v2.b32 {$0, $1}, [$2]; }",
@@ -291,9 +298,8 @@ def _round_pack(hi, lo, dt, CVT_ASM: tl.constexpr):
 @triton.jit
 def _pair_columns(x):
     """Adjacent columns of a uint32 ``[M, N]`` tile packed in pairs, ``[M, N / 2]`` uint64 (see
-    :func:`_inner_diagonals_of_pairs`). In the MMA layout one thread holds both columns of a pair:
-    no data moves."""
-    even, odd = tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
+    :func:`_inner_diagonals_of_pairs` and :func:`_column_pairs`)."""
+    even, odd = _column_pairs(x)
     return even.to(tl.uint64) | (odd.to(tl.uint64) << 32)
 
 
@@ -535,7 +541,7 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
         elif BAND:
             pl = pl * alpha + tl.sum(tl.where(_left_of_band(offs_m_local, delta, KMAX, BLOCK_N), p, 0.0), axis=1)
             if p_lo.dtype.primitive_bitwidth == 16:  # (P~ rounded as the dot takes it)
-                even, odd = tl.split(tl.reshape(p, [p.shape[0], BLOCK_N // 2, 2]))
+                even, odd = _column_pairs(p)
                 bits, ok = _inner_diagonals_of_pairs(_round_pack(odd, even, p_lo.dtype, CVT_ASM), offs_m_local,
                                                      delta, rcols, KMAX, BLOCK_N)
                 diag = tl.where(ok, bits.to(p_lo.dtype, bitcast=True).to(tl.float32), 0.0)
