@@ -94,7 +94,7 @@ def _rmha_fwd_op(
 @_rmha_fwd_op.register_fake
 def _(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, scale):
     b, h, lq, _ = q.shape
-    return q.new_empty((b, h, lq, v.shape[-1])), q.new_empty((b, h, lq), dtype=torch.float32)
+    return q.new_empty((b, h, lq, v.shape[-1])), q.new_empty((b, h, 2, lq), dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::rmha_bwd", mutates_args=())

@@ -12,7 +12,9 @@ term accumulates ``2k+1`` bucket sums of ``P~`` per row next to ``P~ V`` and is 
 more small ``tl.dot`` at the end. Keys are visited in blocks with an online softmax; for
 short sequences one block holds the whole sequence. Nothing of size ``[L, L, dh]`` exists.
 
-Backward: recomputes ``P`` from the saved log-sum-exp. Two modes:
+Backward: recomputes ``P`` from the saved log-sum-exp; the forward also saves each row's sum of
+``P~`` (the kept probabilities), whose bucket ``2k`` share the backward takes as that total less
+the other buckets, with no row sum of ``P~`` per tile. Two modes:
 
 * ``fused`` (one pass, up to 256 keys): a program owns whole (batch, head) sequences, loops over
   query blocks and, inside, over key blocks; every tile's ``P~`` and ``dS`` is computed once, and
@@ -722,6 +724,7 @@ def _rmha_fwd_kernel(
     # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0).
     lse = tl.where(has_key, m_i + _log2(tl.where(has_key, l_i, 1.0), PTX), 0.0)
     inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
+    kept = pt * inv_l  # the row sums of P~ (1 without dropout, 0 without keys), for the backward
     if HAS_DROPOUT:  # the kept probabilities' scale, left out of the tiles
         inv_l = inv_l * (1.0 / (1.0 - dropout_p))
     inner = inner * inv_l[:, None]
@@ -739,7 +742,8 @@ def _rmha_fwd_kernel(
         rv_b = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, DVA, DVB, DV)
         o_b = tl.dot(pbn, rv_b, acc_b * inv_l[:, None], input_precision=DOT_PREC)
         _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN, False, PAIRS)
-    tl.store(LSE + bh * LQ + offs_m, lse, mask=m_mask)
+    tl.store(LSE + bh * 2 * LQ + offs_m, lse, mask=m_mask)
+    tl.store(LSE + bh * 2 * LQ + LQ + offs_m, kept, mask=m_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -748,11 +752,12 @@ def _rmha_fwd_kernel(
 
 
 @triton.jit
-def _load_query_block(q_base, do_base, o_base, lse_base, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
+def _load_query_block(q_base, do_base, o_base, lse_base, LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
                       rk_a, rk_b, rv_a, rv_b, scale, DA: tl.constexpr, DB: tl.constexpr, DH: tl.constexpr,
                       DVA: tl.constexpr, DVB: tl.constexpr, DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr = 0):
     """What the backward needs of one query block: q and dO (split at DA / DVA), D_i scale with
-    D_i = rowsum(dO o O), q.rk^T and dO.rv^T over the buckets, and the forward's log-sum-exp."""
+    D_i = rowsum(dO o O), q.rk^T and dO.rv^T over the buckets, and the forward's log-sum-exp and
+    row sums of P~ (the two planes of ``lse_base``, ``LQ`` apart)."""
     q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH, ALIGN)
     do_a = _load_rows(do_base, offs_m, m_mask, sdom, sdod, 0, DVA, DV, ALIGN)
     di = tl.sum(do_a.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, 0, DVA, DV, ALIGN).to(tl.float32), axis=1)
@@ -768,7 +773,8 @@ def _load_query_block(q_base, do_base, o_base, lse_base, offs_m, m_mask, sqm, sq
         di += tl.sum(do_b.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN).to(tl.float32), axis=1)
         dorv = tl.dot(do_b, tl.trans(rv_b), dorv, input_precision=DOT_PREC)
     lse = tl.load(lse_base + offs_m, mask=m_mask, other=0.0)
-    return q_a, q_b, do_a, do_b, di * scale, qr, dorv, lse
+    kept = tl.load(lse_base + LQ + offs_m, mask=m_mask, other=0.0)
+    return q_a, q_b, do_a, do_b, di * scale, qr, dorv, lse, kept
 
 
 @triton.jit
@@ -824,25 +830,21 @@ def _bucket_table(inner, left, total, rcols, KMAX: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(p, ds, left_p, total_p, left_ds, total_ds, offs_m, start_n, delta,
+def _row_stats(p, ds, left_p, left_ds, total_ds, offs_m, start_n, delta,
                KMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Add one tile to a query block's row sums and bucket 0 sums of P~ and dS. Called before the
-    tile's GEMMs, so that P~ and dS in float32 die there (kept past the GEMMs they spilled: S2
-    1232 -> 460 B). The dS row sums stay summed, not set to their exact value 0: dS carries the
-    rounding of D = dO . O (O stored in 16 bits), and bucket 2k = total - the others keeps that
-    error per bucket instead of moving all of it into bucket 2k."""
-    tile_p = tl.sum(p, axis=1)
-    tile_ds = tl.sum(ds, axis=1)
-    total_p += tile_p
-    total_ds += tile_ds
-    if _meets_band(delta, KMAX, BLOCK_M, BLOCK_N):
+    """Add one tile to a query block's bucket 0 sums of P~ and dS and its row sums of dS (those of P~
+    come from the forward). Called before the tile's GEMMs, so that P~ and dS in float32 die
+    there (kept past the GEMMs they spilled: S2 1232 -> 460 B). The dS row sums stay summed, not
+    set to their exact value 0: dS carries the rounding of D = dO . O (O stored in 16 bits), and
+    bucket 2k = total - the others keeps that error per bucket instead of moving all of it into
+    bucket 2k. A tile left of the band takes the band tiles' path (all its elements are left of
+    the band): one compiled path, not two."""
+    total_ds += tl.sum(ds, axis=1)
+    if delta < BLOCK_M + KMAX - 1:  # meets the band or lies left of it
         left = _left_of_band(offs_m, start_n, KMAX, BLOCK_N)
         left_p += tl.sum(tl.where(left, p, 0.0), axis=1)
         left_ds += tl.sum(tl.where(left, ds, 0.0), axis=1)
-    elif delta < 0:  # wholly left of the band: bucket 0
-        left_p += tile_p
-        left_ds += tile_ds
-    return left_p, total_p, left_ds, total_ds
+    return left_p, left_ds, total_ds
 
 
 @triton.jit
@@ -988,15 +990,14 @@ def _rmha_bwd_kernel(
                 m_mask = _below(start_m, BLOCK_M, LQ)
                 rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
                 rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
-                q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse = _load_query_block(
-                    q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
+                q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse, total_p = _load_query_block(
+                    q_base, do_base, o_base, LSE + bh * 2 * LQ, LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
                     rk_a, rk_b, rv_a, rv_b, scale, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
                 qr = _gather_ready(qr)
                 dorv = _gather_ready(dorv)
                 dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
                 dq_b = tl.zeros([BLOCK_M, DBX], tl.float32)
                 left_p = tl.zeros([BLOCK_M], tl.float32)
-                total_p = tl.zeros([BLOCK_M], tl.float32)
                 left_ds = tl.zeros([BLOCK_M], tl.float32)
                 total_ds = tl.zeros([BLOCK_M], tl.float32)
                 inner_a, inner_b = _inner_zeros(BLOCK_M, R_PAD, dt)
@@ -1013,8 +1014,8 @@ def _rmha_bwd_kernel(
                                                offs_m, offs_n, start_n, m_mask, n_mask, col_ok, b, h, bh,
                                                BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
                                                KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
-                        left_p, total_p, left_ds, total_ds = _row_stats(
-                            p_drop, ds, left_p, total_p, left_ds, total_ds, offs_m, start_n, delta, KMAX, BLOCK_M, BLOCK_N)
+                        left_p, left_ds, total_ds = _row_stats(
+                            p_drop, ds, left_p, left_ds, total_ds, offs_m, start_n, delta, KMAX, BLOCK_M, BLOCK_N)
                         p_lo = p_drop.to(dt)
                         ds_lo = ds.to(dt)
                         if _meets_band(delta, KMAX, BLOCK_M, BLOCK_N):
@@ -1103,8 +1104,8 @@ def _rmha_bwd_kernel(
                 m_mask = _below(start_m, BLOCK_M, LQ)
                 rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
                 rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
-                q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse = _load_query_block(
-                    q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
+                q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse, total_p = _load_query_block(
+                    q_base, do_base, o_base, LSE + bh * 2 * LQ, LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
                     rk_a, rk_b, rv_a, rv_b, scale, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
                 delta = start_n - start_m
                 p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di_scaled, lse,
@@ -1128,15 +1129,14 @@ def _rmha_bwd_kernel(
             m_mask = offs_m < LQ
             rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
             rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
-            q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse = _load_query_block(
-                q_base, do_base, o_base, LSE + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
+            q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse, total_p = _load_query_block(
+                q_base, do_base, o_base, LSE + bh * 2 * LQ, LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
                 rk_a, rk_b, rv_a, rv_b, scale, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
             qr = _gather_ready(qr)
             dorv = _gather_ready(dorv)
             dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
             dq_b = tl.zeros([BLOCK_M, DBX], tl.float32)
             left_p = tl.zeros([BLOCK_M], tl.float32)
-            total_p = tl.zeros([BLOCK_M], tl.float32)
             left_ds = tl.zeros([BLOCK_M], tl.float32)
             total_ds = tl.zeros([BLOCK_M], tl.float32)
             inner_a, inner_b = _inner_zeros(BLOCK_M, R_PAD, dt)
@@ -1154,8 +1154,8 @@ def _rmha_bwd_kernel(
                                         offs_m, offs_n2, start_n2, m_mask, n_mask2, col_ok2, b, h, bh,
                                         BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
                                         KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
-                    left_p, total_p, left_ds, total_ds = _row_stats(
-                        p2, ds2, left_p, total_p, left_ds, total_ds, offs_m, start_n2, delta2, KMAX, BLOCK_M, BLOCK_N)
+                    left_p, left_ds, total_ds = _row_stats(
+                        p2, ds2, left_p, left_ds, total_ds, offs_m, start_n2, delta2, KMAX, BLOCK_M, BLOCK_N)
                     ds2_lo = ds2.to(dt)
                     if _meets_band(delta2, KMAX, BLOCK_M, BLOCK_N):
                         inner_a, inner_b = _add_band_grads(inner_a, inner_b, p2, ds2, dt, offs_m_local, delta2,
@@ -1357,12 +1357,13 @@ def _table_strides(t: torch.Tensor):
 
 
 def plan_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, scale):
-    """Allocate ``out [B, h, Lq, dv]`` and ``lse [B, h, Lq]`` (float32) and plan the launch."""
+    """Allocate ``out [B, h, Lq, dv]`` and ``lse [B, h, 2, Lq]`` (float32: the rows' log2-sum-exp,
+    then their sums of ``P~``, which the backward reads) and plan the launch."""
     _check_supported(q, v, rel_k)
     b, h, lq, dh = q.shape
     lk, dv = k.shape[2], v.shape[-1]
     out = _launch.empty((b, h, lq, dv), q.dtype, q.device)
-    lse = _launch.empty((b, h, lq), torch.float32, q.device)
+    lse = _launch.empty((b, h, 2, lq), torch.float32, q.device)
     cfg = fwd_config(b, h, lq, lk, dh, dv, q.device, q.dtype)
     kpm_t = kpm.view(torch.uint8) if kpm is not None else q
     bias_t = bias if bias is not None else q
