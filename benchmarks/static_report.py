@@ -128,8 +128,9 @@ def plan_op(op, dims, dtype, dropout):
         scale = 1.0 / math.sqrt(dh)
         dout = _heads_view(torch.zeros(b, length, d, dtype=dtype), b, length, h, dh)  # grad of out.transpose(1, 2)
         if op == "rmha":
-            out, lse, fwd = rmha.plan_forward(q, k, v, rel_k, rel_v, kpm, None, seed, False, p, scale)
-            *_grads, bwd = rmha.plan_backward(dout, q, k, v, rel_k, rel_v, kpm, None, seed, out, lse, False, p, scale)
+            out, lse, p_sums, fwd = rmha.plan_forward(q, k, v, rel_k, rel_v, kpm, None, seed, False, p, scale)
+            *_grads, bwd = rmha.plan_backward(dout, q, k, v, rel_k, rel_v, kpm, None, seed, out, lse, p_sums, False, p,
+                                              scale)
         else:
             tau = torch.zeros(b, length, dtype=torch.int32)  # the int32 time steps the op computes
             out, lse, fwd = interval.plan_forward(q, k, v, rel_k, rel_v, tau, kpm, None, seed, False, p, scale)

@@ -39,8 +39,8 @@ def rmha_problem():
     dropout, scale = 0.1, DH**-0.5
 
     def plan():
-        out, lse, _ = _ops._plan_rmha_forward(q, k, v, rk, rv, kpm, None, seed, False, dropout, scale)
-        _ops._plan_rmha_backward(out, q, k, v, rk, rv, kpm, None, seed, out, lse, False, dropout, scale)
+        out, lse, p_sums, _ = _ops._plan_rmha_forward(q, k, v, rk, rv, kpm, None, seed, False, dropout, scale)
+        _ops._plan_rmha_backward(out, q, k, v, rk, rv, kpm, None, seed, out, lse, p_sums, False, dropout, scale)
 
     grad = torch.ones(B, H, L, DH, dtype=DTYPE)
 

@@ -65,7 +65,7 @@ def _op_cases():
     # transposed views where the real ops meet them: fake outputs must get the real strides
     # a shared rel_k and per-head rel_v: the two tables' gradients are reduced differently
     q, k, v, rk, rv = t(2, 5, 2, 8).transpose(1, 2), t(2, 2, 5, 8), t(2, 5, 2, 8).transpose(1, 2), t(1, 9, 8), t(2, 8, 9).mT
-    out, lse = ops.rmha_fwd(q, k, v, rk, rv, kpm, bias, seed, True, 0.2, 0.3)
+    out, lse, p_sums = ops.rmha_fwd(q, k, v, rk, rv, kpm, bias, seed, True, 0.2, 0.3)
     x4, ang, x3 = t(2, 2, 5, 8).transpose(1, 2), t(4, 6).t(), t(2, 5, 8)
     pos = torch.tensor([0, 1, 1, 3, 5], device=DEVICE)
     xc, tab, w, b = t(5, 2, 8).transpose(0, 1), t(6, 4), t(3, 12), t(3)
@@ -74,7 +74,8 @@ def _op_cases():
 
     return {
         "rmha_fwd": (ops.rmha_fwd.default, (q, k, v, rk, rv, kpm, bias, seed, True, 0.2, 0.3)),
-        "rmha_bwd": (ops.rmha_bwd.default, plain((t(2, 2, 5, 8), q, k, v, rk, rv, kpm, bias, seed, out, lse, True, 0.2, 0.3))),
+        "rmha_bwd": (ops.rmha_bwd.default,
+                     plain((t(2, 2, 5, 8), q, k, v, rk, rv, kpm, bias, seed, out, lse, p_sums, True, 0.2, 0.3))),
         "rotary_fwd": (ops.rotary_fwd.default, (x4, ang, None, True)),
         "rotary_bwd": (ops.rotary_bwd.default, plain((t(2, 5, 2, 8), x4, ang, pos, False))),
         "rotatory_add_fwd": (ops.rotatory_add_fwd.default, (x3, ang, pos)),

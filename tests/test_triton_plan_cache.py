@@ -25,9 +25,9 @@ def rmha_args(b=3, h=2, length=21, dh=30, dropout=0.1):
 
 def rmha_bwd_args(b=3, h=2, length=21, dh=30):
     q, k, v, rk, rv, kpm, bias, seed, causal, p, scale = rmha_args(b, h, length, dh)
-    out, lse = torch.randn(b, h, length, dh), torch.randn(b, h, length)
+    out, lse, p_sums = torch.randn(b, h, length, dh), torch.randn(b, h, length), torch.rand(b, h, length)
     dout = torch.randn(b, length, h, dh).transpose(1, 2)
-    return (dout, q, k, v, rk, rv, kpm, bias, seed, out, lse, causal, p, scale)
+    return (dout, q, k, v, rk, rv, kpm, bias, seed, out, lse, p_sums, causal, p, scale)
 
 
 def tisas_args():
@@ -177,8 +177,8 @@ def test_cached_buffers_are_poisoned_like_fresh_ones(monkeypatch):
     monkeypatch.setattr(_launch, "POISON", True)
     plan = _launch.cached(rmha, "plan_forward")
     plan(*rmha_args())
-    out, lse, _launches = plan(*rmha_args())
-    assert plan.hits == 1 and out.isnan().all() and lse.isnan().all()
+    out, lse, p_sums, _launches = plan(*rmha_args())
+    assert plan.hits == 1 and out.isnan().all() and lse.isnan().all() and p_sums.isnan().all()
 
 
 def test_the_switch_turns_the_cache_off(monkeypatch):
@@ -195,9 +195,9 @@ def test_a_replaced_planner_takes_effect_at_once(monkeypatch):
     real = rmha.plan_forward
 
     def shorter(q, *args):
-        out, lse, launches = real(q, *args)
+        *outputs, launches = real(q, *args)
         launches[0].args["LQ"] = 1
-        return out, lse, launches
+        return *outputs, launches
 
     monkeypatch.setattr(rmha, "plan_forward", shorter)
     assert plan(*rmha_args())[-1][0].args["LQ"] == 1
@@ -268,14 +268,14 @@ def test_a_plan_that_writes_into_its_buffers_is_replanned_not_reused(monkeypatch
     real = rmha.plan_forward
 
     def zeroing(*args):
-        out, lse, launches = real(*args)
+        out, lse, p_sums, launches = real(*args)
         lse.zero_()
-        return out, lse, launches
+        return out, lse, p_sums, launches
 
     monkeypatch.setattr(rmha, "plan_forward", zeroing)
     plan = _launch.cached(rmha, "plan_forward")
     plan(*rmha_args())
-    _out, lse, _launches = plan(*rmha_args())
+    _out, lse, _p_sums, _launches = plan(*rmha_args())
     assert plan.hits == 0 and plan.misses == 2
     assert (lse == 0).all()
 

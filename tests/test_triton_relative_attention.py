@@ -61,7 +61,8 @@ def backward_constexprs(b, h, L, dh, dtype=torch.float32):
 
     q = torch.zeros(b, h, L, dh, dtype=dtype, device=DEVICE)
     tables = torch.zeros(1, 9, dh, dtype=dtype, device=DEVICE)
-    *_grads, (main, *_rest) = rmha.plan_backward(q, q, q, q, tables, tables, None, None, None, q, q[..., 0].float(),
+    row = q[..., 0].float()
+    *_grads, (main, *_rest) = rmha.plan_backward(q, q, q, q, tables, tables, None, None, None, q, row, row,
                                                  False, 0.0, 0.1)
     return main.constexprs
 
@@ -254,10 +255,10 @@ def test_tables_shared_differently(k_per_head):
     # the kernels' own gradients have the tables' shapes (autograd would silently sum a wrong one)
     f = [t.detach().float() for t in inputs]
     rk3, rv3 = (t if t.dim() == 3 else t[None] for t in f[3:])
-    out, lse, launches = rmha.plan_forward(*f[:3], rk3, rv3, None, None, None, False, 0.0, 0.3)
+    out, lse, p_sums, launches = rmha.plan_forward(*f[:3], rk3, rv3, None, None, None, False, 0.0, 0.3)
     cfg = launch_cfg()
     cfg.run(launches)
-    *grads, launches = rmha.plan_backward(out, *f[:3], rk3, rv3, None, None, None, out, lse, False, 0.0, 0.3)
+    *grads, launches = rmha.plan_backward(out, *f[:3], rk3, rv3, None, None, None, out, lse, p_sums, False, 0.0, 0.3)
     cfg.run(launches)
     assert [g.shape for g in grads] == [t.shape for t in (*f[:3], rk3, rv3)]
 
@@ -321,9 +322,9 @@ def test_poison_switch_catches_an_unwritten_element(monkeypatch):
     real = rmha.plan_forward
 
     def skipping_last_row(q, *args):
-        out, lse, launches = real(q, *args)
+        *outputs, launches = real(q, *args)
         launches[0].args["LQ"] = q.shape[2] - 1  # the kernel now believes the sequence is shorter
-        return out, lse, launches
+        return *outputs, launches
 
     monkeypatch.setattr(rmha, "plan_forward", skipping_last_row)
     q, k, v, rk, rv = rmha_inputs(1, 1, 5, 5, 8)
@@ -570,8 +571,8 @@ def test_compiled_only_paths_use_inline_ptx_only_in_compiled_kernels(monkeypatch
     out, lse = torch.zeros_like(q), torch.zeros(q.shape[:3])
 
     def planned():
-        [fwd] = plan_forward(q, k, v, rk, rv, None, None, None, False, 0.0, 0.25)[2]
-        bwd = plan_backward(q, q, k, v, rk, rv, None, None, None, out, lse, False, 0.0, 0.25)[-1][0]
+        [fwd] = plan_forward(q, k, v, rk, rv, None, None, None, False, 0.0, 0.25)[-1]
+        bwd = plan_backward(q, q, k, v, rk, rv, None, None, None, out, lse, lse, False, 0.0, 0.25)[-1][0]
         return fwd.constexprs["PTX"], bwd.constexprs["PTX"]
 
     compiled = not _launch.triton_interpreter_enabled()
@@ -592,7 +593,7 @@ def test_band_tiles_by_column_are_planned_only_where_the_inner_diagonals_fit_a_k
     def diag(L, kmax, **knobs):
         q, k, v, rk, rv = (t.detach().half() for t in rmha_inputs(2, 1, L, L, 16, kmax=kmax, per_head=True))
         with _launch.override("rmha_fwd", **knobs):
-            [fwd] = plan_forward(q, k, v, rk, rv, None, None, None, False, 0.0, 0.25)[2]
+            [fwd] = plan_forward(q, k, v, rk, rv, None, None, None, False, 0.0, 0.25)[-1]
         return fwd.constexprs["DIAG"]
 
     assert diag(70, 8, block_m=16, block_n=16, diag=1) and not diag(70, 9, block_m=16, block_n=16, diag=1)
@@ -610,7 +611,7 @@ def test_packed_conversions_need_sm80_and_a_compiled_kernel(monkeypatch):
     from fastpe.kernels.triton.rmha import plan_forward
 
     q, k, v, rk, rv = (t.detach().half() for t in rmha_inputs(1, 1, 20, 20, 16, per_head=True))
-    [launch] = plan_forward(q, k, v, rk, rv, None, None, None, False, 0.0, 0.25)[2]
+    [launch] = plan_forward(q, k, v, rk, rv, None, None, None, False, 0.0, 0.25)[-1]
     assert launch.constexprs["CVT_ASM"] is _launch.packed_cvt(q.device)
     monkeypatch.setattr(_launch, "triton_interpreter_enabled", lambda: True)
     assert not _launch.packed_cvt(torch.device("cpu"))

@@ -54,14 +54,15 @@ def _needs_grad(*tensors) -> bool:
 
 
 def _rmha_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, scale):
-    out, lse, launches = _plan_rmha_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, scale)
+    out, lse, p_sums, launches = _plan_rmha_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p,
+                                                    scale)
     _launch.run(launches)
-    return out, lse
+    return out, lse, p_sums
 
 
-def _rmha_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_causal, dropout_p, scale):
+def _rmha_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, p_sums, is_causal, dropout_p, scale):
     dq, dk, dv, drk, drv, launches = _plan_rmha_backward(
-        dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_causal, dropout_p, scale
+        dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, p_sums, is_causal, dropout_p, scale
     )
     _launch.run(launches)
     return dq, dk, dv, drk, drv
@@ -70,15 +71,15 @@ def _rmha_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_ca
 class _RelativeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, scale):
-        out, lse = _rmha_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, scale)
-        ctx.save_for_backward(q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse)
+        out, lse, p_sums = _rmha_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, scale)
+        ctx.save_for_backward(q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, p_sums)
         ctx.options = (is_causal, dropout_p, scale)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse = ctx.saved_tensors
-        grads = _rmha_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, *ctx.options)
+        q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, p_sums = ctx.saved_tensors
+        grads = _rmha_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, p_sums, *ctx.options)
         return (*grads, None, None, None, None, None, None)
 
 
@@ -87,41 +88,41 @@ def _rmha_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_k: torch.Tensor, rel_v: torch.Tensor,
     kpm: torch.Tensor | None, bias: torch.Tensor | None, seed: torch.Tensor | None,
     is_causal: bool, dropout_p: float, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _rmha_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, scale)
 
 
 @_rmha_fwd_op.register_fake
 def _(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, scale):
     b, h, lq, _ = q.shape
-    return q.new_empty((b, h, lq, v.shape[-1])), q.new_empty((b, h, 2, lq), dtype=torch.float32)
+    return q.new_empty((b, h, lq, v.shape[-1])), *(q.new_empty((b, h, lq), dtype=torch.float32) for _ in range(2))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::rmha_bwd", mutates_args=())
 def _rmha_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_k: torch.Tensor,
     rel_v: torch.Tensor, kpm: torch.Tensor | None, bias: torch.Tensor | None, seed: torch.Tensor | None,
-    out: torch.Tensor, lse: torch.Tensor, is_causal: bool, dropout_p: float, scale: float,
+    out: torch.Tensor, lse: torch.Tensor, p_sums: torch.Tensor, is_causal: bool, dropout_p: float, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _rmha_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_causal, dropout_p, scale)
+    return _rmha_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, p_sums, is_causal, dropout_p, scale)
 
 
 @_rmha_bwd_op.register_fake
-def _(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_causal, dropout_p, scale):
+def _(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, p_sums, is_causal, dropout_p, scale):
     # the real op allocates contiguous gradients whatever the inputs' strides: so must the fake
     return tuple(t.new_empty(t.shape) for t in (q, k, v, rel_k, rel_v))
 
 
 def _rmha_setup_context(ctx, inputs, output):
     q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse)
+    out, lse, p_sums = output
+    ctx.save_for_backward(q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, p_sums)
     ctx.options = (is_causal, dropout_p, scale)
 
 
-def _rmha_op_backward(ctx, dout, _dlse):
-    q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse = ctx.saved_tensors
-    grads = _rmha_bwd_op(dout.contiguous(), q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, *ctx.options)
+def _rmha_op_backward(ctx, dout, _dlse, _dp_sums):
+    q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, p_sums = ctx.saved_tensors
+    grads = _rmha_bwd_op(dout.contiguous(), q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, p_sums, *ctx.options)
     return (*grads, None, None, None, None, None, None)
 
 
@@ -144,11 +145,11 @@ def relative_attention(q, k, v, rel_k, rel_v, key_padding_mask=None, attn_bias=N
     seed = torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64) if dropout_p > 0.0 else None
     bias = None if attn_bias is None else attn_bias.detach()
     if torch.compiler.is_compiling():
-        out, _lse = _rmha_fwd_op(q, k, v, rel_k, rel_v, key_padding_mask, bias, seed, bool(is_causal), dropout_p, scale)
+        out = _rmha_fwd_op(q, k, v, rel_k, rel_v, key_padding_mask, bias, seed, bool(is_causal), dropout_p, scale)[0]
         return out
     if _needs_grad(q, k, v, rel_k, rel_v):
         return _RelativeAttention.apply(q, k, v, rel_k, rel_v, key_padding_mask, bias, seed, bool(is_causal), dropout_p, scale)
-    out, _lse = _rmha_forward(q, k, v, rel_k, rel_v, key_padding_mask, bias, seed, bool(is_causal), dropout_p, scale)
+    out = _rmha_forward(q, k, v, rel_k, rel_v, key_padding_mask, bias, seed, bool(is_causal), dropout_p, scale)[0]
     return out
 
 

@@ -75,8 +75,8 @@ def _rmha_launches(b, h, lq, lk, dh, dv, dtype, masks, kmax=4, per_head=False, t
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        out, lse, fwd = rmha.plan_forward(q, k, v, rk, rv, kpm, bias, seed, causal, dropout, 0.1)
-        *_grads, bwd = rmha.plan_backward(out, q, k, v, rk, rv, kpm, bias, seed, out, lse, causal, dropout, 0.1)
+        out, lse, p_sums, fwd = rmha.plan_forward(q, k, v, rk, rv, kpm, bias, seed, causal, dropout, 0.1)
+        *_grads, bwd = rmha.plan_backward(out, q, k, v, rk, rv, kpm, bias, seed, out, lse, p_sums, causal, dropout, 0.1)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     return fwd + bwd

@@ -600,7 +600,7 @@ def _band_key_range(start_m, hi, KMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOC
 
 @triton.jit
 def _rmha_fwd_kernel(
-    Q, K, V, RK, RV, KPM, BIAS, SEED, O, LSE,
+    Q, K, V, RK, RV, KPM, BIAS, SEED, O, LSE, PSUM,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -742,8 +742,8 @@ def _rmha_fwd_kernel(
         rv_b = _load_rows(RV + h * srvh, rcols, r_mask, srvr, srvd, DVA, DVB, DV)
         o_b = tl.dot(pbn, rv_b, acc_b * inv_l[:, None], input_precision=DOT_PREC)
         _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN, False, PAIRS)
-    tl.store(LSE + bh * 2 * LQ + offs_m, lse, mask=m_mask)
-    tl.store(LSE + bh * 2 * LQ + LQ + offs_m, kept, mask=m_mask)
+    tl.store(LSE + bh * LQ + offs_m, lse, mask=m_mask)
+    tl.store(PSUM + bh * LQ + offs_m, kept, mask=m_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -752,12 +752,12 @@ def _rmha_fwd_kernel(
 
 
 @triton.jit
-def _load_query_block(q_base, do_base, o_base, lse_base, LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
+def _load_query_block(q_base, do_base, o_base, lse_base, psum_base, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
                       rk_a, rk_b, rv_a, rv_b, scale, DA: tl.constexpr, DB: tl.constexpr, DH: tl.constexpr,
                       DVA: tl.constexpr, DVB: tl.constexpr, DV: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr = 0):
     """What the backward needs of one query block: q and dO (split at DA / DVA), D_i scale with
     D_i = rowsum(dO o O), q.rk^T and dO.rv^T over the buckets, and the forward's log-sum-exp and
-    row sums of P~ (the two planes of ``lse_base``, ``LQ`` apart)."""
+    row sums of P~."""
     q_a = _load_rows(q_base, offs_m, m_mask, sqm, sqd, 0, DA, DH, ALIGN)
     do_a = _load_rows(do_base, offs_m, m_mask, sdom, sdod, 0, DVA, DV, ALIGN)
     di = tl.sum(do_a.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, 0, DVA, DV, ALIGN).to(tl.float32), axis=1)
@@ -773,7 +773,7 @@ def _load_query_block(q_base, do_base, o_base, lse_base, LQ, offs_m, m_mask, sqm
         di += tl.sum(do_b.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN).to(tl.float32), axis=1)
         dorv = tl.dot(do_b, tl.trans(rv_b), dorv, input_precision=DOT_PREC)
     lse = tl.load(lse_base + offs_m, mask=m_mask, other=0.0)
-    kept = tl.load(lse_base + LQ + offs_m, mask=m_mask, other=0.0)
+    kept = tl.load(psum_base + offs_m, mask=m_mask, other=0.0)
     return q_a, q_b, do_a, do_b, di * scale, qr, dorv, lse, kept
 
 
@@ -895,7 +895,7 @@ def _store_kv_rows(dk_base, dv_base, dk_a, dk_b, dv_a, dv_b, rows, row_ok, sdkn,
 
 @triton.jit
 def _rmha_bwd_kernel(
-    Q, K, V, RK, RV, KPM, BIAS, SEED, O, DO, LSE, DQ, DK, DV_, DTAB, ACC,
+    Q, K, V, RK, RV, KPM, BIAS, SEED, O, DO, LSE, PSUM, DQ, DK, DV_, DTAB, ACC,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -991,7 +991,8 @@ def _rmha_bwd_kernel(
                 rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
                 rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
                 q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse, total_p = _load_query_block(
-                    q_base, do_base, o_base, LSE + bh * 2 * LQ, LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
+                    q_base, do_base, o_base, LSE + bh * LQ, PSUM + bh * LQ, offs_m, m_mask,
+                    sqm, sqd, sdom, sdod, som, sod,
                     rk_a, rk_b, rv_a, rv_b, scale, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
                 qr = _gather_ready(qr)
                 dorv = _gather_ready(dorv)
@@ -1105,7 +1106,8 @@ def _rmha_bwd_kernel(
                 rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
                 rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
                 q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse, total_p = _load_query_block(
-                    q_base, do_base, o_base, LSE + bh * 2 * LQ, LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
+                    q_base, do_base, o_base, LSE + bh * LQ, PSUM + bh * LQ, offs_m, m_mask,
+                    sqm, sqd, sdom, sdod, som, sod,
                     rk_a, rk_b, rv_a, rv_b, scale, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
                 delta = start_n - start_m
                 p_drop, ds = _bwd_tile(q_a, q_b, k_a, k_b, v_a, v_b, do_a, do_b, qr, dorv, di_scaled, lse,
@@ -1130,7 +1132,7 @@ def _rmha_bwd_kernel(
             rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
             rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
             q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse, total_p = _load_query_block(
-                q_base, do_base, o_base, LSE + bh * 2 * LQ, LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
+                q_base, do_base, o_base, LSE + bh * LQ, PSUM + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
                 rk_a, rk_b, rv_a, rv_b, scale, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
             qr = _gather_ready(qr)
             dorv = _gather_ready(dorv)
@@ -1357,19 +1359,20 @@ def _table_strides(t: torch.Tensor):
 
 
 def plan_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, scale):
-    """Allocate ``out [B, h, Lq, dv]`` and ``lse [B, h, 2, Lq]`` (float32: the rows' log2-sum-exp,
-    then their sums of ``P~``, which the backward reads) and plan the launch."""
+    """Allocate ``out [B, h, Lq, dv]``, ``lse`` and ``p_sums`` (``[B, h, Lq]`` float32: the rows'
+    log2-sum-exp and their sums of ``P~``, which the backward reads) and plan the launch."""
     _check_supported(q, v, rel_k)
     b, h, lq, dh = q.shape
     lk, dv = k.shape[2], v.shape[-1]
     out = _launch.empty((b, h, lq, dv), q.dtype, q.device)
-    lse = _launch.empty((b, h, 2, lq), torch.float32, q.device)
+    lse = _launch.empty((b, h, lq), torch.float32, q.device)
+    p_sums = _launch.empty((b, h, lq), torch.float32, q.device)
     cfg = fwd_config(b, h, lq, lk, dh, dv, q.device, q.dtype)
     kpm_t = kpm.view(torch.uint8) if kpm is not None else q
     bias_t = bias if bias is not None else q
     seed_t = seed if seed is not None else q
     args = dict(
-        Q=q, K=k, V=v, RK=rel_k, RV=rel_v, KPM=kpm_t, BIAS=bias_t, SEED=seed_t, O=out, LSE=lse,
+        Q=q, K=k, V=v, RK=rel_k, RV=rel_v, KPM=kpm_t, BIAS=bias_t, SEED=seed_t, O=out, LSE=lse, PSUM=p_sums,
         sqb=q.stride(0), sqh=q.stride(1), sqm=q.stride(2), sqd=q.stride(3),
         skb=k.stride(0), skh=k.stride(1), skn=k.stride(2), skd=k.stride(3),
         svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svd=v.stride(3),
@@ -1386,10 +1389,10 @@ def plan_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, s
                       DIAG=bool(cfg["diag"]) and 2 * constexprs["KMAX"] - 1 <= cfg["block_n"])
     launch = Launch(_rmha_fwd_kernel, (b * h, triton.cdiv(lq, cfg["block_m"])), args, constexprs,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out, lse, [launch]
+    return out, lse, p_sums, [launch]
 
 
-def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_causal, dropout_p, scale):
+def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, p_sums, is_causal, dropout_p, scale):
     """Allocate ``dq, dk, dv, drk, drv`` and plan the two launches (main kernel, table reduction)."""
     b, h, lq, dh = q.shape
     lk, dv = k.shape[2], v.shape[-1]
@@ -1414,7 +1417,8 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, is_cau
     kpm_t = kpm.view(torch.uint8) if kpm is not None else q
     args = dict(
         Q=q, K=k, V=v, RK=rel_k, RV=rel_v, KPM=kpm_t, BIAS=bias if bias is not None else q,
-        SEED=seed if seed is not None else q, O=out, DO=dout, LSE=lse, DQ=dq, DK=dk, DV_=dvv, DTAB=partial, ACC=acc,
+        SEED=seed if seed is not None else q, O=out, DO=dout, LSE=lse, PSUM=p_sums,
+        DQ=dq, DK=dk, DV_=dvv, DTAB=partial, ACC=acc,
         sqb=q.stride(0), sqh=q.stride(1), sqm=q.stride(2), sqd=q.stride(3),
         skb=k.stride(0), skh=k.stride(1), skn=k.stride(2), skd=k.stride(3),
         svb=v.stride(0), svh=v.stride(1), svn=v.stride(2), svd=v.stride(3),
