@@ -724,7 +724,7 @@ def _rmha_fwd_kernel(
     # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0).
     lse = tl.where(has_key, m_i + _log2(tl.where(has_key, l_i, 1.0), PTX), 0.0)
     inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
-    kept = pt * inv_l  # the row sums of P~ (1 without dropout, 0 without keys), for the backward
+    p_sum = pt * inv_l  # the row sums of P~ (1 without dropout, 0 without keys), for the backward
     if HAS_DROPOUT:  # the kept probabilities' scale, left out of the tiles
         inv_l = inv_l * (1.0 / (1.0 - dropout_p))
     inner = inner * inv_l[:, None]
@@ -743,7 +743,7 @@ def _rmha_fwd_kernel(
         o_b = tl.dot(pbn, rv_b, acc_b * inv_l[:, None], input_precision=DOT_PREC)
         _store_rows(o_base, o_b, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN, False, PAIRS)
     tl.store(LSE + bh * LQ + offs_m, lse, mask=m_mask)
-    tl.store(PSUM + bh * LQ + offs_m, kept, mask=m_mask)
+    tl.store(PSUM + bh * LQ + offs_m, p_sum, mask=m_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -773,8 +773,8 @@ def _load_query_block(q_base, do_base, o_base, lse_base, psum_base, offs_m, m_ma
         di += tl.sum(do_b.to(tl.float32) * _load_rows(o_base, offs_m, m_mask, som, sod, DVA, DVB, DV, ALIGN).to(tl.float32), axis=1)
         dorv = tl.dot(do_b, tl.trans(rv_b), dorv, input_precision=DOT_PREC)
     lse = tl.load(lse_base + offs_m, mask=m_mask, other=0.0)
-    kept = tl.load(psum_base + offs_m, mask=m_mask, other=0.0)
-    return q_a, q_b, do_a, do_b, di * scale, qr, dorv, lse, kept
+    p_sum = tl.load(psum_base + offs_m, mask=m_mask, other=0.0)
+    return q_a, q_b, do_a, do_b, di * scale, qr, dorv, lse, p_sum
 
 
 @triton.jit
@@ -990,7 +990,7 @@ def _rmha_bwd_kernel(
                 m_mask = _below(start_m, BLOCK_M, LQ)
                 rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
                 rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
-                q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse, total_p = _load_query_block(
+                q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse, p_sum = _load_query_block(
                     q_base, do_base, o_base, LSE + bh * LQ, PSUM + bh * LQ, offs_m, m_mask,
                     sqm, sqd, sdom, sdod, som, sod,
                     rk_a, rk_b, rv_a, rv_b, scale, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
@@ -1054,7 +1054,7 @@ def _rmha_bwd_kernel(
                 inner_p, inner_ds = _inner_tables(inner_a, inner_b, dt)
                 _finish_query_block(
                     q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
-                    left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
+                    left_p, p_sum, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
                     sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN, PAIRS, PTX)
             if KV_IN_REGS:
                 kv_ok = offs_kv < LK
@@ -1105,7 +1105,7 @@ def _rmha_bwd_kernel(
                 m_mask = _below(start_m, BLOCK_M, LQ)
                 rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
                 rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
-                q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse, total_p = _load_query_block(
+                q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse, p_sum = _load_query_block(
                     q_base, do_base, o_base, LSE + bh * LQ, PSUM + bh * LQ, offs_m, m_mask,
                     sqm, sqd, sdom, sdod, som, sod,
                     rk_a, rk_b, rv_a, rv_b, scale, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
@@ -1131,7 +1131,7 @@ def _rmha_bwd_kernel(
             m_mask = offs_m < LQ
             rk_a, rk_b = _load_split(rk_base, offs_r, r_mask, srkr, srkd, DA, DB, DH)
             rv_a, rv_b = _load_split(rv_base, offs_r, r_mask, srvr, srvd, DVA, DVB, DV)
-            q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse, total_p = _load_query_block(
+            q_a, q_b, do_a, do_b, di_scaled, qr, dorv, lse, p_sum = _load_query_block(
                 q_base, do_base, o_base, LSE + bh * LQ, PSUM + bh * LQ, offs_m, m_mask, sqm, sqd, sdom, sdod, som, sod,
                 rk_a, rk_b, rv_a, rv_b, scale, DA, DB, DH, DVA, DVB, DV, DOT_PREC, ALIGN)
             qr = _gather_ready(qr)
@@ -1170,7 +1170,7 @@ def _rmha_bwd_kernel(
                 inner_p, inner_ds = _inner_tables(inner_a, inner_b, dt)
                 _finish_query_block(
                     q_a, q_b, do_a, do_b, dq_a, dq_b, rk_base, srkr, srkd, row,
-                    left_p, total_p, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
+                    left_p, p_sum, left_ds, total_ds, inner_p, inner_ds, offs_r, offs_m, m_mask, dq_base,
                     sdqm, sdqd, p_scale, dt, KMAX, DH, DV, DA, DB, DVA, DVB, DOT_PREC, ALIGN, PAIRS, PTX)
 
 
