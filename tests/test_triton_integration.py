@@ -1,6 +1,6 @@
 """The triton backend inside PyTorch: import isolation, custom ops (opcheck), torch.compile.
 
-torch.compile sees each fused op as one ``torch.library`` custom op (``fastpe_triton::*``)
+torch.compile sees each fused op as one ``torch.library`` custom op (``fastpe_triton_<hash>::*``)
 with a fake implementation and registered autograd; on the CPU the ops run their kernels
 under the Triton interpreter, so ``aot_eager`` (dynamo capture plus AOT autograd: where graph
 breaks and fake-tensor errors show) and Inductor are tested here, CUDA graphs on a GPU.
@@ -50,14 +50,14 @@ def test_every_op_is_implemented_and_auto_never_picks_the_interpreter():
 
 
 def _op_cases():
-    import fastpe.kernels.triton._ops  # noqa: F401  (registers the ops)
+    from fastpe.kernels.triton import _ops  # registers the ops
 
     g = torch.Generator().manual_seed(0)
 
     def t(*shape, grad=True, dtype=torch.float32):
         return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype).requires_grad_(grad)
 
-    ops = torch.ops.fastpe_triton
+    ops = getattr(torch.ops, _ops.NAMESPACE)
     kpm = torch.zeros(2, 5, dtype=torch.bool, device=DEVICE)
     kpm[0, :2] = True
     seed = torch.tensor([5], device=DEVICE)
@@ -91,6 +91,19 @@ def test_opcheck(name):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch of each op."""
     op, args = _op_cases()[name]
     torch.library.opcheck(op, args)
+
+
+def test_op_namespace_is_named_after_the_package_sources(tmp_path):
+    """Compile caches key graphs on op names: a graph compiled against other sources must miss."""
+    from fastpe.kernels.triton import _ops
+
+    package_dir = pathlib.Path(fastpe.__file__).resolve().parent
+    assert _ops.NAMESPACE == "fastpe_triton_" + _ops.package_sources_digest(package_dir)[:12]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "kernel.py").write_text("BLOCK = 64\n")
+    before = _ops.package_sources_digest(tmp_path)
+    (tmp_path / "sub" / "kernel.py").write_text("BLOCK = 32\n")
+    assert _ops.package_sources_digest(tmp_path) != before
 
 
 def test_fake_implementations_match_real_shapes_and_strides():

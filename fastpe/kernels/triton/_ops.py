@@ -4,7 +4,7 @@ Each op has two entry points over the same launch planners:
 
 * eager: a ``torch.autograd.Function`` (the default: a ``torch.library`` custom op costs tens
   of microseconds of dispatch per call, which is more than these kernels take);
-* compiled: ``torch.library.custom_op`` ops in the ``fastpe_triton`` namespace with fake
+* compiled: ``torch.library.custom_op`` ops in the ``fastpe_triton_<hash>`` namespace with fake
   (meta) implementations and ``register_autograd``; used while ``torch.compile`` traces, so
   a compiled module sees one opaque node per op and never breaks its graph.
 
@@ -16,6 +16,9 @@ Inductor to fuse with anyway.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 
 from fastpe.kernels.triton import _launch
@@ -25,7 +28,21 @@ from fastpe.kernels.triton import interval as _interval
 from fastpe.kernels.triton import rmha as _rmha
 from fastpe.kernels.triton import rotations as _rot
 
-NAMESPACE = "fastpe_triton"
+
+
+def package_sources_digest(package_dir: Path) -> str:
+    """Hash of a package's Python sources (file names and contents)."""
+    h = hashlib.sha256()
+    for path in sorted(package_dir.rglob("*.py")):
+        h.update(str(path.relative_to(package_dir)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+# torch.compile's caches (AOTAutograd, FX graph) key a compiled graph on the names of its ops, not
+# on what the ops do: under a fixed name, a graph compiled against an older fastpe would be replayed
+# with that version's calling convention. A namespace named after fastpe's sources changes with them.
+NAMESPACE = f"fastpe_triton_{package_sources_digest(Path(__file__).resolve().parents[2])[:12]}"
 
 # The planners memoized by call shape (configs, grids, scalars; never tensors): a training loop
 # repeats a handful of shapes, and planning costs more host time than a small kernel runs.
