@@ -36,6 +36,13 @@ def launch_cfg():
     return _launch
 
 
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    """Every buffer the kernels get starts as NaN (int: -(2**31 - 1)), outputs and scratch slots
+    alike: an element left unwritten, or a table column read before it is written, shows."""
+    monkeypatch.setattr(launch_cfg(), "POISON", True)
+
+
 def inputs(b, h, L, dh, span, per_head=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (randn(b, h, L, dh, gen=gen, dtype=torch.float64) for _ in range(3))
@@ -255,6 +262,35 @@ def test_table_chunks_cover_every_bucket_a_block_uses(one_key_block, monkeypatch
         t = t.to(DEVICE)
         assert_matches_reference(op("triton", t, time_unit=1.0), op("reference", t, time_unit=1.0),
                                  inputs(2, 1, L, 16, span, seed=18), torch.float32, NAMES)
+
+
+@pytest.mark.parametrize("one_key_block", [True, False])
+def test_padded_keys_may_read_table_chunks_nobody_built(one_key_block, monkeypatch):
+    """Every element reads its bucket's table column unpredicated, padded keys too: their logits
+    are masked, and the backward's dO . rv table starts at zero, so their dS = P~ (...) stays 0
+    wherever their column lies. The op gives padding the first valid key's time step, so its
+    buckets lie in chunks the block builds anyway; here the steps say otherwise: valid positions
+    all at step 0, the right padding at 20, in the 16-bucket chunk that the first query block,
+    the first its program runs, does not build. The padded positions' own rows see other buckets
+    than the reference's and are left out of the comparison (their outputs, and so their dO)."""
+    from fastpe.kernels.triton import interval
+
+    L, span, valid = 40, 30, 24
+    kpm = torch.zeros(2, L, dtype=torch.bool)
+    kpm[:, valid:] = True
+    steps = interval.interval_steps
+    monkeypatch.setattr(interval, "interval_steps",
+                        lambda tau, k: torch.where(kpm.to(tau.device), 20, steps(tau, k)).to(torch.int32))
+    t = torch.full((2, L), 1000)
+    cfg = launch_cfg()
+    blocks = dict(block_m=16, block_n=64 if one_key_block else 16, table_chunk=16)
+    with cfg.override("tisas_fwd", **blocks), cfg.override("tisas_bwd", **blocks):
+        t, kpm = t.to(DEVICE), kpm.to(DEVICE)
+        triton_rows, reference_rows = (
+            (lambda *x, run=op(backend, t, key_padding_mask=kpm, time_unit=1.0): run(*x)[:, :, :valid])
+            for backend in ("triton", "reference"))
+        assert_matches_reference(triton_rows, reference_rows, inputs(2, 1, L, 16, span, seed=21), torch.float32,
+                                 NAMES)
 
 
 @pytest.mark.parametrize("per_head", [True, False])

@@ -157,23 +157,15 @@ def _buckets(tau_m, tau_n, KT: tl.constexpr):
 
 
 @triton.jit
-def _near(bucket, valid, KT: tl.constexpr):
-    """Elements that read (and add to) the per-row tables: below the clip, in the sequence, not padding."""
-    return (bucket < KT) & valid
-
-
-@triton.jit
-def _key_block(start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L, KT: tl.constexpr, BLOCK_N: tl.constexpr,
+def _key_block(start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, L, KT: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_KPM: tl.constexpr):
     """The key block at ``start_n``: its key offsets, which keys exist and are not padding (and
-    whether any does), each element's bucket and :func:`_near` flag."""
+    whether any does) and each element's bucket."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_mask = offs_n < L
     col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
     tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
-    bucket = _buckets(tau_m, tau_n, KT)
-    near = _near(bucket, m_mask[:, None] & col_ok[None, :], KT)
-    return offs_n, n_mask, col_ok, any_key, bucket, near
+    return offs_n, n_mask, col_ok, any_key, _buckets(tau_m, tau_n, KT)
 
 
 @triton.jit
@@ -183,26 +175,28 @@ def _address(table, idx):
 
 
 @triton.jit
-def _gather(table, far, idx, near, PTX: tl.constexpr):
+def _gather(table, idx, PTX: tl.constexpr):
     """Per-element value of a per-row bucket table in a scratch slot (``table``: the slot, ``idx``:
-    row * KP + bucket, one int32 offset per element shared by every table of the slot); ``far`` is
-    bucket ``K`` and stands in for elements that are not ``near`` (see :func:`_near`: only table
-    columns that near elements use are written, see :func:`_chunks`).
+    row * KP + bucket, one int32 offset per element shared by every table of the slot). Column K
+    holds the clip bucket, so every element reads its own column, unpredicated (a load predicated
+    on "below the clip and valid" with the clip's value as the default cost about 12 more
+    instructions per element: B256 h2 L200 dh64 forward, sm_90a). Elements that are not valid
+    (padding keys, rows past the sequence) may read columns of chunks nobody built: stale or
+    never-written scratch, harmless for logits the mask replaces; the backward starts its
+    ``dO . rv`` table at zero, so their ``dS = P~ (...)`` stays 0 (see the tests).
 
-    ``PTX``: one predicated ``ld.global`` per element, in the layout the element already has (the
-    score tile's MMA layout). ``tl.load`` of a computed address takes a layout of its own (the
+    ``PTX``: one ``ld.global`` per element, in the layout the element already has (the score
+    tile's MMA layout). ``tl.load`` of a computed address takes a layout of its own (the
     coalescing pass gives every gather a blocked one), and the compiler then recomputed the
     buckets, and reloaded the time steps and the padding mask, in that layout too, or moved tiles
     through shared memory. The load is marked pure (a side effect here cost 7% of the S1
     forward's loop: the compiler then keeps every copy), so ``table`` must come from
     :func:`_published` after the barrier that publishes the table: nothing can move it above."""
     if PTX:
-        far_bits = tl.broadcast_to(far[:, None], idx.shape).to(tl.int32, bitcast=True)
         return tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.b32 $0, $3; @p ld.global.b32 $0, [$1]; }",
-            "=r,l,r,r", [_address(table, idx), near.to(tl.int32), far_bits], dtype=tl.int32, is_pure=True,
+            "ld.global.b32 $0, [$1];", "=r,l", [_address(table, idx)], dtype=tl.int32, is_pure=True,
             pack=1).to(tl.float32, bitcast=True)
-    return tl.where(near, tl.load(table + idx, mask=near, other=0.0), far[:, None])
+    return tl.load(table + idx)
 
 
 @triton.jit
@@ -308,7 +302,7 @@ def _build_table(x_a, x_b, tab, t_base, st_r, st_d, c0, c1, KT: tl.constexpr, KP
         if DB > 0:
             t_b = _load_rows(t_base + c * st_r, cols, rows < KT, st_r, st_d, DA, DB, D, ALIGN)
             xt = tl.dot(x_b, tl.trans(t_b), xt, input_precision=DOT_PREC)
-        tl.store(tab + tl.arange(0, x_a.shape[0])[:, None] * KP + rows[None, :], xt)
+        tl.store(tab + tl.arange(0, x_a.shape[0])[:, None] * KP + rows[None, :], xt, mask=rows[None, :] < KT)
         absmax = tl.maximum(absmax, tl.max(tl.abs(xt), axis=1))
     return absmax
 
@@ -329,14 +323,14 @@ def _ceil_log2(x):
 
 
 @triton.jit
-def _logits(q_a, q_b, k_a, k_b, qtab, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok, b, h,
+def _logits(q_a, q_b, k_a, k_b, qtab, idx, offs_m, offs_n, m_mask, n_mask, col_ok, b, h,
             BIAS, sbb, sbh, sbm, sbn, qk_scale, KT: tl.constexpr, DB: tl.constexpr, HAS_BIAS: tl.constexpr,
             IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, PTX: tl.constexpr):
     """Masked logits of a tile in log2 units."""
     qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
     if DB > 0:
         qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
-    s = (qk + _gather(qtab, qr_far, idx, near, PTX)) * qk_scale
+    s = (qk + _gather(qtab, idx, PTX)) * qk_scale
     return _masked_logits(s, offs_m, offs_n, m_mask, n_mask, col_ok, b, h, BIAS, sbb, sbh, sbm, sbn,
                           HAS_BIAS, IS_CAUSAL)
 
@@ -354,21 +348,22 @@ def _read_back(w, c, cols, KP: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.const
 
 
 @triton.jit
-def _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, start_n, offs_m, m_mask, offs_n, col_ok, v_base, svn,
-               svd, wtab,
+def _fwd_block(acc_a, acc_b, far, s, idx, below_clip, m_use, inv_l, start_n, offs_m, m_mask, offs_n, col_ok, v_base,
+               svn, svd, wtab,
                bh, seed, dropout_p, p_fixed, KT: tl.constexpr, BLOCK_N: tl.constexpr, DV: tl.constexpr,
                DVA: tl.constexpr, DVB: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                ALIGN: tl.constexpr, PTX: tl.constexpr):
     """Normalised P~ of one key block into ``acc += P~ V``, the fixed-point bucket sums (atomics into
-    the slot) and the clip bucket's sums. Rows past the sequence get P~ = 0: their slot rows must
-    stay clear (only the chunks valid elements use are read back and cleared)."""
+    the slot) and the clip bucket's sums. ``below_clip``: bucket < K, whether the element is valid
+    or not (P~ = 0 where not: its logit is masked, and rows past the sequence are zeroed here, so
+    their slot rows stay clear: only the chunks valid elements use are read back and cleared)."""
     p = tl.where(m_mask[:, None], tl.exp2(s - m_use[:, None]) * inv_l[:, None], 0.0)
     if HAS_DROPOUT:
         keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
         p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
     # bucket sums first: P~ in float32 dies before the GEMM
-    _red_add(wtab, idx, tl.where(near, (p * p_fixed).to(tl.int32), 0), PTX)
-    far += tl.sum(tl.where(near, 0.0, p), axis=1)  # (p = 0 at elements that are not valid)
+    _red_add(wtab, idx, tl.where(below_clip, (p * p_fixed).to(tl.int32), 0), PTX)
+    far += tl.sum(tl.where(below_clip, 0.0, p), axis=1)
     p_lo = p.to(v_base.dtype.element_ty)
     v_a = _load_rows(v_base, offs_n, col_ok, svn, svd, 0, DVA, DV, ALIGN)  # padded values are never read
     acc_a = tl.dot(p_lo, v_a, acc_a, input_precision=DOT_PREC)
@@ -404,7 +399,7 @@ def _tisas_fwd_kernel(
     qtab = QTAB + pid.to(tl.int64) * (BLOCK_M * KP)
     wtab = WTAB + pid.to(tl.int64) * (BLOCK_M * KP)
     row_start = offs_ml[:, None] * KP  # + bucket: an element's offset in the slot's tables
-    for c in range(0, KP, RC):
+    for c in range(0, KT, RC):  # (the bucket sums' chunks; column K, the far one, takes no sums)
         tl.store(wtab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int32))
     seed = 0
     if HAS_DROPOUT:
@@ -424,14 +419,15 @@ def _tisas_fwd_kernel(
         tl.debug_barrier()  # the previous tile's table reads and read-back are done
         q_a, q_b = _load_split(q_base, offs_m, m_mask, sqm, sqd, DA, DB, DH, ALIGN)
         qr_far = _dot_row(q_a, q_b, RK + h * srkh + KT * srkr, srkd, DA, DB, DH)
+        tl.store(qtab + offs_ml * KP + KT, qr_far)  # (published with the table, below)
         tau_m = tl.load(TAU + b * stb + offs_m, mask=m_mask, other=0)
         hi = _key_end(start_m, L, IS_CAUSAL, BLOCK_M)
         acc_a = tl.zeros([BLOCK_M, DVA], tl.float32)
         acc_b = tl.zeros([BLOCK_M, DVB if DVB > 0 else 16], tl.float32)
         far = tl.zeros([BLOCK_M], tl.float32)
         if ONE_KEY_BLOCK:
-            offs_n, n_mask, col_ok, _any, bucket, near = _key_block(0, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L,
-                                                                   KT, BLOCK_N, HAS_KPM)
+            offs_n, n_mask, col_ok, _any, bucket = _key_block(0, TAU, b, stb, KPM, skpb, skpn, tau_m, L, KT, BLOCK_N,
+                                                              HAS_KPM)
             idx = row_start + bucket
             # (its loads of the block's time steps and padding are _key_block's: the compiler merges them)
             c0, c1 = _step_chunks(tau_m, m_mask, TAU, b, stb, KPM, skpb, skpn, BLOCK_N, L, KT, RC, BLOCK_N, HAS_KPM)
@@ -439,14 +435,14 @@ def _tisas_fwd_kernel(
             tl.debug_barrier()  # the table is written
             table = _published(qtab, PTX)
             k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH, ALIGN)
-            s = _logits(q_a, q_b, k_a, k_b, table, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok, b, h,
+            s = _logits(q_a, q_b, k_a, k_b, table, idx, offs_m, offs_n, m_mask, n_mask, col_ok, b, h,
                         BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC, PTX)
             m_i = tl.max(s, axis=1)
             m_use = tl.where(m_i == float("-inf"), 0.0, m_i)  # rows with no allowed key: p = 0, no NaN
             l_i = tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
             inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
-            acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, 0, offs_m, m_mask, offs_n,
-                                           col_ok,
+            acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, idx, bucket < KT, m_use, inv_l, 0, offs_m, m_mask,
+                                           offs_n, col_ok,
                                            v_base, svn, svd, wtab, bh, seed, dropout_p, p_fixed,
                                            KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC, ALIGN, PTX)
         else:
@@ -458,12 +454,12 @@ def _tisas_fwd_kernel(
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             for start_n in range(0, hi, BLOCK_N):
-                offs_n, n_mask, col_ok, any_key, bucket, near = _key_block(
-                    start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L, KT, BLOCK_N, HAS_KPM)
+                offs_n, n_mask, col_ok, any_key, bucket = _key_block(
+                    start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, L, KT, BLOCK_N, HAS_KPM)
                 if any_key:
                     k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH, ALIGN)
                     idx = row_start + bucket
-                    s = _logits(q_a, q_b, k_a, k_b, table, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
+                    s = _logits(q_a, q_b, k_a, k_b, table, idx, offs_m, offs_n, m_mask, n_mask, col_ok,
                                 b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC, PTX)
                     m_new = tl.maximum(m_i, tl.max(s, axis=1))
                     m_new_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -472,16 +468,16 @@ def _tisas_fwd_kernel(
             m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
             inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
             for start_n in range(0, hi, BLOCK_N):
-                offs_n, n_mask, col_ok, any_key, bucket, near = _key_block(
-                    start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L, KT, BLOCK_N, HAS_KPM)
+                offs_n, n_mask, col_ok, any_key, bucket = _key_block(
+                    start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, L, KT, BLOCK_N, HAS_KPM)
                 if any_key:
                     k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH, ALIGN)
                     idx = row_start + bucket
-                    s = _logits(q_a, q_b, k_a, k_b, table, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
+                    s = _logits(q_a, q_b, k_a, k_b, table, idx, offs_m, offs_n, m_mask, n_mask, col_ok,
                                 b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC, PTX)
-                    acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, idx, near, m_use, inv_l, start_n, offs_m,
-                                                   m_mask, offs_n, col_ok, v_base, svn, svd, wtab, bh, seed, dropout_p,
-                                                   p_fixed,
+                    acc_a, acc_b, far = _fwd_block(acc_a, acc_b, far, s, idx, bucket < KT, m_use, inv_l, start_n,
+                                                   offs_m, m_mask, offs_n, col_ok, v_base, svn, svd, wtab, bh, seed,
+                                                   dropout_p, p_fixed,
                                                    KT, BLOCK_N, DV, DVA, DVB, HAS_DROPOUT, DOT_PREC, ALIGN, PTX)
 
         # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0)
@@ -560,9 +556,12 @@ def _tisas_bwd_kernel(
     wptab = WTABS + slot
     wdtab = wptab + BLOCK_M * KP
     row_start = offs_ml[:, None] * KP  # + bucket: an element's offset in each of the slot's tables
-    for c in range(0, KP, RC):
+    for c in range(0, KT, RC):  # (column K, the far one, takes no sums)
         tl.store(wptab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
         tl.store(wdtab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
+        # Elements that are not valid read dO . rv at columns no chunk may have written: finite
+        # there, their dS = P~ (...) = 0 holds (their logits are masked, so P~ = 0).
+        tl.store(dtab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.float32))
     # this program's rows of the partial table gradients, one per head (one for all heads when
     # both tables are shared by the heads): [drk (R x DH) | drv (R x DV)]
     pcols = tl.arange(0, ZC)
@@ -636,6 +635,8 @@ def _tisas_bwd_kernel(
             dorv_max = _build_table(do_a, do_b, dtab, rv_base, srvr, srvd, c0, c1, KT, KP, RC, DVA, DVB, DV, DOT_PREC, ALIGN)
             qr_far = _dot_row(q_a, q_b, rk_base + KT * srkr, srkd, DA, DB, DH)
             dorv_far = _dot_row(do_a, do_b, rv_base + KT * srvr, srvd, DVA, DVB, DV)
+            tl.store(qtab + offs_ml * KP + KT, qr_far)  # (published with the tables, below)
+            tl.store(dtab + offs_ml * KP + KT, dorv_far)
             dorv_max = tl.maximum(dorv_max, tl.abs(dorv_far))
             # fixed-point scale of the row's dS sums: 2**(61 - ceil(log2(bound))), bound >= sum_j |dS_ij|
             bound = 4.0 * scale * inv_keep * (tl.sqrt(do_sq) * vmax + dorv_max)
@@ -652,20 +653,20 @@ def _tisas_bwd_kernel(
             far_p = tl.zeros([BLOCK_M], tl.float32)
             far_ds = tl.zeros([BLOCK_M], tl.float32)
             for start_n in range(0, hi, BLOCK_N):
-                offs_n, n_mask, col_ok, any_key, bucket, near = _key_block(
-                    start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, m_mask, L, KT, BLOCK_N, HAS_KPM)
+                offs_n, n_mask, col_ok, any_key, bucket = _key_block(
+                    start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, L, KT, BLOCK_N, HAS_KPM)
                 if any_key:
                     k_a, k_b = _load_split(k_base, offs_n, col_ok, skn, skd, DA, DB, DH, ALIGN)
                     v_a, v_b = _load_split(v_base, offs_n, col_ok, svn, svd, DVA, DVB, DV, ALIGN)
                     idx = row_start + bucket
-                    s = _logits(q_a, q_b, k_a, k_b, table, qr_far, idx, near, offs_m, offs_n, m_mask, n_mask, col_ok,
+                    s = _logits(q_a, q_b, k_a, k_b, table, idx, offs_m, offs_n, m_mask, n_mask, col_ok,
                                 b, h, BIAS, sbb, sbh, sbm, sbn, qk_scale, KT, DB, HAS_BIAS, IS_CAUSAL, DOT_PREC, PTX)
                     p = tl.where(m_mask[:, None], tl.exp2(s - lse[:, None]), 0.0)
                     # dP~_ij = dO_i . (v_j + rv[r_ij])
                     dpt = tl.dot(do_a, tl.trans(v_a), input_precision=DOT_PREC)
                     if DVB > 0:
                         dpt = tl.dot(do_b, tl.trans(v_b), dpt, input_precision=DOT_PREC)
-                    dpt = dpt + _gather(dtable, dorv_far, idx, near, PTX)
+                    dpt = dpt + _gather(dtable, idx, PTX)
                     if HAS_DROPOUT:
                         keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
                         p_drop = tl.where(keep, p * inv_keep, 0.0)
@@ -675,10 +676,12 @@ def _tisas_bwd_kernel(
                         dprob = dpt
                     ds = p * (dprob - di[:, None]) * scale
                     # bucket sums first: P~ and dS in float32 die before the GEMMs
-                    _red_add(wptab, idx, tl.where(near, (p_drop * p_fixed).to(tl.int64), 0), PTX)
-                    _red_add(wdtab, idx, tl.where(near, (ds * ds_fixed[:, None]).to(tl.int64), 0), PTX)
-                    far_p += tl.sum(tl.where(near, 0.0, p_drop), axis=1)
-                    far_ds += tl.sum(tl.where(near, 0.0, ds), axis=1)
+                    # (P~ = dS = 0 where not valid: below the clip suffices)
+                    below_clip = bucket < KT
+                    _red_add(wptab, idx, tl.where(below_clip, (p_drop * p_fixed).to(tl.int64), 0), PTX)
+                    _red_add(wdtab, idx, tl.where(below_clip, (ds * ds_fixed[:, None]).to(tl.int64), 0), PTX)
+                    far_p += tl.sum(tl.where(below_clip, 0.0, p_drop), axis=1)
+                    far_ds += tl.sum(tl.where(below_clip, 0.0, ds), axis=1)
                     ds_lo = ds.to(dt)
                     p_lo = p_drop.to(dt)
                     dq_a = tl.dot(ds_lo, k_a, dq_a, input_precision=DOT_PREC)
@@ -822,12 +825,18 @@ def bwd_config(b, h, length, dh, dv, device):
 
 
 def _constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p, cfg):
+    """``KP``: the slot rows' width, buckets 0 .. K - 1 in chunks of ``RC`` and column K (see
+    ``_gather``): four more columns when K is a power of two, so rows stay 16-byte aligned (a
+    next power of two would double the scratch)."""
     da, db = _launch.split_pow2(q.shape[-1])
     dva, dvb = _launch.split_pow2(v.shape[-1])
     kt = rel_k.shape[-2] - 1
     kp = max(16, _launch.next_pow2(kt))
+    rc = min(kp, cfg["table_chunk"]) or _table_chunk(kp)
+    if kt == kp:
+        kp += 4
     return dict(
-        KT=kt, KP=kp, RC=min(kp, cfg["table_chunk"]) or _table_chunk(kp),
+        KT=kt, KP=kp, RC=rc,
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
         DH=q.shape[-1], DV=v.shape[-1], DA=da, DB=db, DVA=dva, DVB=dvb,
         HAS_KPM=kpm is not None, HAS_BIAS=bias is not None, IS_CAUSAL=bool(is_causal),
