@@ -450,6 +450,18 @@ def test_int32_p_sums_have_headroom(p):
     assert 2**29 < largest <= 2**30
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 0.99])
+def test_packed_backward_sums_have_headroom(p):
+    """The backward adds a bucket's dS and P~ with one int64 atomic, dS above bit PACK_SHIFT: the
+    P~ part (>= 0, a row's total at most 1 / (1 - p)) must stay below 2**PACK_SHIFT, without a bit
+    unused, and the dS part (below 2**FIXED_BITS) must keep the total inside int64."""
+    from fastpe.kernels.triton.interval import FIXED_BITS, PACK_P_BITS, PACK_SHIFT, _p_fixed
+
+    largest = _p_fixed(p, PACK_P_BITS) / (1.0 - p)
+    assert 2 ** (PACK_P_BITS - 2) < largest <= 2 ** (PACK_P_BITS - 1) < 2**PACK_SHIFT
+    assert FIXED_BITS + PACK_SHIFT <= 62
+
+
 @pytest.mark.parametrize("p", [0.0, 0.5])
 def test_p_sums_at_the_int32_bound(p):
     """Equal timestamps put every element in bucket 0, so one int32 sum holds a row's whole P~:
@@ -578,7 +590,7 @@ def _ceil_log2_kernel(X, OUT, N: tl.constexpr):
 
 
 def test_ceil_log2_of_the_fixed_point_bound_is_exact():
-    """The backward's dS scale is 2**(61 - ceil(log2(bound))): the exponent read from the bits must
+    """The backward's dS scale is 2**(FIXED_BITS - ceil(log2(bound))): the exponent read from the bits must
     equal the exact ceil(log2) (never below it, or the fixed-point sums could overflow), at powers
     of two, just above and below them, and for subnormals (-126, where the caller clamps)."""
     import math

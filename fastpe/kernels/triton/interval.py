@@ -22,10 +22,11 @@ Each score element below the clip adds its value, in fixed point, to ``W[i, r_ij
 integer addition is associative, so the sums are bitwise reproducible whatever order the atomics
 land in, and they are exact sums of the truncated fp32 values. The fixed-point scale needs a
 bound on the row's total: ``1/(1-p)`` for ``P~`` (a normalised row; int32 in the forward, down
-to 2^-30 of the bound, see ``P_FIXED_BITS``; int64 in the backward), and for ``dS`` (int64, down
-to 2^-61 of the bound) the per-row bound ``2 scale (|dO_i| max_j |v_j| + max_r |dO_i . rv[r]|) / (1-p)``
-(Cauchy-Schwarz; ``|D_i| <= max_j |dP~_ij|``), doubled as slack and rounded to a power of two so
-that the conversions are exact.
+to 2^-30 of the bound, see ``P_FIXED_BITS``), and for ``dS`` the per-row bound
+``2 scale (|dO_i| max_j |v_j| + max_r |dO_i . rv[r]|) / (1-p)`` (Cauchy-Schwarz;
+``|D_i| <= max_j |dP~_ij|``), doubled as slack and rounded to a power of two so that the
+conversions are exact. The backward adds a bucket's ``P~`` and ``dS`` with one 64-bit atomic, the
+two fixed-point values packed (``PACK_SHIFT``: ``P~`` down to 2^-26, ``dS`` to 2^-33 of the bound).
 The clip bucket K (often most pairs) is summed in registers instead. After the key loop the
 program reads its slot back (atomic exchange with 0, which also clears it for the next block)
 and applies ``W`` with GEMMs: ``o += W rv``, ``dq += W_dS rk``, and per-program partial table
@@ -98,8 +99,18 @@ from fastpe.kernels.triton.rmha import (
     check_kernel_inputs,
 )
 
-FIXED_BITS = 61  # fixed-point dS bucket sums: a row's total stays below 2**61 (int64 holds 2**63)
+# The backward packs a bucket's two sums into one int64, dS above bit PACK_SHIFT and P~ below it,
+# and adds both with one atomic: total = sum(dS) * 2**PACK_SHIFT + sum(P~), exact in int64 (modulo
+# 2**64 on the way). P~ sums are >= 0 and below 2**(PACK_P_BITS - 1) (the proof under
+# P_FIXED_BITS, with 27 bits for 31), so the low PACK_SHIFT bits are the P~ sum and the arithmetic
+# shift right is the dS sum. dS sums stay below 2**FIXED_BITS (half the doubled bound) in
+# magnitude, so the total stays below 2**(FIXED_BITS + PACK_SHIFT) <= 2**62.
+PACK_SHIFT = 28
+PACK_P_BITS = 27  # P~ resolution 2**-26 of a row's mass (p = 0)
+FIXED_BITS = 34  # dS resolution 2**-33 of the row's bound
 _FIXED_BITS = tl.constexpr(FIXED_BITS)
+_PACK_SHIFT = tl.constexpr(PACK_SHIFT)
+_PACK_P_MASK = tl.constexpr((1 << PACK_SHIFT) - 1)
 # Fixed-point P~ bucket sums are int32. Proof that they cannot overflow: a row of P (normalised)
 # sums to 1, so the row of P~ = P * keep / (1 - p) sums to at most 1 / (1 - p); the scale is
 # S = 2**(P_FIXED_BITS - ceil(log2(2 / (1 - p)))) <= 2**30 (1 - p), so every element, every bucket
@@ -337,9 +348,9 @@ def _logits(q_a, q_b, k_a, k_b, qtab, idx, offs_m, offs_n, m_mask, n_mask, col_o
 
 @triton.jit
 def _read_back(w, c, cols, KP: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.constexpr):
-    """Columns ``c .. c+RC`` of the slot's fixed-point sums, cleared for the next query block."""
+    """Columns ``c .. c+RC`` of the slot's fixed-point sums (integers), cleared for the next query block."""
     ptrs = w + tl.arange(0, BLOCK_M)[:, None] * KP + c + cols[None, :]
-    return tl.atomic_xchg(ptrs, tl.zeros([BLOCK_M, RC], w.dtype.element_ty), sem="relaxed").to(tl.float32)
+    return tl.atomic_xchg(ptrs, tl.zeros([BLOCK_M, RC], w.dtype.element_ty), sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,7 +496,7 @@ def _tisas_fwd_kernel(
         tl.debug_barrier()  # every atomic of the block has landed
         rv_base = RV + h * srvh
         for c in range(c0, c1, RC):
-            w = (_read_back(wtab, c, cols, KP, BLOCK_M, RC) * inv_fixed).to(dt)
+            w = (_read_back(wtab, c, cols, KP, BLOCK_M, RC).to(tl.float32) * inv_fixed).to(dt)
             rv_a = _load_rows(rv_base + c * srvr, cols, c + cols < KT, srvr, srvd, 0, DVA, DV, ALIGN)
             acc_a = tl.dot(w, rv_a, acc_a, input_precision=DOT_PREC)
             if DVB > 0:
@@ -553,12 +564,10 @@ def _tisas_bwd_kernel(
     slot = pid.to(tl.int64) * (2 * BLOCK_M * KP)
     qtab = TABS + slot
     dtab = qtab + BLOCK_M * KP
-    wptab = WTABS + slot
-    wdtab = wptab + BLOCK_M * KP
+    wtab = WTABS + pid.to(tl.int64) * (BLOCK_M * KP)  # packed sums of P~ and dS (see PACK_SHIFT)
     row_start = offs_ml[:, None] * KP  # + bucket: an element's offset in each of the slot's tables
     for c in range(0, KT, RC):  # (column K, the far one, takes no sums)
-        tl.store(wptab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
-        tl.store(wdtab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
+        tl.store(wtab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.int64))
         # Elements that are not valid read dO . rv at columns no chunk may have written: finite
         # there, their dS = P~ (...) = 0 holds (their logits are masked, so P~ = 0).
         tl.store(dtab + row_start + c + cols[None, :], tl.zeros([BLOCK_M, RC], tl.float32))
@@ -678,8 +687,8 @@ def _tisas_bwd_kernel(
                     # bucket sums first: P~ and dS in float32 die before the GEMMs
                     # (P~ = dS = 0 where not valid: below the clip suffices)
                     below_clip = bucket < KT
-                    _red_add(wptab, idx, tl.where(below_clip, (p_drop * p_fixed).to(tl.int64), 0), PTX)
-                    _red_add(wdtab, idx, tl.where(below_clip, (ds * ds_fixed[:, None]).to(tl.int64), 0), PTX)
+                    packed = ((ds * ds_fixed[:, None]).to(tl.int64) << _PACK_SHIFT) + (p_drop * p_fixed).to(tl.int64)
+                    _red_add(wtab, idx, tl.where(below_clip, packed, 0), PTX)
                     far_p += tl.sum(tl.where(below_clip, 0.0, p_drop), axis=1)
                     far_ds += tl.sum(tl.where(below_clip, 0.0, ds), axis=1)
                     ds_lo = ds.to(dt)
@@ -707,8 +716,9 @@ def _tisas_bwd_kernel(
             for c in range(c0, c1, RC):
                 rows = c + cols
                 r_ok = rows < KT
-                wp = (_read_back(wptab, c, cols, KP, BLOCK_M, RC) * inv_p_fixed).to(dt)
-                wd = (_read_back(wdtab, c, cols, KP, BLOCK_M, RC) * inv_ds_fixed[:, None]).to(dt)
+                sums = _read_back(wtab, c, cols, KP, BLOCK_M, RC)
+                wp = ((sums & _PACK_P_MASK).to(tl.float32) * inv_p_fixed).to(dt)
+                wd = ((sums >> _PACK_SHIFT).to(tl.float32) * inv_ds_fixed[:, None]).to(dt)
                 # dq_i += sum_r W_dS[i, r] rk[r]; drk[r] += sum_i W_dS[i, r] q_i; drv[r] += sum_i W_P~[i, r] dO_i
                 rk_a = _load_rows(rk_base + c * srkr, cols, r_ok, srkr, srkd, 0, DA, DH, ALIGN)
                 dq_a = tl.dot(wd, rk_a, dq_a, input_precision=DOT_PREC)
@@ -847,7 +857,8 @@ def _constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p, cfg):
 
 def _p_fixed(dropout_p: float, bits: int = P_FIXED_BITS) -> float:
     """Fixed-point scale of the P~ sums: a row of P~ sums to at most 1 / (1 - p) (twice that as
-    slack), see P_FIXED_BITS; ``bits``: 31 for the forward's int32 sums, 61 for the backward's int64."""
+    slack), see P_FIXED_BITS; ``bits``: 31 for the forward's int32 sums, PACK_P_BITS for the
+    backward's packed ones."""
     return 2.0 ** (bits - math.ceil(math.log2(2.0 / (1.0 - dropout_p))))
 
 
@@ -934,7 +945,7 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, i
     dk_acc = _launch.empty((b, h, acc_rows, dh), torch.float32, q.device)
     dv_acc = _launch.empty((b, h, acc_rows, dv), torch.float32, q.device)
     tabs = _launch.empty((programs, 2, cfg["block_m"], kp), torch.float32, q.device)
-    wtabs = _launch.empty((programs, 2, cfg["block_m"], kp), torch.int64, q.device)
+    wtabs = _launch.empty((programs, cfg["block_m"], kp), torch.int64, q.device)
     # both tables shared by the heads: one partial row per program sums every head (h times less)
     shared_tables = rel_k.shape[0] == 1 and rel_v.shape[0] == 1
     partial = _launch.empty(((1 if shared_tables else h) * programs, n_buckets * (dh + dv)), torch.float32, q.device)
@@ -947,7 +958,7 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, tau, kpm, bias, seed, out, lse, i
         args.update({f"{prefix}b": t.stride(0), f"{prefix}h": t.stride(1)})
         args.update({f"{prefix}{'n' if prefix in ('sdk', 'sdv') else 'm'}": t.stride(2), f"{prefix}d": t.stride(3)})
     args.update(B=b, H=h, L=length, qk_scale=float(scale) * LOG2E, scale=float(scale), dropout_p=float(dropout_p),
-                p_fixed=_p_fixed(dropout_p, FIXED_BITS))
+                p_fixed=_p_fixed(dropout_p, PACK_P_BITS))
     consts["ZC"] = 4096 if triton_interpreter_enabled() else 256  # columns zeroed per store
     consts["ONE_KEY_BLOCK"] = one_key_block
     consts["SHARED_TABLES"] = shared_tables
