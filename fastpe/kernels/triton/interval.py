@@ -12,9 +12,9 @@ K is typically 256, more than the sequence length, so nothing may loop over the 
 score element costs O(1) in K.
 
 Key side: ``q_i . rk[r]`` for the K buckets below the clip is a ``[BLOCK_M, K]`` GEMM per query
-block, written to a scratch slot the program owns (L1/L2-resident) and read back per score
-element at a computed address (one load; bucket K, the clip, is a per-row vector). The backward
-does the same for ``dO_i . rv[r]``.
+block, written to a scratch slot the program owns (L1/L2-resident), with the clip bucket K in
+column K, and read back per score element at a computed address (one unpredicated load). The
+backward does the same for ``dO_i . rv[r]``.
 
 Value side and table gradients need the per-row bucket sums ``W`` of ``P~`` (and of ``dS``):
 a scatter, which Triton lacks. Chosen: **integer atomics into the program's own scratch slot**.
@@ -37,9 +37,9 @@ smallest and largest time steps of the block's rows and keys): per query row the
 O(K) at most, less when the block's times span fewer than K steps. Rows past the end of the
 sequence add nothing, so the chunks a block skips stay clear.
 The fixed point costs one fp32 -> integer conversion and one predicated integer reduction per
-element below the clip (32-bit for the forward's ``P~``; 64-bit in the backward, where 32-bit
-``P~`` sums measured no fewer instructions and more spills; see
-benchmarks/results/static_sm90_tisas.md for the instruction counts).
+element below the clip (32-bit for the forward's ``P~``; in the backward one 64-bit reduction
+for ``P~`` and ``dS`` packed, see ``PACK_SHIFT``: ptxas compiles each predicated atomic to a
+branch around it; see benchmarks/results/static_sm90_tisas.md for the instruction counts).
 
 The alternatives weighed: a per-row sort by bucket (``tl.sort`` on packed keys) with a segmented
 scan keeps float sums but costs O(log^2 BLOCK_N) compare-exchange stages per element and a
