@@ -365,16 +365,19 @@ def _fwd_block(acc_a, acc_b, far, s, idx, below_clip, m_use, inv_l, start_n, off
                DVA: tl.constexpr, DVB: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                ALIGN: tl.constexpr, PTX: tl.constexpr):
     """Normalised P~ of one key block into ``acc += P~ V``, the fixed-point bucket sums (atomics into
-    the slot) and the clip bucket's sums. ``below_clip``: bucket < K, whether the element is valid
-    or not (P~ = 0 where not: its logit is masked, and rows past the sequence are zeroed here, so
-    their slot rows stay clear: only the chunks valid elements use are read back and cleared)."""
+    the slot) and, with dropout, into ``far`` the row's kept mass (the read-back subtracts the
+    other buckets' sums from it, leaving the clip bucket's). ``below_clip``: bucket < K, whether
+    the element is valid or not (P~ = 0 where not: its logit is masked, and rows past the sequence
+    are zeroed here, so their slot rows stay clear: only the chunks valid elements use are read
+    back and cleared)."""
     p = tl.where(m_mask[:, None], tl.exp2(s - m_use[:, None]) * inv_l[:, None], 0.0)
     if HAS_DROPOUT:
         keep = _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N)
         p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
     # bucket sums first: P~ in float32 dies before the GEMM
     _red_add(wtab, idx, tl.where(below_clip, (p * p_fixed).to(tl.int32), 0), PTX)
-    far += tl.sum(tl.where(below_clip, 0.0, p), axis=1)
+    if HAS_DROPOUT:  # (the row's kept mass; without dropout it is 1, see the read-back)
+        far += tl.sum(p, axis=1)
     p_lo = p.to(v_base.dtype.element_ty)
     v_a = _load_rows(v_base, offs_n, col_ok, svn, svd, 0, DVA, DV, ALIGN)  # padded values are never read
     acc_a = tl.dot(p_lo, v_a, acc_a, input_precision=DOT_PREC)
@@ -495,8 +498,15 @@ def _tisas_fwd_kernel(
         lse = tl.where(l_i > 0.0, m_use + _log2(tl.where(l_i > 0.0, l_i, 1.0), PTX), 0.0)
         tl.debug_barrier()  # every atomic of the block has landed
         rv_base = RV + h * srvh
+        # The clip bucket's P~ sum is the row's total less the other buckets' (a select and an add
+        # per element fewer than summing it in the tiles). Its error: the fp32 rounding of the
+        # total, and the other buckets' fixed-point truncation, below 2**-30 per element.
+        if not HAS_DROPOUT:
+            far = tl.where((l_i > 0.0) & m_mask, 1.0, 0.0)
         for c in range(c0, c1, RC):
-            w = (_read_back(wtab, c, cols, KP, BLOCK_M, RC).to(tl.float32) * inv_fixed).to(dt)
+            w32 = _read_back(wtab, c, cols, KP, BLOCK_M, RC).to(tl.float32) * inv_fixed
+            far -= tl.sum(w32, axis=1)
+            w = w32.to(dt)
             rv_a = _load_rows(rv_base + c * srvr, cols, c + cols < KT, srvr, srvd, 0, DVA, DV, ALIGN)
             acc_a = tl.dot(w, rv_a, acc_a, input_precision=DOT_PREC)
             if DVB > 0:
