@@ -190,8 +190,8 @@ def _gather(table, idx, PTX: tl.constexpr):
     """Per-element value of a per-row bucket table in a scratch slot (``table``: the slot, ``idx``:
     row * KP + bucket, one int32 offset per element shared by every table of the slot). Column K
     holds the clip bucket, so every element reads its own column, unpredicated (a load predicated
-    on "below the clip and valid" with the clip's value as the default cost about 12 more
-    instructions per element: B256 h2 L200 dh64 forward, sm_90a). Elements that are not valid
+    on "below the clip and valid" with the clip's value as the default, and that validity tile,
+    cost 17 more instructions per element: B256 h2 L200 dh64 forward, sm_90a). Elements not valid
     (padding keys, rows past the sequence) may read columns of chunks nobody built: stale or
     never-written scratch, harmless for logits the mask replaces; the backward starts its
     ``dO . rv`` table at zero, so their ``dS = P~ (...)`` stays 0 (see the tests).
@@ -302,8 +302,8 @@ def _dot_row(x_a, x_b, base, stride_d, DA: tl.constexpr, DB: tl.constexpr, D: tl
 @triton.jit
 def _build_table(x_a, x_b, tab, t_base, st_r, st_d, c0, c1, KT: tl.constexpr, KP: tl.constexpr, RC: tl.constexpr,
                  DA: tl.constexpr, DB: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr, ALIGN: tl.constexpr):
-    """Write ``x_i . t[r]`` for the buckets of chunks ``[c0, c1)`` into the slot rows; returns
-    ``max_r |x_i . t[r]|`` over them."""
+    """Write ``x_i . t[r]`` for the buckets r < K of chunks ``[c0, c1)`` into the slot rows (column
+    K holds the clip bucket, written apart); returns ``max_r |x_i . t[r]|`` over them."""
     cols = tl.arange(0, RC)
     absmax = tl.zeros([x_a.shape[0]], tl.float32)
     for c in range(c0, c1, RC):
