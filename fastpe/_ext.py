@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from fastpe import _ext_ops
+from fastpe._digest import files_digest
 
 IMPLEMENTED_OPS: tuple[str, ...] = ("relative_attention", "time_interval_attention", "rotary", "rotatory_add",
                                      "concat_projection")
@@ -60,11 +61,7 @@ def sources_dir() -> Path | None:
 
 def sources_digest(src: Path) -> str:
     """Hash of the source files of the build (headers included), so any edit gives a fresh build."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in src.glob("*") if p.suffix in _SOURCE_SUFFIXES):
-        h.update(str(path.relative_to(src)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
+    return files_digest(src, _SOURCE_SUFFIXES)
 
 
 def _ops_loaded(namespace: str) -> bool:

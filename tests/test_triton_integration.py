@@ -95,15 +95,16 @@ def test_opcheck(name):
 
 def test_op_namespace_is_named_after_the_package_sources(tmp_path):
     """Compile caches key graphs on op names: a graph compiled against other sources must miss."""
+    from fastpe._digest import files_digest
     from fastpe.kernels.triton import _ops
 
     package_dir = pathlib.Path(fastpe.__file__).resolve().parent
-    assert _ops.NAMESPACE == "fastpe_triton_" + _ops.package_sources_digest(package_dir)[:12]
+    assert _ops.NAMESPACE == "fastpe_triton_" + files_digest(package_dir, (".py",), recursive=True)[:12]
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "kernel.py").write_text("BLOCK = 64\n")
-    before = _ops.package_sources_digest(tmp_path)
+    before = files_digest(tmp_path, (".py",), recursive=True)
     (tmp_path / "sub" / "kernel.py").write_text("BLOCK = 32\n")
-    assert _ops.package_sources_digest(tmp_path) != before
+    assert files_digest(tmp_path, (".py",), recursive=True) != before
 
 
 def test_fake_implementations_match_real_shapes_and_strides():

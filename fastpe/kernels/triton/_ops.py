@@ -16,11 +16,11 @@ Inductor to fuse with anyway.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
+from fastpe._digest import files_digest
 from fastpe.kernels.triton import _launch
 from fastpe._time_steps import personal_time_steps
 from fastpe.kernels.triton import concat as _cat
@@ -28,21 +28,11 @@ from fastpe.kernels.triton import interval as _interval
 from fastpe.kernels.triton import rmha as _rmha
 from fastpe.kernels.triton import rotations as _rot
 
-
-
-def package_sources_digest(package_dir: Path) -> str:
-    """Hash of a package's Python sources (file names and contents)."""
-    h = hashlib.sha256()
-    for path in sorted(package_dir.rglob("*.py")):
-        h.update(str(path.relative_to(package_dir)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
 # torch.compile's caches (AOTAutograd, FX graph) key a compiled graph on the names of its ops, not
 # on what the ops do: under a fixed name, a graph compiled against an older fastpe would be replayed
 # with that version's calling convention. A namespace named after fastpe's sources changes with them.
-NAMESPACE = f"fastpe_triton_{package_sources_digest(Path(__file__).resolve().parents[2])[:12]}"
+PACKAGE_DIR = Path(__file__).resolve().parents[2]
+NAMESPACE = f"fastpe_triton_{files_digest(PACKAGE_DIR, ('.py',), recursive=True)[:12]}"
 
 # The planners memoized by call shape (configs, grids, scalars; never tensors): a training loop
 # repeats a handful of shapes, and planning costs more host time than a small kernel runs.
