@@ -63,6 +63,7 @@ def _resume_command(argv: list[str], out_dir) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run a command. A user error (a bad option, a bad data file, a locked folder) prints one or
     two lines on stderr and returns 2; ``--debug`` or ``FASTPE_DEBUG=1`` shows the traceback."""
+    from fastpe.train import distributed
     from fastpe.train.validation import USER_ERRORS, TrainingDiverged
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -70,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("FASTPE_DEBUG", "") not in ("", "0")
     name = f"fastpe {args.command}"
     try:
-        return args.run(args)
+        status = args.run(args)
+        if status == 0:
+            distributed.leave()  # several processes (torchrun): together, once all are done
+        return status
     except KeyboardInterrupt as exc:
         if debug:
             raise

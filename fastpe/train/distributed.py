@@ -62,6 +62,15 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def leave() -> None:
+    """Leave the process group after a job that finished, once every process has: one that
+    destroyed its gloo group while the first still wrote its results was seen to abort at exit
+    (SIGABRT, "terminate called without an active exception"). After an error the processes
+    leave at once (atexit's teardown): the others may never reach a barrier."""
+    barrier()
+    teardown()
+
+
 def barrier() -> None:
     if not active():
         return
