@@ -36,6 +36,11 @@ def sources_digest(src: Path) -> str:
     return h.hexdigest()
 
 
+def ops_namespace(digest: str, prefix: str = "fastpe") -> str:
+    """Same as fastpe._ext.ops_namespace (tests/test_cuda_registration.py checks it)."""
+    return f"{prefix}_{digest[:12]}"
+
+
 class BuildPyWithSources(build_py):
     """Copies csrc/ (kernels, headers, glue) into the package as fastpe/_csrc/."""
 
@@ -74,14 +79,16 @@ def cuda_extension_modules():
         if switch == "1":
             raise RuntimeError("FASTPE_BUILD_CUDA=1 but csrc/ holds no sources")
         return [], {}
-    digest = f"-DFASTPE_SOURCES_DIGEST={sources_digest(ROOT / 'csrc')}"
+    # The ops' namespace follows the sources, as fastpe._ext.ops_namespace names it: torch.compile's
+    # caches key graphs on op names, and a graph cached against other sources must miss.
+    namespace = f"-DFASTPE_OPS_NS={ops_namespace(sources_digest(ROOT / 'csrc'))}"
     ext = CUDAExtension(
         "fastpe._C",
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
         # No --use_fast_math: it turns sincosf into __sinf/__cosf, far off for rotary angles of
         # hundreds of radians. The kernels use fast exponentials where they are accurate enough.
-        extra_compile_args={"cxx": ["-O3", digest], "nvcc": ["-O3", "-lineinfo", digest]},
+        extra_compile_args={"cxx": ["-O3", namespace], "nvcc": ["-O3", "-lineinfo", namespace]},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -3,8 +3,8 @@
 // launchers of fastpe_kernels.h. Fake (meta) implementations and autograd formulas are
 // registered from Python (fastpe/_ext_ops.py).
 //
-// Built with FASTPE_EMULATION, the same glue registers CPU implementations in the namespace
-// "fastpe_emu" that run the kernels in the CPU emulation (tests only).
+// Built with FASTPE_EMULATION, the same glue registers CPU implementations that run the kernels in
+// the CPU emulation (tests only, in a namespace of their own).
 //
 // Tuning knobs (csrc/attention.cuh, Tiles<T>): query/key tile sizes of the forward and of the two
 // backward roles per dtype, kWarps; csrc/rotary.cu: pairs per thread (vec_pairs), kRotaryThreads.
@@ -33,11 +33,14 @@
 #include "fastpe_kernels.h"
 
 #ifdef FASTPE_EMULATION
-#define FASTPE_OPS_NS fastpe_emu
 #define FASTPE_DISPATCH_KEY CPU
 #else
-#define FASTPE_OPS_NS fastpe
 #define FASTPE_DISPATCH_KEY CUDA
+#endif
+// The ops' namespace, named by the build after a hash of these sources (fastpe._ext.ops_namespace):
+// torch.compile's caches key graphs on op names, so a graph cached against other sources misses.
+#ifndef FASTPE_OPS_NS
+#error "build with -DFASTPE_OPS_NS=<namespace> (setup.py and fastpe._ext name it after the sources)"
 #endif
 // Indirections so that the namespace macro expands before TORCH_LIBRARY pastes it.
 #define FASTPE_LIBRARY_(ns, m) TORCH_LIBRARY(ns, m)
@@ -636,15 +639,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> concat_projection_bwd(const Tensor& g
   return {dx, dtable, at::cat({dw_x, dw_pos}, 1), dbias};
 }
 
-// The hash of the sources this library was compiled from (fastpe._ext.sources_digest), so
-// fastpe can tell a stale prebuilt library from the sources next to it.
-#ifndef FASTPE_SOURCES_DIGEST
-#define FASTPE_SOURCES_DIGEST unknown
-#endif
-#define FASTPE_STRINGIFY_(x) #x
-#define FASTPE_STRINGIFY(x) FASTPE_STRINGIFY_(x)
-std::string sources_digest() { return FASTPE_STRINGIFY(FASTPE_SOURCES_DIGEST); }
-
 // Philox4x32-10 on the host: (counter[4], key[2]) rows of an int64 [N, 6] tensor -> [N, 4].
 Tensor philox_host(const Tensor& inputs) {
   TORCH_CHECK(inputs.device().is_cpu() && inputs.scalar_type() == at::kLong && inputs.dim() == 2 && inputs.size(1) == 6,
@@ -678,7 +672,6 @@ FASTPE_LIBRARY(FASTPE_OPS_NS, m) {
   m.def("concat_projection_fwd(Tensor x, Tensor table, Tensor weight, Tensor? bias, Tensor? positions) -> Tensor");
   m.def("concat_projection_bwd(Tensor grad_y, Tensor x, Tensor table, Tensor weight, Tensor? positions, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("philox_host(Tensor inputs) -> Tensor");
-  m.def("sources_digest() -> str", &sources_digest);
 }
 
 FASTPE_LIBRARY_IMPL(FASTPE_OPS_NS, FASTPE_DISPATCH_KEY, m) {

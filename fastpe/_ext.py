@@ -10,7 +10,10 @@ backend in :mod:`fastpe.ops`. Nothing is loaded or built at import; the first ca
    named after a hash of the sources, torch and CUDA versions, so it compiles once.
 
 The sources are the repository's ``csrc/`` in a checkout or editable install, and a copy in
-``fastpe/_csrc/`` in an installed wheel (setup.py ships it as package data).
+``fastpe/_csrc/`` in an installed wheel (setup.py ships it as package data). Both builds put the
+ops in the namespace ``torch.ops.fastpe_<hash of the sources>`` (:func:`ops_namespace`), so a
+prebuilt library compiled from other sources is passed over for a fresh build, and graphs that
+torch.compile cached against another build miss.
 
 Environment: ``FASTPE_CUDA_JIT=0`` forbids the just-in-time build; ``FASTPE_CUDA_ARCH_LIST``
 (e.g. ``"8.0;9.0"``) picks the GPU architectures it compiles for (default: the visible GPU's);
@@ -33,9 +36,9 @@ from fastpe._digest import files_digest
 IMPLEMENTED_OPS: tuple[str, ...] = ("relative_attention", "time_interval_attention", "rotary", "rotatory_add",
                                      "concat_projection")
 
-# The torch.ops namespace the functions below call ("fastpe"; the tests point it at the CPU
-# emulation's "fastpe_emu").
-_NAMESPACE = "fastpe"
+# The torch.ops namespace the functions below call: ops_namespace() of the loaded build, set by
+# _load (the tests point it at the CPU emulation's).
+_NAMESPACE: str | None = None
 _UNSET = object()
 _reason: object = _UNSET
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -64,6 +67,15 @@ def sources_digest(src: Path) -> str:
     return files_digest(src, _SOURCE_SUFFIXES)
 
 
+def ops_namespace(digest: str, prefix: str = "fastpe") -> str:
+    """The torch.ops namespace of a build whose sources hash to ``digest`` (setup.py has a copy).
+
+    torch.compile's caches (Inductor, AOTAutograd) key a graph on its ops' names, not on their
+    schemas: with one fixed name, a graph cached against an older build would be replayed against
+    this one's ops. A name that follows the sources makes such a graph miss."""
+    return f"{prefix}_{digest[:12]}"
+
+
 def _ops_loaded(namespace: str) -> bool:
     return hasattr(getattr(torch.ops, namespace), "relative_attention_fwd")
 
@@ -76,8 +88,13 @@ def _load() -> str | None:
         )
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    src = sources_dir()
+    if src is None:
+        return "fastpe's CUDA sources (csrc/, or fastpe/_csrc/ in a wheel) are not installed"
+    digest = sources_digest(src)
+    namespace = ops_namespace(digest)
     problems = []
-    if not _ops_loaded(_NAMESPACE):
+    if not _ops_loaded(namespace):
         prebuilt = sorted(glob.glob(str(_PACKAGE_DIR / "_C*.so"))) + sorted(glob.glob(str(_PACKAGE_DIR / "_C*.pyd")))
         for path in prebuilt:
             try:
@@ -85,32 +102,25 @@ def _load() -> str | None:
             except Exception as exc:  # e.g. built against another torch: fall back to a fresh build
                 problems.append(f"loading the prebuilt extension {path} failed: {exc}")
                 continue
-            _warn_if_stale(path)
-            break
-    if not _ops_loaded(_NAMESPACE):
-        reason = _jit_build()
+            if _ops_loaded(namespace):
+                break
+            # Its ops live in another namespace, harmless beside a fresh build's.
+            problems.append(f"the prebuilt extension {path} was compiled from other sources than {src} (rebuild it: "
+                            "FASTPE_BUILD_CUDA=1 pip install --no-build-isolation -e .)")
+    if not _ops_loaded(namespace):
+        reason = _jit_build(src, digest, namespace)
+        if reason is None and not _ops_loaded(namespace):
+            reason = f"the just-in-time build of {src} defines no ops in torch.ops.{namespace}"
         if reason is not None:
             problems.append(reason)
             return "; ".join(problems)
     try:
-        _ext_ops.register(_NAMESPACE)
+        _ext_ops.register(namespace)
     except Exception as exc:
         return f"the CUDA extension loaded but registering its Python parts failed: {exc}"
+    global _NAMESPACE
+    _NAMESPACE = namespace
     return None
-
-
-def _warn_if_stale(path: str) -> None:
-    src = sources_dir()
-    if src is None:
-        return
-    built_from = getattr(torch.ops, _NAMESPACE).sources_digest()
-    if built_from != sources_digest(src):
-        warnings.warn(
-            f"fastpe: the prebuilt CUDA extension {path} was compiled from other sources than {src}; "
-            "rebuild it (FASTPE_BUILD_CUDA=1 pip install --no-build-isolation -e .) or delete it to compile "
-            "the current sources just in time",
-            stacklevel=4,
-        )
 
 
 def cache_dir() -> Path:
@@ -120,19 +130,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastpe"
 
 
-def _jit_build() -> str | None:
+def _jit_build(src: Path, digest: str, namespace: str) -> str | None:
     if os.environ.get("FASTPE_CUDA_JIT", "1") == "0":
-        return "fastpe has no prebuilt CUDA extension and FASTPE_CUDA_JIT=0 forbids building it just in time"
+        return "fastpe has no prebuilt CUDA extension of its sources and FASTPE_CUDA_JIT=0 forbids building one"
     from torch.utils import cpp_extension
 
-    src = sources_dir()
-    if src is None:
-        return "fastpe has no prebuilt CUDA extension and its CUDA sources (csrc/) are not installed"
     if not cpp_extension.is_ninja_available():
         return "building the CUDA extension just in time needs ninja (pip install ninja)"
     if cpp_extension.CUDA_HOME is None:
         return "building the CUDA extension just in time needs nvcc (set CUDA_HOME or put nvcc on PATH)"
-    digest = sources_digest(src)
     tag = hashlib.sha256(f"{digest} {torch.__version__} {torch.version.cuda}".encode()).hexdigest()[:16]
     name = f"fastpe_cuda_{tag}"
     build_dir = cache_dir() / name
@@ -151,8 +157,8 @@ def _jit_build() -> str | None:
             name=name,
             sources=sources,
             extra_include_paths=[str(src)],
-            extra_cflags=["-O3", f"-DFASTPE_SOURCES_DIGEST={digest}"],
-            extra_cuda_cflags=["-O3", "-lineinfo", f"-DFASTPE_SOURCES_DIGEST={digest}"],
+            extra_cflags=["-O3", f"-DFASTPE_OPS_NS={namespace}"],
+            extra_cuda_cflags=["-O3", "-lineinfo", f"-DFASTPE_OPS_NS={namespace}"],
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=os.environ.get("FASTPE_VERBOSE_BUILD", "0") not in ("", "0"),

@@ -2,8 +2,8 @@
 the functions behind ``backend="cuda"``.
 
 The operators themselves (schemas and kernels) are defined in ``csrc/bindings.cpp`` with
-``TORCH_LIBRARY``. Here every function takes the operator namespace: ``torch.ops.fastpe`` for the
-CUDA extension, ``torch.ops.fastpe_emu`` for the CPU emulation build the tests use, so both run
+``TORCH_LIBRARY``. Here every function takes the operator namespace (``fastpe_<hash of the sources>``
+for the CUDA extension, ``fastpe_emu_<hash>`` for the CPU emulation build the tests use), so both run
 exactly the same registration and wrapper code. Each forward is one operator to autograd and to
 ``torch.compile``; its backward is another.
 """

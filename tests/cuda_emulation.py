@@ -1,6 +1,6 @@
 """Builds and loads the CPU emulation of the CUDA extension (csrc/ compiled with
 FASTPE_EMULATION against csrc/emulation/), which registers the extension's operators in the
-namespace ``fastpe_emu`` for CPU tensors. The kernels, the torch glue and the Python
+namespace ``fastpe_emu_<hash of csrc/>`` for CPU tensors. The kernels, the torch glue and the Python
 registration are the ones the GPU runs; only the hardware is emulated (see
 csrc/emulation/cuda_emulation.h)."""
 
@@ -16,7 +16,8 @@ import torch
 
 from fastpe import _ext, _ext_ops
 
-NAMESPACE = "fastpe_emu"
+_SOURCES = _ext.sources_dir()
+NAMESPACE = _ext.ops_namespace(_ext.sources_digest(_SOURCES), "fastpe_emu") if _SOURCES else "fastpe_emu"
 
 
 def _cuda_include() -> Path | None:
@@ -57,7 +58,7 @@ def _build() -> str | None:
         name=name,
         sources=sources,
         extra_include_paths=[str(src), str(include)],
-        extra_cflags=["-O1", "-DFASTPE_EMULATION=1", "-Wno-unused-function"],
+        extra_cflags=["-O1", "-DFASTPE_EMULATION=1", f"-DFASTPE_OPS_NS={NAMESPACE}", "-Wno-unused-function"],
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=os.environ.get("FASTPE_VERBOSE_BUILD", "0") not in ("", "0"),
@@ -67,7 +68,7 @@ def _build() -> str | None:
 
 
 def emulated_ops():
-    """``torch.ops.fastpe_emu``, building the emulation on first use (skips the test if impossible)."""
+    """``torch.ops.<NAMESPACE>``, building the emulation on first use (skips the test if impossible)."""
     reason = _build()
     if reason is not None:
         pytest.skip(f"CPU emulation of the CUDA kernels unavailable: {reason}")

@@ -2,7 +2,7 @@
 one), or on the CPU through the emulation of the CUDA kernels ("emulated", see
 cuda_emulation.py). Both go through the public API with ``backend="cuda"``; for "emulated" the
 backend's device check is patched to accept CPU tensors and its operator namespace is pointed at
-``torch.ops.fastpe_emu``. Every test runs with FASTPE_DEBUG_POISON=1: outputs start as NaN, so
+the emulation's. Every test runs with FASTPE_DEBUG_POISON=1: outputs start as NaN, so
 an element a kernel forgets to write fails.
 
 With a GPU present the emulated variants are skipped (they cost minutes of the scarce GPU
@@ -54,5 +54,5 @@ def target(request, monkeypatch):
 
 
 def ops_namespace(target: Target):
-    """``torch.ops.fastpe`` or ``torch.ops.fastpe_emu``."""
+    """The namespace of the GPU build's ops or of the emulation's."""
     return getattr(torch.ops, _ext._NAMESPACE)

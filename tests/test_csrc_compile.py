@@ -62,6 +62,7 @@ def _glue_cmd(tmp_path, nvcc):
     return [
         "g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
         *(f"-I{p}" for p in include_paths()), f"-I{tmp_path / 'stub'}", f"-I{cuda_include}", f"-I{CSRC}",
+        "-DFASTPE_OPS_NS=fastpe_syntax_check",
         str(CSRC / "bindings.cpp"),
     ]
 

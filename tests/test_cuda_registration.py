@@ -102,22 +102,39 @@ def test_import_fastpe_loads_no_extension():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def _setup_py_digest(src: Path) -> str:
-    """setup.py's sources_digest, run without running setup()."""
+def _setup_py_function(name: str):
+    """A function of setup.py, defined without running setup()."""
     import ast
 
     tree = ast.parse((ROOT / "setup.py").read_text())
-    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "sources_digest")
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
     namespace = {"hashlib": __import__("hashlib"), "Path": Path, "SOURCE_SUFFIXES": _ext._SOURCE_SUFFIXES}
     exec(compile(ast.Module(body=[fn], type_ignores=[]), "setup.py", "exec"), namespace)
-    return namespace["sources_digest"](src)
+    return namespace[name]
 
 
-def test_sources_are_found_and_hashed_like_setup_py():
+def test_sources_are_found_and_hashed_and_named_like_setup_py():
     src = _ext.sources_dir()
     assert src == ROOT / "csrc"
     assert {p.name for p in src.glob("*.cu")} >= {"relative_attention_fwd.cu", "relative_attention_bwd.cu", "rotary.cu"}
-    assert _setup_py_digest(src) == _ext.sources_digest(src)
+    digest = _ext.sources_digest(src)
+    assert _setup_py_function("sources_digest")(src) == digest
+    assert _setup_py_function("ops_namespace")(digest) == _ext.ops_namespace(digest) == "fastpe_" + digest[:12]
+
+
+def test_ops_namespace_follows_the_sources(tmp_path):
+    """Compile caches key graphs on op names: a build of other sources must name its ops apart,
+    or a graph cached against an older build would call this one's ops with its arguments."""
+    import shutil
+
+    copy = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc", copy)
+    before = _ext.ops_namespace(_ext.sources_digest(copy))
+    assert before == _ext.ops_namespace(_ext.sources_digest(ROOT / "csrc")) and before.isidentifier()
+    with open(copy / "attention.cuh", "a") as f:
+        f.write("\n// edited\n")
+    assert _ext.ops_namespace(_ext.sources_digest(copy)) != before
+    assert "#error" in BINDINGS.read_text().split("#ifndef FASTPE_OPS_NS", 1)[1].split("#endif", 1)[0]
 
 
 def test_wheel_ships_the_sources_for_the_just_in_time_build(tmp_path):
