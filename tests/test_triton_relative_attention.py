@@ -152,16 +152,22 @@ def test_band_tiles_of_64_keys_gather_column_pairs(kind, bwd_mode, monkeypatch):
         check(2, 1, 150, 150, 16, kind, torch.float16, kmax=4)
 
 
-@pytest.mark.parametrize("bwd_mode,bwd_block_m,diag", [("split", 16, 1), ("fused", 16, 0), ("fused", 64, 1)],
-                         ids=["split", "fused-buffer", "fused-direct"])
-def test_fully_padded_key_blocks_are_skipped_for_every_left_padding_length(bwd_mode, bwd_block_m, diag, monkeypatch):
+@pytest.mark.parametrize("bwd_mode,bwd_block_m,diag,key_bits",
+                         [("split", 16, 1, 0), ("fused", 16, 0, 0), ("fused", 64, 1, 0),
+                          ("split", 16, 1, 1), ("fused", 16, 0, 1), ("fused", 64, 1, 1)],
+                         ids=["split", "fused-buffer", "fused-direct",
+                              "split-key-bits", "fused-buffer-key-bits", "fused-direct-key-bits"])
+def test_fully_padded_key_blocks_are_skipped_for_every_left_padding_length(bwd_mode, bwd_block_m, diag, key_bits,
+                                                                           monkeypatch):
     """One sequence per left-padding length 0..17 over 16-wide key blocks of 33 positions. Keys and
     values of every fully padded block are NaN: a kernel that reads such a block (instead of
     skipping it) turns outputs or gradients into NaN. Outputs start as NaN too. Every backward
     mode: split, and the one pass over several key blocks, with dk, dv in the per-program buffer
     (16-row query blocks) or written per key block (one 64-row query block holds every query; the
     skipped blocks' dk, dv are written as zeros after the tiles). The forward's band tiles: by tile
-    column (``diag``) in two of them, gathered in one."""
+    column (``diag``) in two of them, gathered in one. Which keys a tile holds: read from the
+    padding mask per tile, or (``key_bits``) from bits packed once per sequence (three key blocks
+    in four bits: the unused one must read as no keys)."""
     cfg = launch_cfg()
     monkeypatch.setattr(cfg, "POISON", True)
     L, pads = 33, list(range(18))
@@ -178,8 +184,8 @@ def test_fully_padded_key_blocks_are_skipped_for_every_left_padding_length(bwd_m
     for t in low[1:3]:
         t[:, 0][dead.to(DEVICE)] = float("nan")
     low = [t.requires_grad_() for t in low]
-    with cfg.override("rmha_fwd", block_m=16, block_n=16, diag=diag), \
-            cfg.override("rmha_bwd", mode=bwd_mode, block_m=bwd_block_m, block_n=16):
+    with cfg.override("rmha_fwd", block_m=16, block_n=16, diag=diag, key_bits=key_bits), \
+            cfg.override("rmha_bwd", mode=bwd_mode, block_m=bwd_block_m, block_n=16, key_bits=key_bits):
         out = relative_attention(*low, key_padding_mask=kpm, backend="triton")
         grads = torch.autograd.grad(out, low, dout.float())
     atol, rtol = TOLERANCES[torch.float32]
@@ -600,6 +606,29 @@ def test_band_tiles_by_column_are_planned_only_where_the_inner_diagonals_fit_a_k
     assert not diag(70, 2, block_m=16, block_n=16, diag=0)
     assert diag(200, 4, block_m=64, block_n=32, num_warps=4) and not diag(50, 4, block_m=64, block_n=64, num_warps=4)
     assert not diag(75, 4, block_m=128, block_n=32, num_warps=8)
+
+
+def test_key_bits_are_planned_from_four_key_blocks_up_to_32():
+    """Packing a sequence's padding into bits per program (``KEY_BITS``: the bits per column, a
+    power of two) pays from four key blocks (B256 h2 L200: seven 32-key blocks forward, four
+    64-key blocks backward), not over three (L = 75) nor one (L = 50); an int32 holds 32 blocks;
+    without a padding mask there is nothing to pack; the ``key_bits`` knob forces it either way."""
+    from fastpe.kernels.triton import _launch
+    from fastpe.kernels.triton.rmha import plan_backward, plan_forward
+
+    def key_bits(L, dh=64, padded=True, block_n=0, **knobs):
+        q, k, v, rk, rv = (t.detach().half() for t in rmha_inputs(2, 1, L, L, dh, per_head=True))
+        kpm = torch.zeros(2, L, dtype=torch.bool, device=q.device) if padded else None
+        sizes = dict(block_n=block_n) if block_n else {}
+        with _launch.override("rmha_fwd", **sizes, **knobs), _launch.override("rmha_bwd", **sizes, **knobs):
+            out, lse, p_sums, [fwd] = plan_forward(q, k, v, rk, rv, kpm, None, None, False, 0.0, 0.25)
+            bwd = plan_backward(q, q, k, v, rk, rv, kpm, None, None, out, lse, p_sums, False, 0.0, 0.25)[-1][0]
+        return fwd.constexprs["KEY_BITS"], bwd.constexprs["KEY_BITS"]
+
+    assert key_bits(200)[0] == 8 and key_bits(75, dh=90) == (0, 0) and key_bits(50, dh=32) == (0, 0)
+    assert key_bits(200, padded=False) == (0, 0)
+    assert key_bits(512, block_n=16) == (32, 32) and key_bits(513, block_n=16) == (0, 0)
+    assert key_bits(75, dh=90, key_bits=1)[0] == 4 and key_bits(200, key_bits=0) == (0, 0)
 
 
 def test_packed_conversions_need_sm80_and_a_compiled_kernel(monkeypatch):

@@ -399,6 +399,38 @@ def _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
+def _key_bits(KPM, b, skpb, skpn, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, dt):
+    """The key padding of a sequence packed once, for :func:`_tile_keys`: per tile column an int32
+    whose bit t says that column's key in key block t exists and is not padding, and one int32
+    whose bit t says block t holds any such key. Per tile that is one uniform mask and one
+    bit test per column, where loading the tile's padding bytes took about six instructions per
+    column and a reduction for the skip (sm_90a, B256 h2 L200 dh64: forward band tile 436 -> 384
+    instructions per thread)."""
+    tiles = tl.arange(0, TILES)
+    keys = tiles[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    valid = (tl.load(KPM + b * skpb + keys * skpn, mask=keys < LK, other=1) == 0).to(tl.int32)
+    col_bits = tl.sum(valid << tiles[:, None], axis=0)  # (distinct bits: the sum is an OR)
+    block_bits = tl.sum(tl.max(valid, axis=1) << tiles, axis=0)
+    # Moved into the score tile's column layout here, once: left to the compiler, the tile's
+    # column test went through shared memory (two barriers) in every tile. A reduction over a
+    # tensor in the layout of a dot's result (a dot of zeros) is the way to ask for that layout.
+    pin = tl.dot(tl.zeros([BLOCK_M, 16], dt), tl.zeros([16, BLOCK_N], dt)).to(tl.int32)
+    return tl.max(col_bits[None, :] + pin, axis=0), block_bits
+
+
+@triton.jit
+def _tile_keys(KPM, b, skpb, skpn, offs_n, n_mask, start_n, col_bits, block_bits,
+               HAS_KPM: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """:func:`_key_columns` of the key block at ``start_n``, from :func:`_key_bits`'s words when
+    ``KEY_BITS`` (the planner's choice) and from the padding mask itself otherwise."""
+    if HAS_KPM and KEY_BITS > 0:
+        bit = 1 << (start_n // BLOCK_N)
+        return (col_bits & bit) != 0, (block_bits & bit) != 0
+    else:
+        return _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+
+
+@triton.jit
 def _key_end(start_m, LK, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
     """End of the keys query block ``start_m`` attends to (with a causal mask, none after its last row)."""
     if IS_CAUSAL:
@@ -505,7 +537,7 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
               HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               DOT_PREC: tl.constexpr, BAND: tl.constexpr, SIDE_COL: tl.constexpr, ALIGN: tl.constexpr = 0,
               POS_SCALE: tl.constexpr = False, CVT_ASM: tl.constexpr = False, SKIP_PADDED: tl.constexpr = True,
-              DIAG: tl.constexpr = False):
+              DIAG: tl.constexpr = False, col_bits=0, block_bits=0, KEY_BITS: tl.constexpr = 0):
     """One key block of the online softmax. ``BAND``: the block meets the band ``|j - i| < k`` and
     every element needs its bucket; otherwise every element is in bucket ``SIDE_COL`` (0 or 2k)
     and the relative key term is the per-row ``qr_side``. ``SKIP_PADDED``: skip a key block of
@@ -513,7 +545,8 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
     only a fully padded sequence would skip it, and its masked tile gives the same zeros)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_mask = _below(start_n, BLOCK_N, LK)
-    col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+    col_ok, any_key = _tile_keys(KPM, b, skpb, skpn, offs_n, n_mask, start_n, col_bits, block_bits,
+                                 HAS_KPM, KEY_BITS, BLOCK_N)
     if not SKIP_PADDED:
         any_key = True
     if any_key:
@@ -614,7 +647,7 @@ def _rmha_fwd_kernel(
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr, ALIGN: tl.constexpr, POS_SCALE: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
-    CVT_ASM: tl.constexpr, PTX: tl.constexpr = False, DIAG: tl.constexpr = False,
+    CVT_ASM: tl.constexpr, PTX: tl.constexpr = False, DIAG: tl.constexpr = False, KEY_BITS: tl.constexpr = 0,
 ):
     R: tl.constexpr = 2 * KMAX + 1
     bh = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
@@ -648,6 +681,10 @@ def _rmha_fwd_kernel(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+    col_bits = 0
+    block_bits = 0
+    if HAS_KPM and KEY_BITS > 0:
+        col_bits, block_bits = _key_bits(KPM, b, skpb, skpn, LK, BLOCK_M, BLOCK_N, KEY_BITS, dt)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -672,7 +709,8 @@ def _rmha_fwd_kernel(
                 acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_left, m_i, m_i, dloc,
                 offs_m, m_mask, offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn,
                 BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0, ALIGN, POS_SCALE, CVT_ASM)
+                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 0, ALIGN, POS_SCALE, CVT_ASM,
+                SKIP_PADDED=True, DIAG=False, col_bits=col_bits, block_bits=block_bits, KEY_BITS=KEY_BITS)
     # Band tiles (``DIAG``, planned when the 2k - 1 inner diagonals are at most a key block wide):
     # an inner element of row i lies in the same tile column in whichever tile holds it (key blocks
     # start at multiples of BLOCK_N), and in one tile only. So qd holds q . rk of each row's inner
@@ -693,7 +731,7 @@ def _rmha_fwd_kernel(
                 offs_m, m_mask, offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn,
                 BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
                 HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE, CVT_ASM,
-                not ONE_KEY_BLOCK, True)
+                not ONE_KEY_BLOCK, True, col_bits=col_bits, block_bits=block_bits, KEY_BITS=KEY_BITS)
         inner_cols = (offs_m[:, None] + rcols[None, :] - KMAX) & (BLOCK_N - 1)
         inner_s = tl.gather(diag, inner_cols, axis=1)
         if not HAS_BIAS and POS_SCALE:  # (the tiles' logits are not scaled yet)
@@ -710,7 +748,7 @@ def _rmha_fwd_kernel(
                 offs_m, m_mask, offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn,
                 BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
                 HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE, CVT_ASM,
-                not ONE_KEY_BLOCK)
+                not ONE_KEY_BLOCK, col_bits=col_bits, block_bits=block_bits, KEY_BITS=KEY_BITS)
     if not ONE_KEY_BLOCK:
         qr_right = _table_col(qr, rcols, 2 * KMAX)
         for start_n in range(end_band, hi, BLOCK_N):
@@ -718,7 +756,8 @@ def _rmha_fwd_kernel(
                 acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b, qr, qr_right, m_i, m_i, dloc,
                 offs_m, m_mask, offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn,
                 BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
-                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX, ALIGN, POS_SCALE, CVT_ASM)
+                HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, False, 2 * KMAX, ALIGN, POS_SCALE, CVT_ASM,
+                SKIP_PADDED=True, DIAG=False, col_bits=col_bits, block_bits=block_bits, KEY_BITS=KEY_BITS)
 
     has_key = l_i > 0.0
     # log2-sum-exp; 0 for rows without keys (their logits are all -inf, so P recomputes as 0).
@@ -913,7 +952,7 @@ def _rmha_bwd_kernel(
     DH: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVA: tl.constexpr, DVB: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     FUSED_DQ: tl.constexpr, KV_IN_REGS: tl.constexpr, KV_DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
-    ALIGN: tl.constexpr, CVT_ASM: tl.constexpr, PTX: tl.constexpr = False,
+    ALIGN: tl.constexpr, CVT_ASM: tl.constexpr, PTX: tl.constexpr = False, KEY_BITS: tl.constexpr = 0,
 ):
     R: tl.constexpr = 2 * KMAX + 1
     PAIRS: tl.constexpr = CVT_ASM and ALIGN < 16  # (dq and final dk, dv rows not 16-byte aligned: _store_rows)
@@ -964,6 +1003,10 @@ def _rmha_bwd_kernel(
         dq_base = DQ + b * sdqb + h * sdqh
         dk_base = DK + b * sdkb + h * sdkh
         dv_base = DV_ + b * sdvb + h * sdvh
+        col_bits = 0
+        block_bits = 0
+        if HAS_KPM and KEY_BITS > 0:
+            col_bits, block_bits = _key_bits(KPM, b, skpb, skpn, LK, BLOCK_M, BLOCK_N, KEY_BITS, dt)
 
         if FUSED_DQ:
             # ---- one pass: query blocks outside, key blocks inside; dq and the bucket sums of a
@@ -1005,7 +1048,8 @@ def _rmha_bwd_kernel(
                 for start_n in range(0, _key_end(start_m, LK, IS_CAUSAL, BLOCK_M), BLOCK_N):
                     offs_n = start_n + offs_kv
                     n_mask = _below(start_n, BLOCK_N, LK)
-                    col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+                    col_ok, any_key = _tile_keys(KPM, b, skpb, skpn, offs_n, n_mask, start_n, col_bits, block_bits,
+                                                 HAS_KPM, KEY_BITS, BLOCK_N)
                     if any_key:  # a fully padded key block: P = dS = 0, nothing to add
                         key_rows = _key_rows(start_n, BLOCK_N, LK)
                         k_a, k_b = _load_split(k_base, key_rows, n_mask, skn, skd, DA, DB, DH, ALIGN, True)
@@ -1066,7 +1110,8 @@ def _rmha_bwd_kernel(
                 for z in range(0, LK, BLOCK_N):
                     rows = z + offs_kv
                     row_ok = rows < LK
-                    _cols, any_key = _key_columns(KPM, b, skpb, skpn, rows, row_ok, HAS_KPM)
+                    _cols, any_key = _tile_keys(KPM, b, skpb, skpn, rows, row_ok, z, col_bits, block_bits,
+                                                HAS_KPM, KEY_BITS, BLOCK_N)
                     if (not any_key) | (z >= _key_end(0, LK, IS_CAUSAL, BLOCK_M)):  # (the tile loop's bound)
                         _store_kv_rows(dk_base, dv_base, tl.zeros([BLOCK_N, DA], tl.float32),
                                        tl.zeros([BLOCK_N, DBX], tl.float32), tl.zeros([BLOCK_N, DVA], tl.float32),
@@ -1146,7 +1191,8 @@ def _rmha_bwd_kernel(
             for start_n2 in range(0, hi_n, BLOCK_N):
                 offs_n2 = start_n2 + tl.arange(0, BLOCK_N)
                 n_mask2 = _below(start_n2, BLOCK_N, LK)
-                col_ok2, any_key2 = _key_columns(KPM, b, skpb, skpn, offs_n2, n_mask2, HAS_KPM)
+                col_ok2, any_key2 = _tile_keys(KPM, b, skpb, skpn, offs_n2, n_mask2, start_n2, col_bits, block_bits,
+                                               HAS_KPM, KEY_BITS, BLOCK_N)
                 if any_key2:
                     key_rows2 = _key_rows(start_n2, BLOCK_N, LK)
                     k2_a, k2_b = _load_split(k_base, key_rows2, n_mask2, skn, skd, DA, DB, DH, ALIGN, True)
@@ -1277,7 +1323,7 @@ def fwd_config(b, h, lq, lk, dh, dv, device, dtype):
     cfg = _launch.knobs(
         "rmha_fwd", block_m=block_m, block_n=block_n,
         num_warps=4 if block_m * block_n <= 64 * 64 and block_m < 128 else 8,
-        num_stages=1 if lk <= block_n else 2, diag=-1,
+        num_stages=1 if lk <= block_n else 2, diag=-1, key_bits=-1,
     )
     if cfg["diag"] < 0:
         # Band tiles by tile column (see _rmha_fwd_kernel) up to 16 score elements per thread; with
@@ -1309,7 +1355,8 @@ def bwd_config(b, h, lq, lk, dh, dv, device, dtype):
         mode = "split"
         block_n = 64 if (lk >= 128 and widest <= 64) else 32
         block_m = block_n
-    cfg = _launch.knobs("rmha_bwd", mode=mode, block_m=block_m, block_n=block_n, b_per_prog=0, num_warps=0, num_stages=1)
+    cfg = _launch.knobs("rmha_bwd", mode=mode, block_m=block_m, block_n=block_n, b_per_prog=0, num_warps=0, num_stages=1,
+                        key_bits=-1)
     if cfg["mode"] not in ("fused", "split"):
         raise ValueError(f"rmha_bwd mode must be 'fused' or 'split', got {cfg['mode']!r}")
     cfg["block_m"] = min(cfg["block_m"], max(16, _launch.next_pow2(lq)))
@@ -1358,6 +1405,21 @@ def _table_strides(t: torch.Tensor):
     return (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1), t.stride(2)
 
 
+def _key_bit_tiles(kpm, lk, block_n, wanted) -> int:
+    """``KEY_BITS``: the key blocks :func:`_key_bits` packs (a power of two), 0 where the tiles load
+    their padding bytes: no padding mask, more than 32 key blocks (a bit each in an int32), or not
+    ``wanted`` (a config knob: -1 leaves it to the number of key blocks, see fwd_config)."""
+    tiles = triton.cdiv(lk, block_n)
+    if wanted < 0:
+        # Packing costs a load of the whole row, two reductions and a dot per program: over three
+        # key blocks it cost more than it saved (sm_90a, B128 h1 L75 dh90: 2.81 -> 3.0 us
+        # modelled), from four it saves (B256 h2 L200 dh64, seven blocks: 27.2 -> 25.6 us; the
+        # backward's four 64-key blocks: 50.4 -> 48.6 us, but spills 52 -> 172 B, the bits of its
+        # 16 columns per thread held over the sequence; block bits alone: 49.6 us, 68 B).
+        wanted = tiles >= 4
+    return max(2, _launch.next_pow2(tiles)) if kpm is not None and wanted and tiles <= 32 else 0
+
+
 def plan_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, scale):
     """Allocate ``out [B, h, Lq, dv]``, ``lse`` and ``p_sums`` (``[B, h, Lq]`` float32: the rows'
     log2-sum-exp and their sums of ``P~``, which the backward reads) and plan the launch."""
@@ -1386,7 +1448,8 @@ def plan_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, s
     constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
     constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], ALIGN=_row_alignment(q, k, v, out),
                       POS_SCALE=scale > 0, ONE_KEY_BLOCK=lk <= cfg["block_n"],
-                      DIAG=bool(cfg["diag"]) and 2 * constexprs["KMAX"] - 1 <= cfg["block_n"])
+                      DIAG=bool(cfg["diag"]) and 2 * constexprs["KMAX"] - 1 <= cfg["block_n"],
+                      KEY_BITS=_key_bit_tiles(kpm, lk, cfg["block_n"], cfg["key_bits"]))
     launch = Launch(_rmha_fwd_kernel, (b * h, triton.cdiv(lq, cfg["block_m"])), args, constexprs,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse, p_sums, [launch]
@@ -1434,7 +1497,8 @@ def plan_backward(dout, q, k, v, rel_k, rel_v, kpm, bias, seed, out, lse, p_sums
                 qk_scale=float(scale) * LOG2E, scale=float(scale), dropout_p=float(dropout_p))
     constexprs = _common_constexprs(q, v, rel_k, kpm, bias, is_causal, dropout_p)
     constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], FUSED_DQ=cfg["mode"] == "fused",
-                      KV_IN_REGS=kv_in_regs, KV_DIRECT=kv_direct, ALIGN=_row_alignment(dout, q, k, v, out, dq, dk, dvv))
+                      KV_IN_REGS=kv_in_regs, KV_DIRECT=kv_direct, ALIGN=_row_alignment(dout, q, k, v, out, dq, dk, dvv),
+                      KEY_BITS=_key_bit_tiles(kpm, lk, cfg["block_n"], cfg["key_bits"]))
     main = Launch(_rmha_bwd_kernel, (h * nbg, nblk), args, constexprs,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dq, dk, dvv, drk, drv, [main, *plan_sum_row_groups(partial, drk, drv)]
