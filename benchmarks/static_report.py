@@ -942,6 +942,36 @@ def attention_table(report) -> list[str]:
     return lines
 
 
+# The static targets of the Triton relative attention's score kernels (the issue that asked for
+# this report): spill bytes and SASS instructions per score element in the hot loop, per
+# direction, and where a grid is under 4 waves, at most this share of the busiest SM's time idle
+# on the others (1 - 1 / busiest_sm_factor).
+TARGETS = {"fwd": dict(spill_bytes=0, per_element=25), "bwd": dict(spill_bytes=512, per_element=60)}
+MAX_TAIL = 0.10
+
+
+def targets_table(report) -> list[str]:
+    """Each relative-attention score kernel against :data:`TARGETS`: the value, the limit, and
+    which targets it misses."""
+    rows = [r for r in report["records"] if r["op"] == "rmha" and r.get("hot_loop_score_elements")]
+    if not rows:
+        return []
+    lines = ["| shape | dropout | dir | spill B (limit) | instr/elem, hot loop (limit) | idle SM share (waves) | misses |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        limit = TARGETS[r["direction"]]
+        per_elem = r["hot_loop_instructions_per_score_element"]
+        tail = 1 - 1 / r["model"]["busiest_sm_factor"] if r["waves"] is not None and r["waves"] < 4 else None
+        misses = [name for name, miss in (("spills", r["spill_bytes"] > limit["spill_bytes"]),
+                                          ("instr/elem", per_elem > limit["per_element"]),
+                                          ("tail", tail is not None and tail > MAX_TAIL)) if miss]
+        lines.append(f"| {r['shape']} | {'yes' if r['dropout'] else 'no'} | {r['direction']} | "
+                     f"{r['spill_bytes']} ({limit['spill_bytes']}) | {_fmt(per_elem)} ({limit['per_element']}) | "
+                     f"{'-' if tail is None else f'{100 * tail:.0f}%'} ({_fmt(r['waves'], 2)}) | "
+                     f"{', '.join(misses) or 'none'} |")
+    return lines
+
+
 def comparison_table(before, after) -> list[str]:
     """Before -> after per op, shape, dropout and direction present in both reports: the modelled
     time and, for the relative-attention score kernels, registers, spills, instructions per score
@@ -993,6 +1023,10 @@ def markdown(report, command, before=None) -> str:
         *(["## Before -> after", "", f"Against `{before['path']}`.", "", *comparison_table(before, report), ""]
           if before else []),
         *(["## Relative attention: score kernels", "", *attention_table(report), ""] if attention_table(report) else []),
+        *(["## Relative attention: static targets", "",
+           f"Per direction: spill bytes, SASS instructions per score element in the hot loop; under 4 waves, "
+           f"at most {100 * MAX_TAIL:.0f}% of the busiest SM's time idle on the others.", "",
+           *targets_table(report), ""] if targets_table(report) else []),
         "## Per op: modelled time against the baseline", "",
         "| op | shape | dropout | dir | launches | model us | loops | bound (slowest launch) | baseline | baseline us | ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -291,6 +291,23 @@ def test_comparison_pairs_rows_of_two_reports():
     assert "448 -> 0" in rows[2] and "107.3 -> 20.0" in rows[2]
 
 
+def test_targets_table_names_what_each_score_kernel_misses():
+    def record(direction, spill, per_elem, waves, ctas):
+        return dict(op="rmha", shape="S2", dropout=direction == "bwd", direction=direction, spill_bytes=spill,
+                    hot_loop_score_elements=16.0, hot_loop_instructions_per_score_element=per_elem, waves=waves,
+                    model=dict(busiest_sm_factor=sr.busiest_sm_factor(ctas)))
+
+    other = dict(op="tisas", hot_loop_score_elements=32.0)
+    report = {"records": [record("fwd", 0, 24.0, 5.17, 2048), record("fwd", 8, 25.1, 1.0, 132),
+                          record("bwd", 513, 60.0, 1.5, 198), record("bwd", 512, 59.0, 0.97, 128), other]}
+    rows = sr.targets_table(report)
+    assert len(rows) == 6  # header, rule, the four relative-attention kernels
+    assert rows[2] == "| S2 | no | fwd | 0 (0) | 24.0 (25) | - (5.17) | none |"  # 5 waves: no tail target
+    assert rows[3].endswith("| 0% (1.00) | spills, instr/elem |")
+    assert rows[4].endswith("| 25% (1.50) | spills, tail |")  # 198 CTAs: the busiest SM runs 2, the average 1.5
+    assert rows[5].endswith("| 3% (0.97) | none |")
+
+
 @pytest.mark.parametrize("programs", [4, 5])
 def test_persistent_programs_with_unequal_tiles_are_counted_exactly(programs):
     """A persistent launch whose first programs take one tile more than the others: the traced
