@@ -38,7 +38,7 @@ import report  # noqa: E402
 BUDGET_SECONDS = 470  # the whole run, so that it fits an 8-minute device session
 # (benchmark file, the most seconds it may take)
 BENCHMARK_FILES = (("test_bench_rmha.py", 170), ("test_bench_training_step.py", 120), ("test_bench_rotary.py", 90),
-                   ("test_bench_concat.py", 90), ("test_bench_tisas.py", 100))
+                   ("test_bench_concat.py", 90), ("test_bench_tisas.py", 100), ("test_bench_choices.py", 90))
 
 
 def step(title: str):
@@ -100,8 +100,8 @@ def summary_rows(data: dict) -> list[dict]:
     """One row per benchmark group: the best fused backend against the baseline and the floor."""
     rows = []
     for group, benches in report.groups(data).items():
-        if benches[0]["extra_info"].get("op") == "carca-train-step":
-            continue  # see training_rows
+        if benches[0]["extra_info"].get("op") in ("carca-train-step", "planner-choice"):
+            continue  # see training_rows, choice_rows
         med = {report._impl(b): b["stats"]["median"] * 1e3 for b in benches}
         fused = {n: med[n] for n in report.FUSED if n in med}
         pytorch = {n: med[n] for n in report.PYTORCH_BASELINES if n in med}
@@ -126,6 +126,23 @@ def training_rows(data: dict) -> list[dict]:
         row = {"training step": group}
         for b in sorted(benches, key=lambda b: report._impl(b)):
             row[f"{report._impl(b)} seq/s"] = b["extra_info"].get("seq_per_s")
+        rows.append(row)
+    return rows
+
+
+def choice_rows(data: dict) -> list[dict]:
+    """One row per planner choice (benchmarks/test_bench_choices.py): the default's time and the
+    fastest variant's, and how much faster it is."""
+    rows = []
+    for group, benches in report.groups(data).items():
+        if benches[0]["extra_info"].get("op") != "planner-choice":
+            continue
+        med = {report._impl(b): b["stats"]["median"] * 1e3 for b in benches}
+        fastest = min(med, key=med.get)
+        row = {"planner choice": group.removeprefix("choice: "), "default ms": med.get("default"),
+               "fastest": fastest, "fastest ms": med[fastest]}
+        if med.get("default"):
+            row["default / fastest"] = med["default"] / med[fastest]
         rows.append(row)
     return rows
 
@@ -246,6 +263,11 @@ def main(argv=None) -> int:
     if training:
         print()
         table += "\n\n" + print_summary(training)
+    choices = choice_rows(data)
+    if choices:
+        print()
+        table += "\n\nPlanner choices (a fastest variant other than `default` is a planner change to make):\n\n"
+        table += print_summary(choices)
     note = ("Reproduce: `python3 benchmarks/gpu_suite.py` on a GPU machine (builds the extension, runs "
             "`pytest -m gpu`, then `pytest benchmarks --benchmark-only`). Times are medians over rotating input "
             "sets with a device-synchronizing clock; `peak MiB` is CUDA memory allocated above the inputs during one "

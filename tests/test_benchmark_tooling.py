@@ -91,6 +91,42 @@ def test_training_step_benchmark_reports_sequences_per_second(bench_json):
     assert len(rows) == 4
 
 
+def test_planner_choices_are_summarised_apart_with_their_fastest_variant(bench_json):
+    data = json.loads(json.dumps(bench_json))
+    template = next(b for b in data["benchmarks"] if report._impl(b) == "torch")
+    for label, median in (("default", 2.0e-3), ("by column", 1.5e-3)):
+        bench = json.loads(json.dumps(template))
+        bench["group"] = "choice: rmha fwd S3, band tiles by column"
+        bench["extra_info"] = dict(op="planner-choice", impl=label, baseline=label == "default", mode="fwd")
+        bench["stats"]["median"] = median
+        data["benchmarks"].append(bench)
+    assert all("choice" not in r["benchmark"] for r in gpu_suite.summary_rows(data))
+    [row] = gpu_suite.choice_rows(data)
+    assert row["planner choice"] == "rmha fwd S3, band tiles by column" and row["fastest"] == "by column"
+    assert row["default ms"] == pytest.approx(2.0) and row["default / fastest"] == pytest.approx(4 / 3)
+
+
+def test_every_planner_choice_names_knobs_its_planner_knows():
+    """A misspelt knob would only fail on the GPU, after minutes of the session: plan each
+    variant here (CPU tensors, the planners only read shapes and flags)."""
+    import torch
+
+    import test_bench_choices as choices
+    from fastpe.kernels.triton import interval, rmha
+
+    for (name, op, (b, h, length, dh), _mode, variants) in choices.CASES:
+        assert set(variants) >= {"default"} and len(variants) >= 2, name
+        for knobs in variants.values():
+            assert set(knobs) <= {"rmha_fwd", "rmha_bwd", "tisas_fwd", "tisas_bwd"}, name
+            with choices.planner_overrides(knobs):
+                if op == "rmha":
+                    rmha.fwd_config(b, h, length, length, dh, dh, torch.device("cpu"), torch.bfloat16)
+                    rmha.bwd_config(b, h, length, length, dh, dh, torch.device("cpu"), torch.bfloat16)
+                else:
+                    interval.fwd_config(b, h, length, dh, dh, torch.device("cpu"))
+                    interval.bwd_config(b, h, length, dh, dh, torch.device("cpu"))
+
+
 def test_gpu_suite_rehearsal_on_the_cpu_writes_every_output(tmp_path):
     # The whole flow of the GPU script (one pytest run per benchmark file, merged JSON, report,
     # summary tables) on the CPU's smoke shapes, so the script is known to work before a GPU session.
