@@ -69,6 +69,13 @@ def run_cli(args, cwd, env=None, **kw):
 
 
 # ------------------------------------------------------------------------------------------- data
+
+def test_a_max_len_whose_attention_scores_cannot_fit_in_memory_is_refused_before_the_data(capsys):
+    # 256 sequences x 100000^2 float32 scores: 9 TiB, beyond any machine's memory; before this check
+    # the run read the data, built the model and died in the CPU allocator with a traceback.
+    user_error(capsys, ["train", *TINY, "--max-len", "100000", "--device", "cpu"], "--max-len 100000",
+               "on the CPU", "lower --max-len")
+
 def test_user_item_rating_is_not_read_as_a_timestamp(tmp_path):
     # Each user's last line is the latest interaction; its rating is the lowest. Reading the rating
     # as a time would make the highest-rated item the test item.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import replace
 
 from fastpe.backends import BackendUnavailableError
@@ -244,6 +245,7 @@ def check_config(cfg, encodings: list[str] | None = None) -> None:
     if cfg.cuda_graphs and device.type != "cuda":
         raise ValueError(f"--cuda-graphs needs a CUDA device (got {device}); on the CPU use the eager or --compile "
                          "step")
+    _check_attention_memory(cfg, device)
     if cfg.backend != "auto":
         from fastpe.backends import BackendUnavailableError, unavailable_reason
 
@@ -251,6 +253,32 @@ def check_config(cfg, encodings: list[str] | None = None) -> None:
         if reason is not None:
             raise BackendUnavailableError(f"--backend {cfg.backend}: cannot run here: {reason}")
     _check_models_build(cfg, causal, encodings or [cfg.encoding])
+
+
+def _physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # (no sysconf: Windows)
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**40:.1f} TiB" if n >= 2**40 else f"{n / 2**30:.1f} GiB"
+
+
+def _check_attention_memory(cfg, device) -> None:
+    """On the CPU an attention step holds its scores, batch x heads x L x L float32 (PyTorch's
+    attention and the torch backends materialise them, and training keeps more than one): refuse
+    sizes past half the machine's memory here, not with an allocator's traceback mid-run."""
+    total = _physical_memory_bytes() if device.type == "cpu" else None
+    if total is None:
+        return
+    batch = max(cfg.batch_size, cfg.eval_batch_size)
+    scores = 4 * batch * cfg.n_heads * cfg.max_len ** 2
+    if 2 * scores > total:
+        raise ValueError(f"--max-len {cfg.max_len} with batches of {batch} sequences and {cfg.n_heads} head(s): one "
+                         f"attention step's scores take {_gib(scores)} on the CPU, more than half of this machine's "
+                         f"{_gib(total)}; lower --max-len, --batch-size or --eval-batch-size")
 
 
 def _check_models_build(cfg, causal: bool, encodings: list[str]) -> None:
