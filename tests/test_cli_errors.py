@@ -70,6 +70,12 @@ def run_cli(args, cwd, env=None, **kw):
 
 # ------------------------------------------------------------------------------------------- data
 
+
+def test_an_out_dir_that_cannot_be_a_folder_is_refused_before_the_data(capsys, tmp_path):
+    afile = write(tmp_path / "afile", "x")
+    user_error(capsys, ["train", *TINY, "--out-dir", str(afile)], "--out-dir", "is a file, not a folder")
+    user_error(capsys, ["study", "--encodings", "none", *TINY, "--out-dir", str(afile / "run")], "is a file")
+
 def test_a_max_len_whose_attention_scores_cannot_fit_in_memory_is_refused_before_the_data(capsys):
     # 256 sequences x 100000^2 float32 scores: 9 TiB, beyond any machine's memory; before this check
     # the run read the data, built the model and died in the CPU allocator with a traceback.

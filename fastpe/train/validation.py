@@ -246,6 +246,7 @@ def check_config(cfg, encodings: list[str] | None = None) -> None:
         raise ValueError(f"--cuda-graphs needs a CUDA device (got {device}); on the CPU use the eager or --compile "
                          "step")
     _check_attention_memory(cfg, device)
+    _check_out_dir(cfg.out_dir)
     if cfg.backend != "auto":
         from fastpe.backends import BackendUnavailableError, unavailable_reason
 
@@ -279,6 +280,24 @@ def _check_attention_memory(cfg, device) -> None:
         raise ValueError(f"--max-len {cfg.max_len} with batches of {batch} sequences and {cfg.n_heads} head(s): one "
                          f"attention step's scores take {_gib(scores)} on the CPU, more than half of this machine's "
                          f"{_gib(total)}; lower --max-len, --batch-size or --eval-batch-size")
+
+
+def _check_out_dir(out_dir: str | None) -> None:
+    """``--out-dir`` must be a folder this process can create, or write in: told before the data is
+    read, by creating and removing a temporary folder in it or in its nearest existing parent."""
+    import tempfile
+    from pathlib import Path
+
+    if not out_dir:
+        return
+    path = Path(out_dir)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out-dir {out_dir}: {existing} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fastpe-probe-", dir=existing))
+    except OSError as exc:
+        raise ValueError(f"--out-dir {out_dir}: cannot create a folder in {existing} ({exc.strerror})") from None
 
 
 def _check_models_build(cfg, causal: bool, encodings: list[str]) -> None:
