@@ -76,6 +76,21 @@ def test_an_out_dir_that_cannot_be_a_folder_is_refused_before_the_data(capsys, t
     user_error(capsys, ["train", *TINY, "--out-dir", str(afile)], "--out-dir", "is a file, not a folder")
     user_error(capsys, ["study", "--encodings", "none", *TINY, "--out-dir", str(afile / "run")], "is a file")
 
+
+def test_a_study_whose_data_cannot_be_read_leaves_no_folder_behind(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    user_error(capsys, ["study", "--encodings", "none", "--data", str(tmp_path / "missing.csv")], "missing.csv")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_without_out_dir_points_at_the_latest_folder_of_the_same_command(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "study-1" / "runs").mkdir(parents=True)
+    (tmp_path / "runs" / "train-1").mkdir()
+    (tmp_path / "runs" / "train-1" / "last.pt").write_bytes(b"")
+    user_error(capsys, ["study", "--encodings", "none", *TINY, "--resume"], "latest study here is runs/study-1")
+    user_error(capsys, ["train", *TINY, "--resume"], "latest run here is runs/train-1")
+
 def test_a_max_len_whose_attention_scores_cannot_fit_in_memory_is_refused_before_the_data(capsys):
     # 256 sequences x 100000^2 float32 scores: 9 TiB, beyond any machine's memory; before this check
     # the run read the data, built the model and died in the CPU allocator with a traceback.

@@ -257,6 +257,13 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
                          "trains data parallel: use one or the other")
     if not main:
         log = lambda *args: None  # noqa: E731
+    # The data before the folder: a data error leaves no empty study folder behind.
+    started = time.perf_counter()
+    data = data if data is not None else load_dataset(base.data, base.data_root, base.data_format, base.synthetic,
+                                                      base.columns)
+    timed = [e for e in encodings if needs_timestamps(e)]
+    if timed and data.timestamps is None:  # say so before any run trains
+        raise ValueError(f"encodings {', '.join(timed)} need timestamps, and the data set {data.name!r} has none")
     # The default name holds the start time: the first process's, so that all use one folder.
     out = Path(out_dir) if out_dir else distributed.from_main(
         Path("runs") / f"study-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
@@ -266,7 +273,7 @@ def run_study(base: TrainConfig, encodings: list[str], seeds: list[int], out_dir
         lock.acquire()
     try:
         return _run_study(base, encodings, seeds, out, resume, log, data, main, lock, jobs, executor, address,
-                          notes)
+                          notes, started)
     except KeyboardInterrupt as exc:
         # The interrupted run keeps its last complete epoch; --resume on the study continues it.
         raise validation.RunInterrupted(out, f"finished runs are kept in {out}; the run in progress: "
@@ -289,15 +296,10 @@ def _finished_summary(run_dir: Path, epochs: int) -> dict | None:
     return None
 
 
-def _run_study(base, encodings, seeds, out, resume, log, data, main, lock, jobs, executor, address, notes) -> dict:
+def _run_study(base, encodings, seeds, out, resume, log, data, main, lock, jobs, executor, address, notes,
+               started) -> dict:
     if lock is not None and lock.note:
         log(f"note: {lock.note}")
-    started = time.perf_counter()
-    data = data if data is not None else load_dataset(base.data, base.data_root, base.data_format, base.synthetic,
-                                                      base.columns)
-    timed = [e for e in encodings if needs_timestamps(e)]
-    if timed and data.timestamps is None:  # say so before any run trains
-        raise ValueError(f"encodings {', '.join(timed)} need timestamps, and the data set {data.name!r} has none")
     where = (f"Ray ({address or 'local instance'})" if executor == "ray" else
              f"{jobs} processes" if jobs > 1 else "one process")
     log(f"study: {data.describe()}; model {base.model}; {len(encodings)} encodings x {len(seeds)} seeds -> {out} "

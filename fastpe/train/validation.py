@@ -196,7 +196,7 @@ def synthetic_options(text: str) -> dict:
     return out
 
 
-def check_config(cfg, encodings: list[str] | None = None) -> None:
+def check_config(cfg, encodings: list[str] | None = None, study: bool = False) -> None:
     """Raise ``ValueError`` naming the option for anything wrong with ``cfg`` that can be told
     without reading the data: the rules above, the options that depend on each other, and a
     model build for each encoding (``encodings``, default ``[cfg.encoding]``) on a toy catalogue."""
@@ -234,7 +234,8 @@ def check_config(cfg, encodings: list[str] | None = None) -> None:
     if cfg.resume and cfg.restart:
         raise ValueError("--resume and --restart exclude each other: continue the run in --out-dir, or start it again")
     if cfg.resume and not cfg.out_dir:
-        raise ValueError("--resume needs --out-dir, the folder of the run to continue" + _latest_run_hint())
+        raise ValueError(f"--resume needs --out-dir, the folder of the {'study' if study else 'run'} to continue"
+                         + _latest_run_hint(study))
     try:
         device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                               "cpu" if cfg.device == "auto" else cfg.device)
@@ -317,16 +318,20 @@ def _check_models_build(cfg, causal: bool, encodings: list[str]) -> None:
                              f"{cfg.n_heads}: {exc}") from None
 
 
-def _latest_run_hint() -> str:
+def _latest_run_hint(study: bool) -> str:
+    """The newest folder under ./runs that the command could continue: a run's (its last.pt) or a
+    study's (its runs/ folder)."""
     from pathlib import Path
 
-    runs = sorted((p for p in Path("runs").glob("*") if (p / "last.pt").exists()), key=lambda p: p.stat().st_mtime)
-    return f" (the latest run here is {runs[-1]}: --resume --out-dir {runs[-1]})" if runs else ""
+    mark = "runs" if study else "last.pt"
+    runs = sorted((p for p in Path("runs").glob("*") if (p / mark).exists()), key=lambda p: p.stat().st_mtime)
+    what = "study" if study else "run"
+    return f" (the latest {what} here is {runs[-1]}: --resume --out-dir {runs[-1]})" if runs else ""
 
 
 def check_study(cfg, encodings: list[str]) -> None:
     """:func:`check_config` for every encoding of a study."""
-    check_config(replace(cfg, encoding=encodings[0]), encodings)
+    check_config(replace(cfg, encoding=encodings[0]), encodings, study=True)
 
 
 def check_data(split, cfg) -> list[str]:
