@@ -136,6 +136,22 @@ def test_shards_together_give_the_single_process_loss_and_gradient(tmp_path):
         torch.testing.assert_close((g0 + g1) / 2, g, rtol=1e-4, atol=1e-7)
 
 
+def test_processes_leave_the_group_together_only_after_a_command_that_finished(monkeypatch, tmp_path):
+    """``main`` meets the other processes at a barrier before leaving the process group only when
+    its command succeeded: after an error the others may never reach that barrier (atexit's
+    teardown leaves at once instead)."""
+    from fastpe.train import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "leave", lambda: calls.append("leave"))
+    with pytest.raises(SystemExit):  # argparse's own errors
+        main(["train", *ARGS, "--epochs", "0"])
+    assert main(["train", *ARGS, "--out-dir", str(tmp_path / "run"), "--max-len", "10000000"]) == 2
+    assert calls == []
+    assert main(["train", *ARGS, "--epochs", "1", "--out-dir", str(tmp_path / "run")]) == 0
+    assert calls == ["leave"]
+
+
 def test_batch_size_must_divide_among_processes():
     assert local_rows(32, 2, 0) == (0, 16) and local_rows(32, 2, 1) == (16, 32)
     with pytest.raises(ValueError, match="batch_size 30 is not divisible by the 4 processes"):
