@@ -112,19 +112,26 @@ def test_every_planner_choice_names_knobs_its_planner_knows():
     import torch
 
     import test_bench_choices as choices
-    from fastpe.kernels.triton import interval, rmha
+    from fastpe.kernels.triton import concat, interval, rmha
 
-    for (name, op, (b, h, length, dh), _mode, variants) in choices.CASES:
-        assert set(variants) >= {"default"} and len(variants) >= 2, name
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    for (name, op, shape, _mode, variants) in choices.CASES:
+        assert set(variants) >= {"default"} and len(variants) >= 2 and op in choices.IMPLS, name
         for knobs in variants.values():
-            assert set(knobs) <= {"rmha_fwd", "rmha_bwd", "tisas_fwd", "tisas_bwd"}, name
             with choices.planner_overrides(knobs):
                 if op == "rmha":
-                    rmha.fwd_config(b, h, length, length, dh, dh, torch.device("cpu"), torch.bfloat16)
-                    rmha.bwd_config(b, h, length, length, dh, dh, torch.device("cpu"), torch.bfloat16)
+                    b, h, length, dh = shape
+                    rmha.fwd_config(b, h, length, length, dh, dh, cpu, bf16)
+                    rmha.bwd_config(b, h, length, length, dh, dh, cpu, bf16)
+                elif op == "tisas":
+                    b, h, length, dh = shape
+                    interval.fwd_config(b, h, length, dh, dh, cpu)
+                    interval.bwd_config(b, h, length, dh, dh, cpu)
                 else:
-                    interval.fwd_config(b, h, length, dh, dh, torch.device("cpu"))
-                    interval.bwd_config(b, h, length, dh, dh, torch.device("cpu"))
+                    b, length, d = shape
+                    x, table, weight = torch.zeros(b, length, d), torch.zeros(length, d), torch.zeros(d, 2 * d)
+                    concat.plan_forward(x, table, weight, None, None)
+                    concat.plan_backward(torch.zeros_like(x), x, table, weight, None, False)
 
 
 def test_gpu_suite_rehearsal_on_the_cpu_writes_every_output(tmp_path):
