@@ -956,8 +956,8 @@ def targets_table(report) -> list[str]:
     rows = [r for r in report["records"] if r["op"] == "rmha" and r.get("hot_loop_score_elements")]
     if not rows:
         return []
-    lines = ["| shape | dropout | dir | spill B (limit) | instr/elem, hot loop (limit) | idle SM share (waves) | misses |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| shape | dropout | dir | spill B (limit) | instr/elem, hot loop (limit) | idle SM share (waves) | "
+             "misses |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         limit = TARGETS[r["direction"]]
         per_elem = r["hot_loop_instructions_per_score_element"]

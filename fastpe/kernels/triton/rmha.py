@@ -1355,8 +1355,8 @@ def bwd_config(b, h, lq, lk, dh, dv, device, dtype):
         mode = "split"
         block_n = 64 if (lk >= 128 and widest <= 64) else 32
         block_m = block_n
-    cfg = _launch.knobs("rmha_bwd", mode=mode, block_m=block_m, block_n=block_n, b_per_prog=0, num_warps=0, num_stages=1,
-                        key_bits=-1)
+    cfg = _launch.knobs("rmha_bwd", mode=mode, block_m=block_m, block_n=block_n, b_per_prog=0, num_warps=0,
+                        num_stages=1, key_bits=-1)
     if cfg["mode"] not in ("fused", "split"):
         raise ValueError(f"rmha_bwd mode must be 'fused' or 'split', got {cfg['mode']!r}")
     cfg["block_m"] = min(cfg["block_m"], max(16, _launch.next_pow2(lq)))
