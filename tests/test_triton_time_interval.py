@@ -133,15 +133,17 @@ def test_time_unit_and_scale():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kind", ["padding", "padding+causal"])
-def test_several_key_and_query_blocks(dtype, kind, monkeypatch):
+@pytest.mark.parametrize("key_bits", [0, 1])
+def test_several_key_and_query_blocks(dtype, kind, key_bits, monkeypatch):
     """16-wide blocks over 40 positions: the forward's two passes (row statistics, then the
     normalised sums), several query blocks per sequence in the backward, tables in 16-bucket
     chunks (a query block builds and reads back only the chunks its elements use; a program's
-    next block must find the others clear). Outputs start as NaN."""
+    next block must find the others clear). The backward reads each tile's padding from the mask
+    or (``key_bits``) from bits packed once per sequence. Outputs start as NaN."""
     cfg = launch_cfg()
     monkeypatch.setattr(cfg, "POISON", True)
     blocks = dict(block_m=16, block_n=16, table_chunk=16)
-    with cfg.override("tisas_fwd", **blocks), cfg.override("tisas_bwd", **blocks):
+    with cfg.override("tisas_fwd", **blocks), cfg.override("tisas_bwd", **blocks, key_bits=key_bits):
         check(2, 1, 40, 16, 30, kind, dtype, seed=6)
 
 
@@ -304,9 +306,11 @@ def test_poisoned_buffers_are_all_written(per_head, monkeypatch):
         check(4, 2, 21, 30, 256, "fully_padded", per_head=per_head, seed=7)
 
 
-def test_padded_keys_are_never_read(monkeypatch):
+@pytest.mark.parametrize("key_bits", [0, 1])
+def test_padded_keys_are_never_read(key_bits, monkeypatch):
     """NaN in the keys and values of padding positions (a fully padded 16-block and a partial one)
-    must not reach the output or any gradient."""
+    must not reach the output or any gradient, with the backward's padding read per tile or
+    packed into bits per sequence (three key blocks in four bits)."""
     cfg = launch_cfg()
     L = 37
     kpm = torch.zeros(2, L, dtype=torch.bool)
@@ -322,7 +326,8 @@ def test_padded_keys_are_never_read(monkeypatch):
     for x in low[1:3]:
         x[:, 0][kpm] = float("nan")
     low = [x.requires_grad_() for x in low]
-    with cfg.override("tisas_fwd", block_m=16, block_n=16), cfg.override("tisas_bwd", block_m=16, block_n=16):
+    with cfg.override("tisas_fwd", block_m=16, block_n=16), \
+            cfg.override("tisas_bwd", block_m=16, block_n=16, key_bits=key_bits):
         out = time_interval_attention(*low, t, key_padding_mask=kpm, backend="triton")
         grads = torch.autograd.grad(out, low, dout.float())
     atol, rtol = TOLERANCES[torch.float32]
@@ -418,8 +423,8 @@ def test_dropout_is_reproducible_and_has_the_right_rate():
     assert abs(a.float().mean().item() - (1 - p)) < 0.08  # 576 draws
 
 
-@pytest.mark.parametrize("L", [12, 40])
-def test_dropout_backward_uses_the_forward_mask(L):
+@pytest.mark.parametrize("L,key_bits", [(12, 0), (40, 0), (40, 1)])
+def test_dropout_backward_uses_the_forward_mask(L, key_bits):
     """Outputs and all gradients equal the float64 reference fed the kernel's own keep mask (at L = 40
     over 16-wide blocks: the two-pass forward and several query blocks in the backward)."""
     b, h, p = 2, 2, 0.25
@@ -427,7 +432,8 @@ def test_dropout_backward_uses_the_forward_mask(L):
     kw = {"key_padding_mask": kpm, "is_causal": True}
     t = times(b, L, "unsorted", 4, seed=11)
     cfg = launch_cfg()
-    with cfg.override("tisas_fwd", block_m=16, block_n=16), cfg.override("tisas_bwd", block_m=16, block_n=16):
+    with cfg.override("tisas_fwd", block_m=16, block_n=16), \
+            cfg.override("tisas_bwd", block_m=16, block_n=16, key_bits=key_bits):
         keep = _keep_mask(11, b, h, L, p, t, **kw)
 
         def kernel(*x):
