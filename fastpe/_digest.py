@@ -1,5 +1,5 @@
 """Hashes of source files, naming what was built from them (the CUDA extension's build folder, the
-Triton custom ops' namespace), so that an edit gives a fresh build and a fresh name."""
+custom ops' namespaces), so that an edit gives a fresh build and a fresh name."""
 
 from __future__ import annotations
 
@@ -16,3 +16,12 @@ def files_digest(root: Path, suffixes: tuple[str, ...], recursive: bool = False)
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def ops_namespace(digest: str, prefix: str) -> str:
+    """The torch.ops namespace of ops built from sources that hash to ``digest``.
+
+    torch.compile's caches (Inductor, AOTAutograd) key a graph on its ops' names, not on their
+    schemas: under one fixed name, a graph cached against an older build would be replayed against
+    this one's ops. A name that follows the sources makes such a graph miss."""
+    return f"{prefix}_{digest[:12]}"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from fastpe import _ext_ops
+from fastpe import _digest, _ext_ops
 from fastpe._digest import files_digest
 
 IMPLEMENTED_OPS: tuple[str, ...] = ("relative_attention", "time_interval_attention", "rotary", "rotatory_add",
@@ -68,12 +68,9 @@ def sources_digest(src: Path) -> str:
 
 
 def ops_namespace(digest: str, prefix: str = "fastpe") -> str:
-    """The torch.ops namespace of a build whose sources hash to ``digest`` (setup.py has a copy).
-
-    torch.compile's caches (Inductor, AOTAutograd) key a graph on its ops' names, not on their
-    schemas: with one fixed name, a graph cached against an older build would be replayed against
-    this one's ops. A name that follows the sources makes such a graph miss."""
-    return f"{prefix}_{digest[:12]}"
+    """The torch.ops namespace of a CUDA build whose sources hash to ``digest`` (setup.py has a
+    copy; :func:`fastpe._digest.ops_namespace` says why it follows the sources)."""
+    return _digest.ops_namespace(digest, prefix)
 
 
 def _ops_loaded(namespace: str) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fastpe._digest import files_digest
+from fastpe._digest import files_digest, ops_namespace
 from fastpe.kernels.triton import _launch
 from fastpe._time_steps import personal_time_steps
 from fastpe.kernels.triton import concat as _cat
@@ -28,11 +28,9 @@ from fastpe.kernels.triton import interval as _interval
 from fastpe.kernels.triton import rmha as _rmha
 from fastpe.kernels.triton import rotations as _rot
 
-# torch.compile's caches (AOTAutograd, FX graph) key a compiled graph on the names of its ops, not
-# on what the ops do: under a fixed name, a graph compiled against an older fastpe would be replayed
-# with that version's calling convention. A namespace named after fastpe's sources changes with them.
+# Named after fastpe's Python sources, so that compile caches miss when they change (see ops_namespace).
 PACKAGE_DIR = Path(__file__).resolve().parents[2]
-NAMESPACE = f"fastpe_triton_{files_digest(PACKAGE_DIR, ('.py',), recursive=True)[:12]}"
+NAMESPACE = ops_namespace(files_digest(PACKAGE_DIR, (".py",), recursive=True), "fastpe_triton")
 
 # The planners memoized by call shape (configs, grids, scalars; never tensors): a training loop
 # repeats a handful of shapes, and planning costs more host time than a small kernel runs.
