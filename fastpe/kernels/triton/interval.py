@@ -602,10 +602,8 @@ def _tisas_bwd_kernel(
     for bh in range(pid, B * H, nprog):
         b = bh // H
         h = bh % H
-        col_bits = 0
-        block_bits = 0
-        if HAS_KPM and KEY_BITS > 0:
-            col_bits, block_bits = _key_bits(KPM, b, skpb, skpn, L, BLOCK_M, BLOCK_N, KEY_BITS, Q.dtype.element_ty)
+        col_bits, block_bits = _key_bits(KPM, b, skpb, skpn, L, BLOCK_M, BLOCK_N, KEY_BITS, Q.dtype.element_ty,
+                                         HAS_KPM)
         q_base = Q + b * sqb + h * sqh
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh

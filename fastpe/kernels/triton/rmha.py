@@ -399,23 +399,28 @@ def _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def _key_bits(KPM, b, skpb, skpn, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, dt):
-    """The key padding of a sequence packed once, for :func:`_tile_keys`: per tile column an int32
-    whose bit t says that column's key in key block t exists and is not padding, and one int32
-    whose bit t says block t holds any such key. Per tile that is one uniform mask and one
+def _key_bits(KPM, b, skpb, skpn, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, dt,
+              HAS_KPM: tl.constexpr):
+    """The key padding of a sequence packed once, for :func:`_tile_keys` (0, 0 unless ``HAS_KPM`` and
+    ``TILES``, the planner's ``KEY_BITS``: the tiles then read the mask itself): per tile column an
+    int32 whose bit t says that column's key in key block t exists and is not padding, and one
+    int32 whose bit t says block t holds any such key. Per tile that is one uniform mask and one
     bit test per column, where loading the tile's padding bytes took about six instructions per
     column and a reduction for the skip (sm_90a, B256 h2 L200 dh64: forward band tile 436 -> 384
     instructions per thread)."""
-    tiles = tl.arange(0, TILES)
-    keys = tiles[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    valid = (tl.load(KPM + b * skpb + keys * skpn, mask=keys < LK, other=1) == 0).to(tl.int32)
-    col_bits = tl.sum(valid << tiles[:, None], axis=0)  # (distinct bits: the sum is an OR)
-    block_bits = tl.sum(tl.max(valid, axis=1) << tiles, axis=0)
-    # Moved into the score tile's column layout here, once: left to the compiler, the tile's
-    # column test went through shared memory (two barriers) in every tile. A reduction over a
-    # tensor in the layout of a dot's result (a dot of zeros) is the way to ask for that layout.
-    pin = tl.dot(tl.zeros([BLOCK_M, 16], dt), tl.zeros([16, BLOCK_N], dt)).to(tl.int32)
-    return tl.max(col_bits[None, :] + pin, axis=0), block_bits
+    if HAS_KPM and TILES > 0:
+        tiles = tl.arange(0, TILES)
+        keys = tiles[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        valid = (tl.load(KPM + b * skpb + keys * skpn, mask=keys < LK, other=1) == 0).to(tl.int32)
+        col_bits = tl.sum(valid << tiles[:, None], axis=0)  # (distinct bits: the sum is an OR)
+        block_bits = tl.sum(tl.max(valid, axis=1) << tiles, axis=0)
+        # Moved into the score tile's column layout here, once: left to the compiler, the tile's
+        # column test went through shared memory (two barriers) in every tile. A reduction over a
+        # tensor in the layout of a dot's result (a dot of zeros) is the way to ask for that layout.
+        pin = tl.dot(tl.zeros([BLOCK_M, 16], dt), tl.zeros([16, BLOCK_N], dt)).to(tl.int32)
+        return tl.max(col_bits[None, :] + pin, axis=0), block_bits
+    else:
+        return 0, 0
 
 
 @triton.jit
@@ -681,10 +686,7 @@ def _rmha_fwd_kernel(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
-    col_bits = 0
-    block_bits = 0
-    if HAS_KPM and KEY_BITS > 0:
-        col_bits, block_bits = _key_bits(KPM, b, skpb, skpn, LK, BLOCK_M, BLOCK_N, KEY_BITS, dt)
+    col_bits, block_bits = _key_bits(KPM, b, skpb, skpn, LK, BLOCK_M, BLOCK_N, KEY_BITS, dt, HAS_KPM)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -1003,10 +1005,7 @@ def _rmha_bwd_kernel(
         dq_base = DQ + b * sdqb + h * sdqh
         dk_base = DK + b * sdkb + h * sdkh
         dv_base = DV_ + b * sdvb + h * sdvh
-        col_bits = 0
-        block_bits = 0
-        if HAS_KPM and KEY_BITS > 0:
-            col_bits, block_bits = _key_bits(KPM, b, skpb, skpn, LK, BLOCK_M, BLOCK_N, KEY_BITS, dt)
+        col_bits, block_bits = _key_bits(KPM, b, skpb, skpn, LK, BLOCK_M, BLOCK_N, KEY_BITS, dt, HAS_KPM)
 
         if FUSED_DQ:
             # ---- one pass: query blocks outside, key blocks inside; dq and the bucket sums of a
