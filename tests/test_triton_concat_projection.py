@@ -39,11 +39,13 @@ def test_matches_reference(dtype, pos_kind, bias, b, L, d_in, d_pos, d_out):
 SMALL_BWD = dict(block_o=16, block_c=16, block_l=2, block_b=2, groups=12, block_r=16)
 
 
+@pytest.mark.parametrize("unroll", [0, 1], ids=["k-loops", "k-unrolled"])
 @pytest.mark.parametrize("dtype,pos_kind", [(torch.float32, "none"), (torch.float16, "1d"),
                                             (torch.float32, "2d"), (torch.float16, "padded")])
-def test_many_blocks_and_splits(dtype, pos_kind):
+def test_many_blocks_and_splits(dtype, pos_kind, unroll):
     cfg = launch_cfg()
-    with cfg.override("concat_gemm", block_m=16, block_n=16, block_k=16), cfg.override("concat_bwd", **SMALL_BWD):
+    with (cfg.override("concat_gemm", block_m=16, block_n=16, block_k=16, unroll=unroll),
+          cfg.override("concat_bwd", **SMALL_BWD)):
         check(dtype, pos_kind, True, 5, 7, 20, 8, 20, rows=37)
 
 

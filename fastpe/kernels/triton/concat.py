@@ -52,6 +52,20 @@ def _token_rows(POS, b, l, spb, spl, mask, POS_KIND: tl.constexpr):
 
 
 @triton.jit
+def _k_block(acc, L_, rows, m_mask, slr, slc, B_ROW0: tl.constexpr, Bm, offs_n, n_mask, sbk, sbn, k0,
+             WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, dt, DOT_PREC: tl.constexpr, ALIGN_L: tl.constexpr,
+             ALIGN_B: tl.constexpr):
+    """``acc += left[rows, k0:k0 + BLOCK_K] @ Bm[B_ROW0 + k0:, offs_n]``, columns past ``WIDTH`` zero;
+    the left operand is ``x`` or the table (rows: tokens or their table rows), taken in ``dt``."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < WIDTH
+    a = tl.load(_tile(L_, rows, offs_k, slr, slc, ALIGN_L), mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    b = tl.load(_tile(Bm, B_ROW0 + offs_k, offs_n, sbk, sbn, ALIGN_B), mask=k_mask[:, None] & n_mask[None, :],
+                other=0.0)
+    return tl.dot(a.to(dt), b.to(dt), acc, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _gemm_kernel(
     A, TAB, POS, Bm, BIAS, C,
     M, L,
@@ -60,11 +74,13 @@ def _gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     POS_KIND: tl.constexpr, HAS_TAB: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
     ALIGN_A: tl.constexpr = 0, ALIGN_T: tl.constexpr = 0, ALIGN_B: tl.constexpr = 0, ALIGN_C: tl.constexpr = 0,
+    UNROLL: tl.constexpr = False,
 ):
     """``C = [A | TAB[row(m)]] @ B (+ BIAS)``: columns ``k < KA`` of the left operand come from
     ``A [M, KA]``, the rest from the token's table row (token ``m`` is ``(m // L, m % L)``).
     The widths are compile-time constants (a model has a few): the masks of a width such as 90
-    are then known to hold in pairs, so aligned pairs load as one 32-bit word."""
+    are then known to hold in pairs, so aligned pairs load as one 32-bit word. ``UNROLL``: the K
+    loops unrolled (a few blocks, see plan_gemm), so each block's column mask is a constant."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
@@ -72,24 +88,24 @@ def _gemm_kernel(
     if HAS_TAB:
         rows = _token_rows(POS, offs_m // L, offs_m % L, spb, spl, m_mask, POS_KIND)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    dt = A.dtype.element_ty
     # Two loops, the x columns then the table's: each K block loads one source, not both masked.
-    for k0 in range(0, KA, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < KA
-        a = tl.load(_tile(A, offs_m, offs_k, sam, sak, ALIGN_A),
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(_tile(Bm, offs_k, offs_n, sbk, sbn, ALIGN_B),
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PREC)
-    if HAS_TAB:
-        for k0 in range(0, K - KA, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K - KA
-            t = tl.load(_tile(TAB, rows, offs_k, str_, stc, ALIGN_T),
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(_tile(Bm, KA + offs_k, offs_n, sbk, sbn, ALIGN_B),
-                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot(t.to(A.dtype.element_ty), b.to(A.dtype.element_ty), acc, input_precision=DOT_PREC)
+    if UNROLL:
+        for k0 in tl.static_range(0, KA, BLOCK_K):
+            acc = _k_block(acc, A, offs_m, m_mask, sam, sak, 0, Bm, offs_n, n_mask, sbk, sbn, k0, KA, BLOCK_K, dt,
+                           DOT_PREC, ALIGN_A, ALIGN_B)
+        if HAS_TAB:
+            for k0 in tl.static_range(0, K - KA, BLOCK_K):
+                acc = _k_block(acc, TAB, rows, m_mask, str_, stc, KA, Bm, offs_n, n_mask, sbk, sbn, k0, K - KA,
+                               BLOCK_K, dt, DOT_PREC, ALIGN_T, ALIGN_B)
+    else:
+        for k0 in range(0, KA, BLOCK_K):
+            acc = _k_block(acc, A, offs_m, m_mask, sam, sak, 0, Bm, offs_n, n_mask, sbk, sbn, k0, KA, BLOCK_K, dt,
+                           DOT_PREC, ALIGN_A, ALIGN_B)
+        if HAS_TAB:
+            for k0 in range(0, K - KA, BLOCK_K):
+                acc = _k_block(acc, TAB, rows, m_mask, str_, stc, KA, Bm, offs_n, n_mask, sbk, sbn, k0, K - KA,
+                               BLOCK_K, dt, DOT_PREC, ALIGN_T, ALIGN_B)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(_tile(C, offs_m, offs_n, scm, scn, ALIGN_C), acc.to(C.dtype.element_ty),
@@ -320,8 +336,16 @@ def plan_gemm(a, b, out, *, table=None, positions=None, length=1, bias=None):
         block_m=64 if m >= 64 else max(16, _launch.next_pow2(m)),
         block_n=max(16, min(128, _launch.next_pow2(n))),
         block_k=max(16, min(32 if one_n_tile else 64, _launch.next_pow2(k))),
-        num_warps=4 if one_n_tile else 8, num_stages=2,
+        num_warps=4 if one_n_tile else 8, num_stages=2, unroll=-1,
     )
+    k_blocks = triton.cdiv(ka, cfg["block_k"]) + triton.cdiv(k - ka, cfg["block_k"])
+    if cfg["unroll"] < 0:
+        # Unrolled, each K block's column mask and offsets are constants: no per-block compares
+        # and selects (sm_90a, B128 L75 d90, six blocks: 2.31 -> 1.08 us modelled; B128 L75 d50:
+        # 1.16 -> 0.67). Only with one output tile: unrolled, the 8-warp kernel of wider outputs
+        # issued 60 MMA instructions per warp where the loops issue 32 (B128 L200 d200: 8.71 ->
+        # 14.69 us modelled).
+        cfg["unroll"] = int(one_n_tile and k_blocks <= 8)
     pos, spb, spl, pos_kind = _pos_args(positions)
     args = dict(
         A=a, TAB=table if table is not None else a, POS=pos if pos is not None else a, Bm=b,
@@ -338,7 +362,8 @@ def plan_gemm(a, b, out, *, table=None, positions=None, length=1, bias=None):
                       # the weight is contiguous along K (W^T of a Linear) or along N; its table
                       # rows start KA rows in (KA = 90 in bf16: 180 bytes, so 4-byte runs at most)
                       ALIGN_B=min(max(_launch.run_alignment(b, 0), _launch.run_alignment(b, 1)),
-                                  _launch.offset_alignment(ka * b.stride(0) * b.element_size())))
+                                  _launch.offset_alignment(ka * b.stride(0) * b.element_size())),
+                      UNROLL=bool(cfg["unroll"]))
     grid = (triton.cdiv(m, cfg["block_m"]), triton.cdiv(n, cfg["block_n"]))
     return Launch(_gemm_kernel, grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
