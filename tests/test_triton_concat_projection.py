@@ -90,6 +90,12 @@ def test_alignment_hints_follow_addresses_and_strides():
     *_, launches = concat.plan_backward(torch.randn(2, 5, 32).half(), x36, t32, w, None, True)
     bwd = next(launch for launch in launches if launch.kernel is concat._bwd_kernel)
     assert (bwd.constexprs["ALIGN_T"], bwd.constexprs["ALIGN_X"], bwd.constexprs["ALIGN_W"]) == (8, 8, 8)
+    # the finish kernel reads the table from its first column (16) and the weight's table part (72 bytes in: 8)
+    finish = next(launch for launch in launches if launch.kernel is concat._bwd_finish_kernel)
+    assert (finish.constexprs["ALIGN_T"], finish.constexprs["ALIGN_WP"]) == (16, 8)
+    *_, launches = concat.plan_backward(torch.randn(2, 5, 90, dtype=torch.bfloat16), x, table, weight, None, True)
+    finish = next(launch for launch in launches if launch.kernel is concat._bwd_finish_kernel)
+    assert (finish.constexprs["ALIGN_T"], finish.constexprs["ALIGN_WP"]) == (4, 4)
     shifted = torch.randn(x.numel() + 1, dtype=torch.bfloat16)[1:].view(x.shape)  # one element in
     assert concat.plan_forward(shifted, table, weight, None, None)[1][0].constexprs["ALIGN_A"] == 2
     assert _launch.run_alignment(torch.randn(4, 8).t()) == 0  # rows not contiguous: no hint

@@ -217,11 +217,11 @@ def _position_g(PART_G, G_PARTS, L, DOUT, offs_k, k_mask, offs_o, o_mask, BLOCK_
 @triton.jit
 def _bwd_finish_kernel(
     PART_W, PART_G, POS, W, TAB, DW, DB, DT,
-    GROUPS, G_PARTS, DOUT, DIN, WCOLS, L, ROWS, TROWS, DPOS, N_W_PROGS, N_P_PROGS, DP_TILES,
+    GROUPS, G_PARTS, L, ROWS, TROWS, N_W_PROGS, N_P_PROGS, DP_TILES,
     spl, swo, swi, str_, stc, sdwo, sdwc, sdtr, sdtc,
-    BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SG: tl.constexpr, BLOCK_T: tl.constexpr,
+    DOUT: tl.constexpr, DIN: tl.constexpr, WCOLS: tl.constexpr, DPOS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SG: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, POS_KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, ALIGN_T: tl.constexpr = 0, ALIGN_WP: tl.constexpr = 0,
 ):
     """Programs ``< N_W_PROGS``: ``BLOCK_E`` elements of ``[dW | db]`` (the first ``WCOLS`` columns
     of ``dW``) summed over the groups. The next ``N_P_PROGS`` (positions shared by the batch): a
@@ -259,7 +259,7 @@ def _bwd_finish_kernel(
             k_mask = offs_k < L
             h = _position_g(PART_G, G_PARTS, L, DOUT, offs_k, k_mask, offs_o, o_mask, BLOCK_K, BLOCK_O)
             rows = _token_rows(POS, 0, offs_k, 0, spl, k_mask, POS_KIND)
-            tab = tl.load(TAB + rows[:, None] * str_ + offs_d[None, :] * stc, mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+            tab = tl.load(_tile(TAB, rows, offs_d, str_, stc, ALIGN_T), mask=k_mask[:, None] & d_mask[None, :], other=0.0)
             dwp = tl.dot(tl.trans(h), tab.to(tl.float32), dwp, input_precision=DOT_PREC)
         tl.store(DW + offs_o[:, None] * sdwo + (DIN + offs_d)[None, :] * sdwc, dwp.to(DW.dtype.element_ty),
                  mask=o_mask[:, None] & d_mask[None, :])
@@ -290,7 +290,8 @@ def _bwd_finish_kernel(
                                      + offs_o[None, None, :])
                     g3 += tl.load(ptrs, mask=(offs_s < G_PARTS)[:, None, None] & tile_mask[None, :, :], other=0.0)
                 g = tl.sum(g3, axis=0)
-            wp = tl.load(W + offs_o[:, None] * swo + (DIN + offs_d)[None, :] * swi, mask=o_mask[:, None] & d_mask[None, :], other=0.0)
+            wp = tl.load(_tile(W, offs_o, DIN + offs_d, swo, swi, ALIGN_WP), mask=o_mask[:, None] & d_mask[None, :],
+                         other=0.0)
             acc = tl.dot(g, wp.to(tl.float32), acc, input_precision=DOT_PREC)
         tl.store(DT + offs_t[:, None] * sdtr + offs_d[None, :] * sdtc, acc.to(DT.dtype.element_ty),
                  mask=(offs_t < TROWS)[:, None] & d_mask[None, :])
@@ -479,14 +480,17 @@ def plan_backward(dy, x, table, weight, positions, has_bias, need_dx=True, need_
     f_args = dict(
         PART_W=part_w, PART_G=part_g, POS=pos if pos is not None else part_g, W=weight, TAB=table, DW=dweight,
         DB=dbias if dbias is not None else dweight, DT=dtable if dtable is not None else dweight,
-        GROUPS=groups, G_PARTS=g_parts, DOUT=d_out, DIN=d_in, WCOLS=w_cols, L=L, ROWS=rows if pos_kind != 1 else L,
-        TROWS=table.shape[0], DPOS=d_pos, N_W_PROGS=n_w, N_P_PROGS=n_p, DP_TILES=dp_tiles,
+        GROUPS=groups, G_PARTS=g_parts, L=L, ROWS=rows if pos_kind != 1 else L,
+        TROWS=table.shape[0], N_W_PROGS=n_w, N_P_PROGS=n_p, DP_TILES=dp_tiles,
         spl=spl, swo=weight.stride(0), swi=weight.stride(1), str_=table.stride(0), stc=table.stride(1),
         sdwo=dweight.stride(0), sdwc=dweight.stride(1),
         sdtr=dtable.stride(0) if dtable is not None else 0, sdtc=dtable.stride(1) if dtable is not None else 0,
     )
-    f_constexprs = dict(BLOCK_E=block_e, BLOCK_S=block_s, BLOCK_SG=max(1, 2048 // (block_t * block_o)), BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_D=block_d,
+    f_constexprs = dict(DOUT=d_out, DIN=d_in, WCOLS=w_cols, DPOS=d_pos, BLOCK_E=block_e, BLOCK_S=block_s, BLOCK_SG=max(1, 2048 // (block_t * block_o)), BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_D=block_d,
                         BLOCK_K=max(16, min(64, _launch.next_pow2(L))), POS_KIND=pos_kind, HAS_BIAS=has_bias,
-                        DOT_PREC=_launch.dot_precision(x.dtype))
+                        DOT_PREC=_launch.dot_precision(x.dtype), ALIGN_T=_launch.run_alignment(table),
+                        # Wp: the weight's columns from d_in on
+                        ALIGN_WP=min(_launch.run_alignment(weight),
+                                     _launch.offset_alignment(d_in * weight.stride(1) * weight.element_size())))
     launches.append(Launch(_bwd_finish_kernel, (n_w + n_p + n_t,), f_args, f_constexprs, num_warps=4))
     return dx, dtable, dweight if need_w else None, dbias, launches
