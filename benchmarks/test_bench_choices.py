@@ -27,6 +27,8 @@ CASES = [
      {"default": {}, "padding bytes per tile": {"rmha_fwd": {"key_bits": 0}}}),
     ("rmha fwd+bwd S2, backward key padding as packed bits (more spills)", "rmha", S2, "fwd+bwd",
      {"default": {}, "backward padding bytes per tile": {"rmha_bwd": {"key_bits": 0}}}),
+    ("rmha fwd S2, left-of-band mask as a float tile (fewer instructions, 2 CTAs per SM instead of 3)",
+     "rmha", S2, "fwd", {"default": {}, "predicates": {"rmha_fwd": {"left_float": 0}}}),
     ("rmha fwd S3, band tiles by column", "rmha", S3, "fwd",
      {"default": {}, "by column": {"rmha_fwd": {"diag": 1}}}),
     ("rmha fwd+bwd S3, backward 64-row blocks on 4 warps (fewer spills, half the warps)", "rmha", S3, "fwd+bwd",

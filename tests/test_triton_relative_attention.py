@@ -111,17 +111,19 @@ def test_multi_block_paths(fwd, bwd, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kind", ["padding", "padding+causal"])
-@pytest.mark.parametrize("diag,kmax", [(1, 2), (0, 2), (1, 9)], ids=["by-column", "gathered", "wide-band-gathered"])
-def test_key_blocks_left_of_on_and_right_of_the_band(dtype, kind, diag, kmax, monkeypatch):
+@pytest.mark.parametrize("diag,kmax,left_float", [(1, 2, -1), (1, 2, 0), (0, 2, -1), (1, 9, -1)],
+                         ids=["by-column", "by-column-left-predicates", "gathered", "wide-band-gathered"])
+def test_key_blocks_left_of_on_and_right_of_the_band(dtype, kind, diag, kmax, left_float, monkeypatch):
     """16-wide blocks over 70 positions: the forward visits key blocks wholly left of the band
     (bucket 0), blocks meeting it and blocks wholly right of it (bucket 2k); the split backward sums
     the buckets over several key blocks. Band tiles of the forward: by tile column (``diag``: the
     inner buckets' q . rk and logits kept per column) or gathered per tile; with k = 9 the 17 inner
-    diagonals are wider than a key block, so the planner gathers even when asked for columns.
-    Outputs start as NaN."""
+    diagonals are wider than a key block, so the planner gathers even when asked for columns. By
+    column, the bucket 0 sums take the left-of-band mask as a float tile (the default without
+    dropout) or as predicates (``left_float=0``). Outputs start as NaN."""
     cfg = launch_cfg()
     monkeypatch.setattr(cfg, "POISON", True)
-    with cfg.override("rmha_fwd", block_m=16, block_n=16, diag=diag), \
+    with cfg.override("rmha_fwd", block_m=16, block_n=16, diag=diag, left_float=left_float), \
             cfg.override("rmha_bwd", mode="split", block_m=16, block_n=16):
         check(2, 1, 70, 70, 16, kind, dtype, kmax=kmax)
 
@@ -441,13 +443,14 @@ def test_dropout_backward_uses_the_forward_mask(mode, L, block, dtype):
     their inner buckets from column pairs of the dropped tile; "fused-direct": one 64-row query block
     writing each key block's dk, dv, dv scaled by 1 / (1 - p) per key block; the forward keeps its
     band tiles by tile column over 16- and 32-wide key blocks, the kept logits of the inner
-    elements, and gathers over 64-wide ones)."""
+    elements, and gathers over 64-wide ones; over 16-wide ones its bucket 0 sums take the
+    left-of-band mask as a float tile, not the predicates of the dropout default)."""
     b, h, p = 2, 2, 0.25
     bwd_block_m = 64 if mode == "fused-direct" else 16
     mode = mode.removesuffix("-direct")
     kw = {"key_padding_mask": masks_on_device("padding", b, h, L, L)["key_padding_mask"], "is_causal": True}
     cfg = launch_cfg()
-    with cfg.override("rmha_fwd", block_m=16, block_n=block, diag=int(block < 64)), \
+    with cfg.override("rmha_fwd", block_m=16, block_n=block, diag=int(block < 64), left_float=int(block == 16)), \
             cfg.override("rmha_bwd", mode=mode, block_m=bwd_block_m, block_n=block):
         keep = _keep_mask(11, b, h, L, L, p, **kw)
         inputs = rmha_inputs(b, h, L, L, 16, kmax=2, per_head=True)
@@ -606,6 +609,24 @@ def test_band_tiles_by_column_are_planned_only_where_the_inner_diagonals_fit_a_k
     assert not diag(70, 2, block_m=16, block_n=16, diag=0)
     assert diag(200, 4, block_m=64, block_n=32, num_warps=4) and not diag(50, 4, block_m=64, block_n=64, num_warps=4)
     assert not diag(75, 4, block_m=128, block_n=32, num_warps=8)
+
+
+def test_left_of_band_mask_is_a_float_tile_by_default_without_dropout_only():
+    """By-column band tiles take the left-of-band mask as a float tile (``LEFT_FLOAT``: fewer
+    instructions, more registers) without dropout; with it, and without by-column tiles, not; the
+    ``left_float`` knob forces it either way."""
+    from fastpe.kernels.triton import _launch
+    from fastpe.kernels.triton.rmha import plan_forward
+
+    def left_float(L, dropout_p=0.0, **knobs):
+        q, k, v, rk, rv = (t.detach().half() for t in rmha_inputs(2, 1, L, L, 16, per_head=True))
+        seed = torch.zeros(1, dtype=torch.int64, device=q.device) if dropout_p else None
+        with _launch.override("rmha_fwd", block_m=64, block_n=32, num_warps=4, **knobs):
+            [fwd] = plan_forward(q, k, v, rk, rv, None, None, seed, False, dropout_p, 0.25)[-1]
+        return fwd.constexprs["LEFT_FLOAT"]
+
+    assert left_float(200) and not left_float(200, 0.1) and not left_float(200, diag=0)
+    assert left_float(200, 0.1, left_float=1) and not left_float(200, left_float=0)
 
 
 def test_key_bits_are_planned_from_four_key_blocks_up_to_32():

@@ -542,7 +542,8 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
               HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               DOT_PREC: tl.constexpr, BAND: tl.constexpr, SIDE_COL: tl.constexpr, ALIGN: tl.constexpr = 0,
               POS_SCALE: tl.constexpr = False, CVT_ASM: tl.constexpr = False, SKIP_PADDED: tl.constexpr = True,
-              DIAG: tl.constexpr = False, col_bits=0, block_bits=0, KEY_BITS: tl.constexpr = 0):
+              DIAG: tl.constexpr = False, col_bits=0, block_bits=0, KEY_BITS: tl.constexpr = 0,
+              LEFT_FLOAT: tl.constexpr = False):
     """One key block of the online softmax. ``BAND``: the block meets the band ``|j - i| < k`` and
     every element needs its bucket; otherwise every element is in bucket ``SIDE_COL`` (0 or 2k)
     and the relative key term is the per-row ``qr_side``. ``SKIP_PADDED``: skip a key block of
@@ -566,12 +567,10 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
             left = _left_of_band(offs_m_local, delta, KMAX, BLOCK_N)
             right = _right_of_band(offs_m_local, delta, KMAX, BLOCK_N)
             rel = tl.where(left, qr_side[:, None], tl.where(right, qr_right[:, None], qd))
-            # The bucket 0 sums below take ``left`` as a float tile: a predicate per element does not
-            # live across the dots and the softmax (seven predicate registers), and the compiler
-            # recomputed and saved them instead (sm_90a, B256 h2 L200 dh64, 64 x 32 band tiles: 384
-            # -> 365 instructions per tile, modelled 25.6 -> 24.8 us). With dropout the extra
-            # registers cost more than that saved (530 -> 539).
-            left_f = tl.where(left, 1.0, 0.0) if not HAS_DROPOUT else 0.0
+            # ``LEFT_FLOAT``: the bucket 0 sums below take ``left`` as a float tile. A predicate per
+            # element does not live across the dots and the softmax (seven predicate registers): the
+            # compiler recomputes and saves them (see fwd_config for the trade).
+            left_f = tl.where(left, 1.0, 0.0) if LEFT_FLOAT else 0.0
         elif BAND:
             rel = tl.gather(qr, _band_tile_buckets(dloc, delta, KMAX), axis=1)
         else:
@@ -609,7 +608,7 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
             acc_b = tl.dot(p_lo, v_b, acc_b * alpha[:, None], input_precision=DOT_PREC)
         # bucket 0 and inner sums of P~ and all of P~ (bucket 2k takes the rest)
         if BAND and DIAG:
-            pl = pl * alpha + tl.sum(tl.where(left, p, 0.0) if HAS_DROPOUT else p * left_f, axis=1)
+            pl = pl * alpha + tl.sum(p * left_f if LEFT_FLOAT else tl.where(left, p, 0.0), axis=1)
             inner = tl.where(left | right, inner, s)  # the inner logits (see the band loop)
         elif BAND:
             pl = pl * alpha + tl.sum(tl.where(_left_of_band(offs_m_local, delta, KMAX, BLOCK_N), p, 0.0), axis=1)
@@ -659,6 +658,7 @@ def _rmha_fwd_kernel(
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr, ALIGN: tl.constexpr, POS_SCALE: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
     CVT_ASM: tl.constexpr, PTX: tl.constexpr = False, DIAG: tl.constexpr = False, KEY_BITS: tl.constexpr = 0,
+    LEFT_FLOAT: tl.constexpr = False,
 ):
     R: tl.constexpr = 2 * KMAX + 1
     bh = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
@@ -739,7 +739,8 @@ def _rmha_fwd_kernel(
                 offs_m, m_mask, offs_m_local, rcols, k_base, v_base, skn, skd, svn, svd, b, h, bh, KPM, skpb, skpn,
                 BIAS, sbb, sbh, sbm, sbn, LK, qk_scale, seed, dropout_p, KMAX, BLOCK_N, DH, DV, DA, DB, DVA, DVB,
                 HAS_KPM, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, True, 0, ALIGN, POS_SCALE, CVT_ASM,
-                not ONE_KEY_BLOCK, True, col_bits=col_bits, block_bits=block_bits, KEY_BITS=KEY_BITS)
+                not ONE_KEY_BLOCK, True, col_bits=col_bits, block_bits=block_bits, KEY_BITS=KEY_BITS,
+                LEFT_FLOAT=LEFT_FLOAT)
         inner_cols = (offs_m[:, None] + rcols[None, :] - KMAX) & (BLOCK_N - 1)
         inner_s = tl.gather(diag, inner_cols, axis=1)
         if not HAS_BIAS and POS_SCALE:  # (the tiles' logits are not scaled yet)
@@ -1302,7 +1303,7 @@ def _bias_strides(bias: torch.Tensor | None):
     return tuple(0 if bias.shape[i] == 1 else bias.stride(i) for i in range(4))
 
 
-def fwd_config(b, h, lq, lk, dh, dv, device, dtype):
+def fwd_config(b, h, lq, lk, dh, dv, device, dtype, dropout_p=0.0):
     """Block sizes for the forward (a small table keyed on sequence and head sizes)."""
     sms = _launch.num_sms(device)
     widest = max(_launch.pad16(dh), _launch.pad16(dv))
@@ -1328,7 +1329,7 @@ def fwd_config(b, h, lq, lk, dh, dv, device, dtype):
     cfg = _launch.knobs(
         "rmha_fwd", block_m=block_m, block_n=block_n,
         num_warps=4 if block_m * block_n <= 64 * 64 and block_m < 128 else 8,
-        num_stages=1 if lk <= block_n else 2, diag=-1, key_bits=-1,
+        num_stages=1 if lk <= block_n else 2, diag=-1, key_bits=-1, left_float=-1,
     )
     if cfg["diag"] < 0:
         # Band tiles by tile column (see _rmha_fwd_kernel) up to 16 score elements per thread; with
@@ -1338,6 +1339,12 @@ def fwd_config(b, h, lq, lk, dh, dv, device, dtype):
         # blocks: its two gathers per query block cost more than three band tiles save (B128 h1 L75
         # dh90, 128 x 32 tiles: 621 -> 564 per tile, modelled 3.09 -> 3.15 us).
         cfg["diag"] = int(cfg["block_m"] * cfg["block_n"] <= 16 * 32 * cfg["num_warps"] and lk >= 4 * cfg["block_n"])
+    if cfg["left_float"] < 0:
+        # By-column band tiles, the left-of-band mask as a float tile for the bucket 0 sums: fewer
+        # instructions, more registers (sm_90a, B256 h2 L200 dh64, 64 x 32 tiles: 384 -> 365 per
+        # tile, modelled 25.6 -> 24.8 us, but 165 -> 192 registers, three CTAs per SM -> two; a GPU
+        # choice). With dropout it cost more than it saved (530 -> 539 instructions).
+        cfg["left_float"] = int(dropout_p == 0.0)
     return cfg
 
 
@@ -1434,7 +1441,7 @@ def plan_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, s
     out = _launch.empty((b, h, lq, dv), q.dtype, q.device)
     lse = _launch.empty((b, h, lq), torch.float32, q.device)
     p_sums = _launch.empty((b, h, lq), torch.float32, q.device)
-    cfg = fwd_config(b, h, lq, lk, dh, dv, q.device, q.dtype)
+    cfg = fwd_config(b, h, lq, lk, dh, dv, q.device, q.dtype, dropout_p)
     kpm_t = kpm.view(torch.uint8) if kpm is not None else q
     bias_t = bias if bias is not None else q
     seed_t = seed if seed is not None else q
@@ -1455,6 +1462,7 @@ def plan_forward(q, k, v, rel_k, rel_v, kpm, bias, seed, is_causal, dropout_p, s
                       POS_SCALE=scale > 0, ONE_KEY_BLOCK=lk <= cfg["block_n"],
                       DIAG=bool(cfg["diag"]) and 2 * constexprs["KMAX"] - 1 <= cfg["block_n"],
                       KEY_BITS=_key_bit_tiles(kpm, lk, cfg["block_n"], cfg["key_bits"]))
+    constexprs.update(LEFT_FLOAT=constexprs["DIAG"] and bool(cfg["left_float"]))
     launch = Launch(_rmha_fwd_kernel, (b * h, triton.cdiv(lq, cfg["block_m"])), args, constexprs,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse, p_sums, [launch]
