@@ -431,11 +431,13 @@ def test_dropout_mask_does_not_depend_on_the_block_size():
     assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
 
 
-@pytest.mark.parametrize("mode,L,block,dtype", [("split", 12, 16, torch.float32), ("fused", 12, 16, torch.float32),
-                                                ("split", 40, 16, torch.float32), ("fused", 40, 16, torch.float32),
-                                                ("split", 40, 32, torch.float32), ("fused", 70, 64, torch.float32),
-                                                ("fused", 70, 64, torch.float16), ("fused-direct", 40, 16, torch.float16)])
-def test_dropout_backward_uses_the_forward_mask(mode, L, block, dtype):
+@pytest.mark.parametrize("mode,L,block,dtype,kmax,causal", [
+    ("split", 12, 16, torch.float32, 2, True), ("fused", 12, 16, torch.float32, 2, True),
+    ("split", 40, 16, torch.float32, 2, True), ("fused", 40, 16, torch.float32, 2, True),
+    ("split", 40, 32, torch.float32, 2, True), ("split", 40, 32, torch.float32, 2, False),
+    ("split", 40, 32, torch.float32, 0, True), ("fused", 70, 64, torch.float32, 2, True),
+    ("fused", 70, 64, torch.float16, 2, True), ("fused-direct", 40, 16, torch.float16, 2, True)])
+def test_dropout_backward_uses_the_forward_mask(mode, L, block, dtype, kmax, causal):
     """Outputs and all gradients equal the float64 reference fed the kernel's own keep mask (at L = 40
     with k = 2 over 16-wide blocks: key blocks off the band, and blocks meeting it, whose inner
     buckets are gathered from the dropped tile; 32- and 64-wide key blocks draw a tile's keys from
@@ -444,16 +446,17 @@ def test_dropout_backward_uses_the_forward_mask(mode, L, block, dtype):
     writing each key block's dk, dv, dv scaled by 1 / (1 - p) per key block; the forward keeps its
     band tiles by tile column over 16- and 32-wide key blocks, the kept logits of the inner
     elements, and gathers over 64-wide ones; over 16-wide ones its bucket 0 sums take the
-    left-of-band mask as a float tile, not the predicates of the dropout default)."""
+    left-of-band mask as a float tile, not the predicates of the dropout default; with k = 0 there
+    are no inner buckets to keep; not causal, the inner buckets right of the diagonal count too)."""
     b, h, p = 2, 2, 0.25
     bwd_block_m = 64 if mode == "fused-direct" else 16
     mode = mode.removesuffix("-direct")
-    kw = {"key_padding_mask": masks_on_device("padding", b, h, L, L)["key_padding_mask"], "is_causal": True}
+    kw = {"key_padding_mask": masks_on_device("padding", b, h, L, L)["key_padding_mask"], "is_causal": causal}
     cfg = launch_cfg()
     with cfg.override("rmha_fwd", block_m=16, block_n=block, diag=int(block < 64), left_float=int(block == 16)), \
             cfg.override("rmha_bwd", mode=mode, block_m=bwd_block_m, block_n=block):
         keep = _keep_mask(11, b, h, L, L, p, **kw)
-        inputs = rmha_inputs(b, h, L, L, 16, kmax=2, per_head=True)
+        inputs = rmha_inputs(b, h, L, L, 16, kmax=kmax, per_head=True)
 
         def kernel(*t):
             torch.manual_seed(11)  # the same seed draws the same mask
