@@ -66,6 +66,22 @@ def _k_block(acc, L_, rows, m_mask, slr, slc, B_ROW0: tl.constexpr, Bm, offs_n, 
 
 
 @triton.jit
+def _k_blocks(acc, L_, rows, m_mask, slr, slc, B_ROW0: tl.constexpr, Bm, offs_n, n_mask, sbk, sbn,
+              WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, dt, DOT_PREC: tl.constexpr, ALIGN_L: tl.constexpr,
+              ALIGN_B: tl.constexpr, UNROLL: tl.constexpr):
+    """:func:`_k_block` over the ``WIDTH`` columns of one left source; ``UNROLL``: unrolled."""
+    if UNROLL:
+        for k0 in tl.static_range(0, WIDTH, BLOCK_K):
+            acc = _k_block(acc, L_, rows, m_mask, slr, slc, B_ROW0, Bm, offs_n, n_mask, sbk, sbn, k0, WIDTH, BLOCK_K,
+                           dt, DOT_PREC, ALIGN_L, ALIGN_B)
+    else:
+        for k0 in range(0, WIDTH, BLOCK_K):
+            acc = _k_block(acc, L_, rows, m_mask, slr, slc, B_ROW0, Bm, offs_n, n_mask, sbk, sbn, k0, WIDTH, BLOCK_K,
+                           dt, DOT_PREC, ALIGN_L, ALIGN_B)
+    return acc
+
+
+@triton.jit
 def _gemm_kernel(
     A, TAB, POS, Bm, BIAS, C,
     M, L,
@@ -90,22 +106,11 @@ def _gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     dt = A.dtype.element_ty
     # Two loops, the x columns then the table's: each K block loads one source, not both masked.
-    if UNROLL:
-        for k0 in tl.static_range(0, KA, BLOCK_K):
-            acc = _k_block(acc, A, offs_m, m_mask, sam, sak, 0, Bm, offs_n, n_mask, sbk, sbn, k0, KA, BLOCK_K, dt,
-                           DOT_PREC, ALIGN_A, ALIGN_B)
-        if HAS_TAB:
-            for k0 in tl.static_range(0, K - KA, BLOCK_K):
-                acc = _k_block(acc, TAB, rows, m_mask, str_, stc, KA, Bm, offs_n, n_mask, sbk, sbn, k0, K - KA,
-                               BLOCK_K, dt, DOT_PREC, ALIGN_T, ALIGN_B)
-    else:
-        for k0 in range(0, KA, BLOCK_K):
-            acc = _k_block(acc, A, offs_m, m_mask, sam, sak, 0, Bm, offs_n, n_mask, sbk, sbn, k0, KA, BLOCK_K, dt,
-                           DOT_PREC, ALIGN_A, ALIGN_B)
-        if HAS_TAB:
-            for k0 in range(0, K - KA, BLOCK_K):
-                acc = _k_block(acc, TAB, rows, m_mask, str_, stc, KA, Bm, offs_n, n_mask, sbk, sbn, k0, K - KA,
-                               BLOCK_K, dt, DOT_PREC, ALIGN_T, ALIGN_B)
+    acc = _k_blocks(acc, A, offs_m, m_mask, sam, sak, 0, Bm, offs_n, n_mask, sbk, sbn, KA, BLOCK_K, dt, DOT_PREC,
+                    ALIGN_A, ALIGN_B, UNROLL)
+    if HAS_TAB:
+        acc = _k_blocks(acc, TAB, rows, m_mask, str_, stc, KA, Bm, offs_n, n_mask, sbk, sbn, K - KA, BLOCK_K, dt,
+                        DOT_PREC, ALIGN_T, ALIGN_B, UNROLL)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(_tile(C, offs_m, offs_n, scm, scn, ALIGN_C), acc.to(C.dtype.element_ty),
@@ -219,7 +224,8 @@ def _bwd_finish_kernel(
     PART_W, PART_G, POS, W, TAB, DW, DB, DT,
     GROUPS, G_PARTS, L, ROWS, TROWS, N_W_PROGS, N_P_PROGS, DP_TILES,
     spl, swo, swi, str_, stc, sdwo, sdwc, sdtr, sdtc,
-    DOUT: tl.constexpr, DIN: tl.constexpr, WCOLS: tl.constexpr, DPOS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SG: tl.constexpr, BLOCK_T: tl.constexpr,
+    DOUT: tl.constexpr, DIN: tl.constexpr, WCOLS: tl.constexpr, DPOS: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SG: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, POS_KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_PREC: tl.constexpr, ALIGN_T: tl.constexpr = 0, ALIGN_WP: tl.constexpr = 0,
 ):
@@ -259,7 +265,8 @@ def _bwd_finish_kernel(
             k_mask = offs_k < L
             h = _position_g(PART_G, G_PARTS, L, DOUT, offs_k, k_mask, offs_o, o_mask, BLOCK_K, BLOCK_O)
             rows = _token_rows(POS, 0, offs_k, 0, spl, k_mask, POS_KIND)
-            tab = tl.load(_tile(TAB, rows, offs_d, str_, stc, ALIGN_T), mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+            tab = tl.load(_tile(TAB, rows, offs_d, str_, stc, ALIGN_T), mask=k_mask[:, None] & d_mask[None, :],
+                          other=0.0)
             dwp = tl.dot(tl.trans(h), tab.to(tl.float32), dwp, input_precision=DOT_PREC)
         tl.store(DW + offs_o[:, None] * sdwo + (DIN + offs_d)[None, :] * sdwc, dwp.to(DW.dtype.element_ty),
                  mask=o_mask[:, None] & d_mask[None, :])
@@ -339,8 +346,8 @@ def plan_gemm(a, b, out, *, table=None, positions=None, length=1, bias=None):
         block_k=max(16, min(32 if one_n_tile else 64, _launch.next_pow2(k))),
         num_warps=4 if one_n_tile else 8, num_stages=2, unroll=-1,
     )
-    k_blocks = triton.cdiv(ka, cfg["block_k"]) + triton.cdiv(k - ka, cfg["block_k"])
     if cfg["unroll"] < 0:
+        k_blocks = triton.cdiv(ka, cfg["block_k"]) + triton.cdiv(k - ka, cfg["block_k"])
         # Unrolled, each K block's column mask and offsets are constants: no per-block compares
         # and selects (sm_90a, B128 L75 d90, six blocks: 2.31 -> 1.08 us modelled; B128 L75 d50:
         # 1.16 -> 0.67). Only with one output tile: unrolled, the 8-warp kernel of wider outputs
@@ -486,7 +493,9 @@ def plan_backward(dy, x, table, weight, positions, has_bias, need_dx=True, need_
         sdwo=dweight.stride(0), sdwc=dweight.stride(1),
         sdtr=dtable.stride(0) if dtable is not None else 0, sdtc=dtable.stride(1) if dtable is not None else 0,
     )
-    f_constexprs = dict(DOUT=d_out, DIN=d_in, WCOLS=w_cols, DPOS=d_pos, BLOCK_E=block_e, BLOCK_S=block_s, BLOCK_SG=max(1, 2048 // (block_t * block_o)), BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_D=block_d,
+    f_constexprs = dict(DOUT=d_out, DIN=d_in, WCOLS=w_cols, DPOS=d_pos,
+                        BLOCK_E=block_e, BLOCK_S=block_s, BLOCK_SG=max(1, 2048 // (block_t * block_o)),
+                        BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_D=block_d,
                         BLOCK_K=max(16, min(64, _launch.next_pow2(L))), POS_KIND=pos_kind, HAS_BIAS=has_bias,
                         DOT_PREC=_launch.dot_precision(x.dtype), ALIGN_T=_launch.run_alignment(table),
                         # Wp: the weight's columns from d_in on

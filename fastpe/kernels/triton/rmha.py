@@ -622,8 +622,10 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
             # the inner logits (see the band loop). With dropout, a fresh compare (``_in_band``) here
             # rather than the band predicates again (S2 with dropout: 530 -> 503 instructions per
             # tile); without, the compiler keeps those predicates better (365 -> 381 the other way).
-            inner = tl.where(_in_band(offs_m_local, delta, KMAX, BLOCK_N), s, inner) if HAS_DROPOUT else \
-                tl.where(left | right, inner, s)
+            if HAS_DROPOUT:
+                inner = tl.where(_in_band(offs_m_local, delta, KMAX, BLOCK_N), s, inner)
+            else:
+                inner = tl.where(left | right, inner, s)
         elif BAND:
             pl = pl * alpha + tl.sum(tl.where(_left_of_band(offs_m_local, delta, KMAX, BLOCK_N), p, 0.0), axis=1)
             if p_lo.dtype.primitive_bitwidth == 16:  # (P~ rounded as the dot takes it)
