@@ -596,9 +596,9 @@ def test_compiled_only_paths_use_inline_ptx_only_in_compiled_kernels(monkeypatch
 def test_band_tiles_by_column_are_planned_only_where_the_inner_diagonals_fit_a_key_block():
     """The forward's band tiles by tile column (``DIAG``) need the 2k - 1 inner diagonals at most a
     key block wide (each inner element in one tile column); asked for more, the planner gathers.
-    By default it takes columns up to 16 score elements per thread and from four key blocks (B256 h2
-    L200: 64 x 32 tiles on 4 warps), not for a 64 x 64 tile on 4 warps (L = 50) nor over three
-    key blocks (L = 75)."""
+    By default it takes columns up to 16 score elements per thread and from three key blocks (B256
+    h2 L200: 64 x 32 tiles on 4 warps; L = 75: 128 x 32 on 8 warps), not for a 64 x 64 tile on 4
+    warps (L = 50) nor over two key blocks (L = 64 in 32-key blocks)."""
     from fastpe.kernels.triton import _launch
     from fastpe.kernels.triton.rmha import plan_forward
 
@@ -611,7 +611,8 @@ def test_band_tiles_by_column_are_planned_only_where_the_inner_diagonals_fit_a_k
     assert diag(70, 8, block_m=16, block_n=16, diag=1) and not diag(70, 9, block_m=16, block_n=16, diag=1)
     assert not diag(70, 2, block_m=16, block_n=16, diag=0)
     assert diag(200, 4, block_m=64, block_n=32, num_warps=4) and not diag(50, 4, block_m=64, block_n=64, num_warps=4)
-    assert not diag(75, 4, block_m=128, block_n=32, num_warps=8)
+    assert diag(75, 4, block_m=128, block_n=32, num_warps=8) and diag(65, 4, block_m=64, block_n=32, num_warps=4)
+    assert not diag(64, 4, block_m=64, block_n=32, num_warps=4)
 
 
 def test_left_of_band_mask_is_a_float_tile_by_default_without_dropout_only():

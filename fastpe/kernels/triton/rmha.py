@@ -1351,10 +1351,13 @@ def fwd_config(b, h, lq, lk, dh, dv, device, dtype, dropout_p=0.0):
         # Band tiles by tile column (see _rmha_fwd_kernel) up to 16 score elements per thread; with
         # 32 the compiler keeps no predicates across the tile and recomputes the band compares
         # (sm_90a, B512 h2 L50 dh32, one 64 x 64 tile: 787 -> 1125 instructions per thread; B256 h2
-        # L200 dh64, 64 x 32 band tiles: 532 -> 446, modelled 28.3 -> 27.5 us). And from four key
-        # blocks: its two gathers per query block cost more than three band tiles save (B128 h1 L75
-        # dh90, 128 x 32 tiles: 621 -> 564 per tile, modelled 3.09 -> 3.15 us).
-        cfg["diag"] = int(cfg["block_m"] * cfg["block_n"] <= 16 * 32 * cfg["num_warps"] and lk >= 4 * cfg["block_n"])
+        # L200 dh64, 64 x 32 band tiles: 532 -> 446, modelled 28.3 -> 27.5 us). And from three key
+        # blocks: over two its two gathers per query block cost about what the band tiles save
+        # (B512 h2 L64 dh32, 64 x 32: 6.40 -> 6.13 us, with dropout 7.55 -> 7.75); over three they
+        # pay (B128 h1 L75 dh90, 128 x 32 on 8 warps: 2.81 -> 2.70 us, with dropout 3.26 -> 3.24;
+        # B256 h2 L80 dh64: 8.51 -> 7.93, 10.37 -> 9.93; B512 h2 L96 dh32: 15.65 -> 14.72, 18.86 ->
+        # 19.07, the one loss).
+        cfg["diag"] = int(cfg["block_m"] * cfg["block_n"] <= 16 * 32 * cfg["num_warps"] and lk > 2 * cfg["block_n"])
     if cfg["left_float"] < 0:
         # By-column band tiles, the left-of-band mask as a float tile for the bucket 0 sums: fewer
         # instructions, more registers (sm_90a, B256 h2 L200 dh64, 64 x 32 tiles: 384 -> 365 per
