@@ -71,3 +71,47 @@ raise SystemExit(compile_check.main(["--jobs", "1"]))
     res = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stdout + res.stderr
     assert "FAILED small_dot" in res.stdout
+
+
+def test_compile_check_flags_mma_operands_sized_by_a_narrow_mask(tmp_path):
+    """The check fails a 16-bit warp-level dot whose operand derives from a uint8 load (a padding
+    mask): Triton then gives it 8-bit register fragments (``kWidth`` 4), each costing a move; the
+    same kernel with the mask through ``rmha._mask_barrier`` passes."""
+    code = """
+import sys
+import triton, triton.language as tl
+from fastpe.kernels.triton import compile_check
+from fastpe.kernels.triton._launch import Launch
+from fastpe.kernels.triton.rmha import _mask_barrier
+import torch
+
+@triton.jit
+def masked_dot(X, KPM, Y, BARRIER: tl.constexpr):
+    rows = tl.arange(0, 16)
+    cols = tl.arange(0, 32)
+    keep = tl.load(KPM + cols) == 0
+    if BARRIER:
+        keep = _mask_barrier(keep) != 0
+    a = tl.load(X + rows[:, None] * 32 + cols[None, :])
+    b = tl.load(X + cols[:, None] * 32 + cols[None, :], mask=keep[:, None], other=0.0)
+    tl.store(Y + rows[:, None] * 32 + cols[None, :], tl.dot(a, b))
+
+args = dict(X=torch.zeros(32, 32, dtype=torch.bfloat16), KPM=torch.zeros(32, dtype=torch.uint8), Y=torch.zeros(16, 32))
+launch = Launch(masked_dot, (1,), args, dict(BARRIER=sys.argv[1] == "barrier"), num_warps=1)
+compile_check.all_variants = lambda: [launch]
+raise SystemExit(compile_check.main(["--jobs", "1"]))
+"""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    script = tmp_path / "masked_dot.py"  # triton reads kernel source from a file
+    script.write_text(code)
+
+    def check(mode):
+        return subprocess.run([sys.executable, str(script), mode], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    res = check("plain")
+    assert res.returncode == 1 and "FAILED masked_dot" in res.stdout and "kWidth 4" in res.stdout, res.stdout + res.stderr
+    res = check("barrier")
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import re
 import sys
 import time
 
@@ -217,7 +218,26 @@ def _compile_one(index):
     shared = compiled.metadata.shared
     if shared > MAX_SHARED:
         return index, False, f"needs {shared} bytes of shared memory, more than {MAX_SHARED}", time.perf_counter() - start
+    narrow = narrow_mma_operands(compiled.asm["ttgir"])
+    if narrow:
+        return index, False, (f"16-bit warp-level MMA operands in narrower fragments ({', '.join(narrow)}): a narrow "
+                              "load (a uint8 mask?) reaches them through elementwise operations, and every operand "
+                              "register then costs a move; see rmha._mask_barrier"), \
+            time.perf_counter() - start
     return index, True, "", time.perf_counter() - start
+
+
+_DOT_OPERAND = re.compile(r"tensor<[0-9x]+x(f16|bf16), #ttg\.dot_op<\{opIdx = (\d), parent = #(\w+), kWidth = (\d+)\}>>")
+_MMA = re.compile(r"^#(\w+) = #ttg\.nvidia_mma<\{versionMajor = (\d+)", re.M)
+
+
+def narrow_mma_operands(ttgir: str) -> list[str]:
+    """The 16-bit operands of warp-level (version 2) MMAs whose register fragments Triton sized for
+    narrower data (``kWidth`` above 2): it sizes them by the narrowest load an operand derives from
+    through elementwise operations, masks included (see ``rmha._mask_barrier``)."""
+    version = dict(_MMA.findall(ttgir))
+    return sorted({f"operand {op} kWidth {k}" for _t, op, parent, k in _DOT_OPERAND.findall(ttgir)
+                   if version.get(parent) == "2" and int(k) > 2})
 
 
 _CACHE = None

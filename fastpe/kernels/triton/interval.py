@@ -93,6 +93,7 @@ from fastpe.kernels.triton.rmha import (
     _load_rows,
     _load_split,
     _log2,
+    _operand_barrier,
     _masked_logits,
     _row_alignment,
     _store_rows,
@@ -145,7 +146,8 @@ def _keep_tile(seed, bh, offs_m, start_n, dropout_p, BLOCK_N: tl.constexpr):
     Not the relative attention's 8-bit draws for two rows per call: these kernels' tiles (16 or 32
     rows, warps side by side along the keys) took them through shared memory, and cost more per
     element (sm_90a: S1 backward 130.4 -> 142.2, S2 backward 142.6 -> 148.3 instructions per
-    element with dropout)."""
+    element with dropout). (The tiles' dot operands that derive from the mask pass
+    ``rmha._operand_barrier``: its ``tl.join`` would narrow their register fragments.)"""
     M: tl.constexpr = offs_m.shape[0]
     SPANS: tl.constexpr = (BLOCK_N + 31) // 32
     calls = ((start_n // 32 + tl.arange(0, SPANS)) * 4)[:, None] + tl.arange(0, 4)[None, :]
@@ -179,7 +181,7 @@ def _key_block(start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, L, KT: tl.constexpr
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_mask = offs_n < L
     col_ok, any_key = _tile_keys(KPM, b, skpb, skpn, offs_n, n_mask, start_n, col_bits, block_bits,
-                                 HAS_KPM, KEY_BITS, BLOCK_N)
+                                 HAS_KPM, KEY_BITS, BLOCK_N, tau_m.shape[0] < 64)
     tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
     return offs_n, n_mask, col_ok, any_key, _buckets(tau_m, tau_n, KT)
 
@@ -383,7 +385,7 @@ def _fwd_block(acc_a, acc_b, far, s, idx, below_clip, m_use, inv_l, start_n, off
     _red_add(wtab, idx, tl.where(below_clip, (p * p_fixed).to(tl.int32), 0), PTX)
     if HAS_DROPOUT:  # (the row's kept mass; without dropout it is 1, see the read-back)
         far += tl.sum(p, axis=1)
-    p_lo = p.to(v_base.dtype.element_ty)
+    p_lo = _operand_barrier(p.to(v_base.dtype.element_ty), HAS_DROPOUT and offs_m.shape[0] < 64)
     v_a = _load_rows(v_base, offs_n, col_ok, svn, svd, 0, DVA, DV, ALIGN)  # padded values are never read
     acc_a = tl.dot(p_lo, v_a, acc_a, input_precision=DOT_PREC)
     if DVB > 0:
@@ -709,8 +711,8 @@ def _tisas_bwd_kernel(
                     _red_add(wtab, idx, tl.where(below_clip, packed, 0), PTX)
                     far_p += tl.sum(tl.where(below_clip, 0.0, p_drop), axis=1)
                     far_ds += tl.sum(tl.where(below_clip, 0.0, ds), axis=1)
-                    ds_lo = ds.to(dt)
-                    p_lo = p_drop.to(dt)
+                    ds_lo = _operand_barrier(ds.to(dt), HAS_DROPOUT and BLOCK_M < 64)
+                    p_lo = _operand_barrier(p_drop.to(dt), HAS_DROPOUT and BLOCK_M < 64)
                     dq_a = tl.dot(ds_lo, k_a, dq_a, input_precision=DOT_PREC)
                     if ONE_KEY_BLOCK:
                         dk_a = tl.dot(tl.trans(ds_lo), q_a, dk_a, input_precision=DOT_PREC)

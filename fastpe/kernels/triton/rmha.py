@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from fastpe.backends import triton_interpreter_enabled
 from fastpe.kernels.triton import _launch
 from fastpe.kernels.triton._launch import Launch
 from fastpe.kernels.triton._limits import MAX_BUCKETS, MAX_HEAD_DIM
@@ -397,14 +398,50 @@ def _inner_tables(inner_a, inner_b, dt):
     return inner_p, inner_ds
 
 
+# Compiled for a GPU, not run by the interpreter (which has no inline assembly): see _mask_barrier.
+_COMPILED = tl.constexpr(not triton_interpreter_enabled())
+
+
 @triton.jit
-def _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM: tl.constexpr):
+def _mask_barrier(x):
+    """``x`` (integers or booleans) as int32, through an identity the compiler cannot look through
+    (a ``mov`` marked as having a side effect). Triton sizes the register fragments of a warp-level
+    MMA's operands (``kWidth``) by the narrowest load they derive from through elementwise
+    operations, masks included, and halves that width again where the values pass a ``tl.join``:
+    the uint8 key padding gave the score tiles' 16-bit dots 8-bit fragments, and ptxas then
+    assembled every operand register with a move (sm_90a, time-interval forward B256 h2 L200 dh64,
+    32 x 256 tiles: 340 moves per tile; 78.7 -> 62.2 instructions per score element). Warpgroup
+    MMAs (64-row tiles) take their operands from shared memory and are not affected.
+    ``compile_check`` fails a kernel where this happens."""
+    if _COMPILED:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x.to(tl.int32)], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+    return x.to(tl.int32)
+
+
+@triton.jit
+def _operand_barrier(x, ON: tl.constexpr):
+    """A 16-bit dot operand through the identity of :func:`_mask_barrier`, two elements per move,
+    where ``ON`` (a warp-level MMA whose operand derives from dropout draws, which reach it through
+    ``tl.join``): half a move per element, less than the fragment moves it saves (B8 h2 L200 dh90
+    with dropout, 16 x 32 forward tiles: 147.2 -> 139.0 instructions per score element)."""
+    if ON and _COMPILED and x.dtype.primitive_bitwidth == 16:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=2)
+    return x
+
+
+@triton.jit
+def _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM: tl.constexpr, WARP_MMA: tl.constexpr = False):
     """Keys of the tile that exist and are not padding, and whether any does (a fully padded block is
-    skipped: left padding makes the first blocks of most rows in a batch all padding)."""
+    skipped: left padding makes the first blocks of most rows in a batch all padding). ``WARP_MMA``:
+    the tile's dots are warp-level MMAs (under 64 rows), whose operands the uint8 mask must not
+    reach (see :func:`_mask_barrier`)."""
     ok = n_mask
     if HAS_KPM:
         pad = tl.load(KPM + b * skpb + offs_n * skpn, mask=n_mask, other=1)
         ok = ok & (pad == 0)
+        if WARP_MMA:
+            ok = _mask_barrier(ok) != 0
     return ok, tl.max(ok.to(tl.int32), axis=0) > 0
 
 
@@ -435,14 +472,14 @@ def _key_bits(KPM, b, skpb, skpn, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 @triton.jit
 def _tile_keys(KPM, b, skpb, skpn, offs_n, n_mask, start_n, col_bits, block_bits,
-               HAS_KPM: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+               HAS_KPM: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK_N: tl.constexpr, WARP_MMA: tl.constexpr = False):
     """:func:`_key_columns` of the key block at ``start_n``, from :func:`_key_bits`'s words when
     ``KEY_BITS`` (the planner's choice) and from the padding mask itself otherwise."""
     if HAS_KPM and KEY_BITS > 0:
         bit = 1 << (start_n // BLOCK_N)
         return (col_bits & bit) != 0, (block_bits & bit) != 0
     else:
-        return _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+        return _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM, WARP_MMA)
 
 
 @triton.jit
@@ -562,7 +599,7 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_mask = _below(start_n, BLOCK_N, LK)
     col_ok, any_key = _tile_keys(KPM, b, skpb, skpn, offs_n, n_mask, start_n, col_bits, block_bits,
-                                 HAS_KPM, KEY_BITS, BLOCK_N)
+                                 HAS_KPM, KEY_BITS, BLOCK_N, offs_m.shape[0] < 64)
     if not SKIP_PADDED:
         any_key = True
     if any_key:
@@ -610,7 +647,7 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
             p = tl.where(keep, p, 0.0)
             if BAND and DIAG:
                 s = tl.where(keep, s, float("-inf"))
-        p_lo = p.to(q_a.dtype)
+        p_lo = _operand_barrier(p.to(q_a.dtype), HAS_DROPOUT and offs_m.shape[0] < 64)
         v_a = _load_rows(v_base, key_rows, n_mask, svn, svd, 0, DVA, DV, ALIGN, True)
         acc_a = tl.dot(p_lo, v_a, acc_a * alpha[:, None], input_precision=DOT_PREC)
         if DVB > 0:
@@ -1071,7 +1108,7 @@ def _rmha_bwd_kernel(
                     offs_n = start_n + offs_kv
                     n_mask = _below(start_n, BLOCK_N, LK)
                     col_ok, any_key = _tile_keys(KPM, b, skpb, skpn, offs_n, n_mask, start_n, col_bits, block_bits,
-                                                 HAS_KPM, KEY_BITS, BLOCK_N)
+                                                 HAS_KPM, KEY_BITS, BLOCK_N, BLOCK_M < 64)
                     if any_key:  # a fully padded key block: P = dS = 0, nothing to add
                         key_rows = _key_rows(start_n, BLOCK_N, LK)
                         k_a, k_b = _load_split(k_base, key_rows, n_mask, skn, skd, DA, DB, DH, ALIGN, True)
@@ -1083,8 +1120,8 @@ def _rmha_bwd_kernel(
                                                KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
                         left_p, left_ds, total_ds = _row_stats(
                             p_drop, ds, left_p, left_ds, total_ds, offs_m, start_n, delta, KMAX, BLOCK_M, BLOCK_N)
-                        p_lo = p_drop.to(dt)
-                        ds_lo = ds.to(dt)
+                        p_lo = _operand_barrier(p_drop.to(dt), HAS_DROPOUT and BLOCK_M < 64)
+                        ds_lo = _operand_barrier(ds.to(dt), HAS_DROPOUT and BLOCK_M < 64)
                         if _meets_band(delta, KMAX, BLOCK_M, BLOCK_N):
                             inner_a, inner_b = _add_band_grads(inner_a, inner_b, p_drop, ds, dt, offs_m_local, delta,
                                                                offs_r, KMAX, BLOCK_N, CVT_ASM)
@@ -1154,7 +1191,7 @@ def _rmha_bwd_kernel(
             start_n = pid_blk * BLOCK_N
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_mask = offs_n < LK
-            col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM)
+            col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM, BLOCK_M < 64)
             key_rows = _key_rows(start_n, BLOCK_N, LK)
             k_a, k_b = _load_split(k_base, key_rows, n_mask, skn, skd, DA, DB, DH, ALIGN, True)
             v_a, v_b = _load_split(v_base, key_rows, n_mask, svn, svd, DVA, DVB, DV, ALIGN, True)
@@ -1181,8 +1218,8 @@ def _rmha_bwd_kernel(
                                        offs_m, offs_n, start_n, m_mask, n_mask, col_ok, b, h, bh,
                                        BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
                                        KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
-                p_lo = p_drop.to(dt)
-                ds_lo = ds.to(dt)
+                p_lo = _operand_barrier(p_drop.to(dt), HAS_DROPOUT and BLOCK_M < 64)
+                ds_lo = _operand_barrier(ds.to(dt), HAS_DROPOUT and BLOCK_M < 64)
                 dv_a = tl.dot(tl.trans(p_lo), do_a, dv_a, input_precision=DOT_PREC)
                 dk_a = tl.dot(tl.trans(ds_lo), q_a, dk_a, input_precision=DOT_PREC)
                 if DVB > 0:
@@ -1214,7 +1251,7 @@ def _rmha_bwd_kernel(
                 offs_n2 = start_n2 + tl.arange(0, BLOCK_N)
                 n_mask2 = _below(start_n2, BLOCK_N, LK)
                 col_ok2, any_key2 = _tile_keys(KPM, b, skpb, skpn, offs_n2, n_mask2, start_n2, col_bits, block_bits,
-                                               HAS_KPM, KEY_BITS, BLOCK_N)
+                                               HAS_KPM, KEY_BITS, BLOCK_N, BLOCK_M < 64)
                 if any_key2:
                     key_rows2 = _key_rows(start_n2, BLOCK_N, LK)
                     k2_a, k2_b = _load_split(k_base, key_rows2, n_mask2, skn, skd, DA, DB, DH, ALIGN, True)
@@ -1226,7 +1263,7 @@ def _rmha_bwd_kernel(
                                         KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
                     left_p, left_ds, total_ds = _row_stats(
                         p2, ds2, left_p, left_ds, total_ds, offs_m, start_n2, delta2, KMAX, BLOCK_M, BLOCK_N)
-                    ds2_lo = ds2.to(dt)
+                    ds2_lo = _operand_barrier(ds2.to(dt), HAS_DROPOUT and BLOCK_M < 64)
                     if _meets_band(delta2, KMAX, BLOCK_M, BLOCK_N):
                         inner_a, inner_b = _add_band_grads(inner_a, inner_b, p2, ds2, dt, offs_m_local, delta2,
                                                            offs_r, KMAX, BLOCK_N, CVT_ASM)
