@@ -46,6 +46,17 @@ def test_every_kernel_variant_compiles_for_sm90():
     assert "compiled" in out and "FAILED" not in out, out
 
 
+def _compiled_script(script, code, *args):
+    """Run ``code`` from the file ``script`` (Triton reads kernel source from a file) without the
+    interpreter."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    script.write_text(code)
+    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
 def test_compile_check_sees_errors_the_interpreter_misses(tmp_path):
     """The check can fail: a tl.dot with K = 8 runs under the interpreter but does not compile."""
     code = """
@@ -63,12 +74,7 @@ launch = Launch(small_dot, (1,), dict(X=torch.zeros(16, 8), Y=torch.zeros(16, 16
 compile_check.all_variants = lambda: [launch]
 raise SystemExit(compile_check.main(["--jobs", "1"]))
 """
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    script = tmp_path / "small_dot.py"  # triton reads kernel source from a file
-    script.write_text(code)
-    res = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = _compiled_script(tmp_path / "small_dot.py", code)
     assert res.returncode == 1, res.stdout + res.stderr
     assert "FAILED small_dot" in res.stdout
 
@@ -101,17 +107,7 @@ launch = Launch(masked_dot, (1,), args, dict(BARRIER=sys.argv[1] == "barrier"), 
 compile_check.all_variants = lambda: [launch]
 raise SystemExit(compile_check.main(["--jobs", "1"]))
 """
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    script = tmp_path / "masked_dot.py"  # triton reads kernel source from a file
-    script.write_text(code)
-
-    def check(mode):
-        return subprocess.run([sys.executable, str(script), mode], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=300)
-
-    res = check("plain")
+    res = _compiled_script(tmp_path / "masked_dot.py", code, "plain")
     assert res.returncode == 1 and "FAILED masked_dot" in res.stdout and "kWidth 4" in res.stdout, res.stdout + res.stderr
-    res = check("barrier")
+    res = _compiled_script(tmp_path / "masked_dot.py", code, "barrier")
     assert res.returncode == 0, res.stdout + res.stderr
