@@ -84,6 +84,7 @@ from fastpe.kernels.triton._limits import MAX_INTERVAL_BUCKETS
 from fastpe.kernels.triton.rmha import (
     LOG2E,
     PHILOX_ROUNDS,
+    WARPGROUP_ROWS,
     _bias_strides,
     _dot_add_rows,
     _key_bit_tiles,
@@ -93,8 +94,8 @@ from fastpe.kernels.triton.rmha import (
     _load_rows,
     _load_split,
     _log2,
-    _operand_barrier,
     _masked_logits,
+    _operand_barrier,
     _row_alignment,
     _store_rows,
     _sum_row_groups_kernel,
@@ -181,7 +182,7 @@ def _key_block(start_n, TAU, b, stb, KPM, skpb, skpn, tau_m, L, KT: tl.constexpr
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_mask = offs_n < L
     col_ok, any_key = _tile_keys(KPM, b, skpb, skpn, offs_n, n_mask, start_n, col_bits, block_bits,
-                                 HAS_KPM, KEY_BITS, BLOCK_N, tau_m.shape[0] < 64)
+                                 HAS_KPM, KEY_BITS, BLOCK_N, tau_m.shape[0] < WARPGROUP_ROWS)
     tau_n = tl.load(TAU + b * stb + offs_n, mask=n_mask, other=0)
     return offs_n, n_mask, col_ok, any_key, _buckets(tau_m, tau_n, KT)
 
@@ -385,7 +386,7 @@ def _fwd_block(acc_a, acc_b, far, s, idx, below_clip, m_use, inv_l, start_n, off
     _red_add(wtab, idx, tl.where(below_clip, (p * p_fixed).to(tl.int32), 0), PTX)
     if HAS_DROPOUT:  # (the row's kept mass; without dropout it is 1, see the read-back)
         far += tl.sum(p, axis=1)
-    p_lo = _operand_barrier(p.to(v_base.dtype.element_ty), HAS_DROPOUT and offs_m.shape[0] < 64)
+    p_lo = _operand_barrier(p.to(v_base.dtype.element_ty), HAS_DROPOUT and offs_m.shape[0] < WARPGROUP_ROWS)
     v_a = _load_rows(v_base, offs_n, col_ok, svn, svd, 0, DVA, DV, ALIGN)  # padded values are never read
     acc_a = tl.dot(p_lo, v_a, acc_a, input_precision=DOT_PREC)
     if DVB > 0:
@@ -571,6 +572,7 @@ def _tisas_bwd_kernel(
     WIDTH: tl.constexpr = R * (DH + DV)
     DBX: tl.constexpr = DB if DB > 0 else 16
     DVBX: tl.constexpr = DVB if DVB > 0 else 16
+    WARP_MMA: tl.constexpr = BLOCK_M < WARPGROUP_ROWS  # (see rmha._mask_barrier)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     dt = Q.dtype.element_ty
@@ -711,8 +713,8 @@ def _tisas_bwd_kernel(
                     _red_add(wtab, idx, tl.where(below_clip, packed, 0), PTX)
                     far_p += tl.sum(tl.where(below_clip, 0.0, p_drop), axis=1)
                     far_ds += tl.sum(tl.where(below_clip, 0.0, ds), axis=1)
-                    ds_lo = _operand_barrier(ds.to(dt), HAS_DROPOUT and BLOCK_M < 64)
-                    p_lo = _operand_barrier(p_drop.to(dt), HAS_DROPOUT and BLOCK_M < 64)
+                    ds_lo = _operand_barrier(ds.to(dt), HAS_DROPOUT and WARP_MMA)
+                    p_lo = _operand_barrier(p_drop.to(dt), HAS_DROPOUT and WARP_MMA)
                     dq_a = tl.dot(ds_lo, k_a, dq_a, input_precision=DOT_PREC)
                     if ONE_KEY_BLOCK:
                         dk_a = tl.dot(tl.trans(ds_lo), q_a, dk_a, input_precision=DOT_PREC)

@@ -400,33 +400,40 @@ def _inner_tables(inner_a, inner_b, dt):
 
 # Compiled for a GPU, not run by the interpreter (which has no inline assembly): see _mask_barrier.
 _COMPILED = tl.constexpr(not triton_interpreter_enabled())
+# Tiles of fewer rows than a warpgroup MMA's 64 use warp-level MMAs (see _mask_barrier).
+WARPGROUP_ROWS = tl.constexpr(64)
+
+
+@triton.jit
+def _opaque(x, PACK: tl.constexpr):
+    """``x`` through a ``mov`` marked as having a side effect, ``PACK`` elements per 32-bit register:
+    an identity the compiler cannot look through (compiled kernels only)."""
+    if _COMPILED:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=PACK)
+    return x
 
 
 @triton.jit
 def _mask_barrier(x):
-    """``x`` (integers or booleans) as int32, through an identity the compiler cannot look through
-    (a ``mov`` marked as having a side effect). Triton sizes the register fragments of a warp-level
-    MMA's operands (``kWidth``) by the narrowest load they derive from through elementwise
-    operations, masks included, and halves that width again where the values pass a ``tl.join``:
-    the uint8 key padding gave the score tiles' 16-bit dots 8-bit fragments, and ptxas then
-    assembled every operand register with a move (sm_90a, time-interval forward B256 h2 L200 dh64,
-    32 x 256 tiles: 340 moves per tile; 78.7 -> 62.2 instructions per score element). Warpgroup
-    MMAs (64-row tiles) take their operands from shared memory and are not affected.
+    """``x`` (integers or booleans) as int32, through :func:`_opaque`. Triton sizes the register
+    fragments of a warp-level MMA's operands (``kWidth``) by the narrowest load they derive from
+    through elementwise operations, masks included, and halves that width again where the values
+    pass a ``tl.join``: the uint8 key padding gave the score tiles' 16-bit dots 8-bit fragments, and
+    ptxas then assembled every operand register with a move (sm_90a, time-interval forward B256 h2
+    L200 dh64, 32 x 256 tiles: 340 moves per tile; 78.7 -> 62.2 instructions per score element).
+    Warpgroup MMAs (64-row tiles) take their operands from shared memory and are not affected.
     ``compile_check`` fails a kernel where this happens."""
-    if _COMPILED:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x.to(tl.int32)], dtype=tl.int32,
-                                         is_pure=False, pack=1)
-    return x.to(tl.int32)
+    return _opaque(x.to(tl.int32), 1)
 
 
 @triton.jit
 def _operand_barrier(x, ON: tl.constexpr):
-    """A 16-bit dot operand through the identity of :func:`_mask_barrier`, two elements per move,
-    where ``ON`` (a warp-level MMA whose operand derives from dropout draws, which reach it through
-    ``tl.join``): half a move per element, less than the fragment moves it saves (B8 h2 L200 dh90
-    with dropout, 16 x 32 forward tiles: 147.2 -> 139.0 instructions per score element)."""
-    if ON and _COMPILED and x.dtype.primitive_bitwidth == 16:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=2)
+    """A 16-bit dot operand through :func:`_opaque`, two elements per move, where ``ON`` (a
+    warp-level MMA whose operand derives from dropout draws, which reach it through ``tl.join``, see
+    :func:`_mask_barrier`): half a move per element, less than the fragment moves it saves (B8 h2
+    L200 dh90 with dropout, 16 x 32 forward tiles: 147.2 -> 139.0 instructions per score element)."""
+    if ON and x.dtype.primitive_bitwidth == 16:
+        return _opaque(x, 2)
     return x
 
 
@@ -599,7 +606,7 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_mask = _below(start_n, BLOCK_N, LK)
     col_ok, any_key = _tile_keys(KPM, b, skpb, skpn, offs_n, n_mask, start_n, col_bits, block_bits,
-                                 HAS_KPM, KEY_BITS, BLOCK_N, offs_m.shape[0] < 64)
+                                 HAS_KPM, KEY_BITS, BLOCK_N, offs_m.shape[0] < WARPGROUP_ROWS)
     if not SKIP_PADDED:
         any_key = True
     if any_key:
@@ -647,7 +654,7 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, pl, pt, inner, start_n, start_m, q_a, q_b,
             p = tl.where(keep, p, 0.0)
             if BAND and DIAG:
                 s = tl.where(keep, s, float("-inf"))
-        p_lo = _operand_barrier(p.to(q_a.dtype), HAS_DROPOUT and offs_m.shape[0] < 64)
+        p_lo = _operand_barrier(p.to(q_a.dtype), HAS_DROPOUT and offs_m.shape[0] < WARPGROUP_ROWS)
         v_a = _load_rows(v_base, key_rows, n_mask, svn, svd, 0, DVA, DV, ALIGN, True)
         acc_a = tl.dot(p_lo, v_a, acc_a * alpha[:, None], input_precision=DOT_PREC)
         if DVB > 0:
@@ -1018,6 +1025,7 @@ def _rmha_bwd_kernel(
 ):
     R: tl.constexpr = 2 * KMAX + 1
     PAIRS: tl.constexpr = CVT_ASM and ALIGN < 16  # (dq and final dk, dv rows not 16-byte aligned: _store_rows)
+    WARP_MMA: tl.constexpr = BLOCK_M < WARPGROUP_ROWS  # (see _mask_barrier)
     DBX: tl.constexpr = DB if DB > 0 else 16
     DVBX: tl.constexpr = DVB if DVB > 0 else 16
     pid1 = tl.program_id(0)  # the large grid axis (axes 1 and 2 stop at 65535)
@@ -1108,7 +1116,7 @@ def _rmha_bwd_kernel(
                     offs_n = start_n + offs_kv
                     n_mask = _below(start_n, BLOCK_N, LK)
                     col_ok, any_key = _tile_keys(KPM, b, skpb, skpn, offs_n, n_mask, start_n, col_bits, block_bits,
-                                                 HAS_KPM, KEY_BITS, BLOCK_N, BLOCK_M < 64)
+                                                 HAS_KPM, KEY_BITS, BLOCK_N, WARP_MMA)
                     if any_key:  # a fully padded key block: P = dS = 0, nothing to add
                         key_rows = _key_rows(start_n, BLOCK_N, LK)
                         k_a, k_b = _load_split(k_base, key_rows, n_mask, skn, skd, DA, DB, DH, ALIGN, True)
@@ -1120,8 +1128,8 @@ def _rmha_bwd_kernel(
                                                KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
                         left_p, left_ds, total_ds = _row_stats(
                             p_drop, ds, left_p, left_ds, total_ds, offs_m, start_n, delta, KMAX, BLOCK_M, BLOCK_N)
-                        p_lo = _operand_barrier(p_drop.to(dt), HAS_DROPOUT and BLOCK_M < 64)
-                        ds_lo = _operand_barrier(ds.to(dt), HAS_DROPOUT and BLOCK_M < 64)
+                        p_lo = _operand_barrier(p_drop.to(dt), HAS_DROPOUT and WARP_MMA)
+                        ds_lo = _operand_barrier(ds.to(dt), HAS_DROPOUT and WARP_MMA)
                         if _meets_band(delta, KMAX, BLOCK_M, BLOCK_N):
                             inner_a, inner_b = _add_band_grads(inner_a, inner_b, p_drop, ds, dt, offs_m_local, delta,
                                                                offs_r, KMAX, BLOCK_N, CVT_ASM)
@@ -1191,7 +1199,7 @@ def _rmha_bwd_kernel(
             start_n = pid_blk * BLOCK_N
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_mask = offs_n < LK
-            col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM, BLOCK_M < 64)
+            col_ok, any_key = _key_columns(KPM, b, skpb, skpn, offs_n, n_mask, HAS_KPM, WARP_MMA)
             key_rows = _key_rows(start_n, BLOCK_N, LK)
             k_a, k_b = _load_split(k_base, key_rows, n_mask, skn, skd, DA, DB, DH, ALIGN, True)
             v_a, v_b = _load_split(v_base, key_rows, n_mask, svn, svd, DVA, DVB, DV, ALIGN, True)
@@ -1218,8 +1226,8 @@ def _rmha_bwd_kernel(
                                        offs_m, offs_n, start_n, m_mask, n_mask, col_ok, b, h, bh,
                                        BIAS, sbb, sbh, sbm, sbn, seed, dropout_p, qk_scale, scale,
                                        KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
-                p_lo = _operand_barrier(p_drop.to(dt), HAS_DROPOUT and BLOCK_M < 64)
-                ds_lo = _operand_barrier(ds.to(dt), HAS_DROPOUT and BLOCK_M < 64)
+                p_lo = _operand_barrier(p_drop.to(dt), HAS_DROPOUT and WARP_MMA)
+                ds_lo = _operand_barrier(ds.to(dt), HAS_DROPOUT and WARP_MMA)
                 dv_a = tl.dot(tl.trans(p_lo), do_a, dv_a, input_precision=DOT_PREC)
                 dk_a = tl.dot(tl.trans(ds_lo), q_a, dk_a, input_precision=DOT_PREC)
                 if DVB > 0:
@@ -1251,7 +1259,7 @@ def _rmha_bwd_kernel(
                 offs_n2 = start_n2 + tl.arange(0, BLOCK_N)
                 n_mask2 = _below(start_n2, BLOCK_N, LK)
                 col_ok2, any_key2 = _tile_keys(KPM, b, skpb, skpn, offs_n2, n_mask2, start_n2, col_bits, block_bits,
-                                               HAS_KPM, KEY_BITS, BLOCK_N, BLOCK_M < 64)
+                                               HAS_KPM, KEY_BITS, BLOCK_N, WARP_MMA)
                 if any_key2:
                     key_rows2 = _key_rows(start_n2, BLOCK_N, LK)
                     k2_a, k2_b = _load_split(k_base, key_rows2, n_mask2, skn, skd, DA, DB, DH, ALIGN, True)
@@ -1263,7 +1271,7 @@ def _rmha_bwd_kernel(
                                         KMAX, DB, DVB, HAS_BIAS, IS_CAUSAL, HAS_DROPOUT, DOT_PREC)
                     left_p, left_ds, total_ds = _row_stats(
                         p2, ds2, left_p, left_ds, total_ds, offs_m, start_n2, delta2, KMAX, BLOCK_M, BLOCK_N)
-                    ds2_lo = _operand_barrier(ds2.to(dt), HAS_DROPOUT and BLOCK_M < 64)
+                    ds2_lo = _operand_barrier(ds2.to(dt), HAS_DROPOUT and WARP_MMA)
                     if _meets_band(delta2, KMAX, BLOCK_M, BLOCK_N):
                         inner_a, inner_b = _add_band_grads(inner_a, inner_b, p2, ds2, dt, offs_m_local, delta2,
                                                            offs_r, KMAX, BLOCK_N, CVT_ASM)
