@@ -575,7 +575,8 @@ def test_compiled_only_paths_use_inline_ptx_only_in_compiled_kernels(monkeypatch
     layout, and the forward's log2-sum-exp with the approximate ``lg2`` (``_log2``): never under
     the interpreter (these tests run ``tl.load`` / ``tl.store`` / ``tl.log2``: the same values, the
     log2 to within about 2**-22), on for the sm_90a card planned without a GPU
-    (``_launch.inline_ptx``, as for the time-interval kernels). Only ``pytest -m gpu`` runs them."""
+    (``_launch.inline_ptx``, as for the time-interval kernels). ``test_ptx_emulation`` runs them under
+    an emulation of their instructions, ``pytest -m gpu`` on the hardware."""
     from fastpe.kernels.triton import _launch
     from fastpe.kernels.triton.rmha import plan_backward, plan_forward
 

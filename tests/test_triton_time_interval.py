@@ -192,7 +192,8 @@ def test_inline_ptx_only_for_compiled_kernels(monkeypatch):
     backward's accumulator rows, ``_dot_add_rows``, and the forward's approximate ``_log2``): never
     under the interpreter (no inline assembly; these tests run ``tl.load`` / ``tl.atomic_add`` /
     ``tl.log2``: the same values, the log2 to within about 2**-22), on for a CUDA card and for the
-    sm_90a card planned without a GPU. Only the GPU tests (``pytest -m gpu``) run the PTX form. The
+    sm_90a card planned without a GPU. ``test_ptx_emulation`` runs the PTX form under an emulation of
+    its instructions, the GPU tests (``pytest -m gpu``) on the hardware. The
     backward's dq, dk, dv rows that are not 16-byte aligned (a head size of 90) are stored in column
     pairs with ``cvt.rn.bf16x2.f32`` too (rmha ``_store_rows``): ``CVT_ASM``, sm_80 and later."""
     from fastpe.kernels.triton import _launch, interval
