@@ -4,8 +4,9 @@ Under TRITON_INTERPRET=1 the kernels take portable paths, so their inline PTX ra
 Here ``ptx_emulation`` gives the interpreter that PTX subset (see its docstring) and the planners
 their GPU switches, and the interpreter tests of the other modules run again: outputs and every
 gradient against the float64 reference, at the shapes that reach each block of assembly (which
-each test asserts, from the emulation's counts). First the emulation itself: exact where the ISA
-is exact, and failing where the hardware would be undefined or silently wrong.
+each test asserts, from the emulation's counts), in bf16 too (``interpreter_bf16`` fixes the
+interpreter's bf16 dot). First the emulation itself: exact where the ISA is exact, and failing
+where the hardware would be undefined or silently wrong.
 """
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
+import interpreter_bf16  # noqa: E402
 import ptx_emulation  # noqa: E402
 from ptx_emulation import PtxError  # noqa: E402
 
@@ -115,9 +117,34 @@ def test_constraints_must_match_the_operands():
 # --------------------------------------------------------------------------------------------
 
 
+def test_interpreter_bf16_dot_takes_the_values_not_the_bits(monkeypatch):
+    """The interpreter's own bf16 dot is wrong (it multiplies the raw bits); with the fix the bf16
+    kernels below run on the CPU."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dot(A, B, C, N: tl.constexpr):
+        i = tl.arange(0, N)
+        a = tl.load(A + i[:, None] * N + i[None, :])
+        b = tl.load(B + i[:, None] * N + i[None, :])
+        tl.store(C + i[:, None] * N + i[None, :], tl.dot(a, b))
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(16, 16, generator=gen).bfloat16() for _ in range(2))
+    out = torch.empty(16, 16)
+    exact = a.float() @ b.float()
+    dot[(1,)](a, b, out, 16)
+    assert not torch.allclose(out, exact, atol=1e-2)
+    interpreter_bf16.enable(monkeypatch)
+    dot[(1,)](a, b, out, 16)
+    torch.testing.assert_close(out, exact, atol=1e-5, rtol=1e-5)
+
+
 @pytest.fixture
 def emulated(monkeypatch):
     ptx_emulation.enable(monkeypatch)
+    interpreter_bf16.enable(monkeypatch)
     ptx_emulation.CALLS.clear()
     return ptx_emulation.CALLS
 
@@ -133,7 +160,9 @@ def _reached(calls, *blocks):
     # 16-bit operands rounded in pairs; an odd width: one access per element
     (torch.float16, 45, True, [CVT_PAIR.format("f16"), LOAD_32, STORE_32, OPAQUE]),
     (torch.float16, 90, False, [CVT_PAIR.format("f16"), LOAD_V2, STORE_V2]),
-], ids=["fp32-dh30", "fp16-dh45", "fp16-dh90"])
+    (torch.bfloat16, 90, False, [CVT_PAIR.format("bf16"), STORE_PAIR_16.format("bf16"), LOAD_V2, STORE_V2]),
+    (torch.bfloat16, 45, True, [CVT_PAIR.format("bf16"), LOAD_32, STORE_32, OPAQUE]),
+], ids=["fp32-dh30", "fp16-dh45", "fp16-dh90", "bf16-dh90", "bf16-dh45"])
 def test_relative_attention_default_plans(emulated, dtype, dh, per_head, blocks):
     import test_triton_relative_attention as rmha_tests
 
@@ -145,7 +174,8 @@ def test_relative_attention_default_plans(emulated, dtype, dh, per_head, blocks)
     (torch.float16, 90, [STORE_PAIR_16.format("f16")]),  # 180-byte rows: pairs of halves, 4-byte aligned
     (torch.float16, 45, [STORE_16]),
     (torch.float32, 45, [STORE_32]),
-], ids=["fp16-dh90", "fp16-dh45", "fp32-dh45"])
+    (torch.bfloat16, 90, [STORE_PAIR_16.format("bf16")]),
+], ids=["fp16-dh90", "fp16-dh45", "fp32-dh45", "bf16-dh90"])
 def test_relative_attention_direct_key_block_stores(emulated, dtype, dh, blocks):
     """One 64-row query block over 16-key blocks stores each key block's dk, dv itself, in the dot's layout."""
     import test_triton_relative_attention as rmha_tests
@@ -170,13 +200,14 @@ def test_relative_attention_multi_block_paths(emulated, case):
 
 
 @pytest.mark.parametrize("mode,L,block,dtype", [("fused", 40, 16, torch.float16), ("split", 40, 32, torch.float32),
-                                                ("fused-direct", 40, 16, torch.float16)])
+                                                ("fused-direct", 40, 16, torch.float16),
+                                                ("split", 40, 16, torch.bfloat16)])
 def test_relative_attention_dropout(emulated, mode, L, block, dtype):
     """With dropout the 16-bit operands of the warp-level dots pass the operand barrier, two per move."""
     import test_triton_relative_attention as rmha_tests
 
     rmha_tests.test_dropout_backward_uses_the_forward_mask(mode, L, block, dtype, 2, True)
-    if dtype == torch.float16:
+    if dtype != torch.float32:
         _reached(emulated, f"{OPAQUE} (pack=2)")
 
 
@@ -189,6 +220,7 @@ def test_relative_attention_poisoned_buffers(emulated, monkeypatch):
 
 @pytest.mark.parametrize("dtype,b,h,L,dh,span,per_head", [
     (torch.float16, 2, 2, 13, 30, 256, False), (torch.float32, 2, 1, 20, 50, 8, True),
+    (torch.bfloat16, 2, 2, 13, 90, 256, False),
 ])
 def test_time_interval_shapes(emulated, dtype, b, h, L, dh, span, per_head):
     import test_triton_time_interval as tisas_tests
@@ -227,5 +259,5 @@ def test_rotary_fast_trigonometry(emulated, pos_kind):
     import test_triton_rotary as rotary_tests
 
     rotary_tests.check_rotary(3, 7, 2, 30, torch.float16, False, pos_kind)
-    rotary_tests.check_rotary(2, 9, 1, 14, torch.float16, True, pos_kind, transposed=True)
+    rotary_tests.check_rotary(2, 9, 1, 14, torch.bfloat16, True, pos_kind, transposed=True)
     _reached(emulated, "libdevice.rint", "libdevice.fast_cosf", "libdevice.fast_sinf")

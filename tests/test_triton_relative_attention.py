@@ -4,7 +4,8 @@ On the CPU the kernels run under TRITON_INTERPRET=1 (set by conftest), where eve
 instance costs milliseconds: shapes stay small, and the multi-block code paths (online softmax
 over several key blocks, key blocks left of, on and right of the band |j - i| < k, skipped
 padding blocks, the split backward) are reached by forcing small blocks. The interpreter's
-bf16 tl.dot is wrong (an upstream bug), so these tests use fp32 and fp16; bf16 runs on a GPU only.
+bf16 tl.dot is wrong (an upstream bug), so these tests use fp32 and fp16; test_ptx_emulation runs
+bf16 with that dot fixed (``interpreter_bf16``), and the GPU tests on the hardware.
 """
 
 import functools

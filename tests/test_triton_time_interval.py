@@ -5,7 +5,8 @@ On the CPU the kernels run under TRITON_INTERPRET=1 (set by conftest), where eve
 instance costs milliseconds: shapes stay small, and the multi-block paths (two-pass forward over
 several key blocks, several query blocks per sequence, skipped padding blocks) are reached by
 forcing 16-wide blocks. The interpreter's bf16 tl.dot is wrong (an upstream bug), so these tests
-use fp32 and fp16; bf16 runs on a GPU only (the tests marked gpu).
+use fp32 and fp16; test_ptx_emulation runs bf16 with that dot fixed (``interpreter_bf16``), and the
+tests marked gpu on the hardware.
 """
 
 import pytest
