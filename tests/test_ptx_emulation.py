@@ -117,27 +117,29 @@ def test_constraints_must_match_the_operands():
 # --------------------------------------------------------------------------------------------
 
 
-def test_interpreter_bf16_dot_takes_the_values_not_the_bits(monkeypatch):
-    """The interpreter's own bf16 dot is wrong (it multiplies the raw bits); with the fix the bf16
-    kernels below run on the CPU."""
+def test_interpreter_bf16_dot_and_integer_conversions_take_the_values_not_the_bits(monkeypatch):
+    """The interpreter's own bf16 dot and bool-to-bf16 conversion are wrong (they take the raw
+    bits for the numbers, the numbers for the bits); with the fix the bf16 kernels below run on
+    the CPU."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def dot(A, B, C, N: tl.constexpr):
+    def dot_plus_identity(A, B, C, N: tl.constexpr):
         i = tl.arange(0, N)
         a = tl.load(A + i[:, None] * N + i[None, :])
         b = tl.load(B + i[:, None] * N + i[None, :])
-        tl.store(C + i[:, None] * N + i[None, :], tl.dot(a, b))
+        eye = (i[:, None] == i[None, :]).to(tl.bfloat16)
+        tl.store(C + i[:, None] * N + i[None, :], tl.dot(a, b) + eye.to(tl.float32))
 
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(16, 16, generator=gen).bfloat16() for _ in range(2))
     out = torch.empty(16, 16)
-    exact = a.float() @ b.float()
-    dot[(1,)](a, b, out, 16)
+    exact = a.float() @ b.float() + torch.eye(16)
+    dot_plus_identity[(1,)](a, b, out, 16)
     assert not torch.allclose(out, exact, atol=1e-2)
     interpreter_bf16.enable(monkeypatch)
-    dot[(1,)](a, b, out, 16)
+    dot_plus_identity[(1,)](a, b, out, 16)
     torch.testing.assert_close(out, exact, atol=1e-5, rtol=1e-5)
 
 
@@ -261,3 +263,13 @@ def test_rotary_fast_trigonometry(emulated, pos_kind):
     rotary_tests.check_rotary(3, 7, 2, 30, torch.float16, False, pos_kind)
     rotary_tests.check_rotary(2, 9, 1, 14, torch.bfloat16, True, pos_kind, transposed=True)
     _reached(emulated, "libdevice.rint", "libdevice.fast_cosf", "libdevice.fast_sinf")
+
+
+@pytest.mark.parametrize("pos_kind", ["1d", "2d"])
+def test_concat_projection_bf16(emulated, pos_kind):
+    """No inline PTX here: bf16, which the interpreter could not run before (the 2-d positions'
+    one-hot tiles are booleans converted to bf16)."""
+    import test_triton_concat_projection as concat_tests
+
+    concat_tests.check(torch.bfloat16, pos_kind, True, 3, 7, 30, 30, 30)
+    concat_tests.check(torch.bfloat16, pos_kind, False, 2, 50, 90, 16, 50)
