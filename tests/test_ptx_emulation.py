@@ -17,6 +17,10 @@ pytest.importorskip("triton")
 
 import interpreter_bf16  # noqa: E402
 import ptx_emulation  # noqa: E402
+import test_triton_concat_projection as concat_tests  # noqa: E402
+import test_triton_relative_attention as rmha_tests  # noqa: E402
+import test_triton_rotary as rotary_tests  # noqa: E402
+import test_triton_time_interval as tisas_tests  # noqa: E402
 from ptx_emulation import PtxError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the interpreter's numpy scalars
@@ -166,8 +170,6 @@ def _reached(calls, *blocks):
     (torch.bfloat16, 45, True, [CVT_PAIR.format("bf16"), LOAD_32, STORE_32, OPAQUE]),
 ], ids=["fp32-dh30", "fp16-dh45", "fp16-dh90", "bf16-dh90", "bf16-dh45"])
 def test_relative_attention_default_plans(emulated, dtype, dh, per_head, blocks):
-    import test_triton_relative_attention as rmha_tests
-
     rmha_tests.check(2, 2, 21, 21, dh, "padding", dtype, per_head=per_head)
     _reached(emulated, *blocks)
 
@@ -180,8 +182,6 @@ def test_relative_attention_default_plans(emulated, dtype, dh, per_head, blocks)
 ], ids=["fp16-dh90", "fp16-dh45", "fp32-dh45", "bf16-dh90"])
 def test_relative_attention_direct_key_block_stores(emulated, dtype, dh, blocks):
     """One 64-row query block over 16-key blocks stores each key block's dk, dv itself, in the dot's layout."""
-    import test_triton_relative_attention as rmha_tests
-
     with rmha_tests.launch_cfg().override("rmha_bwd", mode="fused", block_m=64, block_n=16):
         rmha_tests.check(2, 1, 40, 40, dh, "fully_padded", dtype)
     _reached(emulated, *blocks)
@@ -189,8 +189,6 @@ def test_relative_attention_direct_key_block_stores(emulated, dtype, dh, blocks)
 
 @pytest.mark.parametrize("case", ["split", "fused-multi-query-block", "split-unequal-blocks"])
 def test_relative_attention_multi_block_paths(emulated, case):
-    import test_triton_relative_attention as rmha_tests
-
     fwd, bwd, kind = {
         "split": (dict(block_m=16, block_n=16), dict(mode="split", block_m=16, block_n=16), "padding+causal"),
         "fused-multi-query-block": (dict(block_m=32, block_n=16, diag=1), dict(mode="fused", block_m=16), "float_bias"),
@@ -206,16 +204,12 @@ def test_relative_attention_multi_block_paths(emulated, case):
                                                 ("split", 40, 16, torch.bfloat16)])
 def test_relative_attention_dropout(emulated, mode, L, block, dtype):
     """With dropout the 16-bit operands of the warp-level dots pass the operand barrier, two per move."""
-    import test_triton_relative_attention as rmha_tests
-
     rmha_tests.test_dropout_backward_uses_the_forward_mask(mode, L, block, dtype, 2, True)
     if dtype != torch.float32:
         _reached(emulated, f"{OPAQUE} (pack=2)")
 
 
 def test_relative_attention_poisoned_buffers(emulated, monkeypatch):
-    import test_triton_relative_attention as rmha_tests
-
     rmha_tests.test_poisoned_buffers_are_all_written(monkeypatch)
     _reached(emulated, LOAD_V2, STORE_V2)
 
@@ -225,31 +219,23 @@ def test_relative_attention_poisoned_buffers(emulated, monkeypatch):
     (torch.bfloat16, 2, 2, 13, 90, 256, False),
 ])
 def test_time_interval_shapes(emulated, dtype, b, h, L, dh, span, per_head):
-    import test_triton_time_interval as tisas_tests
-
     tisas_tests.check(b, h, L, dh, span, "padding", dtype, per_head=per_head)
     _reached(emulated, GATHER, RED_32, RED_64, PUBLISH)
 
 
 @pytest.mark.parametrize("key_bits", [0, 1])
 def test_time_interval_several_blocks(emulated, key_bits, monkeypatch):
-    import test_triton_time_interval as tisas_tests
-
     tisas_tests.test_several_key_and_query_blocks(torch.float16, "padding+causal", key_bits, monkeypatch)
     _reached(emulated, GATHER, RED_32, RED_64, LOAD_V2, STORE_V2)
 
 
 def test_time_interval_one_key_block_with_dropout_and_fully_padded_rows(emulated, monkeypatch):
-    import test_triton_time_interval as tisas_tests
-
     tisas_tests.test_one_key_block_backward_with_dropout()
     tisas_tests.test_one_key_block_backward_over_several_query_blocks(90, torch.float16, monkeypatch)
     _reached(emulated, GATHER, RED_32, RED_64, LOAD_V2, STORE_V2)
 
 
 def test_time_interval_poisoned_buffers(emulated, monkeypatch):
-    import test_triton_time_interval as tisas_tests
-
     tisas_tests.test_poisoned_buffers_are_all_written(True, monkeypatch)
     _reached(emulated, GATHER)
 
@@ -258,8 +244,6 @@ def test_time_interval_poisoned_buffers(emulated, monkeypatch):
 def test_rotary_fast_trigonometry(emulated, pos_kind):
     """16-bit data take the range reduction and the SFU's cos / sin (emulated: numpy's in float32,
     raising if the reduced angle leaves [-pi, pi])."""
-    import test_triton_rotary as rotary_tests
-
     rotary_tests.check_rotary(3, 7, 2, 30, torch.float16, False, pos_kind)
     rotary_tests.check_rotary(2, 9, 1, 14, torch.bfloat16, True, pos_kind, transposed=True)
     _reached(emulated, "libdevice.rint", "libdevice.fast_cosf", "libdevice.fast_sinf")
@@ -269,7 +253,5 @@ def test_rotary_fast_trigonometry(emulated, pos_kind):
 def test_concat_projection_bf16(emulated, pos_kind):
     """No inline PTX here: bf16, which the interpreter could not run before (the 2-d positions'
     one-hot tiles are booleans converted to bf16)."""
-    import test_triton_concat_projection as concat_tests
-
     concat_tests.check(torch.bfloat16, pos_kind, True, 3, 7, 30, 30, 30)
     concat_tests.check(torch.bfloat16, pos_kind, False, 2, 50, 90, 16, 50)
