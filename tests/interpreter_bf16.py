@@ -10,7 +10,6 @@ through float32, so the bf16 kernels, the dtype the GPU benchmarks run, can be t
 
 from __future__ import annotations
 
-import numpy as np
 import triton.language as tl
 from triton.runtime import interpreter as _interpreter
 
@@ -18,20 +17,16 @@ _create_dot = _interpreter.InterpreterBuilder.create_dot
 _cast = _interpreter.InterpreterBuilder.cast_impl
 
 
-def _as_float32(h):
-    if h.dtype != tl.bfloat16:
-        return h
-    return _interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-
 def _bf16_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-    return _create_dot(self, _as_float32(a), _as_float32(b), d, input_precision, max_num_imprecise_acc)
+    a, b = (_cast(self, x, tl.float32) if x.dtype == tl.bfloat16 else x for x in (a, b))
+    return _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
 
 def _bf16_cast(self, src, dst_type):
     """Between bf16 and integers (or booleans) through float32, whose conversions are right."""
-    ends = (src.dtype.scalar, dst_type.scalar)
-    if tl.bfloat16 in ends and ends[0] != ends[1] and not any(t.is_floating() for t in ends if t != tl.bfloat16):
+    src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
+    other = dst_ty if src_ty == tl.bfloat16 else src_ty if dst_ty == tl.bfloat16 else None
+    if other is not None and not other.is_floating():
         return _cast(self, _cast(self, src, tl.float32), dst_type)
     return _cast(self, src, dst_type)
 

@@ -33,6 +33,7 @@ from triton.runtime import interpreter as _interpreter
 # instances run per block of assembly (and pack, where not 1): what a test reached
 CALLS: collections.Counter = collections.Counter()
 REGISTER_BITS = {"h": 16, "r": 32, "l": 64}  # the constraint letters the kernels use
+_UNSIGNED = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}  # raw bits of each width
 _COMPARE = {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal, "gt": np.greater,
             "ge": np.greater_equal}
 
@@ -180,10 +181,9 @@ class _Machine:
             self.side_effect(op)
             bits = int(parts[3][1:])
             addr = self.address(ops[0], active, bits // 8)
-            dtype = np.uint32 if bits == 32 else np.int64
-            val = (self.read(ops[1], active) & _mask(bits)).astype(np.uint64)
-            val = val.astype(np.uint32) if bits == 32 else val.view(np.int64)
-            _native.atomic_rmw(_native.RMW_OP.ADD, addr, val.astype(dtype), active, _native.MEM_SEMANTIC.RELAXED)
+            val = self.read(ops[1], active) & _mask(bits)
+            val = val.astype(np.uint32) if bits == 32 else val.view(np.int64)  # (the interpreter adds int64)
+            _native.atomic_rmw(_native.RMW_OP.ADD, addr, val, active, _native.MEM_SEMANTIC.RELAXED)
         else:
             self.fail(f"unsupported PTX instruction {statement!r}")
 
@@ -194,7 +194,7 @@ class _Machine:
         if len(suffix) != 1 or suffix[0] not in ("b16", "b32", "b64"):
             self.fail(f"unsupported {kind}.global type {'.'.join(suffix)}")
         bits = int(suffix[0][1:])
-        dtype = {16: np.uint16, 32: np.uint32, 64: np.uint64}[bits]
+        dtype = _UNSIGNED[bits]
         regs_op, addr_op = (ops[0], ops[1]) if kind == "ld" else (ops[1], ops[0])
         regs = [r.strip() for r in regs_op.strip("{}").split(",")] if vec > 1 else [regs_op]
         if len(regs) != vec:
@@ -215,7 +215,7 @@ def _raw(data: np.ndarray) -> tuple[np.ndarray, int]:
     if data.dtype == np.bool_:
         raise PtxError("a boolean operand has no PTX register: convert it to an integer first")
     bits = data.dtype.itemsize * 8
-    return data.reshape(-1).view({8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}[bits]), bits
+    return data.reshape(-1).view(_UNSIGNED[bits]), bits
 
 
 def _layout(bits: int, letter: str, pack: int, what: str) -> tuple[int, int]:
@@ -279,8 +279,7 @@ def run(asm: str, constraints: str, inputs: list[np.ndarray], out_dtypes: list[n
                 machine.fail(f"output {name} is not written on every lane (undefined on a GPU)")
             for e in range(per_reg):
                 elems[:, r * per_reg + e] = (reg.value >> np.uint64(e * bits)) & _mask(bits)
-        unsigned = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}[bits]
-        results.append(elems.reshape(-1).astype(unsigned).view(dt))
+        results.append(elems.reshape(-1).astype(_UNSIGNED[bits]).view(dt))
     return results
 
 
@@ -339,8 +338,8 @@ def enable(monkeypatch) -> None:
     monkeypatch.setattr(_interpreter.InterpreterBuilder, "create_inline_asm", _create_inline_asm)
     monkeypatch.setattr(_launch, "inline_ptx", lambda device: True)
     monkeypatch.setattr(_launch, "packed_cvt", lambda device: True)
+    monkeypatch.setattr(_launch, "approximate_math", lambda device: True)
     monkeypatch.setattr(rmha, "_COMPILED", tl.constexpr(True))
     monkeypatch.setattr(rmha, "libdevice", _Libdevice())
     monkeypatch.setattr(rotations, "libdevice", _Libdevice())
-    monkeypatch.setattr(rotations, "triton_interpreter_enabled", lambda: False)  # (its fast trigonometry)
     monkeypatch.setattr(_launch, "PLAN_CACHE", False)

@@ -187,15 +187,9 @@ def test_relative_attention_direct_key_block_stores(emulated, dtype, dh, blocks)
     _reached(emulated, *blocks)
 
 
-@pytest.mark.parametrize("case", ["split", "fused-multi-query-block", "split-unequal-blocks"])
+@pytest.mark.parametrize("case", list(rmha_tests.MULTI_BLOCK_CASES))
 def test_relative_attention_multi_block_paths(emulated, case):
-    fwd, bwd, kind = {
-        "split": (dict(block_m=16, block_n=16), dict(mode="split", block_m=16, block_n=16), "padding+causal"),
-        "fused-multi-query-block": (dict(block_m=32, block_n=16, diag=1), dict(mode="fused", block_m=16), "float_bias"),
-        "split-unequal-blocks": (dict(block_m=16, block_n=16), dict(mode="split", block_m=32, block_n=16, b_per_prog=1),
-                                 "bool_3d"),
-    }[case]
-    rmha_tests.test_multi_block_paths(fwd, bwd, kind)
+    rmha_tests.test_multi_block_paths(*rmha_tests.MULTI_BLOCK_CASES[case])
     _reached(emulated, LOAD_V2, STORE_V2)
 
 

@@ -93,15 +93,15 @@ def test_matches_reference_masks(kind):
     check(3, 2, 13, 13, 6, kind, kmax=3, per_head=kind.endswith("padding"))
 
 
-@pytest.mark.parametrize(
-    "fwd,bwd,kind",
-    [
-        (dict(block_m=16, block_n=16), dict(mode="split", block_m=16, block_n=16), "padding+causal"),
-        (dict(block_m=32, block_n=16, diag=1), dict(mode="fused", block_m=16), "float_bias"),
-        (dict(block_m=16, block_n=16), dict(mode="split", block_m=32, block_n=16, b_per_prog=1), "bool_3d"),
-    ],
-    ids=["split", "fused-multi-query-block", "split-unequal-blocks"],
-)
+MULTI_BLOCK_CASES = {  # (forward config, backward config, mask kind); test_ptx_emulation runs them too
+    "split": (dict(block_m=16, block_n=16), dict(mode="split", block_m=16, block_n=16), "padding+causal"),
+    "fused-multi-query-block": (dict(block_m=32, block_n=16, diag=1), dict(mode="fused", block_m=16), "float_bias"),
+    "split-unequal-blocks": (dict(block_m=16, block_n=16), dict(mode="split", block_m=32, block_n=16, b_per_prog=1),
+                             "bool_3d"),
+}
+
+
+@pytest.mark.parametrize("fwd,bwd,kind", list(MULTI_BLOCK_CASES.values()), ids=list(MULTI_BLOCK_CASES))
 def test_multi_block_paths(fwd, bwd, kind):
     """Online softmax over several key blocks, query blocks split over programs, both backward modes
     (the forward's band tiles by column with an additive float mask in the second)."""

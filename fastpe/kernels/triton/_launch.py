@@ -148,6 +148,12 @@ def inline_ptx(device: torch.device) -> bool:
     return not triton_interpreter_enabled() and device.type in ("cuda", "cpu")
 
 
+def approximate_math(device: torch.device) -> bool:
+    """Whether kernels may call libdevice's approximate functions (``fast_cosf``, ``fast_sinf``):
+    compiled kernels only (the interpreter has no libdevice)."""
+    return not triton_interpreter_enabled()
+
+
 def run_alignment(t: torch.Tensor, dim: int = -1) -> int:
     """Bytes (a power of two, at most 16) dividing the address where every contiguous run of ``t``
     along ``dim`` starts: kernels pass it to ``tl.multiple_of`` so that rows of odd widths (a head

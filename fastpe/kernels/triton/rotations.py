@@ -34,7 +34,6 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from fastpe.backends import triton_interpreter_enabled
 from fastpe.kernels.triton import _launch
 from fastpe.kernels.triton._launch import Launch
 
@@ -273,7 +272,7 @@ def _plan(mode, x4, dy4, y4, angles, positions, interleaved, need_partials):
         HALF=half, BLOCK_B=block_b, BLOCK_L=block_l, BLOCK_H=_launch.next_pow2(h), BLOCK_P=_launch.next_pow2(half),
         INTERLEAVED=bool(interleaved), MODE=mode, POS_KIND=pos_kind,
         # (the interpreter has no libdevice: it runs the accurate path)
-        FAST_TRIG=ref.dtype in (torch.float16, torch.bfloat16) and not triton_interpreter_enabled(),
+        FAST_TRIG=ref.dtype in (torch.float16, torch.bfloat16) and _launch.approximate_math(ref.device),
     )
     launch = Launch(_rot_kernel, (chunks, triton.cdiv(L, block_l)), args, constexprs, num_warps=cfg["num_warps"])
     return [launch], partial, pos, spb, spl
