@@ -42,7 +42,9 @@ the hot loop's size once per score tile (it charges a tile every alternative loo
 over diagonals once), every other loop once, and for kernels without a score tile that is a
 lower bound (marked ``>=``). Bytes: every distinct tensor a launch is given, touched once. The
 baseline beside each op: SDPA-equivalent FLOPs and bytes for attention, a same-size clone for
-rotary/rotatory, ``nn.Linear`` for concat-projection.
+rotary/rotatory, ``nn.Linear`` for concat-projection. Global-memory atomics and reductions are
+counted the same way (``global_atomic_instructions``) but not priced: :func:`atomics_table` shows
+the L2 rate each launch's modelled time assumes.
 """
 
 from __future__ import annotations
@@ -322,7 +324,7 @@ CATEGORIES = {  # opcode (before the first dot) -> class, for the hot-loop mix
     "int_arith": {"IMAD", "IADD3", "VIADD", "LOP3", "SHF", "LEA", "IABS", "UIADD3", "UIMAD", "ULOP3", "USHF",
                   "ULEA", "SGXT", "IADD", "FLO", "POPC", "BREV", "PRMT"},
     "convert": {"F2F", "F2FP", "I2F", "F2I", "I2FP", "F2IP", "FRND"},
-    "memory": {"LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDGSTS", "LD", "ST", "ATOMG", "RED", "ATOMS",
+    "memory": {"LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDGSTS", "LD", "ST", "ATOMG", "ATOM", "REDG", "RED", "ATOMS",
                "UBLKCP", "UTMALDG", "UTMASTG", "LDC", "ULDC"},
     "spill": {"LDL", "STL"},
     "sync_control": {"BAR", "BRA", "BSSY", "BSYNC", "WARPSYNC", "SHFL", "EXIT", "WARPGROUP", "DEPBAR", "LDGDEPBAR",
@@ -343,6 +345,15 @@ def _tensor_flops(opcode: str) -> float:
         shape = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4)}.get(m.group(1))
         return 2 * shape[0] * shape[1] * shape[2] if shape else 0.0
     return 0.0
+
+
+# Global-memory atomics and reductions (ATOMS, shared memory, and REDUX, a warp's register
+# reduction, are not): performed at the L2, whose throughput the time model has no term for.
+GLOBAL_ATOMICS = {"ATOMG", "ATOM", "REDG", "RED"}
+
+
+def _global_atomic(opcode: str) -> int:
+    return int(opcode.split(".")[0] in GLOBAL_ATOMICS)
 
 
 def _target_address(operands):
@@ -456,26 +467,33 @@ def analyse_sass(instructions, line_of=None, by_tensor_work=False) -> dict:
     def flops(s, e):
         return sum(_tensor_flops(op) for _a, op, *_rest in instructions[s:e + 1])
 
+    def atomics(s, e):
+        return sum(_global_atomic(op) for _a, op, *_rest in instructions[s:e + 1])
+
     def inside(inner, outer):
         return inner != outer and outer[0] <= inner[0] and inner[1] <= outer[1]
 
-    own, own_flops = {}, {}  # per loop, what lies outside the loops nested in it
+    own, own_flops, own_atomics = {}, {}, {}  # per loop, what lies outside the loops nested in it
     for loop in loops:
         nested = [other for other in loops if inside(other, loop)]
         outermost_nested = [n for n in nested if not any(inside(n, o) for o in nested)]
         own[loop] = count(*loop) - sum(count(*n) for n in outermost_nested)
         own_flops[loop] = flops(*loop) - sum(flops(*n) for n in outermost_nested)
+        own_atomics[loop] = atomics(*loop) - sum(atomics(*n) for n in outermost_nested)
     total_flops = sum(_tensor_flops(op) for _a, op, *_rest in real)
+    total_atomics = sum(_global_atomic(op) for _a, op, *_rest in real)
     result = dict(
         sass_instructions=len(real),
         tensor_core_instructions=sum(1 for _a, op, *_rest in real if _CATEGORY_OF.get(op.split(".")[0]) == "tensor"),
         spill_instructions=sum(1 for _a, op, *_rest in real if op.split(".")[0] in ("LDL", "STL")),
+        global_atomic_instructions=total_atomics,
         loops=len(loops),
     )
     result["loop_list"] = [dict(line=(line_of or {}).get(instructions[e][0]), instructions=own[(s, e)],
-                                tensor_flops=own_flops[(s, e)]) for s, e in loops]
+                                tensor_flops=own_flops[(s, e)], global_atomics=own_atomics[(s, e)]) for s, e in loops]
     result["outside_loops_instructions"] = len(real) - sum(own.values())
     result["outside_loops_tensor_flops"] = total_flops - sum(own_flops.values())
+    result["outside_loops_global_atomics"] = total_atomics - sum(own_atomics.values())
     if not loops:
         return dict(result, hot_loop_instructions=0, hot_loop_tensor_core_instructions=0, hot_loop_mix={},
                     heavy_loop_instructions=0, heavy_loop_tensor_flops=0.0, once_instructions=len(real),
@@ -715,6 +733,9 @@ def launch_record(op, shape_name, dims, dtype, dropout, direction, index, launch
                                          + sum(loop["instructions"] * loop["trips"] for loop in loops))
         flops = launch.num_warps * (ctas * analysis["outside_loops_tensor_flops"]
                                     + sum(loop["tensor_flops"] * loop["trips"] for loop in loops))
+        # warp instructions; each performs up to 32 lanes' operations at the L2 (not in the time model)
+        atomics = round(launch.num_warps * (ctas * analysis["outside_loops_global_atomics"]
+                                            + sum(loop["global_atomics"] * loop["trips"] for loop in loops)))
     elif score_tile:
         tiles = b * h * math.ceil(length / consts["BLOCK_M"]) * math.ceil(length / consts["BLOCK_N"])
         warp_instr = launch.num_warps * (tiles * analysis["heavy_loop_instructions"] + ctas * analysis["once_instructions"])
@@ -722,6 +743,8 @@ def launch_record(op, shape_name, dims, dtype, dropout, direction, index, launch
     else:
         warp_instr = launch.num_warps * ctas * (analysis["heavy_loop_instructions"] + analysis["once_instructions"])
         flops = launch.num_warps * ctas * (analysis["heavy_loop_tensor_flops"] + analysis["once_tensor_flops"])
+    if not traced:
+        atomics = None if analysis["global_atomic_instructions"] else 0  # (uncounted without traced trips)
     bytes_ = launch_bytes(launch)
     rec = dict(
         op=op, kernel=launch.kernel.__name__, launch=index, shape=shape_name, dims=dict(B=b, h=h, L=length, dh=dh),
@@ -748,7 +771,8 @@ def launch_record(op, shape_name, dims, dtype, dropout, direction, index, launch
             round(32 * warp_instr / (b * h * length * length), 1) if score_tile and traced else None),
         loop_trips=(loops if traced else [dict(loop, trips=trips.get(loop["line"])) for loop in loops])
         if trips is not None else None,
-        model=dict(bytes=bytes_, warp_instructions=warp_instr, tensor_flops=flops, trips="traced" if traced else "heuristic",
+        model=dict(bytes=bytes_, warp_instructions=warp_instr, tensor_flops=flops, global_atomic_instructions=atomics,
+                   trips="traced" if traced else "heuristic",
                    lower_bound=not traced and not score_tile and analysis["loops"] > 0, **model_time(bytes_, warp_instr, flops, ctas)),
     )
     return rec
@@ -1012,6 +1036,25 @@ def comparison_table(before, after) -> list[str]:
     return lines
 
 
+def atomics_table(report) -> list[str]:
+    """Launches with global atomics or reductions: how many, and the rate the L2 must sustain for
+    the modelled time to hold (each warp instruction counted as 32 lanes: an upper bound)."""
+    rows = [r for r in report["records"] if r.get("backend") != "cuda" and r["model"].get("global_atomic_instructions") != 0]
+    lines = []
+    for r in rows:
+        m = r["model"]
+        warp_ops = m.get("global_atomic_instructions")
+        lanes = None if warp_ops is None else 32 * warp_ops
+        rate = None if lanes is None else lanes / (m["time_us"] * 1e-6) / 1e9
+        lines.append(f"| {r['op']} | {r['shape']} | {'yes' if r['dropout'] else 'no'} | {r['direction']} | {r['kernel']} | "
+                     f"{_fmt(warp_ops)} | {_fmt(None if lanes is None else lanes / 1e6, 2)} | {m['time_us']:.2f} | "
+                     f"{_fmt(rate, 0)} |")
+    if not lines:
+        return []
+    return ["| op | shape | drop | dir | kernel | atomic warp instr | lane ops, M (at most) | model us | L2 rate needed, G/s |",
+            "|---|---|---|---|---|---|---|---|---|", *lines]
+
+
 def markdown(report, command, before=None) -> str:
     mc = report["machine"]
     lines = [
@@ -1036,6 +1079,13 @@ def markdown(report, command, before=None) -> str:
         lines.append(f"| {s['op']} | {s['shape']} | {'yes' if s['dropout'] else 'no'} | {s['direction']} | {s['launches']} | "
                      f"{mark}{s['time_us']:.2f} | {s.get('trips', 'heuristic')} | {s['bound']} | {s['baseline']['name']} | "
                      f"{s['baseline']['time_us']:.2f} | {mark}{s['ratio']} |")
+    if atomics_table(report):
+        lines += ["", "## Global atomics (not in the time model)", "",
+                  "The time model has no term for atomics: each warp instruction below performs up to 32 "
+                  "reductions or exchanges at the L2 (counted with the traced loop trips, `-` where untraced). "
+                  "The last column is the rate at which the L2 must complete them for the modelled time to "
+                  "hold; only a GPU run (`benchmarks/gpu_suite.py`) says whether it does.", "",
+                  *atomics_table(report)]
     lines += [
         "", "## Triton launches", "",
         "| op | shape | drop | dir | kernel | grid | warps/stages | regs | spill B | smem KiB | CTAs/SM | waves | "

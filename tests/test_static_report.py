@@ -149,8 +149,9 @@ def _record(trips, lines=("k.py:5", "k.py:9")):
                     hot_loop_instructions=100, hot_loop_tensor_core_instructions=0, hot_loop_mix={},
                     heavy_loop_instructions=150, heavy_loop_tensor_flops=0.0, once_instructions=10,
                     once_tensor_flops=0.0, outside_loops_instructions=10, outside_loops_tensor_flops=0.0,
-                    loop_list=[dict(line=lines[0], instructions=100, tensor_flops=0.0),
-                               dict(line=lines[1], instructions=50, tensor_flops=0.0)])
+                    global_atomic_instructions=3, outside_loops_global_atomics=1,
+                    loop_list=[dict(line=lines[0], instructions=100, tensor_flops=0.0, global_atomics=2),
+                               dict(line=lines[1], instructions=50, tensor_flops=0.0, global_atomics=0)])
     return sr.launch_record("rmha", "X", (5, 2, 32, 16), sr.torch.bfloat16, False, "fwd", 0, launch, analysis, trips)
 
 
@@ -163,6 +164,32 @@ def test_traced_trips_weight_each_loop_and_a_missing_line_falls_back_to_the_heur
     # heuristic: 4 warps x (tiles x heavy + CTAs x once), tiles = 5 x 2 x 2 x 2
     assert rec["model"]["trips"] == "heuristic" and rec["model"]["warp_instructions"] == 4 * (40 * 150 + 20 * 10)
     assert rec["kernel_instructions_per_score_element"] is None
+
+
+def test_global_atomics_are_counted_per_loop_and_reported_outside_the_time_model():
+    # an outer loop (1-6) with a reduction of its own around an inner loop (2-4) of two reductions
+    # and an atomic exchange; a shared-memory atomic and a warp's register reduction do not count
+    body = ["REDG.E.ADD.STRONG.GPU desc[UR4][R2.64], R5",
+            "ATOMS.ADD R1, [R2], R3", "REDG.E.ADD.64.STRONG.GPU desc[UR4][R2.64], R4",
+            "RED.E.ADD.STRONG.GPU [R2.64], R5", "@P1 BRA {2}",
+            "ATOMG.E.EXCH.STRONG.GPU PT, R1, desc[UR4][R2.64], R3", "@!P0 BRA {1}", "REDUX.MAX.S32 UR4, R1", "EXIT",
+            "BRA {9}"]
+    body = [line.format(*[f"0x{i * 16:x}" for i in range(len(body))]) for line in body]
+    a = sr.analyse_sass(sr.parse_sass(_sass(body))["k"], {16 * i: f"k.py:{i}" for i in range(len(body))})
+    assert a["global_atomic_instructions"] == 4 and a["hot_loop_mix"]["memory"] == 4
+    assert [(loop["line"], loop["global_atomics"]) for loop in a["loop_list"]] == [("k.py:6", 1), ("k.py:4", 2)]
+    assert a["outside_loops_global_atomics"] == 1
+    # traced: 4 warps x (20 CTAs x 1 outside + 2 x 40 trips of the first loop + 0 x 7)
+    rec = _record({"k.py:5": 40, "k.py:9": 7})
+    assert rec["model"]["global_atomic_instructions"] == 4 * (20 + 80)
+    assert _record({"k.py:5": 40})["model"]["global_atomic_instructions"] is None  # untraced: not counted
+    report = {"machine": sr.MACHINE, "summary": [], "records": [rec]}
+    rate = 32 * 400 / (rec["model"]["time_us"] * 1e-6) / 1e9
+    row = sr.atomics_table(report)[2]
+    assert row.startswith("| rmha | X | no | fwd | kernel | 400 | 0.01 |") and row.endswith(f"| {rate:.0f} |")
+    assert "## Global atomics (not in the time model)" in sr.markdown(report, "cmd")
+    rec["model"]["global_atomic_instructions"] = 0
+    assert sr.atomics_table(report) == [] and "Global atomics" not in sr.markdown(report, "cmd")
 
 
 def test_copies_of_an_inlined_loop_share_its_traced_trips():
