@@ -461,25 +461,23 @@ def analyse_sass(instructions, line_of=None, by_tensor_work=False) -> dict:
     real = [ins for ins in instructions if ins[1] != "NOP"]
     loops = [(s, e) for s, e in find_loops(instructions)]
 
-    def count(s, e):
-        return sum(1 for ins in instructions[s:e + 1] if ins[1] != "NOP")
+    def summed(weight):  # a measure of the instructions s..e: the sum of weight(opcode)
+        return lambda s, e: sum(weight(op) for _a, op, *_rest in instructions[s:e + 1])
 
-    def flops(s, e):
-        return sum(_tensor_flops(op) for _a, op, *_rest in instructions[s:e + 1])
-
-    def atomics(s, e):
-        return sum(_global_atomic(op) for _a, op, *_rest in instructions[s:e + 1])
+    count, flops, atomics = summed(lambda op: op != "NOP"), summed(_tensor_flops), summed(_global_atomic)
 
     def inside(inner, outer):
         return inner != outer and outer[0] <= inner[0] and inner[1] <= outer[1]
 
-    own, own_flops, own_atomics = {}, {}, {}  # per loop, what lies outside the loops nested in it
+    outermost_nested = {}
     for loop in loops:
         nested = [other for other in loops if inside(other, loop)]
-        outermost_nested = [n for n in nested if not any(inside(n, o) for o in nested)]
-        own[loop] = count(*loop) - sum(count(*n) for n in outermost_nested)
-        own_flops[loop] = flops(*loop) - sum(flops(*n) for n in outermost_nested)
-        own_atomics[loop] = atomics(*loop) - sum(atomics(*n) for n in outermost_nested)
+        outermost_nested[loop] = [n for n in nested if not any(inside(n, o) for o in nested)]
+
+    def own_of(measure):  # per loop, what lies outside the loops nested in it
+        return {loop: measure(*loop) - sum(measure(*n) for n in outermost_nested[loop]) for loop in loops}
+
+    own, own_flops, own_atomics = own_of(count), own_of(flops), own_of(atomics)
     total_flops = sum(_tensor_flops(op) for _a, op, *_rest in real)
     total_atomics = sum(_global_atomic(op) for _a, op, *_rest in real)
     result = dict(
@@ -1079,13 +1077,13 @@ def markdown(report, command, before=None) -> str:
         lines.append(f"| {s['op']} | {s['shape']} | {'yes' if s['dropout'] else 'no'} | {s['direction']} | {s['launches']} | "
                      f"{mark}{s['time_us']:.2f} | {s.get('trips', 'heuristic')} | {s['bound']} | {s['baseline']['name']} | "
                      f"{s['baseline']['time_us']:.2f} | {mark}{s['ratio']} |")
-    if atomics_table(report):
+    atomics = atomics_table(report)
+    if atomics:
         lines += ["", "## Global atomics (not in the time model)", "",
                   "The time model has no term for atomics: each warp instruction below performs up to 32 "
                   "reductions or exchanges at the L2 (counted with the traced loop trips, `-` where untraced). "
                   "The last column is the rate at which the L2 must complete them for the modelled time to "
-                  "hold; only a GPU run (`benchmarks/gpu_suite.py`) says whether it does.", "",
-                  *atomics_table(report)]
+                  "hold; only a GPU run (`benchmarks/gpu_suite.py`) says whether it does.", "", *atomics]
     lines += [
         "", "## Triton launches", "",
         "| op | shape | drop | dir | kernel | grid | warps/stages | regs | spill B | smem KiB | CTAs/SM | waves | "
